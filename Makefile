@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Both create .venv and install fluxtune into it first.
+#
+# torch is installed before the package and pinned: on a CPU-only machine `torch==2.13.0` is the CPU wheel
+# (an unpinned torch would pull a multi-GB CUDA build). GPU machines: pick the CUDA build, e.g.
+#   make demo TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
+# or install any torch into .venv yourself first: an importable torch is never replaced.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+SEARCH ?= searches/lora_rank.yaml
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fluxtune-installed
+
+.PHONY: demo test install ui clean-runs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)" $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/fluxtune search $(SEARCH)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-runs:
+	rm -rf runs mlflow/mlflow.db mlflow/artifacts

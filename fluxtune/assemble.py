@@ -1,0 +1,46 @@
+"""Ray-free assembly of what a worker trains with: the model bundle, encoded data, losses, the Shared state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from fluxtune.context import Reporter, Shared
+from fluxtune.flux.encoded import EncodedSet, ValidationSet, encode_examples
+from fluxtune.flux.model import FluxBundle, build_tiny_fill, load_flux
+
+VAL_NOISE_SEED_OFFSET = 7_919  # validation noise never shares a stream with training noise
+
+
+def load_bundle(model: dict[str, Any]) -> FluxBundle:
+    if model.get("preset") == "tiny-fill":
+        return build_tiny_fill(seed=model.get("seed", 0))
+    return load_flux(model["path"])
+
+
+def encode_arrays(bundle: FluxBundle, arrays: dict[str, np.ndarray]) -> EncodedSet:
+    prompts = [p if isinstance(p, str) else None for p in arrays.get("prompt", [None] * len(arrays["image"]))]
+    return encode_examples(bundle, arrays["image"], arrays["mask"], arrays["target"], prompts)
+
+
+def build_shared(experiment: dict[str, Any], train: EncodedSet, val: EncodedSet, reporter: Reporter,
+                 registry: Any, device: torch.device, rank: int = 0, world_size: int = 1) -> Shared:
+    loss = experiment["loss"]
+    timesteps = experiment["timesteps"]
+    return Shared(
+        train=train.to(device),
+        val=ValidationSet.build(val.to(device), seed=experiment["seed"] + VAL_NOISE_SEED_OFFSET),
+        batch_size=experiment["data"]["batch_size"],
+        guidance=experiment["model"]["guidance"],
+        loss_fn=registry.get("loss", loss["type"]).build(loss),
+        timesteps=registry.get("timestep_sampler", timesteps["type"]).build(timesteps),
+        reporter=reporter,
+        registry=registry,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        eval_every=experiment["eval_every"],
+        seed=experiment["seed"],
+    )

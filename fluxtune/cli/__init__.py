@@ -1,0 +1,1 @@
+"""The `fluxtune` command line (Typer). Commands import heavy libraries only when they run."""

@@ -1,0 +1,1 @@
+"""Experiment and search configuration: typed schema, YAML with positions, located errors."""

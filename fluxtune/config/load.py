@@ -1,0 +1,176 @@
+"""Load and validate search files: schema, registered components, search paths — every problem at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from fluxtune.api import ComponentSpec
+from fluxtune.config.errors import InputError, Problem
+from fluxtune.config.paths import PathError, get_path, set_path, stage_loc
+from fluxtune.config.schema import Experiment, SearchFile
+from fluxtune.config.yaml_source import YamlSource, load_yaml, parse_yaml
+from fluxtune.registry import Registry, UnknownComponent
+
+_DIST_TAGS = {"float", "int", "categorical"}
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _Collector:
+    def __init__(self, source: YamlSource):
+        self.source = source
+        self.problems: list[Problem] = []
+
+    def add(self, loc: tuple[Any, ...], message: str) -> None:
+        line, col = self.source.position(loc)
+        self.problems.append(Problem(self.source.path, message, _key(loc), line, col, self.source.snippet(line)))
+
+    def add_validation(self, prefix: tuple[Any, ...], error: ValidationError) -> None:
+        for err in error.errors():
+            loc = tuple(err["loc"])
+            # pydantic puts the union tag into the location of a discriminated union member: drop it.
+            loc = tuple(p for i, p in enumerate(loc) if not (p in _DIST_TAGS and i > 0 and loc[:2] == ("search", "space")))
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif err["type"] == "missing":
+                message = "required key is missing"
+            self.add(prefix + loc, message)
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise InputError(self.problems)
+
+
+def _check_components(model: BaseModel, loc: tuple[Any, ...], reg: Registry, out: _Collector) -> dict[str, Any]:
+    """Validate nested ComponentSpecs against the registry; return the model as a dict with defaults filled."""
+    values: dict[str, Any] = {}
+    for field_name in type(model).model_fields:
+        value = getattr(model, field_name)
+        values[field_name] = _normalise(value, loc + (field_name,), reg, out)
+    if model.model_extra:
+        values.update(model.model_extra)
+    return values
+
+
+def _normalise(value: Any, loc: tuple[Any, ...], reg: Registry, out: _Collector) -> Any:
+    if isinstance(value, ComponentSpec) and value.kind:
+        try:
+            entry = reg.get(value.kind, value.type)
+        except UnknownComponent as exc:
+            out.add(loc + ("type",), str(exc))
+            return value.model_dump()
+        try:
+            params = entry.params.model_validate(value.params())
+        except ValidationError as exc:
+            out.add_validation(loc, exc)
+            return value.model_dump()
+        return {"type": value.type, **_check_components(params, loc, reg, out)}
+    if isinstance(value, BaseModel):
+        return _check_components(value, loc, reg, out)
+    if isinstance(value, list):
+        return [_normalise(v, loc + (i,), reg, out) for i, v in enumerate(value)]
+    return value
+
+
+def normalise_experiment(exp: Experiment, reg: Registry, out: _Collector, loc: tuple[Any, ...]) -> dict[str, Any]:
+    """The experiment as a plain dict with every component's defaults filled in (what search paths address)."""
+    tree = _check_components(exp, loc, reg, out)
+    stages = []
+    for i, stage in enumerate(exp.stages):
+        stage_loc_ = loc + ("stages", i)
+        try:
+            entry = reg.get("stage", stage.type)
+        except UnknownComponent as exc:
+            out.add(stage_loc_ + ("type",), str(exc))
+            stages.append(stage.model_dump())
+            continue
+        try:
+            params = entry.params.model_validate(stage.params())
+        except ValidationError as exc:
+            out.add_validation(stage_loc_, exc)
+            stages.append(stage.model_dump())
+            continue
+        base = {"name": stage.name, "type": stage.type, "steps": stage.steps}
+        stages.append({**base, **_check_components(params, stage_loc_, reg, out)})
+    tree["stages"] = stages
+    return tree
+
+
+def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict[str, Any]]:
+    """Validate a parsed search file; returns the spec and the normalised base experiment."""
+    out = _Collector(source)
+    data = source.data()
+    if not isinstance(data, dict):
+        out.add((), "the file must be a mapping with at least 'name' and 'base'")
+        out.raise_if_any()
+    try:
+        spec = SearchFile.model_validate(data)
+    except ValidationError as exc:
+        out.add_validation((), exc)
+        out.raise_if_any()
+        raise  # unreachable: the collector raised
+    base = normalise_experiment(spec.base, reg, out, ("base",))
+    out.raise_if_any()
+    if spec.search:
+        for path, dist in spec.search.space.items():
+            try:
+                get_path(base, path)
+            except PathError as exc:
+                out.add(("search", "space", path), f"not a key of base: {exc}")
+                continue
+            for value in _corner_values(dist):
+                try:
+                    sample_experiment(base, {path: value}, reg)
+                except InputError as exc:
+                    out.add(("search", "space", path), f"value {value!r} is invalid: {exc.problems[0].message}")
+                    break
+    out.raise_if_any()
+    return spec, base
+
+
+def _corner_values(dist: Any) -> list[Any]:
+    if dist.type == "categorical":
+        return list(dist.choices)
+    return [dist.low, dist.high]
+
+
+def sample_experiment(base: dict[str, Any], values: dict[str, Any], reg: Registry) -> dict[str, Any]:
+    """The normalised experiment with sampled `values` at their dotted paths, validated again."""
+    tree = base
+    for path, value in values.items():
+        tree = set_path(tree, path, value)
+    source = YamlSource(path="<sampled config>", text="", tree=None)
+    out = _Collector(source)
+    try:
+        exp = Experiment.model_validate(tree)
+    except ValidationError as exc:
+        out.add_validation((), exc)
+        out.raise_if_any()
+        raise
+    normalised = normalise_experiment(exp, reg, out, ())
+    out.raise_if_any()
+    return normalised
+
+
+def load_search_file(path: str | Path, registry: Registry | None = None) -> tuple[SearchFile, dict[str, Any]]:
+    from fluxtune.registry import registry as default_registry
+
+    return validate_search(load_yaml(path), registry or default_registry())
+
+
+def load_search_text(text: str, registry: Registry | None = None, path: str = "<string>"):
+    from fluxtune.registry import registry as default_registry
+
+    return validate_search(parse_yaml(text, path), registry or default_registry())
+
+
+__all__ = ["load_search_file", "load_search_text", "sample_experiment", "stage_loc"]

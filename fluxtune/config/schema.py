@@ -1,0 +1,150 @@
+"""The typed, closed schema of an experiment and a search (pydantic; unknown keys fail).
+
+Component parameters (a stage's optimizer, an adapter's rank, a loss's weights) are validated by the
+component's own `Params` model from the registry, in `fluxtune.config.load`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fluxtune.api import LossSpec, TimestepSamplerSpec
+
+SCHEMA_VERSION = 1
+
+
+class Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Closed):
+    preset: Literal["tiny-fill"] | None = None
+    path: str | None = None
+    seed: int = Field(0, description="initialisation seed of a preset")
+    guidance: float = Field(30.0, description="guidance embedding value (FluxFillPipeline's default is 30)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("give exactly one of 'preset' (tiny-fill) or 'path' (a FLUX.1-Fill-dev folder)")
+        return self
+
+
+class DataSpec(Closed):
+    jsonl: str = Field("sample", description="JSONL path or URI, or 'sample' for the generated dataset")
+    resolution: int = 64
+    batch_size: int = Field(4, ge=1)
+    val_fraction: float = Field(0.125, ge=0.0, lt=1.0)
+    val_jsonl: str | None = None
+    sample_size: int = Field(64, ge=4, description="rows of the generated dataset when jsonl is 'sample'")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v < 16 or v % 16:
+            raise ValueError("must be a positive multiple of 16 (FLUX packs 8x VAE latents 2x2)")
+        return v
+
+
+class StageSpec(BaseModel):
+    """A stage of the cycle; keys other than name/type/steps are the stage plugin's params."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    type: str
+    steps: int = Field(ge=1)
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Experiment(Closed):
+    """One complete training run: `fluxtune run` accepts it alone, a search samples variations of it."""
+
+    seed: int = 0
+    model: ModelSpec = ModelSpec(preset="tiny-fill")
+    data: DataSpec = DataSpec()
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    cycles: int = Field(1, ge=1)
+    eval_every: int = Field(20, ge=1)
+    stages: list[StageSpec] = Field(min_length=1)
+    loss: LossSpec = LossSpec(type="flow_matching")
+    timesteps: TimestepSamplerSpec = TimestepSamplerSpec(type="logit_normal")
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, stages: list[StageSpec]) -> list[StageSpec]:
+        seen: set[str] = set()
+        for s in stages:
+            if s.name in seen:
+                raise ValueError(f"stage name {s.name!r} is used twice; names must be unique")
+            seen.add(s.name)
+        return stages
+
+    def total_steps(self) -> int:
+        return self.cycles * sum(s.steps for s in self.stages)
+
+
+class FloatDist(Closed):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+
+class IntDist(Closed):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+
+class CategoricalDist(Closed):
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+
+
+Distribution = Annotated[Union[FloatDist, IntDist, CategoricalDist], Field(discriminator="type")]
+
+
+class SamplerSpec(Closed):
+    type: Literal["tpe", "random"] = "tpe"
+    seed: int | None = 0
+
+
+class SchedulerSpec(Closed):
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(20, ge=1, description="steps before a trial can be stopped")
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class SearchSpec(Closed):
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(4, ge=1)
+    max_concurrent: int = Field(1, ge=1)
+    sampler: SamplerSpec = SamplerSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
+    space: dict[str, Distribution] = Field(default_factory=dict)
+
+
+class TrackingSpec(Closed):
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow")
+    experiment: str | None = Field(None, description="MLflow experiment; default the search name")
+    register_as: str | None = Field(None, description="registered model name for the best trial's adapter")
+    alias: str = "candidate"
+
+
+class SearchFile(Closed):
+    version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    base: Experiment
+    search: SearchSpec | None = None
+    tracking: TrackingSpec = TrackingSpec()
+    storage_path: str | None = Field(None, description="Ray storage for trial checkpoints; default ./runs")

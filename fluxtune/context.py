@@ -1,0 +1,142 @@
+"""The concrete StageContext handed to stage plugins (see `fluxtune.api.StageContext` for the contract)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from fluxtune.flux.encoded import EncodedSet, ValidationSet, random_batches
+from fluxtune.flux.flow import flow_matching_loss
+
+
+class Reporter(Protocol):
+    """Where a running cycle sends what it measures (Ray/Tune/MLflow in a trial; a list in tests)."""
+
+    def log(self, global_step: int, metrics: dict[str, Any]) -> None: ...
+    def evaluation(self, global_step: int, metrics: dict[str, float]) -> None: ...
+    def stage_end(self, global_step: int, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+
+
+@dataclass
+class Shared:
+    """What every stage of a trial shares (built once per worker)."""
+
+    train: EncodedSet
+    val: ValidationSet
+    batch_size: int
+    guidance: float
+    loss_fn: Any
+    timesteps: Any
+    reporter: Reporter
+    registry: Any
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    eval_every: int = 20
+    seed: int = 0
+
+
+@dataclass
+class RunContext:
+    shared: Shared
+    name: str
+    cycle: int
+    steps: int
+    transformer: Any
+    export_dir: Path
+    first_global_step: int
+    stream_seed: int
+    first_step_at: float | None = field(default=None, init=False)  # stage transition timing
+    last_step_at: float | None = field(default=None, init=False)
+    _generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._generator = torch.Generator(device="cpu").manual_seed(self.stream_seed)
+
+    # -- where we are
+    @property
+    def device(self) -> torch.device:
+        return self.shared.device
+
+    @property
+    def rank(self) -> int:
+        return self.shared.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.shared.world_size
+
+    # -- data and loss
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        return random_batches(self.shared.train, self.shared.batch_size, self._generator)
+
+    def training_loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+        if self.first_step_at is None:
+            self.first_step_at = time.perf_counter()
+        generator = generator or self._generator
+        x0 = batch["x0"]
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        t = self.shared.timesteps(x0.shape[0], generator, x0.shape[1]).to(x0.device)
+        return flow_matching_loss(model, batch, noise, t, self.shared.guidance, self.shared.loss_fn)
+
+    # -- optimisation helpers
+    def optimizer(self, params: Any, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+    def distribute(self, module: Any) -> Any:
+        if self.world_size == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+
+    def adapter(self, spec: Any) -> Any:
+        if hasattr(spec, "model_dump"):
+            spec = {"type": spec.type, **spec.params()}
+        return self.shared.registry.get("adapter", spec["type"]).build(spec)
+
+    # -- reporting
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.last_step_at = time.perf_counter()
+        step = self.first_global_step + step
+        prefixed = {f"{self.name}/cycle{self.cycle}/{k}": v for k, v in metrics.items()}
+        self.shared.reporter.log(step, {**metrics, **prefixed})
+
+    def maybe_evaluate(self, step: int) -> dict[str, float] | None:
+        if step == self.steps or (self.first_global_step + step) % self.shared.eval_every:
+            return None  # the stage end is evaluated by the cycle
+        metrics = self.evaluate()
+        self.shared.reporter.evaluation(self.first_global_step + step, metrics)
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.transformer, self.shared)
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (pred.float() - target.float()).pow(2).mean()
+
+
+@torch.no_grad()
+def evaluate(transformer: Any, shared: Shared) -> dict[str, float]:
+    """Deterministic validation loss: fixed noise and t per held-out example, dropout off.
+
+    Always plain MSE on the velocity, whatever the training loss, so trials with different losses compare.
+    """
+    val = shared.val
+    was_training = transformer.training
+    transformer.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(val.data), shared.batch_size):
+        index = torch.arange(start, min(start + shared.batch_size, len(val.data)), device=val.data.x0.device)
+        batch = val.data.batch(index)
+        loss = flow_matching_loss(transformer, batch, val.noise[index], val.t[index], shared.guidance, _mse)
+        total += float(loss) * len(index)
+        count += len(index)
+    transformer.train(was_training)
+    return {"val_loss": total / max(count, 1)}

@@ -1,0 +1,163 @@
+"""Turn checked rows into model-ready arrays, and split rows into train/validation.
+
+Arrays follow the FLUX Fill convention: image and target float32 CHW in [-1, 1], mask float32 1xHxW with 1
+where the model must inpaint. All three are resized and centre-cropped with the same geometry so pixels stay
+aligned. numpy + Pillow only: this module is imported by Ray Data workers and by `fluxtune validate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:  # rows.py imports this module, so only type-check the other direction
+    from fluxtune.data.rows import Row
+
+# Masks saved as JPEG or resampled by an editor carry small per-channel differences; a real colour image does not.
+MASK_CHANNEL_TOLERANCE = 8 / 255
+# FLUX packs 8x VAE latents 2x2, so pixel sizes must be multiples of 16.
+RESOLUTION_MULTIPLE = 16
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def is_uri(path: str) -> bool:
+    """True for `s3://…`, `gs://…`, `file://…` and the like: read later through fsspec, not checked here."""
+    return bool(_URI.match(path))
+
+
+def check_resolution(resolution: int) -> None:
+    if not isinstance(resolution, int) or resolution <= 0 or resolution % RESOLUTION_MULTIPLE:
+        raise ValueError(
+            f"resolution must be a positive multiple of {RESOLUTION_MULTIPLE}, got {resolution!r}"
+        )
+
+
+def open_image(path: str) -> Image.Image:
+    """Open a local path or a URI (URIs need fsspec, imported only when one is used)."""
+    if path.startswith("file://"):
+        return Image.open(path[len("file://"):])
+    if is_uri(path):
+        try:
+            import fsspec
+        except ImportError as error:
+            raise ImportError(f"reading {path} needs fsspec (pip install fsspec and its s3fs/gcsfs)") from error
+        with fsspec.open(path, "rb") as remote:
+            return Image.open(io.BytesIO(remote.read()))
+    return Image.open(path)
+
+
+def mask_as_gray(mask: Image.Image) -> np.ndarray:
+    """A mask image as float32 HxW in [0, 1]; raises ValueError when it is really a colour image.
+
+    Alpha is ignored, like Pillow's own convert("L"). Colour masks are accepted only when their channels agree,
+    because averaging red and green into "half inpaint" would silently train on the wrong region.
+    """
+    mode = mask.mode
+    if mode == "1":
+        return np.asarray(mask, dtype=np.float32)
+    if mode in ("L", "LA", "La"):
+        return np.asarray(mask.getchannel(0), dtype=np.float32) / 255.0
+    if mode.startswith("I;16"):
+        return np.asarray(mask, dtype=np.float32) / 65535.0
+    if mode in ("I", "F"):
+        # 32-bit modes carry no range: 16-bit PNGs often open as "I", hand-made arrays as 0..1 or 0..255.
+        values = np.asarray(mask, dtype=np.float32)
+        top = float(values.max(initial=0.0))
+        scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+        return np.clip(values / scale, 0.0, 1.0)
+    rgb = np.asarray(mask.convert("RGB"), dtype=np.float32) / 255.0
+    spread = float((rgb.max(axis=2) - rgb.min(axis=2)).max(initial=0.0))
+    if spread > MASK_CHANNEL_TOLERANCE:
+        raise ValueError(
+            f"mask is a colour image (channels differ by up to {round(spread * 255)}/255); "
+            "save it as grayscale: white = inpaint, black = keep"
+        )
+    return rgb.mean(axis=2)
+
+
+def _centre_square(size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The centred square crop box: resizing it equals "resize the shorter side, then centre-crop"."""
+    width, height = size
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return (left, top, left + side, top + side)
+
+
+def _rgb_chw(image: Image.Image, resolution: int) -> np.ndarray:
+    image = image.convert("RGB")
+    resized = image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=_centre_square(image.size))
+    pixels = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def _binary_mask(mask: Image.Image, resolution: int) -> np.ndarray:
+    gray = Image.fromarray(mask_as_gray(mask))  # float "F" image, so resampling keeps full precision
+    resized = gray.resize((resolution, resolution), Image.Resampling.BILINEAR, box=_centre_square(gray.size))
+    return (np.asarray(resized, dtype=np.float32) >= 0.5).astype(np.float32)[None]
+
+
+def load_triplet(image_path: str, mask_path: str, target_path: str, resolution: int) -> dict[str, np.ndarray]:
+    """Load one (image, mask, target) triple of paths; see `load_example`."""
+    check_resolution(resolution)
+    with open_image(image_path) as image, open_image(mask_path) as mask, open_image(target_path) as target:
+        return {
+            "image": _rgb_chw(image, resolution),
+            "mask": _binary_mask(mask, resolution),
+            "target": _rgb_chw(target, resolution),
+        }
+
+
+def load_example(row: Row, resolution: int) -> dict[str, np.ndarray]:
+    """One row as arrays: image/target float32 3xRxR in [-1, 1], mask float32 1xRxR in {0, 1}."""
+    return load_triplet(row.image, row.mask, row.output, resolution)
+
+
+def load_examples_batch(batch: Mapping[str, Any], resolution: int) -> dict[str, np.ndarray]:
+    """`map_batches(..., batch_format="numpy")` function: path columns image/mask/output → stacked arrays.
+
+    Returns image (N,3,R,R), mask (N,1,R,R), target (N,3,R,R). Other columns (prompt, line, …) pass through
+    unchanged so later steps can still use them.
+    """
+    examples = [
+        load_triplet(str(image), str(mask), str(output), resolution)
+        for image, mask, output in zip(batch["image"], batch["mask"], batch["output"], strict=True)
+    ]
+    count = len(examples)
+    stacked = {
+        name: np.stack([example[name] for example in examples])
+        if examples
+        else np.zeros((0, channels, resolution, resolution), dtype=np.float32)
+        for name, channels in (("image", 3), ("mask", 1), ("target", 3))
+    }
+    passed_through = {key: np.asarray(value) for key, value in batch.items() if key not in ("image", "mask", "output")}
+    for key, value in passed_through.items():
+        if len(value) != count:
+            raise ValueError(f"column {key!r} has {len(value)} values, expected {count}")
+    return {**passed_through, **stacked}
+
+
+def split_is_validation(key: str, val_fraction: float, seed: int) -> bool:
+    """Whether `key` belongs to the validation split.
+
+    Hash-based, so it is the same in every process and Python run (built-in hash() is salted per process), and an
+    example keeps its side when rows are added or reordered. Use a key that survives moving the dataset, e.g. the
+    path relative to the JSONL folder.
+    """
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction!r}")
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < val_fraction
+
+
+def split_key(resolved_path: str, jsonl_folder: str) -> str:
+    """The key an example is split by: its target path relative to the JSONL folder (URIs as they are)."""
+    if is_uri(resolved_path):
+        return resolved_path
+    return os.path.relpath(resolved_path, jsonl_folder)

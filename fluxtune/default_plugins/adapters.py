@@ -1,0 +1,85 @@
+"""Built-in adapter: peft LoRA on FluxTransformer2DModel, exported in the diffusers format with its alpha."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+import fluxtune
+from fluxtune.api import Params
+
+# diffusers' FLUX LoRA training targets (attention + feed-forward of the double blocks; the single blocks
+# share to_q/k/v). There is no `proj_in` in FluxTransformer2DModel (its input layer is `x_embedder`).
+DEFAULT_TARGETS = [
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+]
+
+
+class LoraParams(Params):
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(96.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+
+
+def linear_module_names(model: Any) -> list[str]:
+    import torch
+
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def check_targets(model: Any, targets: list[str]) -> None:
+    """peft silently skips unknown names in a mixed list: refuse any target that matches no Linear layer."""
+    names = linear_module_names(model)
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        suffixes = sorted({n.split(".", 2)[-1] if n.split(".")[0].endswith("blocks") else n for n in names})
+        raise ValueError(
+            f"LoRA targets {unknown} match no Linear layer of the transformer; valid targets: {', '.join(suffixes)}")
+
+
+class LoraAdapter:
+    def __init__(self, params: LoraParams):
+        self.params = params
+
+    def config(self):
+        from peft import LoraConfig
+
+        p = self.params
+        return LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=list(p.targets),
+                          init_lora_weights=True)
+
+    def attach(self, transformer: Any) -> list[Any]:
+        check_targets(transformer, self.params.targets)
+        transformer.requires_grad_(False)
+        transformer.add_adapter(self.config())
+        return [p for p in transformer.parameters() if p.requires_grad]
+
+    def export(self, transformer: Any, out_dir: Path) -> None:
+        from diffusers import FluxFillPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        out_dir = Path(out_dir)
+        state = get_peft_model_state_dict(transformer)
+        # Without the metadata diffusers reloads alpha 96 as the rank (scale 1.0 instead of 1.5).
+        FluxFillPipeline.save_lora_weights(
+            out_dir, transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=self.config().to_dict(),
+        )
+        (out_dir / "fluxtune_adapter.json").write_text(json.dumps({"type": "lora", **self.params.model_dump()}))
+
+    def merge(self, transformer: Any) -> Any:
+        transformer.fuse_lora()
+        transformer.unload_lora()
+        transformer.requires_grad_(True)  # merged weights stay frozen otherwise (peft leaves requires_grad False)
+        return transformer
+
+
+@fluxtune.hookimpl
+def register_adapters(register):
+    register("lora", LoraAdapter, params=LoraParams, doc="peft LoRA (rank, alpha, dropout, target modules)")

@@ -1,0 +1,215 @@
+"""Getting a FLUX.1-Fill model: the tiny random preset, a local diffusers folder, saving one, encoding prompts.
+
+Everything here works offline: nothing is ever fetched from a hub.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+from fluxtune.flux import presets
+
+FILL_IN_CHANNELS = 384  # 64 noisy + 64 masked-image + 256 mask, packed 2x2
+FILL_OUT_CHANNELS = 64
+
+
+@dataclass
+class FluxBundle:
+    """The parts of a FLUX.1-Fill pipeline. Text parts are None when a folder ships without them."""
+
+    transformer: FluxTransformer2DModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel | None
+    text_encoder_2: T5EncoderModel | None
+    tokenizer: CLIPTokenizer | None
+    tokenizer_2: T5TokenizerFast | None
+    scheduler: FlowMatchEulerDiscreteScheduler
+    source: str  # "preset:tiny-fill(seed=0)" or the folder it was loaded from
+    # The "" embedding, computed once by `empty_prompt_embeds` (the text encoders are frozen, so it never changes).
+    _empty_prompt: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
+
+
+def check_fill_layout(config: Mapping[str, Any], where: str = "transformer config") -> None:
+    """Raise ValueError unless `config` is a FLUX Fill transformer (patch 1, 384 channels in, 64 out).
+
+    A text-to-image FLUX (in_channels 64) would load fine and then fail deep inside the first step.
+    """
+    patch_size = config.get("patch_size")
+    in_channels = config.get("in_channels")
+    out_channels = config.get("out_channels") or in_channels  # diffusers: out_channels None means in_channels
+    if (patch_size, in_channels, out_channels) != (1, FILL_IN_CHANNELS, FILL_OUT_CHANNELS):
+        raise ValueError(
+            f"{where} is not a FLUX.1-Fill transformer: expected patch_size 1, in_channels {FILL_IN_CHANNELS}, "
+            f"out_channels {FILL_OUT_CHANNELS}; got patch_size {patch_size}, in_channels {in_channels}, "
+            f"out_channels {out_channels}"
+        )
+
+
+def _freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Only the transformer is fine-tuned here; the VAE and text encoders stay frozen, in eval mode."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def _tiny_tokenizers() -> tuple[CLIPTokenizer, T5TokenizerFast]:
+    """The real tokenizer classes over in-memory vocabularies (see presets), so nothing is downloaded."""
+    clip = CLIPTokenizer(
+        vocab=presets.tiny_clip_vocab(), merges=[], model_max_length=presets.TINY_CLIP_MAX_LENGTH
+    )
+    t5 = T5TokenizerFast(vocab=presets.tiny_t5_vocab(), extra_ids=0, model_max_length=presets.TINY_T5_MAX_LENGTH)
+    return clip, t5
+
+
+def build_tiny_fill(seed: int = 0) -> FluxBundle:
+    """A randomly initialised FLUX.1-Fill with the real channel layout, tiny enough for CPU tests.
+
+    The same seed gives identical weights; the global RNG state is left untouched. Transformer in train mode.
+    """
+    check_fill_layout(presets.TINY_FILL_TRANSFORMER, where="the tiny-fill preset")
+    tokenizer, tokenizer_2 = _tiny_tokenizers()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(**presets.TINY_FILL_TRANSFORMER)
+        vae = AutoencoderKL(**presets.TINY_FILL_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**presets.TINY_CLIP_TEXT))
+        text_encoder_2 = T5EncoderModel(T5Config(**presets.TINY_T5_ENCODER))
+    return FluxBundle(
+        transformer=transformer.train(),
+        vae=_freeze(vae),
+        text_encoder=_freeze(text_encoder),
+        text_encoder_2=_freeze(text_encoder_2),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=FlowMatchEulerDiscreteScheduler(**presets.FLUX_SCHEDULER),
+        source=f"preset:tiny-fill(seed={seed})",
+    )
+
+
+def load_flux(path: str, torch_dtype: torch.dtype | None = None) -> FluxBundle:
+    """Load a local diffusers-layout FLUX.1-Fill folder (transformer/ and vae/ required, text parts optional).
+
+    The transformer's config is checked before any weights are read, so a wrong folder fails in milliseconds.
+    Models come back as `from_pretrained` leaves them: in eval mode (call `.train()` before training).
+    """
+    path = os.fspath(path)
+    transformer_config = os.path.join(path, "transformer", "config.json")
+    if not os.path.isfile(transformer_config):
+        raise ValueError(f"{path} is not a diffusers FLUX folder: {transformer_config} not found")
+    with open(transformer_config) as file:
+        check_fill_layout(json.load(file), where=f"{path}/transformer")
+    if not os.path.isdir(os.path.join(path, "vae")):
+        raise ValueError(f"{path} has no vae/ folder")
+
+    def has(subfolder: str) -> bool:
+        return os.path.isdir(os.path.join(path, subfolder))
+
+    local = {"local_files_only": True}
+    transformer = FluxTransformer2DModel.from_pretrained(
+        path, subfolder="transformer", torch_dtype=torch_dtype, **local
+    )
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype, **local)
+    text_encoder = text_encoder_2 = tokenizer = tokenizer_2 = None
+    if has("text_encoder"):
+        text_encoder = _freeze(
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch_dtype, **local)
+        )
+    if has("text_encoder_2"):
+        text_encoder_2 = _freeze(
+            T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=torch_dtype, **local)
+        )
+    if has("tokenizer"):
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"), **local)
+    if has("tokenizer_2"):
+        tokenizer_2 = T5TokenizerFast.from_pretrained(os.path.join(path, "tokenizer_2"), **local)
+    if has("scheduler"):
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **local)
+    else:  # the scheduler is config only; FLUX.1's is the right default
+        scheduler = FlowMatchEulerDiscreteScheduler(**presets.FLUX_SCHEDULER)
+    return FluxBundle(
+        transformer=transformer,
+        vae=_freeze(vae),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+        source=path,
+    )
+
+
+def save_bundle(bundle: FluxBundle, path: str) -> None:
+    """Write the diffusers layout (safetensors + model_index.json) that `load_flux` and
+    `FluxFillPipeline.from_pretrained` both read. Missing text parts are recorded as null."""
+    from diffusers import FluxFillPipeline  # imported here: only saving needs the pipeline module
+
+    transformer = getattr(bundle.transformer, "module", bundle.transformer)  # DDP/DeepSpeed wrappers hide .config
+    pipeline = FluxFillPipeline(
+        scheduler=bundle.scheduler,
+        vae=bundle.vae,
+        text_encoder=bundle.text_encoder,
+        tokenizer=bundle.tokenizer,
+        text_encoder_2=bundle.text_encoder_2,
+        tokenizer_2=bundle.tokenizer_2,
+        transformer=transformer,
+    )
+    pipeline.save_pretrained(os.fspath(path), safe_serialization=True)
+
+
+def _require_text_parts(bundle: FluxBundle) -> None:
+    parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    missing = [name for name in parts if getattr(bundle, name) is None]
+    if missing:
+        raise ValueError(f"cannot encode prompts: the model from {bundle.source} has no {', '.join(missing)}")
+
+
+@torch.no_grad()
+def encode_prompts(
+    bundle: FluxBundle, prompts: list[str], max_sequence_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (prompt_embeds [B, L, joint_dim], pooled [B, pooled_dim]), as FluxPipeline.encode_prompt does.
+
+    T5's last hidden state (padded to L = `max_sequence_length`, default the T5 tokenizer's model_max_length;
+    FLUX.1-dev uses 512) is the sequence; CLIP's pooled output (padded to 77) is the pooled vector. Like the
+    pipeline, no attention mask is passed: the padding tokens are part of what FLUX was trained on.
+    """
+    _require_text_parts(bundle)
+    prompts = list(prompts)
+    clip_ids = bundle.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=bundle.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    pooled = bundle.text_encoder(clip_ids.to(bundle.text_encoder.device), output_hidden_states=False).pooler_output
+    t5_ids = bundle.tokenizer_2(
+        prompts,
+        padding="max_length",
+        max_length=max_sequence_length or bundle.tokenizer_2.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    prompt_embeds = bundle.text_encoder_2(t5_ids.to(bundle.text_encoder_2.device), output_hidden_states=False)[0]
+    return prompt_embeds.to(bundle.text_encoder_2.dtype), pooled.to(bundle.text_encoder.dtype)
+
+
+def empty_prompt_embeds(bundle: FluxBundle) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "" embedding ([1, L, joint_dim], [1, pooled_dim]), computed once per bundle and cached on it.
+
+    Rows without a prompt all share it; treat the returned tensors as read-only (expand, don't edit in place).
+    """
+    if bundle._empty_prompt is None:
+        bundle._empty_prompt = encode_prompts(bundle, [""])
+    return bundle._empty_prompt

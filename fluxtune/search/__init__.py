@@ -1,0 +1,1 @@
+"""Search: the YAML space as an Optuna define-by-run function, driven by Ray Tune."""

@@ -1,0 +1,103 @@
+"""Tune callbacks in the driver: MLflow records every trial; the console shows progress."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune import Callback
+from rich.console import Console
+
+from fluxtune.tracking.runs import SweepTracker
+from fluxtune.train.reporter import STEP_METRICS_KEY
+
+CHECKPOINT_KEY = "checkpoint_path"  # set by ray's TuneReportCallback
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    cycle: int
+    checkpoint: str
+
+
+@dataclass
+class TrialLog:
+    params: dict[str, Any]
+    stages: list[StageRecord] = field(default_factory=list)
+    last: dict[str, Any] = field(default_factory=dict)
+    status: str = "RUNNING"
+
+
+class MlflowSweepCallback(Callback):
+    """Child run per trial: params once, per-step metrics, stage artifacts, final status."""
+
+    def __init__(self, tracker: SweepTracker, plugins: dict[str, str], trial_params):
+        self.tracker = tracker
+        self.plugins = plugins
+        self.trial_params = trial_params  # config → the full experiment dict of that trial
+        self.trials: dict[str, TrialLog] = {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.tracker.trial_runs:
+            return
+        params = self.trial_params(trial.config)
+        tags = {f"fluxtune.plugin.{k}": v for k, v in self.plugins.items()}
+        tags.update({f"fluxtune.sampled.{k}": str(v) for k, v in trial.config.items()})
+        self.tracker.start_trial(trial.trial_id, params, tags)
+        self.trials[trial.trial_id] = TrialLog(params=params)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        log = self.trials[trial.trial_id]
+        self.tracker.log_result(trial.trial_id, result, "global_step", STEP_METRICS_KEY)
+        log.last = {k: v for k, v in result.items() if k != STEP_METRICS_KEY}
+        if result.get("stage_end") and result.get(CHECKPOINT_KEY):
+            record = StageRecord(result["stage"], int(result["cycle"]), result[CHECKPOINT_KEY])
+            log.stages.append(record)
+            self.tracker.log_stage_artifacts(trial.trial_id, record.checkpoint,
+                                             f"stages/cycle{record.cycle}-{record.stage}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.trials[trial.trial_id].status = "FINISHED"
+        self.tracker.end_trial(trial.trial_id, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.trials[trial.trial_id].status = "FAILED"
+        self.tracker.end_trial(trial.trial_id, "FAILED")
+
+
+class ConsoleProgress(Callback):
+    """One line per report and per finished trial, instead of Tune's wide tables."""
+
+    def __init__(self, metric: str, console: Console):
+        self.metric = metric
+        self.console = console
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"metric": self.metric}  # Tune pickles callbacks; a Console holds locks and streams
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.metric, self.console = state["metric"], Console()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        sampled = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+        self.console.print(f"[bold]trial {trial.trial_id}[/] started: {sampled}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        where = f"cycle {result.get('cycle', '?')} {result.get('stage', '')}".rstrip()
+        done = " (stage end)" if result.get("stage_end") else ""
+        self.console.print(f"  trial {trial.trial_id} step {result.get('global_step')}: "
+                           f"{self.metric}={_fmt(result.get(self.metric))} {where if done else ''}{done}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.console.print(f"[green]trial {trial.trial_id} finished[/]: {self.metric}="
+                           f"{_fmt(trial.last_result.get(self.metric))}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.console.print(f"[red]trial {trial.trial_id} failed[/]: {trial.error_file or ''}")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

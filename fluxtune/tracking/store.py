@@ -1,0 +1,44 @@
+"""Where runs are recorded: the YAML's URI, $MLFLOW_TRACKING_URI, or the local store under ./mlflow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_DIR_ENV = "FLUXTUNE_MLFLOW_DIR"
+
+
+def default_store_dir() -> Path:
+    return Path(os.environ.get(DEFAULT_DIR_ENV, "mlflow")).resolve()
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    store = default_store_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of the default local store live beside its db (mlflow/artifacts); servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return (db.parent / "artifacts" / experiment).as_uri()
+    return None
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    c = client(uri)
+    found = c.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return c.create_experiment(name, artifact_location=artifact_location(uri, name))

@@ -1,0 +1,40 @@
+"""The Reporter a Ray Train worker uses: per-step metrics ride along with the next report.
+
+Only reports cross the Ray boundary (eval points and stage ends), so a step costs no synchronisation;
+step metrics are buffered as tensors and turned into floats once per report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ray.train
+
+STEP_METRICS_KEY = "fluxtune_steps"  # JSON: {metric: [[step, value], ...]}, unpacked by the tracking callback
+
+
+class RayReporter:
+    def __init__(self, rank: int):
+        self.rank = rank
+        self._steps: dict[str, list[tuple[int, Any]]] = {}
+
+    def log(self, global_step: int, metrics: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return  # Tune forwards rank 0's metrics only
+        for key, value in metrics.items():
+            self._steps.setdefault(key, []).append((global_step, value))
+
+    def _drain(self) -> str:
+        out = {k: [[s, float(v)] for s, v in values] for k, values in self._steps.items()}
+        self._steps.clear()
+        return json.dumps(out)
+
+    def evaluation(self, global_step: int, metrics: dict[str, float]) -> None:
+        ray.train.report({**metrics, "global_step": global_step, STEP_METRICS_KEY: self._drain()})
+
+    def stage_end(self, global_step: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report({**metrics, "global_step": global_step, "stage_end": True, STEP_METRICS_KEY: self._drain()},
+                         checkpoint=checkpoint)
