@@ -15,8 +15,8 @@ def _fmt(value: Any) -> str:
 def print_summary(console: Console, outcome: Any, metric: str) -> None:
     table = Table(title=f"sweep {outcome.sweep_id}")
     keys = sorted({k for t in outcome.trials for k in (t["config"] or {})})
-    for column in ["trial", *keys, metric, "status"]:
-        table.add_column(column)
+    for column in ["trial", *(k.removeprefix("stages.") for k in keys), metric, "status"]:
+        table.add_column(column, overflow="fold")
     for t in sorted(outcome.trials, key=lambda t: str(t["trial"])):
         status = "error" if t["error"] else "done"
         best = " ★" if t["trial"] == outcome.best_trial else ""

@@ -89,7 +89,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
         # metric/mode live on the searcher and scheduler: a define-by-run OptunaSearch ignores Tune's
         tune_config=tune.TuneConfig(search_alg=searcher,
                                     scheduler=_scheduler(search, base), num_samples=search.num_samples,
-                                    max_concurrent_trials=search.max_concurrent),
+                                    max_concurrent_trials=None if searcher else search.max_concurrent),
         run_config=tune.RunConfig(name=sweep_id, storage_path=str(storage / "tune"), verbose=0,
                                   callbacks=[mlflow_callback, ConsoleProgress(search.metric, console)]),
     )

@@ -10,6 +10,8 @@ from typing import Any
 
 from fluxtune.tracking.store import client
 
+MODEL_CODE = Path(__file__).with_name("pyfunc_entry.py")  # logged as code, so loading never unpickles
+
 
 def register_adapter(uri: str, run_id: str, model_name: str, alias: str, adapter_dir: Path | None,
                      base_transformer_dir: Path | None, model_spec: dict[str, Any], tags: dict[str, str]) -> str:
@@ -17,7 +19,6 @@ def register_adapter(uri: str, run_id: str, model_name: str, alias: str, adapter
     import mlflow
 
     from fluxtune import __version__
-    from fluxtune.tracking.pyfunc import FluxFillInpainter
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "checkpoint"
@@ -31,7 +32,7 @@ def register_adapter(uri: str, run_id: str, model_name: str, alias: str, adapter
         mlflow.set_registry_uri(uri)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="inpainter", python_model=FluxFillInpainter(), artifacts={"checkpoint": str(folder)},
+                name="inpainter", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(folder)},
                 registered_model_name=model_name, pip_requirements=[f"fluxtune=={__version__}"],
             )
     version = str(info.registered_model_version)
