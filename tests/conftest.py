@@ -1,0 +1,39 @@
+"""Shared fixtures: an isolated cache/MLflow/Ray environment per test session, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FLUXTUNE = Path(sys.executable).with_name("fluxtune")
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """One generated-sample cache for the whole session (written once, reused like a user's ~/.cache)."""
+    return tmp_path_factory.mktemp("fluxtune-cache")
+
+
+@pytest.fixture
+def cli_env(session_cache, tmp_path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env.update(FLUXTUNE_CACHE=str(session_cache), PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed `fluxtune` console script as a user would."""
+    return subprocess.run([str(FLUXTUNE), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def sample_jsonl(session_cache) -> Path:
+    from fluxtune.data.sample import ensure_sample_dataset
+
+    return ensure_sample_dataset(n=64, resolution=64, seed=0, cache_dir=session_cache)

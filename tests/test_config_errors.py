@@ -1,0 +1,103 @@
+"""Search files are validated before anything runs; every problem is located at file:line:col with its key."""
+
+import textwrap
+
+import pytest
+
+from fluxtune.config.errors import InputError
+from fluxtune.config.load import load_search_file, sample_experiment
+from fluxtune.registry import registry
+
+VALID = """\
+name: t
+base:
+  cycles: 2
+  stages:
+    - {name: full, type: full, steps: 4}
+    - name: lora
+      type: lora
+      steps: 4
+      adapter: {type: lora, rank: 8}
+search:
+  space:
+    stages.lora.adapter.rank: {type: categorical, choices: [4, 8]}
+"""
+
+
+def problems(tmp_path, text: str):
+    path = tmp_path / "spec.yaml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(InputError) as info:
+        load_search_file(path)
+    return info.value.problems
+
+
+def test_a_valid_file_fills_component_defaults(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(VALID)
+    spec, base = load_search_file(path)
+    lora = base["stages"][1]
+    assert lora["adapter"] == {"type": "lora", "rank": 8, "alpha": 96.0, "dropout": 0.05,
+                               "targets": lora["adapter"]["targets"]}
+    assert "attn.to_q" in lora["adapter"]["targets"]
+    assert base["loss"]["type"] == "flow_matching"
+    assert spec.search.space["stages.lora.adapter.rank"].choices == [4, 8]
+
+
+def test_unknown_key_is_located(tmp_path):
+    [p] = problems(tmp_path, VALID.replace("  cycles: 2\n", "  cycles: 2\n  cycels: 3\n"))
+    assert (p.line, p.col, p.key) == (4, 3, "base.cycels")
+    assert p.message == "unknown key"
+    assert p.one_line().startswith(f"{tmp_path / 'spec.yaml'}:4:3: base.cycels:")
+
+
+def test_yaml_syntax_error_points_at_the_line(tmp_path):
+    [p] = problems(tmp_path, "name: t\nbase:\n  stages: [\n  cycles: 2\n")
+    assert p.line is not None and p.line >= 3
+    assert "YAML syntax error" in p.message
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    text = VALID.replace("steps: 4}", "steps: 0}").replace("  cycles: 2\n", "  cycles: -1\n  colour: red\n")
+    found = {p.key: p for p in problems(tmp_path, text)}
+    assert set(found) == {"base.stages[0].steps", "base.cycles", "base.colour"}
+    assert found["base.stages[0].steps"].line == 6
+    assert "greater than or equal to 1" in found["base.cycles"].message
+
+
+def test_component_problems_name_the_plugin_key_and_suggest(tmp_path):
+    text = VALID.replace("type: full,", "type: ful,").replace("rank: 8}", "rank: 8, rnak: 2}")
+    found = {p.key: p for p in problems(tmp_path, text)}
+    assert "did you mean 'full'?" in found["base.stages[0].type"].message
+    assert found["base.stages[0].type"].line == 5
+    assert found["base.stages[1].adapter.rnak"].message == "unknown key"
+    assert found["base.stages[1].adapter.rnak"].line == 9
+
+
+def test_search_paths_must_exist_in_the_base(tmp_path):
+    text = VALID.replace("stages.lora.adapter.rank:", "stages.lora.adapter.rnk:")
+    [p] = problems(tmp_path, text)
+    assert p.key == "search.space.stages.lora.adapter.rnk"
+    assert p.line == 12
+    assert "does not exist" in p.message
+
+
+def test_search_values_are_validated_by_the_component(tmp_path):
+    text = VALID.replace("choices: [4, 8]", "choices: [4, -1]")
+    [p] = problems(tmp_path, text)
+    assert p.key == "search.space.stages.lora.adapter.rank" and "-1" in p.message
+
+
+def test_sampled_values_land_at_their_paths(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(VALID)
+    _, base = load_search_file(path)
+    exp = sample_experiment(base, {"stages.lora.adapter.rank": 4, "cycles": 1}, registry())
+    assert exp["stages"][1]["adapter"]["rank"] == 4 and exp["cycles"] == 1
+    assert base["stages"][1]["adapter"]["rank"] == 8  # the base is never modified
+
+
+def test_missing_file_is_an_input_error(tmp_path):
+    with pytest.raises(InputError) as info:
+        load_search_file(tmp_path / "nope.yaml")
+    assert "file not found" in str(info.value)
