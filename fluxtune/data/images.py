@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # rows.py imports this module, so only type-check the other d
 MASK_CHANNEL_TOLERANCE = 8 / 255
 # FLUX packs 8x VAE latents 2x2, so pixel sizes must be multiples of 16.
 RESOLUTION_MULTIPLE = 16
+# Mask pixels at or above this grey level are inpainted (FluxFillPipeline's mask processor binarises at 0.5).
+DEFAULT_MASK_THRESHOLD = 0.5
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -97,36 +99,44 @@ def _rgb_chw(image: Image.Image, resolution: int) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def _binary_mask(mask: Image.Image, resolution: int) -> np.ndarray:
+def _binary_mask(mask: Image.Image, resolution: int, threshold: float) -> np.ndarray:
     gray = Image.fromarray(mask_as_gray(mask))  # float "F" image, so resampling keeps full precision
     resized = gray.resize((resolution, resolution), Image.Resampling.BILINEAR, box=_centre_square(gray.size))
-    return (np.asarray(resized, dtype=np.float32) >= 0.5).astype(np.float32)[None]
+    return (np.asarray(resized, dtype=np.float32) >= threshold).astype(np.float32)[None]
 
 
-def load_triplet(image_path: str, mask_path: str, target_path: str, resolution: int) -> dict[str, np.ndarray]:
+def check_mask_threshold(threshold: float) -> None:
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"mask_threshold must be between 0 and 1 (exclusive), got {threshold!r}")
+
+
+def load_triplet(image_path: str, mask_path: str, target_path: str, resolution: int,
+                 mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> dict[str, np.ndarray]:
     """Load one (image, mask, target) triple of paths; see `load_example`."""
     check_resolution(resolution)
+    check_mask_threshold(mask_threshold)
     with open_image(image_path) as image, open_image(mask_path) as mask, open_image(target_path) as target:
         return {
             "image": _rgb_chw(image, resolution),
-            "mask": _binary_mask(mask, resolution),
+            "mask": _binary_mask(mask, resolution, mask_threshold),
             "target": _rgb_chw(target, resolution),
         }
 
 
-def load_example(row: Row, resolution: int) -> dict[str, np.ndarray]:
+def load_example(row: Row, resolution: int, mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> dict[str, np.ndarray]:
     """One row as arrays: image/target float32 3xRxR in [-1, 1], mask float32 1xRxR in {0, 1}."""
-    return load_triplet(row.image, row.mask, row.output, resolution)
+    return load_triplet(row.image, row.mask, row.output, resolution, mask_threshold)
 
 
-def load_examples_batch(batch: Mapping[str, Any], resolution: int) -> dict[str, np.ndarray]:
+def load_examples_batch(batch: Mapping[str, Any], resolution: int,
+                        mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> dict[str, np.ndarray]:
     """`map_batches(..., batch_format="numpy")` function: path columns image/mask/output → stacked arrays.
 
     Returns image (N,3,R,R), mask (N,1,R,R), target (N,3,R,R). Other columns (prompt, line, …) pass through
     unchanged so later steps can still use them.
     """
     examples = [
-        load_triplet(str(image), str(mask), str(output), resolution)
+        load_triplet(str(image), str(mask), str(output), resolution, mask_threshold)
         for image, mask, output in zip(batch["image"], batch["mask"], batch["output"], strict=True)
     ]
     count = len(examples)

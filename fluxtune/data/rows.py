@@ -66,7 +66,7 @@ def check_rows(jsonl_path: str | os.PathLike, check_files: bool = True) -> tuple
     """
     shown = str(jsonl_path)
     try:
-        raw = Path(jsonl_path).read_bytes()
+        raw = _read_bytes(shown)
     except FileNotFoundError:
         return [], [f"{shown}: file not found"]
     except IsADirectoryError:
@@ -74,7 +74,7 @@ def check_rows(jsonl_path: str | os.PathLike, check_files: bool = True) -> tuple
     except OSError as error:
         return [], [f"{shown}: cannot read: {error.strerror or error}"]
 
-    folder = os.path.dirname(os.path.abspath(jsonl_path))
+    folder = shown.rsplit("/", 1)[0] if is_uri(shown) else os.path.dirname(os.path.abspath(jsonl_path))
     rows: list[Row] = []
     problems: list[str] = []
     seen_any = False
@@ -89,6 +89,15 @@ def check_rows(jsonl_path: str | os.PathLike, check_files: bool = True) -> tuple
     if not seen_any:
         problems.append(f"{shown}: contains no examples")
     return rows, problems
+
+
+def _read_bytes(path: str) -> bytes:
+    if is_uri(path) and not path.startswith("file://"):
+        import fsspec  # only for URIs (s3://, gs://, ...), like Ray Data's own readers
+
+        with fsspec.open(path, "rb") as remote:
+            return remote.read()
+    return Path(path.removeprefix("file://")).read_bytes()
 
 
 def _json_type(value: object) -> str:
@@ -148,11 +157,13 @@ def _check_line(line_bytes: bytes, number: int, folder: str, check_files: bool) 
 def _resolve(path: str, folder: str) -> str:
     if is_uri(path):
         return path
+    if is_uri(folder):  # a JSONL read from s3://…: its relative paths live beside it, in the same bucket
+        return path if path.startswith("/") else f"{folder}/{path}"
     return os.path.normpath(os.path.join(folder, path))  # join keeps absolute paths as given
 
 
 def _check_files(paths: dict[str, str]) -> list[str]:
-    """Existence, header decoding and size agreement; only the mask is fully decoded (binarisability)."""
+    """Existence, full decoding (a truncated file has a fine header) and size agreement; masks must be grey."""
     problems: list[str] = []
     sizes: dict[str, tuple[int, int]] = {}
     for key, path in paths.items():
@@ -162,8 +173,9 @@ def _check_files(paths: dict[str, str]) -> list[str]:
             problems.append(f"'{key}' file not found: {path}")
             continue
         try:
-            with Image.open(path) as image:  # lazy: reads the header only
+            with Image.open(path) as image:
                 sizes[key] = image.size
+                image.load()  # decodes every pixel: what training will do, so it fails here instead
                 if key == "user_input.mask":
                     mask_as_gray(image)
         except ValueError as error:
