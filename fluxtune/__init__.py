@@ -1,6 +1,7 @@
 """fluxtune: plugin-based Ray Tune experiments for fine-tuning FLUX.1-Fill-dev.
 
 The public API for plugin authors lives here; it imports nothing heavy (no torch, ray or diffusers).
+Helpers for testing a plugin are in `fluxtune.testing` (that one does import torch and diffusers).
 """
 
 import pluggy
@@ -8,6 +9,8 @@ import pluggy
 from fluxtune.api import (
     Adapter,
     AdapterSpec,
+    Callback,
+    CallbackSpec,
     ComponentSpec,
     Loss,
     LossSpec,
@@ -20,11 +23,14 @@ from fluxtune.api import (
 
 __version__ = "0.1.0"
 
+# Marks a plugin's hook implementations (`@fluxtune.hookimpl def register_stages(register): ...`).
 hookimpl = pluggy.HookimplMarker("fluxtune")
 
 __all__ = [
     "Adapter",
     "AdapterSpec",
+    "Callback",
+    "CallbackSpec",
     "ComponentSpec",
     "Loss",
     "LossSpec",

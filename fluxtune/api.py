@@ -45,6 +45,10 @@ class TimestepSamplerSpec(ComponentSpec):
     kind: ClassVar[str] = "timestep_sampler"
 
 
+class CallbackSpec(ComponentSpec):
+    kind: ClassVar[str] = "callback"
+
+
 class Loss(Protocol):
     """`loss(pred, target, batch) -> scalar tensor`; `batch` carries e.g. the packed mask for region weighting."""
 
@@ -69,6 +73,22 @@ class Adapter(Protocol):
 
     def merge(self, transformer: Any) -> Any:
         """Fold the adapter into the base weights and return the plain transformer, all params trainable."""
+
+
+class Callback(Protocol):
+    """Runtime events of a stage; implement any subset (a missing method is simply not called).
+
+    - `on_stage_start(ctx)`: before the stage's first step.
+    - `on_step_end(ctx, step, metrics)`: after each logged step (`step` counts from 0 within the stage; metric
+      values may be tensors: converting one to float syncs the device, so do it every N steps, not every step).
+    - `on_stage_end(ctx, metrics) -> dict | None`: after the stage's final evaluation; returned numbers are added
+      to the stage's reported metrics.
+    Raising stops the trial with that error. One instance serves every stage and cycle of a trial (per worker).
+    """
+
+    def on_stage_start(self, ctx: "StageContext") -> None: ...
+    def on_step_end(self, ctx: "StageContext", step: int, metrics: dict[str, Any]) -> None: ...
+    def on_stage_end(self, ctx: "StageContext", metrics: dict[str, float]) -> dict[str, float] | None: ...
 
 
 class StageContext(Protocol):

@@ -9,6 +9,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
+from fluxtune.callbacks import CallbackList
 from fluxtune.flux.encoded import EncodedSet, ValidationSet, random_batches
 from fluxtune.flux.flow import flow_matching_loss
 
@@ -50,6 +51,7 @@ class RunContext:
     export_dir: Path
     first_global_step: int
     stream_seed: int
+    callbacks: CallbackList = field(default_factory=CallbackList)  # base.callbacks; step_end from log()
     first_step_at: float | None = field(default=None, init=False)  # stage transition timing
     last_step_at: float | None = field(default=None, init=False)
     _generator: torch.Generator = field(init=False)
@@ -106,6 +108,7 @@ class RunContext:
         step = self.first_global_step + step
         prefixed = {f"{self.name}/cycle{self.cycle}/{k}": v for k, v in metrics.items()}
         self.shared.reporter.log(step, {**metrics, **prefixed})
+        self.callbacks.step_end(self, step - self.first_global_step, metrics)
 
     def maybe_evaluate(self, step: int) -> dict[str, float] | None:
         if step == self.steps or (self.first_global_step + step) % self.shared.eval_every:

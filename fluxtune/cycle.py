@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fluxtune.callbacks import CallbackList
 from fluxtune.checkpoints import Progress, write_stage_checkpoint
 from fluxtune.context import RunContext, Shared, evaluate
 
@@ -26,6 +27,7 @@ def run_cycle(experiment: dict[str, Any], transformer: Any, shared: Shared,
     """
     stages = experiment["stages"]
     last_step_done_at: float | None = None
+    callbacks = CallbackList.build(experiment.get("callbacks", []), shared.registry)
     for cycle in range(progress.cycle, experiment["cycles"]):
         for index, spec in enumerate(stages):
             if (cycle, index) < (progress.cycle, progress.stage_index):
@@ -36,12 +38,14 @@ def run_cycle(experiment: dict[str, Any], transformer: Any, shared: Shared,
                 ctx = RunContext(
                     shared=shared, name=spec["name"], cycle=cycle, steps=spec["steps"], transformer=transformer,
                     export_dir=scratch / "exports", first_global_step=progress.global_step,
-                    stream_seed=_stream_seed(shared, cycle, index),
+                    stream_seed=_stream_seed(shared, cycle, index), callbacks=callbacks,
                 )
                 ctx.export_dir.mkdir()
+                callbacks.stage_start(ctx)
                 metrics = stage.run(ctx) or {}
                 transformer = ctx.transformer
                 metrics.update(evaluate(transformer, shared))
+                metrics.update(callbacks.stage_end(ctx, metrics))
                 if last_step_done_at is not None and ctx.first_step_at is not None:
                     metrics["transition_s"] = ctx.first_step_at - last_step_done_at
                 progress = progress.after(index, len(stages), spec["steps"])

@@ -1,13 +1,20 @@
 """Hook specifications: every way a plugin can extend fluxtune.
 
-Each `register_*` hook is called once per process (the driver, and each Ray worker) when the registry is first
-built. It receives a `register` callback and calls it once per component it provides:
+A plugin is a module (or object) with functions marked `@fluxtune.hookimpl`, found through the entry-point
+group `fluxtune` (built-ins in `fluxtune/default_plugins/` register the same way). Each `register_*` hook is
+called once per process (the CLI/driver and each Ray worker) when the registry is first built, and receives a
+`register` callback to call once per component it provides:
 
     register(name, factory, params=SomeParams, doc="one line", replace=False)
 
-`factory(params)` builds the component from its validated `params` (an instance of the `params` model, a
-`fluxtune.Params` subclass). Keep implementations cheap: import torch/diffusers inside the factory, not at
-module level. The return value of the hooks is ignored.
+- `name`: what a YAML uses as `type:`; unique per kind (a duplicate is an error naming both plugins).
+- `factory(params)`: builds the component from its validated `params`, an instance of the `params` model.
+- `params`: a `fluxtune.Params` subclass (closed pydantic model) checked at `fluxtune validate` time.
+- `replace=True`: deliberately take over a name another plugin (e.g. a built-in) registered first.
+
+Keep implementations cheap: import torch/diffusers inside the factory, not at module level, because they run
+in every process. The return value of the hooks is ignored. Runtime events (step end, stage end) reach
+`Callback` objects, never hooks.
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ Register = Callable[..., None]
 
 @hookspec
 def register_stages(register: Register) -> None:
-    """Register training stages, used by `type:` in a stage of `base.stages`.
+    """Register training stages, used by `type:` in an entry of `base.stages`.
 
-    A stage factory returns an object with `run(ctx: fluxtune.StageContext) -> dict[str, float]`.
-    Called once per process when the registry is built.
+    When: once per process, when the registry is built (validation in the CLI; start-up of each Ray worker).
+    Arguments: `register(name, factory, params=..., doc=..., replace=False)`. The stage entry's keys other than
+    `name`, `type` and `steps` are validated by `params`. `factory(params)` returns an object with
+    `run(ctx: fluxtune.StageContext) -> dict[str, float]`, called once per stage per cycle in every worker.
     """
 
 
@@ -34,7 +43,9 @@ def register_stages(register: Register) -> None:
 def register_adapters(register: Register) -> None:
     """Register parameter-efficient adapters, used by `adapter: {type: …}` in an adapter stage.
 
-    An adapter factory returns a `fluxtune.Adapter` (attach, export, merge). Called once per process.
+    When: once per process, when the registry is built. Arguments: `register(name, factory, params=..., ...)`.
+    `factory(params)` returns a `fluxtune.Adapter` (`attach`, `export`, `merge`); stages build one per stage run
+    with `ctx.adapter(spec)`.
     """
 
 
@@ -42,7 +53,9 @@ def register_adapters(register: Register) -> None:
 def register_losses(register: Register) -> None:
     """Register training losses, used by `base.loss: {type: …}`.
 
-    A loss factory returns `loss(pred, target, batch) -> scalar tensor`. Called once per process.
+    When: once per process, when the registry is built. Arguments: `register(name, factory, params=..., ...)`.
+    `factory(params)` returns `loss(pred, target, batch) -> scalar tensor`, built once per worker and called
+    every training step (the validation loss stays plain MSE so that trials compare).
     """
 
 
@@ -50,32 +63,38 @@ def register_losses(register: Register) -> None:
 def register_timestep_samplers(register: Register) -> None:
     """Register flow-matching timestep samplers, used by `base.timesteps: {type: …}`.
 
-    A sampler factory returns `sample(n, generator, image_seq_len) -> tensor[n]` in [0, 1].
-    Called once per process.
+    When: once per process, when the registry is built. Arguments: `register(name, factory, params=..., ...)`.
+    `factory(params)` returns `sample(n, generator, image_seq_len) -> tensor[n]` of times in [0, 1]
+    (1 = pure noise), called every training step.
     """
 
 
 @hookspec
 def register_callbacks(register: Register) -> None:
-    """Register runtime callbacks, used by `base.callbacks: [{type: …}]`.
+    """Register runtime callbacks, used by `base.callbacks: [{type: …}, …]`.
 
-    A callback factory returns an object with any of `on_step_end(ctx, step, metrics)` and
-    `on_stage_end(ctx, metrics)`; runtime events reach callbacks, never hooks. Called once per process.
+    When: once per process, when the registry is built. Arguments: `register(name, factory, params=..., ...)`.
+    `factory(params)` returns a `fluxtune.Callback`: any of `on_stage_start(ctx)`,
+    `on_step_end(ctx, step, metrics)` and `on_stage_end(ctx, metrics) -> dict | None`. One instance per trial
+    and worker, in the order listed in the YAML.
     """
 
 
 @hookspec
 def register_search_spaces(register: Register) -> None:
-    """Register named search-space fragments, used by `search.include: [name]`.
+    """Register named search-space fragments, used by `search.include: [name, …]`.
 
-    The factory returns a mapping of dotted config path → distribution dict, merged into `search.space`.
-    Called once per process.
+    When: once per process, when the registry is built. Arguments: `register(name, factory, params=..., ...)`.
+    `factory(params)` returns a mapping of dotted config path → distribution (`{type: float, low: …, high: …}`,
+    as in `search.space`); it is merged under the file's own `search.space` (the file wins on a shared path)
+    at validation time.
     """
 
 
 @hookspec
 def register_commands(cli: Any) -> None:
-    """Add sub-commands to the `fluxtune` CLI; `cli` is the root `typer.Typer` app.
+    """Add sub-commands to the `fluxtune` CLI.
 
-    Called once, in the CLI process, before the command line is parsed.
+    When: once, in the CLI process only, before the command line is parsed (so also for `fluxtune --help`:
+    keep it import-light). Arguments: `cli`, the root `typer.Typer` app; add commands with `@cli.command()`.
     """

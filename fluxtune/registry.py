@@ -1,12 +1,13 @@
 """The registry of named components, filled by the `register_*` hooks (the only place that calls them).
 
-It records which plugin provided each entry, refuses duplicate names unless a plugin asks to replace, and
-answers unknown names with the available ones and a did-you-mean.
+It records which plugin (and which distribution and version) provided each entry, refuses duplicate names
+unless a plugin asks to replace, and answers unknown names with the available ones and a did-you-mean.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
@@ -24,10 +25,11 @@ KINDS = {
     "callback": "register_callbacks",
     "search_space": "register_search_spaces",
 }
+NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")  # usable as a YAML `type:` and in a search path
 
 
 class RegistryError(Exception):
-    """A plugin registered something wrong (duplicate name, bad params model)."""
+    """A plugin registered something wrong (duplicate name, bad params model, a failing hook)."""
 
 
 class UnknownComponent(KeyError):
@@ -43,13 +45,30 @@ class UnknownComponent(KeyError):
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """Who registered an entry: the plugin's name and the distribution (package) and version it came from."""
+
+    plugin: str
+    distribution: str = "?"
+    version: str = "?"
+
+    def __str__(self) -> str:
+        return f"{self.plugin!r} ({self.distribution} {self.version})"
+
+
+@dataclass(frozen=True)
 class Entry:
     kind: str
     name: str
     factory: Callable[[Any], Any]
     params: type[BaseModel]
     doc: str
-    plugin: str  # plugin name as the plugin manager knows it
+    provenance: Provenance
+    replaced: Provenance | None = None  # the entry this one took over with replace=True
+
+    @property
+    def plugin(self) -> str:
+        return self.provenance.plugin
 
     def build(self, spec: dict[str, Any] | BaseModel | None = None) -> Any:
         """Validate `spec` (without its `type` key) with this entry's params model and call the factory."""
@@ -64,14 +83,23 @@ class Registry:
     entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KINDS})
 
     def add(self, entry: Entry, replace: bool = False) -> None:
+        who = f"plugin {entry.provenance}"
+        if not isinstance(entry.name, str) or not NAME.match(entry.name):
+            raise RegistryError(f"{who}: {entry.kind} name {entry.name!r} must be a string of letters, digits, "
+                                "'_', '.' or '-' starting with a letter")
+        if not callable(entry.factory):
+            raise RegistryError(f"{who}: {entry.kind} {entry.name!r} factory must be callable, "
+                                f"got {type(entry.factory).__name__}")
         if not (isinstance(entry.params, type) and issubclass(entry.params, BaseModel)):
-            raise RegistryError(f"plugin {entry.plugin!r}: {entry.kind} {entry.name!r} params must be a pydantic model")
+            raise RegistryError(f"{who}: {entry.kind} {entry.name!r} params must be a pydantic model "
+                                "(subclass fluxtune.Params)")
         existing = self.entries[entry.kind].get(entry.name)
-        if existing is not None and not replace:
-            raise RegistryError(
-                f"{entry.kind} {entry.name!r} is registered by both {existing.plugin!r} and {entry.plugin!r}; "
-                f"disable one (FLUXTUNE_DISABLE_PLUGINS) or register with replace=True"
-            )
+        if existing is not None:
+            if not replace:
+                raise RegistryError(
+                    f"{entry.kind} {entry.name!r} is registered by both plugin {existing.provenance} and plugin "
+                    f"{entry.provenance}; disable one (FLUXTUNE_DISABLE_PLUGINS) or register with replace=True")
+            entry = Entry(**{**entry.__dict__, "replaced": existing.provenance})
         self.entries[entry.kind][entry.name] = entry
 
     def get(self, kind: str, name: str) -> Entry:
@@ -91,16 +119,30 @@ class Registry:
         return out
 
 
-def build_registry(pm: pluggy.PluginManager) -> Registry:
+def build_registry(pm: pluggy.PluginManager, infos: dict[str, Any] | None = None) -> Registry:
+    """Call every `register_*` implementation on its own, in registration order (built-ins first).
+
+    `infos` (plugin name → PluginInfo) supplies each plugin's distribution and version.
+    """
+    infos = infos or {}
     registry = Registry()
     for kind, hook_name in KINDS.items():
-        # Call each implementation on its own, built-ins first, so every entry knows its plugin.
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            def register(name: str, factory: Callable[[Any], Any], params: type[BaseModel] = Params,
-                         doc: str = "", replace: bool = False, _plugin: str = impl.plugin_name, _kind: str = kind):
-                registry.add(Entry(_kind, name, factory, params, doc, _plugin), replace=replace)
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order: built-ins first
+            info = infos.get(impl.plugin_name)
+            provenance = Provenance(impl.plugin_name, getattr(info, "distribution", "?"),
+                                    getattr(info, "version", "?"))
 
-            impl.function(register=register)
+            def register(name: str, factory: Callable[[Any], Any], params: type[BaseModel] = Params,
+                         doc: str = "", replace: bool = False, _by: Provenance = provenance, _kind: str = kind):
+                registry.add(Entry(_kind, name, factory, params, doc, _by), replace=replace)
+
+            try:
+                impl.function(register=register)
+            except RegistryError:
+                raise
+            except Exception as exc:  # a plugin bug: name the plugin and hook instead of a bare traceback
+                raise RegistryError(f"plugin {provenance}: {hook_name} failed: {type(exc).__name__}: {exc}; "
+                                    f"disable it with FLUXTUNE_DISABLE_PLUGINS={impl.plugin_name}") from exc
     return registry
 
 
@@ -109,4 +151,4 @@ def registry() -> Registry:
     """The process-wide registry, built from the process-wide plugin manager."""
     from fluxtune.plugins import plugin_manager
 
-    return build_registry(plugin_manager()[0])
+    return build_registry(*plugin_manager())

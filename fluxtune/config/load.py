@@ -119,6 +119,8 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
         out.raise_if_any()
         raise  # unreachable: the collector raised
     base = normalise_experiment(spec.base, reg, out, ("base",))
+    if spec.search and spec.search.include:
+        spec.search.space = {**_included_space(spec.search.include, reg, out), **spec.search.space}
     out.raise_if_any()
     if spec.search:
         for path, dist in spec.search.space.items():
@@ -135,6 +137,30 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
                     break
     out.raise_if_any()
     return spec, base
+
+
+def _included_space(names: list[str], reg: Registry, out: _Collector) -> dict[str, Any]:
+    """The `search.include` fragments (registered search spaces) merged in order, each distribution checked."""
+    from pydantic import TypeAdapter
+
+    from fluxtune.config.schema import Distribution
+
+    check = TypeAdapter(Distribution)
+    merged: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        try:
+            entry = reg.get("search_space", name)
+            fragment = entry.build({})
+        except UnknownComponent as exc:
+            out.add(("search", "include", i), str(exc))
+            continue
+        for path, dist in dict(fragment).items():
+            try:
+                merged[path] = check.validate_python(dist)
+            except ValidationError as exc:
+                out.add(("search", "include", i), f"search space {name!r} of plugin {entry.provenance}: "
+                        f"{path}: {exc.errors()[0]['msg']}")
+    return merged
 
 
 def _corner_values(dist: Any) -> list[Any]:

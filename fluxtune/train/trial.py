@@ -12,7 +12,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from fluxtune.config.load import sample_experiment
-from fluxtune.plugins import plugin_set
+from fluxtune.plugins import plugin_set, use_plugin_set
 from fluxtune.registry import registry
 from fluxtune.train.datasets import build_datasets
 from fluxtune.train.worker import train_loop_per_worker
@@ -59,6 +59,7 @@ def _in_tune() -> bool:
 
 def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     """Tune function trainable; `config` holds the sampled values by dotted path."""
+    use_plugin_set(settings.plugins)
     experiment = sample_experiment(settings.base, config, registry())
     trial_id = tune.get_context().get_trial_id()
     trainer_for(experiment, settings, f"{settings.sweep_id}-{trial_id}").fit()

@@ -12,17 +12,10 @@ import torch
 from fluxtune.assemble import build_shared, encode_arrays, load_bundle
 from fluxtune.checkpoints import Progress, read_progress
 from fluxtune.cycle import run_cycle
-from fluxtune.plugins import plugin_set
+from fluxtune.plugins import use_plugin_set
 from fluxtune.registry import registry
 from fluxtune.train.datasets import collect
 from fluxtune.train.reporter import RayReporter
-
-
-def _check_plugins(expected: dict[str, str]) -> None:
-    found = plugin_set()
-    if found != expected:
-        raise RuntimeError(f"this worker's plugins {found} differ from the driver's {expected}; "
-                           "install the same plugin versions on every node")
 
 
 def _resume(transformer: Any) -> tuple[Progress, Any]:
@@ -41,7 +34,7 @@ def _resume(transformer: Any) -> tuple[Progress, Any]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    _check_plugins(config["plugins"])
+    use_plugin_set(config["plugins"])  # exactly the driver's plugins, whatever this node's environment says
     experiment = config["experiment"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
