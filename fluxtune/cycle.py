@@ -11,6 +11,7 @@ from typing import Any
 
 from fluxtune.callbacks import CallbackList
 from fluxtune.checkpoints import Progress, write_stage_checkpoint
+from fluxtune.config.schedule import stage_for_cycle
 from fluxtune.context import RunContext, Shared, evaluate
 
 
@@ -30,7 +31,8 @@ def run_cycle(experiment: dict[str, Any], transformer: Any, shared: Shared,
     callbacks = CallbackList.build(experiment.get("callbacks", []), shared.registry)
     for cycle in range(progress.cycle, experiment["cycles"]):
         for index, spec in enumerate(stages):
-            if (cycle, index) < (progress.cycle, progress.stage_index):
+            spec = stage_for_cycle(experiment, index, cycle)  # the schedule may skip it or change its steps
+            if spec is None or (cycle, index) < (progress.cycle, progress.stage_index):
                 continue
             stage = shared.registry.get("stage", spec["type"]).build(stage_params(spec))
             with tempfile.TemporaryDirectory(dir=checkpoint_root) as scratch:

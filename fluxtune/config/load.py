@@ -9,7 +9,9 @@ from pydantic import BaseModel, ValidationError
 
 from fluxtune.api import ComponentSpec
 from fluxtune.config.errors import InputError, Problem
+from fluxtune.config.overrides import apply_overrides
 from fluxtune.config.paths import PathError, get_path, set_path, stage_loc
+from fluxtune.config.schedule import schedule_problems
 from fluxtune.config.schema import Experiment, SearchFile
 from fluxtune.config.yaml_source import YamlSource, load_yaml, parse_yaml
 from fluxtune.registry import Registry, UnknownComponent
@@ -30,6 +32,10 @@ class _Collector:
         self.problems: list[Problem] = []
 
     def add(self, loc: tuple[Any, ...], message: str) -> None:
+        overridden = self.source.override_for(loc)
+        if overridden is not None:  # the value came from the command line, not the file
+            self.problems.append(Problem(overridden, message, _key(loc)))
+            return
         line, col = self.source.position(loc)
         self.problems.append(Problem(self.source.path, message, _key(loc), line, col, self.source.snippet(line)))
 
@@ -78,6 +84,8 @@ def _normalise(value: Any, loc: tuple[Any, ...], reg: Registry, out: _Collector)
         return _check_components(value, loc, reg, out)
     if isinstance(value, list):
         return [_normalise(v, loc + (i,), reg, out) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _normalise(v, loc + (k,), reg, out) for k, v in value.items()}
     return value
 
 
@@ -102,6 +110,8 @@ def normalise_experiment(exp: Experiment, reg: Registry, out: _Collector, loc: t
         base = {"name": stage.name, "type": stage.type, "steps": stage.steps}
         stages.append({**base, **_check_components(params, stage_loc_, reg, out)})
     tree["stages"] = stages
+    for where, message in schedule_problems(tree):
+        out.add(loc + where, message)
     return tree
 
 
@@ -123,7 +133,10 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
         spec.search.space = {**_included_space(spec.search.include, reg, out), **spec.search.space}
     out.raise_if_any()
     if spec.search:
+        searched: list[str] = []
         for path, dist in spec.search.space.items():
+            _check_conditions(path, dist, searched, base, out)
+            searched.append(path)
             try:
                 get_path(base, path)
             except PathError as exc:
@@ -163,6 +176,21 @@ def _included_space(names: list[str], reg: Registry, out: _Collector) -> dict[st
     return merged
 
 
+def _check_conditions(path: str, dist: Any, searched: list[str], base: dict[str, Any], out: _Collector) -> None:
+    """A `when` key is a base value or a key searched *earlier* (define-by-run samples in file order)."""
+    space = tuple(out.source.data().get("search", {}).get("space", {}))
+    for key in dist.when:
+        if key in searched:
+            continue
+        if key in space:
+            out.add(("search", "space", path, "when", key), f"{key!r} is searched after {path!r}; move it above")
+            continue
+        try:
+            get_path(base, key)
+        except PathError as exc:
+            out.add(("search", "space", path, "when", key), f"not a key of base or the space: {exc}")
+
+
 def _corner_values(dist: Any) -> list[Any]:
     if dist.type == "categorical":
         return list(dist.choices)
@@ -187,10 +215,12 @@ def sample_experiment(base: dict[str, Any], values: dict[str, Any], reg: Registr
     return normalised
 
 
-def load_search_file(path: str | Path, registry: Registry | None = None) -> tuple[SearchFile, dict[str, Any]]:
+def load_search_file(path: str | Path, registry: Registry | None = None,
+                     overrides: list[str] | tuple[str, ...] = ()) -> tuple[SearchFile, dict[str, Any]]:
+    """Parse, apply `--set key.path=value` overrides, validate. Raises one InputError with every problem."""
     from fluxtune.registry import registry as default_registry
 
-    return validate_search(load_yaml(path), registry or default_registry())
+    return validate_search(apply_overrides(load_yaml(path), overrides), registry or default_registry())
 
 
 def load_search_text(text: str, registry: Registry | None = None, path: str = "<string>"):

@@ -40,9 +40,12 @@ def set_path(tree: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     node: Any = out
     for part in parents:
         node = _step(node, part, path)
+    current = _step(node, last, path)  # existence check with a helpful message
     if isinstance(node, list):
-        raise PathError(f"{path}: cannot replace a whole stage")
-    _step(node, last, path)  # existence check with a helpful message
+        if isinstance(current, dict):
+            raise PathError(f"{path}: cannot replace a whole stage")
+        node[int(last)] = value  # a list of values, e.g. per-cycle steps of a schedule
+        return out
     node[last] = value
     return out
 

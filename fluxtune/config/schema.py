@@ -39,6 +39,8 @@ class DataSpec(Closed):
     val_fraction: float = Field(0.125, ge=0.0, lt=1.0)
     val_jsonl: str | None = None
     sample_size: int = Field(64, ge=4, description="rows of the generated dataset when jsonl is 'sample'")
+    on_bad_rows: Literal["fail", "skip"] = Field("fail", description="skip: drop bad rows, count logged to MLflow")
+    mask_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="mask grey level at or above which to inpaint")
 
     @field_validator("resolution")
     @classmethod
@@ -60,6 +62,19 @@ class StageSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class Schedule(Closed):
+    """Which stages run in which cycle, and for how many steps (the shape of the cycle schedule).
+
+    `first` runs in cycle 0, `each` in every later cycle (both default to every stage in order), so
+    `{first: [full, lora], each: [lora]}` is "full fine-tune once, then LoRA × N". `steps` gives a stage a
+    per-cycle step count (`{lora: [80, 40]}`: 80 in cycle 0, 40 after; the last value repeats).
+    """
+
+    first: list[str] | None = Field(None, min_length=1)
+    each: list[str] | None = Field(None, min_length=1)
+    steps: dict[str, list[Annotated[int, Field(ge=1)]]] = Field(default_factory=dict)
+
+
 class Experiment(Closed):
     """One complete training run: `fluxtune run` accepts it alone, a search samples variations of it."""
 
@@ -72,6 +87,9 @@ class Experiment(Closed):
     cycles: int = Field(1, ge=1)
     eval_every: int = Field(20, ge=1)
     stages: list[StageSpec] = Field(min_length=1)
+    schedule: str | Schedule | None = Field(
+        None, description="the cycle schedule: inline, or the name of one of `schedules` (searchable)")
+    schedules: dict[str, Schedule] = Field(default_factory=dict, description="named schedule shapes")
     loss: LossSpec = LossSpec(type="flow_matching")
     timesteps: TimestepSamplerSpec = TimestepSamplerSpec(type="logit_normal")
     callbacks: list[CallbackSpec] = Field(default_factory=list, description="runtime callbacks, in order")
@@ -86,43 +104,98 @@ class Experiment(Closed):
             seen.add(s.name)
         return stages
 
-    def total_steps(self) -> int:
-        return self.cycles * sum(s.steps for s in self.stages)
 
 
-class FloatDist(Closed):
+class Condition(Closed):
+    """A test on one config value; every given operator must hold."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    eq: Any = None
+    ne: Any = None
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    in_: list[Any] | None = Field(None, alias="in")
+
+    @model_validator(mode="after")
+    def _some_operator(self) -> "Condition":
+        if not self.model_fields_set:
+            raise ValueError("give at least one of eq, ne, gt, ge, lt, le, in")
+        return self
+
+    def holds(self, value: Any) -> bool:
+        given = self.model_fields_set
+        checks = {
+            "eq": lambda: value == self.eq, "ne": lambda: value != self.ne,
+            "gt": lambda: value is not None and value > self.gt, "ge": lambda: value is not None and value >= self.ge,
+            "lt": lambda: value is not None and value < self.lt, "le": lambda: value is not None and value <= self.le,
+            "in_": lambda: value in (self.in_ or []),
+        }
+        return all(checks[name]() for name in given)
+
+
+class _Dist(Closed):
+    # Define-by-run condition: sample this key only when these keys (searched earlier, or base values) pass.
+    when: dict[str, Condition] = Field(default_factory=dict)
+
+
+class FloatDist(_Dist):
     type: Literal["float"]
     low: float
     high: float
     log: bool = False
-    step: float | None = None
+    step: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "FloatDist":
+        _check_range(self.low, self.high, self.log, self.step)
+        return self
 
 
-class IntDist(Closed):
+class IntDist(_Dist):
     type: Literal["int"]
     low: int
     high: int
     log: bool = False
-    step: int = 1
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> "IntDist":
+        _check_range(self.low, self.high, self.log, self.step if self.step != 1 else None)
+        return self
 
 
-class CategoricalDist(Closed):
+class CategoricalDist(_Dist):
     type: Literal["categorical"]
-    choices: list[Any] = Field(min_length=1)
+    choices: list[bool | int | float | str | None] = Field(min_length=1)
+
+
+def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
+    if low > high:
+        raise ValueError(f"low ({low}) must not exceed high ({high})")
+    if log and low <= 0:
+        raise ValueError("a log distribution needs low > 0")
+    if log and step is not None:
+        raise ValueError("Optuna cannot combine log and step: give one")
 
 
 Distribution = Annotated[Union[FloatDist, IntDist, CategoricalDist], Field(discriminator="type")]
 
 
 class SamplerSpec(Closed):
-    type: Literal["tpe", "random"] = "tpe"
+    type: Literal["tpe", "random", "cmaes", "grid"] = "tpe"
     seed: int | None = 0
+    startup_trials: int | None = Field(None, ge=1, description="TPE/CMA-ES: random trials before modelling")
 
 
 class SchedulerSpec(Closed):
-    type: Literal["asha", "fifo"] = "asha"
+    """When to stop a trial early, judged on `metric` at eval points (`time` is the global step)."""
+
+    type: Literal["asha", "median", "fifo"] = "asha"
     grace_period: int = Field(20, ge=1, description="steps before a trial can be stopped")
-    reduction_factor: float = Field(3.0, gt=1)
+    reduction_factor: float = Field(3.0, gt=1, description="asha: keep 1/reduction_factor at each rung")
+    min_samples: int = Field(3, ge=1, description="median: trials needed at a step before comparing")
 
 
 class SearchSpec(Closed):
@@ -133,6 +206,7 @@ class SearchSpec(Closed):
     sampler: SamplerSpec = SamplerSpec()
     scheduler: SchedulerSpec = SchedulerSpec()
     space: dict[str, Distribution] = Field(default_factory=dict)
+    reuse_stages: bool = Field(False, description="run an identical stage prefix once and share its checkpoint")
     include: list[str] = Field(default_factory=list, description="registered search-space fragments to merge")
 
 

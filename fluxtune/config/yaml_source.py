@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,14 @@ class YamlSource:
     path: str
     text: str
     tree: Any  # ruamel round-trip nodes (CommentedMap/Seq) carrying .lc positions
+    overrides: dict[tuple[Any, ...], str] = field(default_factory=dict)  # location → "--set a.b=1"
+
+    def override_for(self, loc: tuple[Any, ...]) -> str | None:
+        """The `--set` that wrote the value at `loc` (or above it), if any."""
+        for where, text in self.overrides.items():
+            if loc[:len(where)] == where:
+                return text
+        return None
 
     def data(self) -> Any:
         """The document as plain dicts/lists/scalars."""

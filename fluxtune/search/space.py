@@ -1,47 +1,123 @@
-"""The YAML search space → Optuna define-by-run function (the only place optuna is imported)."""
+"""The YAML search space → Optuna define-by-run function and sampler (the only place optuna is imported)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
-from fluxtune.config.schema import SearchSpec
+from fluxtune.config.errors import InputError, Problem
+from fluxtune.config.paths import get_path
+from fluxtune.config.schedule import planned_steps
+from fluxtune.config.schema import Condition, SearchSpec
 
 
 class DefineByRun:
-    """Optuna define-by-run function over dotted config paths (a class: Tune pickles its searcher's state)."""
+    """Optuna define-by-run function over dotted config paths (a class: Tune pickles its searcher's state).
 
-    def __init__(self, space: dict[str, Any]):
-        self.space = {path: dist.model_dump() for path, dist in space.items()}
+    Keys are sampled in file order; a key with `when` is sampled only if its conditions hold for the values
+    sampled so far (or the base value of an unsearched key), so e.g. merge settings exist only when cycles > 1.
+    """
+
+    def __init__(self, space: dict[str, Any], base: dict[str, Any]):
+        self.space = {path: dist.model_dump(exclude={"when"}) for path, dist in space.items()}
+        self.when = {path: {k: c.model_dump(by_alias=True, exclude_unset=True) for k, c in dist.when.items()}
+                     for path, dist in space.items()}
+        self.base = base
+
+    def active(self, path: str, sampled: dict[str, Any]) -> bool:
+        for key, condition in self.when[path].items():
+            value = sampled[key] if key in sampled else get_path(self.base, key)
+            if not Condition.model_validate(condition).holds(value):
+                return False
+        return True
 
     def __call__(self, trial: Any) -> None:
+        sampled: dict[str, Any] = {}
         for path, d in self.space.items():
+            if not self.active(path, sampled):
+                continue
             if d["type"] == "float":
-                trial.suggest_float(path, d["low"], d["high"], log=d["log"], step=d["step"])
+                sampled[path] = trial.suggest_float(path, d["low"], d["high"], log=d["log"], step=d["step"])
             elif d["type"] == "int":
-                trial.suggest_int(path, d["low"], d["high"], log=d["log"], step=d["step"])
+                sampled[path] = trial.suggest_int(path, d["low"], d["high"], log=d["log"], step=d["step"])
             else:
-                trial.suggest_categorical(path, d["choices"])
+                sampled[path] = trial.suggest_categorical(path, d["choices"])
+
+
+def grid_values(spec: SearchSpec) -> dict[str, list[Any]]:
+    """Every value of every key, for the grid sampler: categoricals, ints, and floats with a step."""
+    grid: dict[str, list[Any]] = {}
+    problems = []
+    for path, dist in spec.space.items():
+        if dist.type == "categorical":
+            grid[path] = list(dist.choices)
+        elif dist.type == "int" and not dist.log:
+            grid[path] = list(range(dist.low, dist.high + 1, dist.step))
+        elif dist.type == "float" and dist.step:
+            count = int(round((dist.high - dist.low) / dist.step)) + 1
+            grid[path] = [round(dist.low + i * dist.step, 12) for i in range(count)]
+        else:
+            problems.append(Problem("", "the grid sampler needs categorical choices, a linear int range or a "
+                                    "float step", key=f"search.space.{path}"))
+    if problems:
+        raise InputError(problems)
+    return grid
+
+
+def grid_size(spec: SearchSpec) -> int:
+    size = 1
+    for values in grid_values(spec).values():
+        size *= len(values)
+    return size
 
 
 def optuna_sampler(spec: SearchSpec):
     import optuna
 
-    seed = spec.sampler.seed
-    if spec.sampler.type == "random":
+    seed, kind = spec.sampler.seed, spec.sampler.type
+    startup = spec.sampler.startup_trials or min(10, max(1, spec.num_samples // 2))
+    if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(1, spec.num_samples // 2)))
+    if kind == "grid":
+        return optuna.samplers.GridSampler(grid_values(spec), seed=seed)
+    if kind == "cmaes":
+        # CMA-ES models floats and ints; categoricals and conditional keys fall back to random sampling.
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+
+
+def sample_configs(spec: SearchSpec, base: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """`n` configurations the sampler would propose first (a throw-away in-memory study; nothing trains)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna_sampler(spec), direction="minimize" if spec.mode == "min" else "maximize")
+    space = DefineByRun(spec.space, base)
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        space(trial)
+        out.append(dict(trial.params))
+    return out
 
 
 def max_total_steps(base: dict[str, Any], space: dict[str, Any]) -> int:
-    """An upper bound on a trial's steps over the space (ASHA's max_t)."""
-    def highest(path: str, current: int) -> int:
-        dist = space.get(path)
-        if dist is None:
-            return current
+    """An upper bound on a trial's steps over the space (ASHA's max_t): every corner of the numeric keys."""
+    def corners(dist: Any) -> list[Any]:
         if dist.type == "categorical":
-            numbers = [c for c in dist.choices if isinstance(c, (int, float))]
-            return int(max(numbers, default=current))
-        return int(dist.high)
+            return list(dist.choices)
+        return [dist.low, dist.high]
 
-    cycles = highest("cycles", base["cycles"])
-    return cycles * sum(highest(f"stages.{s['name']}.steps", s["steps"]) for s in base["stages"])
+    from fluxtune.config.paths import set_path
+
+    keys = [k for k in space if k == "cycles" or k == "schedule" or k.endswith(".steps") or ".steps." in k]
+    best = planned_steps(base)
+    for combo in itertools.product(*(corners(space[k]) for k in keys)):
+        tree = base
+        for key, value in zip(keys, combo):
+            tree = set_path(tree, key, value)
+        try:
+            best = max(best, planned_steps(tree))
+        except (KeyError, TypeError, IndexError):
+            continue
+    return best

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -12,6 +14,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from fluxtune.config.load import sample_experiment
+from fluxtune.config.stage_keys import data_identity, stage_keys
 from fluxtune.plugins import plugin_set, use_plugin_set
 from fluxtune.registry import registry
 from fluxtune.train.datasets import build_datasets
@@ -28,16 +31,58 @@ class TrialSettings:
     storage_path: str
     plugins: dict[str, str]
     max_failures: int = 0
+    reuse_stages: bool = False
+
+    @property
+    def stage_cache(self) -> Path:
+        """Stage reuse: `<key>.json` points at a finished stage checkpoint; `used/<trial>.json` records reuse."""
+        return Path(self.storage_path) / "stage_cache"
+
+    def keys_of(self, experiment: dict[str, Any]) -> list[dict[str, Any]]:
+        return stage_keys(experiment, data_identity(self.jsonl), self.plugins)
 
 
-def trainer_for(experiment: dict[str, Any], settings: TrialSettings, run_name: str) -> TorchTrainer:
+def cached_prefix(experiment: dict[str, Any], settings: TrialSettings) -> dict[str, Any] | None:
+    """The latest stage of this experiment whose identical twin already ran: its cache record, or None."""
+    found = None
+    for entry in settings.keys_of(experiment):
+        record_path = settings.stage_cache / f"{entry['key']}.json"
+        if not record_path.exists():
+            break  # a prefix: the first missing stage ends it
+        record = json.loads(record_path.read_text())
+        if not (Path(record["checkpoint"]) / "progress.json").exists():
+            break
+        found = {**record, **entry}
+    return found
+
+
+def record_stage(settings: TrialSettings, experiment: dict[str, Any], cycle: int, stage: str, checkpoint: str,
+                 trial_id: str, global_step: int) -> None:
+    """Offer a finished stage checkpoint for reuse (first writer wins; written atomically)."""
+    for entry in settings.keys_of(experiment):
+        if (entry["cycle"], entry["stage"]) != (cycle, stage):
+            continue
+        path = settings.stage_cache / f"{entry['key']}.json"
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"checkpoint": checkpoint, "trial": trial_id, "global_step": global_step}))
+        tmp.replace(path)
+        return
+
+
+def trainer_for(experiment: dict[str, Any], settings: TrialSettings, run_name: str,
+                initial_checkpoint: str | None = None) -> TorchTrainer:
     use_gpu = experiment["gpus_per_worker"] > 0
     resources = {"CPU": experiment["cpus_per_worker"]}
     if use_gpu:
         resources["GPU"] = experiment["gpus_per_worker"]
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": experiment, "plugins": settings.plugins},
+        # initial_checkpoint: a reused stage prefix; the worker prefers this run's own checkpoint (a restart).
+        train_loop_config={"experiment": experiment, "plugins": settings.plugins,
+                           "initial_checkpoint": initial_checkpoint},
         scaling_config=ScalingConfig(num_workers=experiment["workers"], use_gpu=use_gpu,
                                      resources_per_worker=resources),
         datasets=build_datasets(settings.jsonl, experiment["data"], experiment["seed"]),
@@ -62,11 +107,17 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     use_plugin_set(settings.plugins)
     experiment = sample_experiment(settings.base, config, registry())
     trial_id = tune.get_context().get_trial_id()
-    trainer_for(experiment, settings, f"{settings.sweep_id}-{trial_id}").fit()
+    reused = cached_prefix(experiment, settings) if settings.reuse_stages else None
+    if reused is not None:
+        used = settings.stage_cache / "used" / f"{trial_id}.json"
+        used.parent.mkdir(parents=True, exist_ok=True)
+        used.write_text(json.dumps(reused))
+    trainer_for(experiment, settings, f"{settings.sweep_id}-{trial_id}",
+                reused["checkpoint"] if reused else None).fit()
 
 
 def trainable(settings: TrialSettings):
     return tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": 0.01})
 
 
-__all__ = ["TrialSettings", "plugin_set", "run_trial", "trainable", "trainer_for"]
+__all__ = ["TrialSettings", "cached_prefix", "plugin_set", "record_stage", "run_trial", "trainable", "trainer_for"]

@@ -9,18 +9,20 @@ import ray.train
 import ray.train.torch
 import torch
 
-from fluxtune.assemble import build_shared, encode_arrays, load_bundle
+from fluxtune.assemble import build_shared, cached_encoded_set, encode_arrays, load_bundle, load_transformer
 from fluxtune.checkpoints import Progress, read_progress
 from fluxtune.cycle import run_cycle
+from fluxtune.flux.encoded import EncodedSet
 from fluxtune.plugins import use_plugin_set
 from fluxtune.registry import registry
 from fluxtune.train.datasets import collect
 from fluxtune.train.reporter import RayReporter
 
 
-def _resume(transformer: Any) -> tuple[Progress, Any]:
+def _resume(transformer: Any, initial: str | None = None) -> tuple[Progress, Any]:
     """The latest stage checkpoint of this trial's run, if a previous attempt left one."""
-    checkpoint = ray.train.get_checkpoint()
+    # This run's own checkpoint (a restart) first, else a reused identical stage prefix (stage reuse).
+    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(initial) if initial else None)
     if checkpoint is None:
         return Progress(), transformer
     from diffusers import FluxTransformer2DModel
@@ -33,6 +35,22 @@ def _resume(transformer: Any) -> tuple[Progress, Any]:
     return progress, resumed.to(transformer.device).train()
 
 
+def _load_model_and_data(experiment: dict[str, Any], rank: int) -> tuple[Any, EncodedSet, EncodedSet]:
+    """The transformer and this worker's encoded shard: read from the latent cache when the trial has one
+    (no VAE, no text encoders loaded), else decoded images encoded here."""
+    train_arrays = collect(ray.train.get_dataset_shard("train"))
+    val_arrays = collect(ray.train.get_dataset_shard("val"))
+    if not train_arrays or not val_arrays:
+        raise RuntimeError(f"worker {rank} got no {'training' if not train_arrays else 'validation'} examples")
+    if "x0" in train_arrays:
+        prompts = collect(ray.train.get_dataset_shard("prompts"))
+        resolution = experiment["data"]["resolution"]
+        return (load_transformer(experiment["model"]), cached_encoded_set(train_arrays, prompts, resolution),
+                cached_encoded_set(val_arrays, prompts, resolution))
+    bundle = load_bundle(experiment["model"])
+    return bundle.transformer, encode_arrays(bundle, train_arrays), encode_arrays(bundle, val_arrays)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_plugin_set(config["plugins"])  # exactly the driver's plugins, whatever this node's environment says
     experiment = config["experiment"]
@@ -41,13 +59,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(experiment["seed"])
 
-    bundle = load_bundle(experiment["model"])
-    train_arrays = collect(ray.train.get_dataset_shard("train"))
-    val_arrays = collect(ray.train.get_dataset_shard("val"))
-    if not train_arrays or not val_arrays:
-        raise RuntimeError(f"worker {rank} got no {'training' if not train_arrays else 'validation'} examples")
-    train, val = encode_arrays(bundle, train_arrays), encode_arrays(bundle, val_arrays)
+    transformer, train, val = _load_model_and_data(experiment, rank)
     reporter = RayReporter(rank)
     shared = build_shared(experiment, train, val, reporter, registry(), device, rank, world_size)
-    progress, transformer = _resume(bundle.transformer.to(device))
+    progress, transformer = _resume(transformer.to(device), config.get("initial_checkpoint"))
     run_cycle(experiment, transformer, shared, progress)
