@@ -39,6 +39,7 @@ class Shared:
     world_size: int = 1
     eval_every: int = 20
     seed: int = 0
+    samples: Any = None  # rank 0: renders a sample-image grid at each evaluation (fluxtune.tracking.samples)
 
 
 @dataclass
@@ -110,15 +111,17 @@ class RunContext:
         self.shared.reporter.log(step, {**metrics, **prefixed})
         self.callbacks.step_end(self, step - self.first_global_step, metrics)
 
-    def maybe_evaluate(self, step: int) -> dict[str, float] | None:
+    def maybe_evaluate(self, step: int, model: Any = None) -> dict[str, float] | None:
+        """At eval points, score `model` (default the live transformer; a stage whose weights live in an engine
+        passes a view of them) and report it."""
         if step == self.steps or (self.first_global_step + step) % self.shared.eval_every:
             return None  # the stage end is evaluated by the cycle
-        metrics = self.evaluate()
+        metrics = self.evaluate(model)
         self.shared.reporter.evaluation(self.first_global_step + step, metrics)
         return metrics
 
-    def evaluate(self) -> dict[str, float]:
-        return evaluate(self.transformer, self.shared)
+    def evaluate(self, model: Any = None) -> dict[str, float]:
+        return evaluate(self.transformer if model is None else model, self.shared)
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -142,4 +145,6 @@ def evaluate(transformer: Any, shared: Shared) -> dict[str, float]:
         total += float(loss) * len(index)
         count += len(index)
     transformer.train(was_training)
+    if shared.samples is not None:
+        shared.samples.render(transformer)  # rides to MLflow with the next report
     return {"val_loss": total / max(count, 1)}

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 import fluxtune
 from fluxtune.api import AdapterSpec
 from fluxtune.default_plugins.optim import TrainingParams, train_steps
+from fluxtune.strategies.deepspeed import DeepSpeedParams
 
 
 class FullParams(TrainingParams):
-    pass
+    strategy: Literal["auto", "deepspeed", "ddp"] = Field(
+        "auto", description="auto: DeepSpeed ZeRO on GPUs, DDP on CPU (DeepSpeed start-up dominates tiny CPU runs)")
+    deepspeed: DeepSpeedParams = DeepSpeedParams()
+
+    def strategy_for(self, device_type: str) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        return "deepspeed" if device_type == "cuda" else "ddp"
 
 
 class LoraParams(TrainingParams):
@@ -27,6 +35,11 @@ class FullStage:
         self.params = params
 
     def run(self, ctx: Any) -> dict[str, float]:
+        if self.params.strategy_for(ctx.device.type) == "deepspeed":
+            from fluxtune.strategies.deepspeed import train_with_deepspeed
+
+            metrics, ctx.transformer = train_with_deepspeed(ctx, self.params)
+            return metrics
         model = ctx.transformer
         model.requires_grad_(True)
         model.train()
