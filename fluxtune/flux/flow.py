@@ -40,4 +40,5 @@ def flow_matching_loss(transformer, batch: dict[str, torch.Tensor], noise: torch
                        guidance: float, loss_fn) -> torch.Tensor:
     x0 = batch["x0"]
     pred = predict_velocity(transformer, noisy_latents(x0, noise, t), batch, t, guidance)
-    return loss_fn(pred, velocity_target(x0, noise), batch)
+    # The loss sees t too, for time-dependent weighting schemes.
+    return loss_fn(pred, velocity_target(x0, noise), {**batch, "t": t})
