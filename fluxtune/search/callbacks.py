@@ -9,6 +9,7 @@ from ray.tune import Callback
 from rich.console import Console
 
 from fluxtune.tracking.runs import SweepTracker
+from fluxtune.tracking.samples import SAMPLES_KEY
 from fluxtune.train.reporter import STEP_METRICS_KEY
 
 CHECKPOINT_KEY = "checkpoint_path"  # set by ray's TuneReportCallback
@@ -30,7 +31,11 @@ class TrialLog:
 
 
 class MlflowSweepCallback(Callback):
-    """Child run per trial: params once, per-step metrics, stage artifacts, final status."""
+    """Child run per trial: params once, per-step metrics, sample grids, stage artifacts, loss curves, status.
+
+    A restored sweep gets a fresh callback: trials it has not seen start are looked up (by trial id) on the
+    first result, so a resumed trial keeps its run.
+    """
 
     def __init__(self, tracker: SweepTracker, plugins: dict[str, str], trial_params):
         self.tracker = tracker
@@ -38,32 +43,41 @@ class MlflowSweepCallback(Callback):
         self.trial_params = trial_params  # config → the full experiment dict of that trial
         self.trials: dict[str, TrialLog] = {}
 
+    def _ensure(self, trial: Any) -> TrialLog:
+        if trial.trial_id not in self.trials:
+            params = self.trial_params(trial.config)
+            tags = {f"fluxtune.plugin.{k}": v for k, v in self.plugins.items()}
+            tags.update({f"fluxtune.sampled.{k}": str(v) for k, v in trial.config.items()})
+            self.tracker.start_trial(trial.trial_id, params, tags)
+            self.trials[trial.trial_id] = TrialLog(params=params)
+        return self.trials[trial.trial_id]
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id in self.tracker.trial_runs:
-            return
-        params = self.trial_params(trial.config)
-        tags = {f"fluxtune.plugin.{k}": v for k, v in self.plugins.items()}
-        tags.update({f"fluxtune.sampled.{k}": str(v) for k, v in trial.config.items()})
-        self.tracker.start_trial(trial.trial_id, params, tags)
-        self.trials[trial.trial_id] = TrialLog(params=params)
+        self._ensure(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        log = self.trials[trial.trial_id]
+        log = self._ensure(trial)
         self.tracker.log_result(trial.trial_id, result, "global_step", STEP_METRICS_KEY)
-        log.last = {k: v for k, v in result.items() if k != STEP_METRICS_KEY}
+        if result.get(SAMPLES_KEY):
+            self.tracker.log_samples(trial.trial_id, result[SAMPLES_KEY], int(result.get("global_step", 0)))
+        log.last = {k: v for k, v in result.items() if k not in (STEP_METRICS_KEY, SAMPLES_KEY)}
         if result.get("stage_end") and result.get(CHECKPOINT_KEY):
             record = StageRecord(result["stage"], int(result["cycle"]), result[CHECKPOINT_KEY])
             log.stages.append(record)
-            self.tracker.log_stage_artifacts(trial.trial_id, record.checkpoint,
-                                             f"stages/cycle{record.cycle}-{record.stage}")
+            self.tracker.log_stage(trial.trial_id, record.checkpoint, record.cycle, record.stage)
+
+    def _end(self, trial: Any, status: str) -> None:
+        if trial.trial_id not in self.tracker.trial_runs:
+            return
+        self._ensure(trial).status = status
+        self.tracker.log_loss_curves(trial.trial_id)
+        self.tracker.end_trial(trial.trial_id, status)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.trials[trial.trial_id].status = "FINISHED"
-        self.tracker.end_trial(trial.trial_id, "FINISHED")
+        self._end(trial, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.trials[trial.trial_id].status = "FAILED"
-        self.tracker.end_trial(trial.trial_id, "FAILED")
+        self._end(trial, "FAILED")
 
 
 class ConsoleProgress(Callback):

@@ -1,6 +1,9 @@
 """The run tree of a sweep: one parent run, one child run per trial, metrics with steps, stage artifacts.
 
 Only the driver writes (Tune callbacks call in here), so a sqlite store never sees concurrent writers.
+A resumed sweep finds its runs again by tag (`fluxtune.sweep_id` on the parent, `fluxtune.trial_id` on each
+child) and keeps writing to them: params are logged once, and metric points at steps already recorded are
+skipped, so replayed steps after a restart never show up twice.
 """
 
 from __future__ import annotations
@@ -10,9 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fluxtune.tracking.samples import decode_samples
 from fluxtune.tracking.store import client, ensure_experiment
 
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
+SWEEP_TAG = "fluxtune.sweep_id"
+TRIAL_TAG = "fluxtune.trial_id"
+CHECKPOINT_TAG = "fluxtune.checkpoint."  # + "cycle0-full": where Ray keeps that stage's transformer
+CURVES = ("loss", "val_loss")  # drawn into loss_curves.png at the end of a trial
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -29,14 +37,21 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def stage_label(cycle: int, stage: str) -> str:
+    return f"cycle{cycle}-{stage}"
+
+
 class SweepTracker:
-    def __init__(self, uri: str, experiment: str, sweep_name: str):
+    def __init__(self, uri: str, experiment: str, sweep_name: str, upload_checkpoints: bool = False):
         self.uri = uri
         self._client = None
         self.experiment_id = ensure_experiment(uri, experiment)
         self.sweep_name = sweep_name
+        self.upload_checkpoints = upload_checkpoints  # full transformers are GBs: referenced by URI unless asked
         self.parent_run_id: str | None = None
         self.trial_runs: dict[str, str] = {}
+        self._logged_upto: dict[str, dict[str, int]] = {}  # run → metric → last step already in MLflow
+        self._system = None
 
     @property
     def client(self):
@@ -46,11 +61,40 @@ class SweepTracker:
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment state; the client (locks, sessions) is rebuilt lazily.
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_system": None}
 
+    # -- finding runs again
+    def find_sweep_run(self) -> str | None:
+        return self._find(f"tags.`{SWEEP_TAG}` = '{self.sweep_name}'")
+
+    def find_trial_run(self, trial_id: str) -> str | None:
+        """The child run of `trial_id` in this sweep, if an earlier (interrupted) attempt created it."""
+        if self.parent_run_id is None:
+            return None
+        return self._find(f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'")
+
+    def _find(self, filter_string: str) -> str | None:
+        runs = self.client.search_runs([self.experiment_id], filter_string, max_results=1,
+                                       order_by=["attributes.start_time ASC"])
+        return runs[0].info.run_id if runs else None
+
+    def _reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+        run = self.client.get_run(run_id)
+        self._logged_upto[run_id] = {m.key: m.step for m in run.data._metric_objs}
+
+    # -- the tree
     def start(self, spec_path: str | None, tags: dict[str, str], params: dict[str, Any]) -> str:
+        """The sweep's parent run: created once, found again (same sweep name) when the sweep resumes."""
+        existing = self.find_sweep_run()
+        if existing is not None:
+            self.parent_run_id = existing
+            self._reopen(existing)
+            for key, value in tags.items():  # e.g. the git revision the resumed part ran with
+                self.client.set_tag(existing, key, value)
+            return existing
         run = self.client.create_run(self.experiment_id, run_name=self.sweep_name,
-                                     tags={**tags, "fluxtune.kind": "sweep"})
+                                     tags={**tags, "fluxtune.kind": "sweep", SWEEP_TAG: self.sweep_name})
         self.parent_run_id = run.info.run_id
         self._log_params(self.parent_run_id, params)
         if spec_path:
@@ -58,12 +102,17 @@ class SweepTracker:
         return self.parent_run_id
 
     def start_trial(self, trial_id: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        existing = self.trial_runs.get(trial_id) or self.find_trial_run(trial_id)
+        if existing is not None:
+            self.trial_runs[trial_id] = existing
+            self._reopen(existing)
+            return existing
         run = self.client.create_run(
             self.experiment_id, run_name=f"trial-{trial_id}",
-            tags={**tags, "mlflow.parentRunId": self.parent_run_id, "fluxtune.kind": "trial",
-                  "fluxtune.trial_id": trial_id},
+            tags={**tags, "mlflow.parentRunId": self.parent_run_id, "fluxtune.kind": "trial", TRIAL_TAG: trial_id},
         )
         self.trial_runs[trial_id] = run.info.run_id
+        self._logged_upto[run.info.run_id] = {}
         self._log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -74,12 +123,19 @@ class SweepTracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
 
+    # -- metrics
     def log_metrics(self, run_id: str, series: dict[str, list[tuple[int, float]]]) -> None:
+        """Points at steps above what the run already holds (a resumed trial replays a few steps)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, int(step)) for key, points in series.items()
-                   for step, value in points]
+        upto = self._logged_upto.setdefault(run_id, {})
+        metrics = []
+        for key, points in series.items():
+            for step, value in sorted(points, key=lambda p: p[0]):
+                if int(step) > upto.get(key, -1):
+                    metrics.append(Metric(key, float(value), now, int(step)))
+                    upto[key] = int(step)
         for i in range(0, len(metrics), BATCH):
             self.client.log_batch(run_id, metrics=metrics[i:i + BATCH])
 
@@ -88,16 +144,90 @@ class SweepTracker:
         run_id = self.trial_runs[trial_id]
         series = {k: [tuple(p) for p in v] for k, v in json.loads(result.get(steps_json_key) or "{}").items()}
         step = int(result.get(step_key, 0))
+        scalars = {}
         for key, value in result.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_training_metric(key):
-                series.setdefault(key, []).append((step, value))
+                scalars[key] = [(step, value)]
+        scalars.update({k: [(step, v)] for k, v in self._system_sample().items()})
+        for key, points in scalars.items():
+            series.setdefault(key, []).extend(points)
         self.log_metrics(run_id, series)
 
-    def log_stage_artifacts(self, trial_id: str, checkpoint_dir: str, artifact_path: str) -> None:
-        exports = Path(checkpoint_dir) / "exports"
-        if exports.is_dir():
-            self.client.log_artifacts(self.trial_runs[trial_id], str(exports), artifact_path=artifact_path)
+    def _system_sample(self) -> dict[str, float]:
+        """CPU/memory (and GPU where a monitor loads) of the driver's node, sampled at each report."""
+        if self._system is None:
+            from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
 
+            self._system = [CPUMonitor()]
+            try:
+                from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+                self._system.append(GPUMonitor())
+            except Exception:  # no NVIDIA driver here: GPU metrics are simply not available
+                pass
+        out: dict[str, float] = {}
+        for monitor in self._system:
+            try:
+                monitor.collect_metrics()
+                out.update({f"system/{k}": float(v) for k, v in monitor.aggregate_metrics().items()})
+            finally:
+                monitor.clear_metrics()
+        return out
+
+    # -- artifacts
+    def log_samples(self, trial_id: str, encoded: str | None, step: int) -> list[str]:
+        """Sample-image grids from the worker → `samples/step-000040.png` (and the UI's image slider)."""
+        from PIL import Image
+        import io
+
+        run_id = self.trial_runs[trial_id]
+        paths = []
+        for i, png in enumerate(decode_samples(encoded)):
+            image = Image.open(io.BytesIO(png))
+            name = f"samples/step-{step:06d}{'' if i == 0 else f'-{i}'}.png"
+            self.client.log_image(run_id, image, artifact_file=name)
+            self.client.log_image(run_id, image, key="samples", step=step)
+            paths.append(name)
+        return paths
+
+    def log_stage(self, trial_id: str, checkpoint_dir: str, cycle: int, stage: str) -> None:
+        """A stage checkpoint: its exports (adapters) as artifacts; the transformer by URI unless uploads are on."""
+        run_id = self.trial_runs[trial_id]
+        label = stage_label(cycle, stage)
+        folder = Path(checkpoint_dir)
+        self.client.set_tag(run_id, CHECKPOINT_TAG + label, _as_uri(checkpoint_dir))
+        exports = folder / "exports"
+        if exports.is_dir():
+            self.client.log_artifacts(run_id, str(exports), artifact_path=f"stages/{label}")
+        if self.upload_checkpoints and (folder / "transformer").is_dir():
+            self.client.log_artifacts(run_id, str(folder / "transformer"), artifact_path=f"stages/{label}/transformer")
+
+    def log_loss_curves(self, trial_id: str) -> None:
+        """loss_curves.png: training loss and validation loss over global steps."""
+        import matplotlib
+
+        matplotlib.use("Agg")  # the driver has no display
+        from matplotlib.figure import Figure
+
+        run_id = self.trial_runs[trial_id]
+        figure = Figure(figsize=(7, 4))
+        axes = figure.subplots()
+        drawn = 0
+        for key in CURVES:
+            history = sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.step)
+            if history:
+                axes.plot([m.step for m in history], [m.value for m in history], label=key,
+                          marker="o" if key.startswith("val") else None)
+                drawn += 1
+        if not drawn:
+            return
+        axes.set_xlabel("global step")
+        axes.set_yscale("log")
+        axes.legend()
+        axes.set_title(f"trial {trial_id}")
+        self.client.log_figure(run_id, figure, "loss_curves.png")
+
+    # -- endings
     def end_trial(self, trial_id: str, status: str) -> None:
         if trial_id in self.trial_runs:
             self.client.set_terminated(self.trial_runs[trial_id], status=status)
@@ -108,6 +238,10 @@ class SweepTracker:
         if metrics:
             self.log_metrics(self.parent_run_id, {k: [(0, v)] for k, v in metrics.items()})
         self.client.set_terminated(self.parent_run_id, status=status)
+
+
+def _as_uri(path: str) -> str:
+    return path if "://" in path else Path(path).resolve().as_uri()
 
 
 _TUNE_BOOKKEEPING = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid",

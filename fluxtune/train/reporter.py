@@ -12,6 +12,8 @@ from typing import Any
 
 import ray.train
 
+from fluxtune.tracking.samples import SAMPLES_KEY, encode_samples
+
 STEP_METRICS_KEY = "fluxtune_steps"  # JSON: {metric: [[step, value], ...]}, unpacked by the tracking callback
 
 
@@ -19,6 +21,11 @@ class RayReporter:
     def __init__(self, rank: int):
         self.rank = rank
         self._steps: dict[str, list[tuple[int, Any]]] = {}
+        self._samples: list[bytes] = []
+
+    def attach_sample(self, png: bytes) -> None:
+        """A sample-image grid (fluxtune.tracking.samples): sent with the next report."""
+        self._samples.append(png)
 
     def log(self, global_step: int, metrics: dict[str, Any]) -> None:
         if self.rank != 0:
@@ -31,10 +38,16 @@ class RayReporter:
         self._steps.clear()
         return json.dumps(out)
 
+    def _extras(self) -> dict[str, str]:
+        if not self._samples:
+            return {}
+        samples, self._samples = self._samples, []
+        return {SAMPLES_KEY: encode_samples(samples)}
+
     def evaluation(self, global_step: int, metrics: dict[str, float]) -> None:
-        ray.train.report({**metrics, "global_step": global_step, STEP_METRICS_KEY: self._drain()})
+        ray.train.report({**metrics, "global_step": global_step, STEP_METRICS_KEY: self._drain(), **self._extras()})
 
     def stage_end(self, global_step: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report({**metrics, "global_step": global_step, "stage_end": True, STEP_METRICS_KEY: self._drain()},
-                         checkpoint=checkpoint)
+        ray.train.report({**metrics, "global_step": global_step, "stage_end": True, STEP_METRICS_KEY: self._drain(),
+                          **self._extras()}, checkpoint=checkpoint)

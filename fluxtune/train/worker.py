@@ -16,6 +16,7 @@ from fluxtune.flux.encoded import EncodedSet
 from fluxtune.plugins import use_plugin_set
 from fluxtune.registry import registry
 from fluxtune.train.datasets import collect
+from fluxtune.tracking.samples import SampleGrids
 from fluxtune.train.reporter import RayReporter
 
 
@@ -62,5 +63,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     transformer, train, val = _load_model_and_data(experiment, rank)
     reporter = RayReporter(rank)
     shared = build_shared(experiment, train, val, reporter, registry(), device, rank, world_size)
+    if rank == 0:  # sample-image grids for MLflow at each evaluation
+        shared.samples = SampleGrids.for_worker(experiment["model"], shared.val, reporter.attach_sample)
     progress, transformer = _resume(transformer.to(device), config.get("initial_checkpoint"))
     run_cycle(experiment, transformer, shared, progress)
