@@ -20,6 +20,9 @@ DEFAULT_TARGETS = [
 ]
 
 
+KOHYA_FILE = "kohya/lora_comfyui.safetensors"  # relative to the adapter's export folder
+
+
 class LoraParams(Params):
     rank: int = Field(64, ge=1)
     alpha: float = Field(96.0, gt=0)
@@ -72,6 +75,22 @@ class LoraAdapter:
             transformer_lora_adapter_metadata=self.config().to_dict(),
         )
         (out_dir / "fluxtune_adapter.json").write_text(json.dumps({"type": "lora", **self.params.model_dump()}))
+        self.export_kohya(transformer, state, out_dir / KOHYA_FILE)
+
+    def export_kohya(self, transformer: Any, state: dict[str, Any], path: Path) -> None:
+        """The same adapter with kohya/ComfyUI keys (BFL names, fused qkv), in its own folder so that
+        `load_lora_weights(out_dir)` finds only the diffusers file."""
+        from safetensors.torch import save_file
+
+        from fluxtune.flux.kohya import linear_shapes, peft_to_kohya
+
+        weights = peft_to_kohya({k: v.detach().float().cpu() for k, v in state.items()}, self.params.alpha,
+                                linear_shapes(transformer))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(path), metadata={
+            "ss_network_module": "networks.lora_flux", "ss_network_dim": str(self.params.rank),
+            "ss_network_alpha": str(self.params.alpha), "ss_base_model_version": "flux1",
+        })
 
     def merge(self, transformer: Any) -> Any:
         transformer.fuse_lora()
