@@ -64,6 +64,9 @@ def _run(spec_path: str, address: str | None, verbose: bool, single: bool = Fals
         raise typer.Exit(EXIT_FAILED)
 
 
+import fluxtune.cli.plugins  # noqa: E402,F401  (adds `fluxtune plugins` to `app`)
+
+
 def main() -> None:
     from fluxtune.plugins import plugin_manager
 
