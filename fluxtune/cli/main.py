@@ -70,9 +70,12 @@ import fluxtune.cli.plugins  # noqa: E402,F401  (adds `fluxtune plugins` to `app
 def main() -> None:
     from fluxtune.plugins import plugin_manager
 
-    with error_boundary():
-        pm, _ = plugin_manager()
-        pm.hook.register_commands(cli=app)
+    try:  # a broken plugin is reported like bad input (one line, exit 2), before the command line is parsed
+        with error_boundary():
+            pm, _ = plugin_manager()
+            pm.hook.register_commands(cli=app)
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
     app()
 
 
