@@ -10,14 +10,16 @@ import torch
 from fluxtune.context import Reporter, Shared
 from fluxtune.flux.encoded import EncodedSet, ValidationSet, encode_examples
 from fluxtune.flux.model import FluxBundle, build_tiny_fill, load_flux
+from fluxtune.tracking.registered import registered_transformer
 
 VAL_NOISE_SEED_OFFSET = 7_919  # validation noise never shares a stream with training noise
 
 
 def load_bundle(model: dict[str, Any]) -> FluxBundle:
-    if model.get("preset") == "tiny-fill":
-        return build_tiny_fill(seed=model.get("seed", 0))
-    return load_flux(model["path"])
+    bundle = build_tiny_fill(seed=model.get("seed", 0)) if model.get("preset") == "tiny-fill" else load_flux(model["path"])
+    if model.get("adapter"):  # start from a registered version (downloaded by the driver)
+        bundle.transformer = registered_transformer(model["adapter"], bundle.transformer)
+    return bundle
 
 
 def encode_arrays(bundle: FluxBundle, arrays: dict[str, np.ndarray]) -> EncodedSet:

@@ -65,6 +65,10 @@ def _run(spec_path: str, address: str | None, verbose: bool, single: bool = Fals
 
 
 import fluxtune.cli.plugins  # noqa: E402,F401  (adds `fluxtune plugins` to `app`)
+from fluxtune.cli.models import app as models_app  # noqa: E402
+app.add_typer(models_app, name="models")
+from fluxtune.cli.ui import ui  # noqa: E402
+app.command()(ui)
 
 
 def main() -> None:

@@ -24,9 +24,14 @@ class ModelSpec(Closed):
     path: str | None = None
     seed: int = Field(0, description="initialisation seed of a preset")
     guidance: float = Field(30.0, description="guidance embedding value (FluxFillPipeline's default is 30)")
+    adapter: str | None = Field(None, pattern=r"^models:/[^/@]+(@[^/@]+|/[0-9]+)$|^/",
+                                description="start from a registered version: models:/NAME@ALIAS or models:/NAME/N "
+                                            "(its base + adapter merged; preset/path default to its base)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
+        if self.adapter is not None and self.preset is None and self.path is None:
+            return self  # the registered version names its base
         if (self.preset is None) == (self.path is None):
             raise ValueError("give exactly one of 'preset' (tiny-fill) or 'path' (a FLUX.1-Fill-dev folder)")
         return self
@@ -215,6 +220,7 @@ class TrackingSpec(Closed):
     experiment: str | None = Field(None, description="MLflow experiment; default the search name")
     register_as: str | None = Field(None, description="registered model name for the best trial's adapter")
     alias: str = "candidate"
+    upload_checkpoints: bool = Field(False, description="also upload full transformers (GBs) to MLflow; else by URI")
 
 
 class SearchFile(Closed):
