@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from fluxtune.context import Reporter, Shared
-from fluxtune.flux.encoded import EncodedSet, ValidationSet, encode_examples
+from fluxtune.flux.encoded import EncodedSet, ValidationSet, encode_examples, encoded_from_columns
 from fluxtune.flux.model import FluxBundle, build_tiny_fill, load_flux
 from fluxtune.tracking.registered import registered_transformer
 
@@ -20,6 +20,24 @@ def load_bundle(model: dict[str, Any]) -> FluxBundle:
     if model.get("adapter"):  # start from a registered version (downloaded by the driver)
         bundle.transformer = registered_transformer(model["adapter"], bundle.transformer)
     return bundle
+
+
+def load_transformer(model: dict[str, Any]) -> Any:
+    """Only the transformer: with a latent cache a worker needs neither the VAE nor the text encoders."""
+    if model.get("adapter"):  # start from a registered version (downloaded by the driver)
+        return load_bundle(model).transformer
+    if model.get("preset") == "tiny-fill":
+        return build_tiny_fill(seed=model.get("seed", 0)).transformer
+    from fluxtune.flux.model import FluxTransformer2DModel, check_fill_layout
+
+    transformer = FluxTransformer2DModel.from_pretrained(model["path"], subfolder="transformer", local_files_only=True)
+    check_fill_layout(transformer.config, where=f"{model['path']}/transformer")
+    return transformer
+
+
+def cached_encoded_set(rows: dict[str, np.ndarray], prompts: dict[str, np.ndarray], resolution: int) -> EncodedSet:
+    """Latent-cache columns (see `fluxtune.data.latent_cache`) as the in-memory training form."""
+    return encoded_from_columns(rows, prompts, resolution)
 
 
 def encode_arrays(bundle: FluxBundle, arrays: dict[str, np.ndarray]) -> EncodedSet:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fluxtune.config.errors import InputError, Problem
@@ -18,6 +18,7 @@ class Checked:
     base: dict[str, Any]
     jsonl: str
     rows: int
+    skipped: list[str] = field(default_factory=list)  # problems of the rows `on_bad_rows: skip` dropped
 
 
 def _data_problem(spec_path: str, key: str, message: str) -> InputError:
@@ -38,20 +39,18 @@ def resolve_jsonl(spec_path: str, data: dict[str, Any], seed: int) -> str:
     return path if is_uri(path) else os.path.abspath(path)
 
 
-def preflight(spec_path: str) -> Checked:
-    from fluxtune.data.images import split_is_validation, split_key
-    from fluxtune.data.rows import read_rows
+def preflight(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Checked:
+    """Spec, data files and every row, checked before Ray starts; bad rows fail here unless skipped."""
+    from fluxtune.data.selection import select_rows
 
-    spec, base = load_search_file(spec_path)
-    jsonl = resolve_jsonl(spec_path, base["data"], base["seed"])
-    rows = read_rows(jsonl)
+    spec, base = load_search_file(spec_path, overrides=overrides)
     data = base["data"]
-    if not data["val_jsonl"]:
-        folder = os.path.dirname(jsonl)
-        keys = [split_key(r.output, folder) for r in rows]
-        n_val = sum(split_is_validation(k, data["val_fraction"], base["seed"]) for k in keys)
-        if n_val == 0 or n_val == len(rows):
-            raise _data_problem(spec_path, "base.data.val_fraction",
-                                f"val_fraction {data['val_fraction']} splits {len(rows)} rows into {len(rows) - n_val} "
-                                f"training and {n_val} validation rows; both need at least one")
-    return Checked(spec=spec, base=base, jsonl=jsonl, rows=len(rows))
+    jsonl = resolve_jsonl(spec_path, data, base["seed"])
+    selection = select_rows(jsonl, data)
+    n_val = selection.validation_count(data["val_fraction"], base["seed"])
+    if not data["val_jsonl"] and (n_val == 0 or n_val == len(selection.rows)):
+        rows = len(selection.rows)
+        raise _data_problem(spec_path, "base.data.val_fraction",
+                            f"val_fraction {data['val_fraction']} splits {rows} rows into {rows - n_val} "
+                            f"training and {n_val} validation rows; both need at least one")
+    return Checked(spec=spec, base=base, jsonl=jsonl, rows=len(selection.rows), skipped=selection.skipped)

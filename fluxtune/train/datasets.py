@@ -1,20 +1,107 @@
-"""Ray Data: read the JSONL, resolve paths, split train/validation deterministically, decode images."""
+"""Ray Data for trials: the latent cache built once per sweep, read by every trial with `read_parquet`.
+
+The driver calls `prepare_sweep_data` before any trial starts: it checks the rows again (files may have changed
+since the CLI's preflight), applies the bad-rows policy and finds or builds the latent cache. Trials receive the
+cache folder and `build_datasets` reads it: the train/validation split is decided at read time from each row's
+split key, so trials with other seeds or validation fractions share one cache.
+
+`build_datasets` also accepts a JSONL path: then images are decoded in Ray Data and encoded in each worker
+("on the fly"), the path the benchmark compares against.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 import ray.data
 
-from fluxtune.data.images import is_uri, load_examples_batch, split_is_validation, split_key
+from fluxtune.data.images import DEFAULT_MASK_THRESHOLD, is_uri, load_examples_batch, split_is_validation, split_key
+from fluxtune.data.latent_cache import LatentCache, Preprocessing, cache_rows, ensure_cache, is_cache_folder, open_cache
+from fluxtune.data.selection import jsonl_folder, select_rows
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """What the driver hands to trials (`source`) and records in MLflow (the rest)."""
+
+    source: str  # the latent cache folder
+    rows: int
+    skipped_rows: int
+    cache_key: str
+    cache_built: bool  # False: an earlier run or `fluxtune data prepare` built it
+    build_s: float
+
+    def summary(self) -> str:
+        skipped = f", {self.skipped_rows} bad rows skipped" if self.skipped_rows else ""
+        how = f"built in {self.build_s:.1f} s" if self.cache_built else "reused"
+        return f"{self.rows} rows{skipped}; latent cache {self.source} ({how})"
+
+    def mlflow_params(self) -> dict[str, Any]:
+        return {"data.rows": self.rows, "data.skipped_rows": self.skipped_rows, "data.cache_key": self.cache_key}
+
+
+def preprocessing_of(data: dict[str, Any]) -> Preprocessing:
+    return Preprocessing(resolution=data["resolution"], mask_threshold=data.get("mask_threshold", DEFAULT_MASK_THRESHOLD))
+
+
+def prepare_sweep_data(jsonl: str, base: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> PreparedData:
+    """Check rows and find or build the latent cache, once per sweep, in the driver (never per trial)."""
+    selection = select_rows(jsonl, base["data"])
+    cache, built = ensure_cache(cache_rows(selection), base["model"], preprocessing_of(base["data"]), cache_dir)
+    return PreparedData(source=str(cache.path), rows=cache.manifest["rows"], skipped_rows=len(selection.skipped),
+                        cache_key=cache.key, cache_built=built, build_s=cache.manifest["build_s"])
+
+
+def build_datasets(source: str, data: dict[str, Any], seed: int, model: dict[str, Any] | None = None
+                   ) -> dict[str, ray.data.Dataset]:
+    """{"train", "val"} datasets (plus "prompts" for a cache): latents from a cache folder, else decoded arrays."""
+    if is_cache_folder(source):
+        return _cached_datasets(open_cache(source), data, seed, model)
+    return _decoded_datasets(source, data, seed)
+
+
+def _check_cache_matches(cache: LatentCache, data: dict[str, Any], model: dict[str, Any] | None) -> None:
+    built = cache.manifest["preprocessing"]
+    wanted = preprocessing_of(data)
+    if (built["resolution"], built["mask_threshold"]) != (wanted.resolution, wanted.mask_threshold):
+        raise ValueError(
+            f"the latent cache {cache.path} was built at resolution {built['resolution']}, mask_threshold "
+            f"{built['mask_threshold']}, but this trial wants {wanted.resolution}, {wanted.mask_threshold}: the cache "
+            "is built once per sweep from `base`, so do not search over data.resolution or data.mask_threshold")
+    spec = cache.manifest["model"]["spec"]
+    if model is not None and {k: model.get(k) for k in spec} != spec:
+        raise ValueError(f"the latent cache {cache.path} was encoded with model {spec}, this trial uses "
+                         f"{ {k: model.get(k) for k in spec} }: do not search over model keys")
+
+
+def _is_validation(row: dict[str, Any], val_fraction: float, seed: int, explicit: bool) -> bool:
+    if explicit:  # a `val_jsonl` was given: its rows are the validation set, all of them and only them
+        return bool(row["from_val_file"])
+    return split_is_validation(str(row["split_key"]), val_fraction, seed)
+
+
+def _cached_datasets(cache: LatentCache, data: dict[str, Any], seed: int,
+                     model: dict[str, Any] | None) -> dict[str, ray.data.Dataset]:
+    _check_cache_matches(cache, data, model)
+    side = partial(_is_validation, val_fraction=data["val_fraction"], seed=seed,
+                   explicit=cache.manifest["val_file_rows"] > 0)
+    rows = ray.data.read_parquet(cache.rows_dir)
+    with warnings.catch_warnings():  # "use expr": an expression cannot compute the split's hash
+        warnings.filterwarnings("ignore", message=".*instead of 'fn'", category=UserWarning)
+        train, val = rows.filter(lambda row: not side(row)), rows.filter(side)
+    return {"train": train, "val": val, "prompts": ray.data.read_parquet(cache.prompts_dir)}
 
 
 def _flatten(batch: dict[str, Any], folder: str, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
     def resolve(path: str) -> str:
-        return path if is_uri(path) or os.path.isabs(path) else os.path.join(folder, path)
+        if is_uri(path) or os.path.isabs(path):
+            return path
+        return f"{folder}/{path}" if is_uri(folder) else os.path.join(folder, path)
 
     user_input = batch["user_input"]
     output = [resolve(str(o)) for o in batch["output"]]
@@ -30,27 +117,34 @@ def _flatten(batch: dict[str, Any], folder: str, val_fraction: float, seed: int)
     }
 
 
-def build_datasets(jsonl: str, data: dict[str, Any], seed: int) -> dict[str, ray.data.Dataset]:
-    """{"train": …, "val": …} datasets of decoded arrays (image, mask, target, prompt)."""
-    folder = os.path.dirname(os.path.abspath(jsonl)) if not is_uri(jsonl) else jsonl.rsplit("/", 1)[0]
-    decode = partial(load_examples_batch, resolution=data["resolution"])
+def _decoded_datasets(jsonl: str, data: dict[str, Any], seed: int) -> dict[str, ray.data.Dataset]:
+    """Rows read from the JSONL itself, images decoded in Ray Data (no cache); workers encode them."""
+    decode = partial(load_examples_batch, resolution=data["resolution"],
+                     mask_threshold=data.get("mask_threshold", DEFAULT_MASK_THRESHOLD))
     rows = ray.data.read_json(jsonl, lines=True).map_batches(
-        partial(_flatten, folder=folder, val_fraction=data["val_fraction"], seed=seed), batch_format="numpy")
+        partial(_flatten, folder=jsonl_folder(jsonl), val_fraction=data["val_fraction"], seed=seed),
+        batch_format="numpy")
     if data.get("val_jsonl"):
-        train = rows
-        val = build_datasets(data["val_jsonl"], {**data, "val_jsonl": None, "val_fraction": 0.0}, seed)["train"]
-        return {"train": train.map_batches(decode, batch_format="numpy"), "val": val}
+        val = _decoded_datasets(data["val_jsonl"], {**data, "val_jsonl": None, "val_fraction": 0.0}, seed)["train"]
+        return {"train": rows.map_batches(decode, batch_format="numpy"), "val": val}
     train = rows.filter(lambda r: not r["is_val"]).map_batches(decode, batch_format="numpy")
     val = rows.filter(lambda r: r["is_val"]).map_batches(decode, batch_format="numpy")
     return {"train": train, "val": val}
 
 
 def collect(shard: Any) -> dict[str, np.ndarray]:
-    """A worker's whole shard as arrays (small: encoded to latents right after)."""
+    """A worker's whole shard as arrays, every column (latents are small enough to hold; images are encoded
+    right after). Cached rows come back in file order, so a trial sees the same tensors in the same order
+    whichever order Ray Data read the Parquet files in."""
     parts: dict[str, list[np.ndarray]] = {}
     for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-        for key in ("image", "mask", "target", "prompt"):
-            parts.setdefault(key, []).append(batch[key])
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
     if not parts:
         return {}
-    return {key: np.concatenate(values) for key, values in parts.items()}
+    arrays = {key: np.concatenate(values) for key, values in parts.items()}
+    if "line" in arrays:
+        order = np.lexsort((arrays["line"], arrays["from_val_file"]))
+        arrays = {key: value[order] for key, value in arrays.items()}
+    return arrays
+

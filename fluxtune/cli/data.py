@@ -1,0 +1,92 @@
+"""`fluxtune data check|prepare|sample`: check a JSONL, build its latent cache, write the sample dataset.
+
+`check` and `sample` never import torch or ray; `prepare` starts a local Ray (or joins `--address`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from fluxtune.cli.errors import error_boundary
+
+app = typer.Typer(no_args_is_help=True, help="Check, prepare (latent cache) and generate training data.")
+console = Console()
+
+
+def _model_spec(model: str, seed: int) -> dict:
+    return {"preset": model, "seed": seed} if model == "tiny-fill" else {"path": model}
+
+
+@app.command()
+def check(
+    jsonl: str = typer.Argument(..., help="dataset JSONL (rows: user_input.image, user_input.mask, output)"),
+    skip: bool = typer.Option(False, "--skip", help="report bad rows but succeed when some rows are good"),
+) -> None:
+    """Check every row (JSON, keys, files, decoding, sizes, masks) and report all problems with line numbers."""
+    from fluxtune.data.selection import select_rows
+
+    with error_boundary():
+        selection = select_rows(jsonl, {"on_bad_rows": "skip" if skip else "fail"})
+    for problem in selection.skipped:
+        typer.echo(f"skipped: {problem}", err=True)
+    skipped = f", {len(selection.skipped)} problems in skipped rows" if selection.skipped else ""
+    console.print(f"{jsonl}: {len(selection.rows)} good rows{skipped}")
+
+
+@app.command()
+def prepare(
+    jsonl: str = typer.Argument(..., help="dataset JSONL to encode"),
+    resolution: int = typer.Option(64, help="square training resolution, a multiple of 16"),
+    model: str = typer.Option("tiny-fill", help="'tiny-fill' or a local FLUX.1-Fill-dev diffusers folder"),
+    seed: int = typer.Option(0, help="initialisation seed of the tiny-fill preset"),
+    mask_threshold: float = typer.Option(0.5, help="mask grey level at or above which pixels are inpainted"),
+    val_jsonl: Optional[str] = typer.Option(None, help="explicit validation JSONL (cached with the rows)"),
+    skip: bool = typer.Option(False, "--skip", help="drop bad rows instead of failing (as on_bad_rows: skip)"),
+    address: Optional[str] = typer.Option(None, help="existing Ray cluster (default: start a local one)"),
+) -> None:
+    """Encode latents, masks and prompt embeddings once into a Parquet cache that training then reuses."""
+    from fluxtune.data.latent_cache import Preprocessing
+    from fluxtune.data.selection import select_rows
+
+    data = {"resolution": resolution, "mask_threshold": mask_threshold, "val_jsonl": val_jsonl,
+            "on_bad_rows": "skip" if skip else "fail"}
+    with error_boundary():
+        try:
+            Preprocessing(resolution=resolution, mask_threshold=mask_threshold)
+        except ValueError as error:
+            from fluxtune.config.errors import InputError
+
+            raise InputError.single("<command line>", str(error)) from None
+        select_rows(jsonl, data)  # every problem reported before Ray starts
+
+    from fluxtune.train.datasets import prepare_sweep_data
+
+    if address:
+        from fluxtune.train.cluster import start_ray
+
+        start_ray(address, 0)
+    with error_boundary():
+        prepared = prepare_sweep_data(jsonl, {"data": data, "model": _model_spec(model, seed)})
+    console.print(f"{jsonl}: {prepared.summary()}")
+
+
+@app.command()
+def sample(
+    n: int = typer.Option(64, "--n", help="number of examples"),
+    out: str = typer.Option(..., "--out", help="folder to write data.jsonl and images/ into"),
+    resolution: int = typer.Option(64, help="image size, a multiple of 16, at least 32"),
+    seed: int = typer.Option(0, help="generator seed: same arguments, same bytes"),
+) -> None:
+    """Write the generated sample dataset (the one `data: {jsonl: sample}` uses)."""
+    from fluxtune.config.errors import InputError
+    from fluxtune.data.sample import write_sample_dataset
+
+    with error_boundary():
+        try:
+            jsonl = write_sample_dataset(out, n=n, resolution=resolution, seed=seed)
+        except ValueError as error:
+            raise InputError.single("<command line>", str(error)) from None
+    console.print(f"wrote {n} examples: {jsonl}")

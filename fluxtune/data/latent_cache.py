@@ -1,0 +1,296 @@
+"""The latent cache: every example encoded once (VAE latents, Fill conditioning, prompt embeddings) into Parquet.
+
+One cache folder, `<cache home>/latents/<key>/`:
+
+    rows/          Parquet (Ray Data): line, split_key, from_val_file, prompt_index,
+                   x0 [seq, 64] packed target latents, cond [seq, 320] packed masked-image latents ++ packed mask
+    prompts/       Parquet: prompt_index, prompt, prompt_embeds [L, joint_dim], pooled [pooled_dim]; index 0 is ""
+    manifest.json  what was encoded with what; written last
+
+The folder is built under a temporary name and renamed into place after its manifest is written, so a folder
+under its final name is always complete and a crash leaves only a `.tmp-` folder that nothing reads.
+
+The key is a sha256 of everything that changes the tensors: each row's file *contents* (not paths or mtimes:
+copying a dataset keeps its cache, touching a file without changing it too, and editing a PNG in place never
+reuses a stale cache), prompts and split keys, the model's identity, resolution and mask threshold, and the
+code and library versions that encode. Hashing reads every byte once (≈1 GB/s), far cheaper than encoding.
+For a model folder, config and tokenizer files are hashed by content and weight files by name, size and
+mtime: hashing 20 GB of T5 weights on every run would cost more than the cache saves.
+
+Import-light at module level: `fluxtune data check` and key computation need neither torch nor ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+from fluxtune.data.images import check_mask_threshold, check_resolution, is_uri, split_key
+from fluxtune.data.rows import Row
+from fluxtune.data.selection import Selection
+
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+ENCODE_BATCH = 16  # rows per VAE call: large enough to amortise Python overhead, small enough for 1024² on a GPU
+# Source files whose changes change the encoded tensors.
+_ENCODING_CODE = ("flux/packing.py", "flux/encoded.py", "data/images.py")
+_PRESET_CODE = ("flux/presets.py", "flux/model.py")
+_LIBRARIES = ("torch", "diffusers", "transformers", "pillow", "numpy")
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become arrays before the VAE (see `fluxtune.data.images`)."""
+
+    resolution: int
+    mask_threshold: float = 0.5
+    crop: str = "centre-square"  # resize the shorter side, centre-crop; image bicubic, mask bilinear then threshold
+
+    def __post_init__(self) -> None:
+        check_resolution(self.resolution)
+        check_mask_threshold(self.mask_threshold)
+
+
+@dataclass(frozen=True)
+class CacheRow:
+    """One example as the cache sees it: where its files are, and what decides its split and prompt."""
+
+    line: int
+    image: str
+    mask: str
+    output: str
+    prompt: str
+    split_key: str
+    from_val_file: bool
+
+
+@dataclass(frozen=True)
+class LatentCache:
+    """A complete cache folder and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    @property
+    def rows_dir(self) -> str:
+        return str(self.path / "rows")
+
+    @property
+    def prompts_dir(self) -> str:
+        return str(self.path / "prompts")
+
+
+def cache_home(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir`, else $FLUXTUNE_CACHE/latents, else ~/.cache/fluxtune/latents."""
+    from fluxtune.data.sample import sample_cache_root
+
+    return Path(cache_dir) if cache_dir is not None else sample_cache_root().parent / "latents"
+
+
+def cache_rows(selection: Selection) -> list[CacheRow]:
+    """The training file's rows, then the explicit validation file's (flagged), in file order."""
+
+    def convert(rows: Iterable[Row], folder: str, from_val: bool) -> list[CacheRow]:
+        return [CacheRow(r.line, r.image, r.mask, r.output, r.prompt or "", split_key(r.output, folder), from_val)
+                for r in rows]
+
+    out = convert(selection.rows, selection.folder, False)
+    if selection.val_rows is not None:
+        from fluxtune.data.selection import jsonl_folder
+
+        out += convert(selection.val_rows, jsonl_folder(selection.val_jsonl or ""), True)
+    return out
+
+
+def _file_digest(path: str) -> str:
+    if is_uri(path) and not path.startswith("file://"):
+        import fsspec  # remote objects: the store's own change token (ETag, generation) instead of a download
+
+        fs, _, (resolved,) = fsspec.get_fs_token_paths(path)
+        return "ukey:" + fs.ukey(resolved)
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path.removeprefix("file://"), "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _code_digest(files: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(name.encode() + b"\0" + (_PACKAGE / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def model_identity(model: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the VAE and text encoders of a `model:` config (the transformer does not matter here)."""
+    if model.get("preset"):
+        return {"preset": model["preset"], "seed": model.get("seed", 0), "code": _code_digest(_PRESET_CODE)}
+    root = Path(model["path"])
+    files: dict[str, str] = {}
+    for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        for file in sorted((root / part).rglob("*")) if (root / part).is_dir() else []:
+            if not file.is_file():
+                continue
+            name = str(file.relative_to(root))
+            if file.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"):
+                stat = file.stat()
+                files[name] = f"size={stat.st_size} mtime_ns={stat.st_mtime_ns}"
+            else:
+                files[name] = hashlib.blake2b(file.read_bytes(), digest_size=20).hexdigest()
+    return {"path": str(root.resolve()), "files": files}
+
+
+def cache_key(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preprocessing, threads: int = 8) -> str:
+    """The content hash naming a cache (see the module docstring for what goes in and why)."""
+    paths = sorted({p for r in rows for p in (r.image, r.mask, r.output)})
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # hashlib releases the GIL on large buffers
+        digests = dict(zip(paths, pool.map(_file_digest, paths)))
+    described = {
+        "format": CACHE_FORMAT,
+        "rows": [[r.line, r.split_key, r.prompt, r.from_val_file, digests[r.image], digests[r.mask],
+                  digests[r.output]] for r in rows],
+        "model": model_identity(model),
+        "preprocessing": asdict(preprocessing),
+        "code": _code_digest(_ENCODING_CODE),
+        "libraries": _library_versions(),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def find_cache(key: str, cache_dir: str | os.PathLike | None = None) -> LatentCache | None:
+    """The complete cache with this key, or None (a folder without a readable manifest is never used)."""
+    folder = cache_home(cache_dir) / key
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("key") != key or manifest.get("format") != CACHE_FORMAT:
+        return None
+    return LatentCache(folder, manifest)
+
+
+def open_cache(folder: str | os.PathLike) -> LatentCache:
+    """A cache folder by path (what trials receive); ValueError when it is not a complete cache."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{folder} is not a complete latent cache (no readable {MANIFEST})") from error
+    return LatentCache(folder, manifest)
+
+
+def vae_scale_factor(model: dict[str, Any]) -> int:
+    """Pixels per latent cell, from the VAE config (as `fluxtune.flux.packing.vae_scale_factor`), no weights read."""
+    if model.get("preset"):
+        from fluxtune.flux.presets import TINY_FILL_VAE as config
+    else:
+        config = json.loads((Path(model["path"]) / "vae" / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def is_cache_folder(path: str) -> bool:
+    return not is_uri(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def ensure_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preprocessing,
+                 cache_dir: str | os.PathLike | None = None) -> tuple[LatentCache, bool]:
+    """The cache for these rows, building it when missing; returns (cache, built_now)."""
+    if not rows:
+        raise ValueError("cannot cache an empty dataset")
+    key = cache_key(rows, model, preprocessing)
+    found = find_cache(key, cache_dir)
+    if found is not None:
+        return found, False
+    return build_cache(rows, model, preprocessing, key, cache_dir), True
+
+
+def _encoder_resources() -> dict[str, Any]:
+    """One encoder actor per GPU when there are GPUs; on CPU one actor, leaving CPUs for the decode tasks."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+    if gpus:
+        return {"num_gpus": 1, "compute": ActorPoolStrategy(size=gpus)}
+    return {"num_cpus": 1, "compute": ActorPoolStrategy(size=1)}
+
+
+def build_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preprocessing, key: str,
+                cache_dir: str | os.PathLike | None = None) -> LatentCache:
+    """Encode every row with Ray Data (decode tasks → VAE actor → Parquet) and the prompts likewise."""
+    import ray
+    import ray.data
+
+    from fluxtune.data.images import load_examples_batch
+    from fluxtune.flux.encoded import LatentEncoder, PromptEncoder
+
+    if not ray.is_initialized():  # `fluxtune data prepare` starts Ray only when there is something to encode
+        from fluxtune.train.cluster import start_ray
+
+        start_ray(None, os.cpu_count() or 1)
+    home = cache_home(cache_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    prompts = ["", *sorted({r.prompt for r in rows if r.prompt})]
+    prompt_index = {p: i for i, p in enumerate(prompts)}
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=home))
+    try:
+        items = [{"line": r.line, "image": r.image, "mask": r.mask, "output": r.output, "split_key": r.split_key,
+                  "from_val_file": r.from_val_file, "prompt_index": prompt_index[r.prompt]} for r in rows]
+        encoder = {"fn_constructor_kwargs": {"model": model}, "batch_size": ENCODE_BATCH, "batch_format": "numpy",
+                   **_encoder_resources()}
+        (ray.data.from_items(items)
+         .map_batches(partial(load_examples_batch, resolution=preprocessing.resolution,
+                              mask_threshold=preprocessing.mask_threshold),
+                      batch_size=ENCODE_BATCH, batch_format="numpy")
+         .map_batches(LatentEncoder, **encoder)
+         .write_parquet(str(staging / "rows")))
+        (ray.data.from_items([{"prompt_index": i, "prompt": p} for i, p in enumerate(prompts)])
+         .map_batches(PromptEncoder, **encoder)
+         .write_parquet(str(staging / "prompts")))
+        manifest = {
+            "format": CACHE_FORMAT, "key": key, "rows": len(rows),
+            "val_file_rows": sum(r.from_val_file for r in rows), "prompts": len(prompts),
+            "model": model_identity(model) | {"spec": {k: model.get(k) for k in ("preset", "path", "seed")}},
+            "preprocessing": asdict(preprocessing), "vae_scale_factor": vae_scale_factor(model),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_s": round(time.perf_counter() - started, 3),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        staging.chmod(0o755)  # mkdtemp makes it private; a shared cache home should stay readable
+        final = home / key
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if find_cache(key, cache_dir) is None:  # not a lost race with another builder: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
+    found = find_cache(key, cache_dir)
+    assert found is not None
+    return found

@@ -1,0 +1,169 @@
+"""The latent cache: built once with Ray Data, exactly what in-memory encoding gives, keyed by content, never
+used half-written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fluxtune.data.latent_cache import (
+    Preprocessing,
+    build_cache,
+    cache_key,
+    cache_rows,
+    ensure_cache,
+    find_cache,
+)
+from fluxtune.data.sample import write_sample_dataset
+from fluxtune.data.selection import select_rows
+
+TINY = {"preset": "tiny-fill", "seed": 0}
+PREP = Preprocessing(resolution=32)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    from fluxtune.train.cluster import local_cpus, start_ray
+
+    start_ray(None, local_cpus(workers=2, cpus_per_worker=1.0, concurrent_trials=1))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_sample_dataset(tmp_path_factory.mktemp("data"), n=12, resolution=32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def built(ray_cluster, dataset, tmp_path_factory):
+    home = tmp_path_factory.mktemp("cache-home")
+    rows = cache_rows(select_rows(str(dataset), {}))
+    cache, built_now = ensure_cache(rows, TINY, PREP, home)
+    return cache, built_now, rows, home
+
+
+def _read_all(folder: str) -> dict[str, np.ndarray]:
+    import ray.data
+
+    from fluxtune.train.datasets import collect
+
+    return collect(ray.data.read_parquet(folder).iterator())
+
+
+def test_cache_holds_exactly_what_encoding_in_memory_gives(built, dataset):
+    from fluxtune.assemble import cached_encoded_set, encode_arrays, load_bundle
+    from fluxtune.data.images import load_example
+    from fluxtune.data.rows import read_rows
+
+    cache, built_now, _, _ = built
+    assert built_now and cache.manifest["rows"] == 12
+    cached = cached_encoded_set(_read_all(cache.rows_dir), _read_all(cache.prompts_dir), 32)
+
+    rows = read_rows(dataset)  # file order, as the cached set is
+    examples = [load_example(r, 32) for r in rows]
+    arrays = {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "target")}
+    arrays["prompt"] = np.array([r.prompt or "" for r in rows], dtype=object)
+    direct = encode_arrays(load_bundle(TINY), arrays)
+
+    everything = torch.arange(12)
+    got, want = cached.batch(everything), direct.batch(everything)
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert sum(r.prompt is not None for r in rows) == 2  # prompts and the empty prompt both went through
+
+
+def test_second_request_reuses_the_cache_without_encoding(built, monkeypatch):
+    import fluxtune.data.latent_cache as latent_cache
+
+    cache, _, rows, home = built
+    monkeypatch.setattr(latent_cache, "build_cache", lambda *a, **k: pytest.fail("encoded again"))
+    again, built_now = ensure_cache(rows, TINY, PREP, home)
+    assert not built_now and again.path == cache.path
+
+
+def test_key_follows_content_not_location_or_mtime(dataset, tmp_path):
+    rows = cache_rows(select_rows(str(dataset), {}))
+    key = cache_key(rows, TINY, PREP)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset.parent, copy)
+    assert cache_key(cache_rows(select_rows(str(copy / "data.jsonl"), {})), TINY, PREP) == key
+
+    target = copy / "images" / "0003_target.png"
+    os.utime(target, (1, 1))  # touched, same bytes
+    assert cache_key(cache_rows(select_rows(str(copy / "data.jsonl"), {})), TINY, PREP) == key
+
+    pixels = np.asarray(Image.open(target)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(target)  # one pixel edited in place
+    assert cache_key(cache_rows(select_rows(str(copy / "data.jsonl"), {})), TINY, PREP) != key
+
+
+@pytest.mark.parametrize("change", ["resolution", "threshold", "model seed", "one row fewer", "prompt"])
+def test_key_changes_with_everything_that_changes_the_tensors(dataset, change):
+    rows = cache_rows(select_rows(str(dataset), {}))
+    key = cache_key(rows, TINY, PREP)
+    model, prep = TINY, PREP
+    if change == "resolution":
+        prep = Preprocessing(resolution=48)
+    elif change == "threshold":
+        prep = Preprocessing(resolution=32, mask_threshold=0.25)
+    elif change == "model seed":
+        model = {**TINY, "seed": 1}
+    elif change == "one row fewer":
+        rows = rows[:-1]
+    else:
+        from dataclasses import replace
+
+        rows = [replace(rows[0], prompt="something else"), *rows[1:]]
+    assert cache_key(rows, model, prep) != key
+
+
+def test_a_folder_without_manifest_is_never_used(built, tmp_path):
+    cache, *_ = built
+    half = tmp_path / cache.key
+    shutil.copytree(cache.path, half)
+    (half / "manifest.json").unlink()
+    assert find_cache(cache.key, tmp_path) is None
+    assert find_cache(cache.key, cache.path.parent) is not None
+
+
+def test_a_crash_while_writing_leaves_nothing_under_the_final_name(ray_cluster, dataset, tmp_path, monkeypatch):
+    import ray.data
+
+    def crash(self, path, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, "part-0.parquet"), "wb").write(b"PAR1 half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ray.data.Dataset, "write_parquet", crash)
+    rows = cache_rows(select_rows(str(dataset), {}))
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_cache(rows, TINY, PREP, "k" * 32, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # neither the final folder nor the staging folder
+    assert find_cache("k" * 32, tmp_path) is None
+
+
+def test_trials_split_the_cache_like_preflight_and_refuse_another_resolution(built, dataset):
+    from fluxtune.data.images import split_is_validation
+    from fluxtune.train.datasets import build_datasets, collect
+
+    cache, *_ = built
+    data = {"resolution": 32, "val_fraction": 0.25, "mask_threshold": 0.5}
+    datasets = build_datasets(str(cache.path), data, seed=5)
+    train = collect(datasets["train"].iterator())
+    val = collect(datasets["val"].iterator())
+    assert list(train["line"]) == sorted(train["line"])  # file order whatever Ray read first
+    assert sorted([*train["line"], *val["line"]]) == list(range(1, 13))
+    expected_val = [i + 1 for i in range(12) if split_is_validation(f"images/{i:04d}_target.png", 0.25, 5)]
+    assert list(val["line"]) == expected_val and 0 < len(expected_val) < 12
+    prompts = {r.prompt for r in select_rows(str(dataset), {}).rows if r.prompt}
+    assert sorted(collect(datasets["prompts"].iterator())["prompt"]) == ["", *sorted(prompts)]
+
+    with pytest.raises(ValueError, match="do not search over data.resolution"):
+        build_datasets(str(cache.path), {**data, "resolution": 64}, seed=5)
