@@ -9,27 +9,45 @@ from rich.table import Table
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else ("—" if value is None else str(value))
+
+
+def _status(trial: dict[str, Any]) -> str:
+    if trial["error"]:
+        return "error"
+    if trial.get("steps", 0) < trial.get("planned_steps", 0):
+        return "stopped early"
+    return "done"
 
 
 def print_summary(console: Console, outcome: Any, metric: str) -> None:
     table = Table(title=f"sweep {outcome.sweep_id}")
     keys = sorted({k for t in outcome.trials for k in (t["config"] or {})})
-    for column in ["trial", *(k.removeprefix("stages.") for k in keys), metric, "status"]:
+    for column in ["trial", *(k.removeprefix("stages.") for k in keys), metric, "steps", "reused", "status"]:
         table.add_column(column, overflow="fold")
-    for t in sorted(outcome.trials, key=lambda t: str(t["trial"])):
-        status = "error" if t["error"] else "done"
+    for t in outcome.trials:
         best = " ★" if t["trial"] == outcome.best_trial else ""
-        table.add_row(str(t["trial"]) + best, *[_fmt((t["config"] or {}).get(k)) for k in keys],
-                      _fmt(t[metric]), status)
+        steps = f"{t.get('steps', 0)}/{t.get('planned_steps', '?')}"
+        table.add_row(str(t["trial"]) + best, *[_fmt((t["config"] or {}).get(k)) for k in keys], _fmt(t[metric]),
+                      steps, str(t.get("reused_steps") or ""), _status(t))
     console.print(table)
+    reused = sum(t.get("reused_steps", 0) for t in outcome.trials)
+    console.print(f"training steps: {outcome.trained_steps} run" + (f", {reused} reused from identical stages"
+                                                                    if reused else ""))
+    if outcome.interrupted:
+        console.print("[yellow]the sweep was interrupted[/]: continue it with `fluxtune search FILE --resume`")
     if outcome.best_trial is None:
         console.print("[red]no trial finished[/]")
         return
     console.print(f"best trial [bold]{outcome.best_trial}[/]: {metric}={_fmt(outcome.best_metric)}")
     for key, value in outcome.best_config.items():
         console.print(f"  {key}: {_fmt(value)}")
+    console.print(f"best configuration: {outcome.best_yaml}  (fluxtune run {outcome.best_yaml})")
     console.print(f"MLflow: {outcome.tracking_uri} experiment {outcome.experiment!r}, sweep run {outcome.parent_run_id}")
     if outcome.model_version:
         console.print(f"registered model {outcome.model_name!r} version {outcome.model_version}")
+    if outcome.study_counts:
+        counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(outcome.study_counts.items()))
+        console.print(f"Optuna study {outcome.sweep_id!r} in {outcome.optuna_storage} ({counts}); "
+                      f"add trials with `fluxtune search FILE --more N`")
     console.print(f"checkpoints: {outcome.storage_path}")

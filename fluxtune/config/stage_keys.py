@@ -20,7 +20,9 @@ _NOT_WEIGHT_SHAPING = {"cycles", "stages", "schedule", "schedules", "cpus_per_wo
 
 
 def data_identity(jsonl: str) -> dict[str, Any]:
-    """The data file by path, size and modification time (rows are re-read when any changes)."""
+    """A data file by path, size and modification time; a latent-cache folder by its (content-keyed) path."""
+    if os.path.isdir(jsonl):
+        return {"folder": os.path.abspath(jsonl)}  # its mtime moves whenever a reader adds a lock file
     try:
         stat = os.stat(jsonl)
         return {"jsonl": jsonl, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}

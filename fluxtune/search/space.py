@@ -121,3 +121,30 @@ def max_total_steps(base: dict[str, Any], space: dict[str, Any]) -> int:
         except (KeyError, TypeError, IndexError):
             continue
     return best
+
+
+def optuna_storage_url(tracking_uri: str, runs_root: str) -> str:
+    """The study's durable home: `optuna.db` beside a local MLflow store, else under the runs folder."""
+    from pathlib import Path
+
+    if tracking_uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+    return f"sqlite:///{Path(runs_root) / 'optuna.db'}"
+
+
+def optuna_storage(url: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.storages.RDBStorage(url)
+
+
+def study_summary(url: str, study_name: str) -> dict[str, int]:
+    """Trial counts by state in the durable study (shown in the summary; tests check no trial ran twice)."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=optuna_storage(url))
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts

@@ -1,31 +1,46 @@
-"""`fluxtune search`: Optuna (through Tune) samples the space, one Train worker group per trial, MLflow listens."""
+"""`fluxtune search`: Optuna (through Tune) samples the space, one Train worker group per trial, MLflow listens.
+
+A sweep lives in `runs/<sweep>/` (sweep.json, Tune and Train folders, the stage cache, best.yaml) and its Optuna
+study in durable storage beside the MLflow store, so an interrupted sweep resumes (`Tuner.restore`: finished
+trials stay finished, unfinished ones continue from their last stage checkpoint) and a finished one is
+extended (`--more N`: a new Tune run on the same study, so the sampler learns from every earlier trial).
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 
 from fluxtune import __version__
 from fluxtune.config.load import sample_experiment
+from fluxtune.config.paths import set_path
+from fluxtune.config.schedule import planned_steps
 from fluxtune.config.schema import SearchFile, SearchSpec
 from fluxtune.plugins import plugin_set
 from fluxtune.registry import registry
-from fluxtune.search.callbacks import ConsoleProgress, MlflowSweepCallback, TrialLog
-from fluxtune.search.space import DefineByRun, max_total_steps, optuna_sampler
-from fluxtune.tracking.registry import register_adapter
+from fluxtune.search.best import stage_records, write_best_yaml
+from fluxtune.search.callbacks import CHECKPOINT_KEY, ConsoleProgress, MlflowSweepCallback
+from fluxtune.search.record import SweepRecord, fingerprint
+from fluxtune.search.space import (DefineByRun, max_total_steps, optuna_sampler, optuna_storage,
+                                   optuna_storage_url, study_summary)
+from fluxtune.tracking.registry import register_adapter, resolve_registered_model
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.store import tracking_uri
-from fluxtune.train.cluster import local_cpus, start_ray
-from fluxtune.train.trial import TrialSettings, trainable
+from fluxtune.train.cluster import check_resources, local_cpus, start_ray
+from fluxtune.train.datasets import prepare_sweep_data
+from fluxtune.train.trial import TrialSettings, record_stage, trainable
+
+RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker")
 
 
 @dataclass
@@ -41,6 +56,27 @@ class SweepOutcome:
     model_name: str | None = None
     model_version: str | None = None
     storage_path: str = ""
+    best_yaml: str | None = None
+    optuna_storage: str = ""
+    study_counts: dict[str, int] = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def trained_steps(self) -> int:
+        return sum(t["steps"] - t["reused_steps"] for t in self.trials)
+
+
+class StageCacheRecorder(tune.Callback):
+    """Offers every finished stage checkpoint to later trials (stage reuse), keyed by content hash."""
+
+    def __init__(self, settings: TrialSettings):
+        self.settings = settings
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("stage_end") and result.get(CHECKPOINT_KEY):
+            experiment = sample_experiment(self.settings.base, trial.config, registry())
+            record_stage(self.settings, experiment, int(result["cycle"]), result["stage"], result[CHECKPOINT_KEY],
+                         trial.trial_id, int(result.get("global_step", 0)))
 
 
 def _git_revision() -> str:
@@ -51,77 +87,165 @@ def _git_revision() -> str:
 
 
 def _scheduler(search: SearchSpec, base: dict[str, Any]):
-    if search.scheduler.type == "fifo":
+    kind = search.scheduler
+    if kind.type == "fifo":
         return FIFOScheduler()
+    if kind.type == "median":
+        return MedianStoppingRule(time_attr="global_step", metric=search.metric, mode=search.mode,
+                                  grace_period=kind.grace_period, min_samples_required=kind.min_samples)
     return ASHAScheduler(time_attr="global_step", metric=search.metric, mode=search.mode,
-                         grace_period=search.scheduler.grace_period,
-                         reduction_factor=search.scheduler.reduction_factor,
-                         max_t=max(max_total_steps(base, search.space), search.scheduler.grace_period + 1))
+                         grace_period=kind.grace_period, reduction_factor=kind.reduction_factor,
+                         max_t=max(max_total_steps(base, search.space), kind.grace_period + 1))
+
+
+def _resource_corners(base: dict[str, Any], search: SearchSpec) -> list[dict[str, Any]]:
+    """The base with every combination of the extreme searched resource values (workers, CPUs, GPUs)."""
+    keys = [k for k in RESOURCE_KEYS if k in search.space]
+    values = [list(search.space[k].choices) if search.space[k].type == "categorical"
+              else [search.space[k].low, search.space[k].high] for k in keys]
+    out = []
+    for combo in itertools.product(*values):
+        tree = base
+        for key, value in zip(keys, combo):
+            tree = set_path(tree, key, value)
+        out.append(tree)
+    return out
+
+
+def _searcher(search: SearchSpec, base: dict[str, Any], storage_url: str, study: str):
+    if not search.space:
+        return None
+    optuna = OptunaSearch(space=DefineByRun(search.space, base), metric=search.metric, mode=search.mode,
+                          sampler=optuna_sampler(search), study_name=study, storage=optuna_storage(storage_url))
+    return ConcurrencyLimiter(optuna, max_concurrent=search.max_concurrent)
 
 
 def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str | None = None,
-              console: Console | None = None, address: str | None = None, verbose: bool = False) -> SweepOutcome:
+              console: Console | None = None, address: str | None = None, verbose: bool = False,
+              resume: bool = False, more: int = 0) -> SweepOutcome:
     console = console or Console()
+    spec_file = spec_path or "<spec>"
     search = spec.search or SearchSpec(num_samples=1, max_concurrent=1)
-    sweep_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = Path(spec.storage_path or "runs").resolve() / sweep_id
+    root = Path(spec.storage_path or "runs").resolve()
+    fp = fingerprint(spec, base)
+    if resume or more:
+        record = SweepRecord.to_continue(root, spec.name, finished=bool(more), fp=fp, spec_file=spec_file)
+    else:
+        record = SweepRecord.new(root, spec.name, fp)
+    storage = Path(record.folder)
+
+    start_ray(address, local_cpus(base["workers"], base["cpus_per_worker"], search.max_concurrent), verbose)
+    check_resources(_resource_corners(base, search), spec_file)  # before anything is written
+
     uri = tracking_uri(spec.tracking.uri)
+    base = {**base, "model": resolve_registered_model(base["model"], uri, storage)}  # models:/… → a local folder
     experiment_name = spec.tracking.experiment or spec.name
     plugins = plugin_set()
-
-    tracker = SweepTracker(uri, experiment_name, sweep_id)
+    record.optuna_storage = record.optuna_storage or optuna_storage_url(uri, str(root))
+    record.status = "running"
+    record.save()
+    tracker = SweepTracker(uri, experiment_name, record.sweep_id, upload_checkpoints=spec.tracking.upload_checkpoints)
     parent = tracker.start(spec_path, tags={"fluxtune.version": __version__, "fluxtune.git_revision": _git_revision(),
                                             **{f"fluxtune.plugin.{k}": v for k, v in plugins.items()}},
                            params={"search": search.model_dump(mode="json"), "base": base})
-    console.print(f"sweep [bold]{sweep_id}[/]: MLflow experiment {experiment_name!r} at {uri}, run {parent}")
+    how = "resumed" if resume else (f"extended by {more} trials" if more else "started")
+    console.print(f"sweep [bold]{record.sweep_id}[/] {how}: MLflow experiment {experiment_name!r} at {uri}, "
+                  f"run {parent}")
 
-    start_ray(address, local_cpus(base["workers"], base["cpus_per_worker"], search.max_concurrent), verbose)
-    settings = TrialSettings(sweep_id=sweep_id, base=base, jsonl=jsonl, storage_path=str(storage), plugins=plugins)
+    prepared = prepare_sweep_data(jsonl, base)  # rows checked again, latent cache built once, before any trial
+    if not (resume or more):
+        for key, value in prepared.mlflow_params().items():
+            tracker.client.log_param(parent, key, value)
+    console.print(f"data: {prepared.summary()}")
+    settings = TrialSettings(sweep_id=record.sweep_id, base=base, jsonl=prepared.source, storage_path=str(storage),
+                             plugins=plugins, reuse_stages=search.reuse_stages)
     reg = registry()
-    mlflow_callback = MlflowSweepCallback(tracker, plugins, lambda config: sample_experiment(base, config, reg))
-    searcher = None
-    if search.space:
-        searcher = ConcurrencyLimiter(OptunaSearch(space=DefineByRun(search.space), metric=search.metric, mode=search.mode,
-                                                   sampler=optuna_sampler(search)),
-                                      max_concurrent=search.max_concurrent)
-    tuner = tune.Tuner(
-        trainable(settings),
-        # metric/mode live on the searcher and scheduler: a define-by-run OptunaSearch ignores Tune's
-        tune_config=tune.TuneConfig(search_alg=searcher,
-                                    scheduler=_scheduler(search, base), num_samples=search.num_samples,
-                                    max_concurrent_trials=None if searcher else search.max_concurrent),
-        run_config=tune.RunConfig(name=sweep_id, storage_path=str(storage / "tune"), verbose=0,
-                                  callbacks=[mlflow_callback, ConsoleProgress(search.metric, console)]),
-    )
-    results = tuner.fit()
+    callbacks = [MlflowSweepCallback(tracker, plugins, lambda config: sample_experiment(base, config, reg)),
+                 StageCacheRecorder(settings), ConsoleProgress(search.metric, console)]
 
-    outcome = SweepOutcome(sweep_id=sweep_id, tracking_uri=uri, experiment=experiment_name, parent_run_id=parent,
-                           storage_path=str(storage))
+    if resume:
+        tune_dir = storage / "tune" / record.tune_runs[-1]
+        tuner = tune.Tuner.restore(str(tune_dir), trainable(settings), resume_unfinished=True, resume_errored=True)
+        # The pickled callbacks hold the old process's tracker and console: use this process's.
+        tuner._local_tuner.get_run_config().callbacks = callbacks
+    else:
+        tune_name = "tune" if not record.tune_runs else f"more-{len(record.tune_runs)}"
+        record.tune_runs.append(tune_name)
+        record.save()
+        searcher = _searcher(search, base, record.optuna_storage, record.sweep_id)
+        tuner = tune.Tuner(
+            trainable(settings),
+            # metric/mode live on the searcher and scheduler: a define-by-run OptunaSearch ignores Tune's
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(search, base),
+                                        num_samples=more or search.num_samples,
+                                        max_concurrent_trials=None if searcher else search.max_concurrent),
+            run_config=tune.RunConfig(name=tune_name, storage_path=str(storage / "tune"), verbose=0,
+                                      callbacks=callbacks),
+        )
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        record.status = "interrupted"
+        record.save()
+        raise
+
     for result in results:
-        trial_id = result.metrics.get("trial_id") if result.metrics else None
-        outcome.trials.append({"trial": trial_id, "config": result.config, "error": str(result.error or ""),
-                               search.metric: (result.metrics or {}).get(search.metric)})
+        row = _trial_row(result, search.metric, settings, base)
+        if row is not None:
+            record.trials[row["trial"]] = row
+    interrupted = results.num_terminated + results.num_errors < len(results)
+    record.status = "interrupted" if interrupted else "finished"
+    record.save()
+
+    outcome = SweepOutcome(sweep_id=record.sweep_id, tracking_uri=uri, experiment=experiment_name,
+                           parent_run_id=parent, storage_path=str(storage), optuna_storage=record.optuna_storage,
+                           trials=list(record.trials.values()), interrupted=interrupted)
+    if search.space and record.trials:
+        outcome.study_counts = study_summary(record.optuna_storage, record.sweep_id)
     finished = [t for t in outcome.trials if t[search.metric] is not None and not t["error"]]
     if finished:
         pick = min if search.mode == "min" else max
         best = pick(finished, key=lambda t: t[search.metric])
         outcome.best_trial, outcome.best_config, outcome.best_metric = best["trial"], best["config"], best[search.metric]
-        model_name = spec.tracking.register_as or spec.name
-        log = mlflow_callback.trials.get(best["trial"])
-        if log is not None and log.stages:
-            outcome.model_name = model_name
-            outcome.model_version = _register_best(tracker, best["trial"], log, model_name, spec.tracking.alias,
-                                                   search.metric, best[search.metric], sweep_id)
-    tracker.finish("FINISHED" if finished else "FAILED",
+        best_experiment = sample_experiment(base, best["config"], reg)
+        outcome.best_yaml = str(write_best_yaml(storage / "best.yaml", spec, best_experiment, record.sweep_id,
+                                                best["trial"], search.metric, best[search.metric]))
+        stages = stage_records(storage, record.sweep_id, best["trial"])
+        if stages and best["trial"] in record.registered:  # an extension that found no better trial
+            outcome.model_name, outcome.model_version = record.registered[best["trial"]]
+        elif stages:
+            outcome.model_name = spec.tracking.register_as or spec.name
+            outcome.model_version = _register_best(tracker, best["trial"], stages, best_experiment,
+                                                   outcome.model_name, spec.tracking.alias, search.metric,
+                                                   best[search.metric], record.sweep_id)
+            record.registered[best["trial"]] = [outcome.model_name, outcome.model_version]
+            record.save()
+    tracker.finish("KILLED" if interrupted else ("FINISHED" if finished else "FAILED"),
                    {f"best_{search.metric}": outcome.best_metric} if outcome.best_metric is not None else {},
-                   {"fluxtune.best_trial": str(outcome.best_trial)})
+                   {"fluxtune.best_trial": str(outcome.best_trial), "fluxtune.best_yaml": str(outcome.best_yaml)})
     return outcome
 
 
-def _register_best(tracker: SweepTracker, trial_id: str, log: TrialLog, model_name: str, alias: str,
-                   metric: str, value: float, sweep_id: str) -> str:
+def _trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str, Any]) -> dict[str, Any] | None:
+    metrics = result.metrics or {}
+    trial_id = metrics.get("trial_id")
+    if trial_id is None:  # failed before its first report
+        trial_id = Path(result.path).name if result.path else None
+    if trial_id is None:
+        return None
+    used = settings.stage_cache / "used" / f"{trial_id}.json"
+    reused = 0
+    if used.exists():
+        reused = int(json.loads(used.read_text())["global_step"])
+    experiment = sample_experiment(base, result.config, registry())
+    return {"trial": trial_id, "config": result.config, "error": str(result.error or ""),
+            metric: metrics.get(metric), "steps": int(metrics.get("global_step", 0)), "reused_steps": reused,
+            "planned_steps": planned_steps(experiment)}
+
+
+def _register_best(tracker: SweepTracker, trial_id: str, stages: list[Any], experiment: dict[str, Any],
+                   model_name: str, alias: str, metric: str, value: float, sweep_id: str) -> str:
     """Register the trial's last adapter on top of the transformer it was trained on."""
-    stages = log.stages
     adapter_at = next((i for i in range(len(stages) - 1, -1, -1)
                        if (Path(stages[i].checkpoint) / "exports" / "adapter").is_dir()), None)
     if adapter_at is None:  # no adapter stage: the final transformer is the model
@@ -132,6 +256,6 @@ def _register_best(tracker: SweepTracker, trial_id: str, log: TrialLog, model_na
         adapter_dir = Path(record.checkpoint) / "exports" / "adapter"
         base_dir = Path(stages[adapter_at - 1].checkpoint) / "transformer" if adapter_at > 0 else None
     tags = {"sweep": sweep_id, "trial": trial_id, "cycle": record.cycle, "stage": record.stage, metric: value,
-            "base_model": str(log.params["model"].get("path") or log.params["model"].get("preset"))}
-    return register_adapter(tracker.uri, tracker.trial_runs[trial_id], model_name, alias, adapter_dir, base_dir,
-                            log.params["model"], tags)
+            "base_model": str(experiment["model"].get("path") or experiment["model"].get("preset"))}
+    run_id = tracker.trial_runs.get(trial_id) or tracker.find_trial_run(trial_id)
+    return register_adapter(tracker.uri, run_id, model_name, alias, adapter_dir, base_dir, experiment["model"], tags)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 # Faster Train start-up and no metrics agent traffic (FACTS: fixed cost of a fit ≈11 s → ≈7.5 s).
 RAY_ENV_DEFAULTS = {
@@ -42,3 +43,27 @@ def start_ray(address: str | None, num_cpus: int, verbose: bool = False) -> None
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+
+
+def check_resources(experiments: list[dict[str, Any]], spec_file: str) -> None:
+    """Refuse, before any trial, a trial that the cluster can never place (it would wait forever)."""
+    import ray
+
+    from fluxtune.config.errors import InputError, Problem
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    problems = []
+    for exp in experiments:
+        need_cpu = exp["workers"] * exp["cpus_per_worker"] + 0.01  # + the trial driver's fraction
+        need_gpu = exp["workers"] * exp["gpus_per_worker"]
+        if need_cpu > cpus:
+            problems.append(Problem(spec_file, f"a trial needs {need_cpu:g} CPUs ({exp['workers']} workers × "
+                                    f"{exp['cpus_per_worker']:g}); the Ray cluster has {cpus:g}",
+                                    key="base.cpus_per_worker"))
+        if need_gpu > gpus:
+            problems.append(Problem(spec_file, f"a trial needs {need_gpu:g} GPUs ({exp['workers']} workers × "
+                                    f"{exp['gpus_per_worker']:g}); the Ray cluster has {gpus:g}",
+                                    key="base.gpus_per_worker"))
+    if problems:
+        raise InputError(list({p.one_line(): p for p in problems}.values()))
