@@ -39,6 +39,8 @@ class Shared:
     world_size: int = 1
     eval_every: int = 20
     seed: int = 0
+    # Scores sampled inpaintings of a few held-out examples (fluxtune.flux.inpaint.InpaintProbe); None = off.
+    probe: Any = None
     samples: Any = None  # rank 0: renders a sample-image grid at each evaluation (fluxtune.tracking.samples)
 
 
@@ -147,4 +149,7 @@ def evaluate(transformer: Any, shared: Shared) -> dict[str, float]:
     transformer.train(was_training)
     if shared.samples is not None:
         shared.samples.render(transformer)  # rides to MLflow with the next report
-    return {"val_loss": total / max(count, 1)}
+    metrics = {"val_loss": total / max(count, 1)}
+    if shared.probe is not None and isinstance(transformer, torch.nn.Module):
+        metrics.update(shared.probe(transformer))  # an engine's view (mid-stage DeepSpeed) is scored at the end
+    return metrics
