@@ -152,13 +152,19 @@ def reset() -> None:
     registry.cache_clear()
 
 
-def use_plugin_set(expected: dict[str, str]) -> None:
+def use_plugin_set(expected: dict[str, str] | None) -> None:
     """Load exactly the plugins of `expected` (a driver's `plugin_set()`) in this process, or fail saying why.
 
     Called at the start of each Ray worker and trial: the environment variables of a remote node may differ,
-    and a component resolved by the driver must mean the same code everywhere.
+    and a component resolved by the driver must mean the same code everywhere. `None` returns to the
+    environment variables' rules.
     """
     global _pinned
+    if expected is None:
+        if _pinned is not None:
+            _pinned = None
+            reset()
+        return
     wanted = frozenset(expected) - set(DEFAULT_PLUGINS)
     if _pinned != wanted:
         _pinned = wanted
