@@ -199,9 +199,12 @@ def _corner_values(dist: Any) -> list[Any]:
 
 def sample_experiment(base: dict[str, Any], values: dict[str, Any], reg: Registry) -> dict[str, Any]:
     """The normalised experiment with sampled `values` at their dotted paths, validated again."""
-    tree = base
+    tree = _switch_components(base, values)
     for path, value in values.items():
-        tree = set_path(tree, path, value)
+        try:
+            tree = set_path(tree, path, value)
+        except PathError:
+            tree = _set_new_param(tree, path, value)
     source = YamlSource(path="<sampled config>", text="", tree=None)
     out = _Collector(source)
     try:
@@ -213,6 +216,32 @@ def sample_experiment(base: dict[str, Any], values: dict[str, Any], reg: Registr
     normalised = normalise_experiment(exp, reg, out, ())
     out.raise_if_any()
     return normalised
+
+
+def _switch_components(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A sampled `X.type` that differs from the base replaces component X: the old type's params go
+    (the new type's defaults fill in), so `timesteps.type: [uniform, logit_normal]` is a valid space."""
+    tree = base
+    for path, value in values.items():
+        if not path.endswith(".type") or path.count(".") < 1:
+            continue
+        parent = path.removesuffix(".type")
+        try:
+            current = get_path(tree, parent)
+        except PathError:
+            continue
+        if isinstance(current, dict) and current.get("type") != value and "name" not in current:
+            tree = set_path(tree, parent, {"type": value})
+    return tree
+
+
+def _set_new_param(tree: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A param of a switched component that its base value did not have (e.g. `timesteps.std`)."""
+    parent, _, key = path.rpartition(".")
+    node = get_path(tree, parent)
+    if not isinstance(node, dict) or "type" not in node:
+        raise InputError.single("<sampled config>", f"{path}: {key!r} does not exist here", key=path)
+    return set_path(tree, parent, {**node, key: value})
 
 
 def load_search_file(path: str | Path, registry: Registry | None = None,
