@@ -79,7 +79,7 @@ def _unknown_names_problems(only: set[str] | None, disabled: set[str], installed
     return problems
 
 
-def misspelt_hooks(pm: pluggy.PluginManager) -> list[Problem]:
+def misspelt_hooks(pm: pluggy.PluginManager, infos: dict[str, PluginInfo] | None = None) -> list[Problem]:
     """Every hook implementation whose name is not a fluxtune hook (pluggy would only name the first)."""
     problems = []
     for hook_name, caller in sorted(vars(pm.hook).items()):
@@ -88,8 +88,10 @@ def misspelt_hooks(pm: pluggy.PluginManager) -> list[Problem]:
         close = difflib.get_close_matches(hook_name, HOOK_NAMES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         for impl in caller.get_hookimpls():
+            info = (infos or {}).get(impl.plugin_name)
+            where = f" ({info.distribution} {info.version})" if info else ""
             if not impl.optionalhook:
-                problems.append(_plugin_problem(impl.plugin_name, "", f"implements unknown hook {hook_name!r} "
+                problems.append(_plugin_problem(impl.plugin_name, where, f"implements unknown hook {hook_name!r} "
                                                 f"(fluxtune hooks: {', '.join(HOOK_NAMES)}){hint}"))
     return problems
 
@@ -126,7 +128,7 @@ def build_plugin_manager() -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]
             continue
         infos[ep.name] = PluginInfo(ep.name, dist, version, builtin=False, source=ep.value)
 
-    problems += misspelt_hooks(pm)
+    problems += misspelt_hooks(pm, infos)
     if problems:
         raise InputError(problems)
     return pm, infos
