@@ -115,6 +115,8 @@ from fluxtune.cli.models import app as models_app  # noqa: E402
 app.add_typer(models_app, name="models")
 from fluxtune.cli.ui import ui  # noqa: E402
 app.command()(ui)
+from fluxtune.cli.plan import plan  # noqa: E402
+app.command()(plan)
 
 
 def main() -> None:
