@@ -20,9 +20,16 @@ def _open(value: Any):
 
     if isinstance(value, (bytes, bytearray)):
         return Image.open(io.BytesIO(value))
-    if isinstance(value, str) and not Path(value).exists():
+    if isinstance(value, str) and not _is_file(value):
         return Image.open(io.BytesIO(base64.b64decode(value)))
     return Image.open(value)
+
+
+def _is_file(value: str) -> bool:
+    try:
+        return Path(value).is_file()
+    except OSError:  # a base64 PNG is far longer than any file name
+        return False
 
 
 class FluxFillInpainter(mlflow.pyfunc.PythonModel):

@@ -22,7 +22,7 @@ def registered_transformer(checkpoint: str | Path, transformer: Any) -> Any:
         transformer = FluxTransformer2DModel.from_pretrained(folder / "base").to(transformer.device)
     if (folder / "adapter").is_dir():
         # The file carries the adapter's alpha as metadata (without it alpha would reload as the rank).
-        transformer.load_lora_adapter(str(folder / "adapter"), prefix="transformer")
+        transformer.load_lora_adapter(str(folder / "adapter"), prefix="transformer", use_safetensors=True)
         transformer.fuse_lora()
         transformer.unload_lora()
     transformer.requires_grad_(True)  # peft leaves fused weights frozen
