@@ -236,9 +236,11 @@ def _encoder_resources() -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
 
     gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+    # No actor restarts: a one-off build that fails is simply run again (and Ray warns about restartable actors
+    # whose constructor arguments live in the object store).
     if gpus:
-        return {"num_gpus": 1, "compute": ActorPoolStrategy(size=gpus)}
-    return {"num_cpus": 1, "compute": ActorPoolStrategy(size=1)}
+        return {"num_gpus": 1, "compute": ActorPoolStrategy(size=gpus), "max_restarts": 0}
+    return {"num_cpus": 1, "compute": ActorPoolStrategy(size=1), "max_restarts": 0}
 
 
 def build_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preprocessing, key: str,

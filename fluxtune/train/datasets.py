@@ -94,7 +94,15 @@ def _cached_datasets(cache: LatentCache, data: dict[str, Any], seed: int,
     with warnings.catch_warnings():  # "use expr": an expression cannot compute the split's hash
         warnings.filterwarnings("ignore", message=".*instead of 'fn'", category=UserWarning)
         train, val = rows.filter(lambda row: not side(row)), rows.filter(side)
-    return {"train": train, "val": val, "prompts": ray.data.read_parquet(cache.prompts_dir)}
+    return {"train": train, "val": val, "prompts": ray.data.from_arrow(_read_table(cache.prompts_dir))}
+
+
+def _read_table(folder: str) -> Any:
+    """A small Parquet table read here, in one go: one row per distinct prompt, needed whole by every worker.
+    A `read_parquet` job per worker costs seconds of task start-up for a few rows."""
+    import pyarrow.parquet
+
+    return pyarrow.parquet.read_table(folder)
 
 
 def _flatten(batch: dict[str, Any], folder: str, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -127,8 +135,10 @@ def _decoded_datasets(jsonl: str, data: dict[str, Any], seed: int) -> dict[str, 
     if data.get("val_jsonl"):
         val = _decoded_datasets(data["val_jsonl"], {**data, "val_jsonl": None, "val_fraction": 0.0}, seed)["train"]
         return {"train": rows.map_batches(decode, batch_format="numpy"), "val": val}
-    train = rows.filter(lambda r: not r["is_val"]).map_batches(decode, batch_format="numpy")
-    val = rows.filter(lambda r: r["is_val"]).map_batches(decode, batch_format="numpy")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*instead of 'fn'", category=UserWarning)
+        train = rows.filter(lambda r: not r["is_val"]).map_batches(decode, batch_format="numpy")
+        val = rows.filter(lambda r: r["is_val"]).map_batches(decode, batch_format="numpy")
     return {"train": train, "val": val}
 
 
