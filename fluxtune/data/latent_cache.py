@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -267,15 +268,17 @@ def build_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Prep
                   "from_val_file": r.from_val_file, "prompt_index": prompt_index[r.prompt]} for r in rows]
         encoder = {"fn_constructor_kwargs": {"model": model}, "batch_size": ENCODE_BATCH, "batch_format": "numpy",
                    **_encoder_resources()}
-        (ray.data.from_items(items)
-         .map_batches(partial(load_examples_batch, resolution=preprocessing.resolution,
-                              mask_threshold=preprocessing.mask_threshold),
-                      batch_size=ENCODE_BATCH, batch_format="numpy")
-         .map_batches(LatentEncoder, **encoder)
-         .write_parquet(str(staging / "rows")))
-        (ray.data.from_items([{"prompt_index": i, "prompt": p} for i, p in enumerate(prompts)])
-         .map_batches(PromptEncoder, **encoder)
-         .write_parquet(str(staging / "prompts")))
+        with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60 (pinned below 2.61)
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+            rows_dataset = (ray.data.from_items(items)
+                            .map_batches(partial(load_examples_batch, resolution=preprocessing.resolution,
+                                                 mask_threshold=preprocessing.mask_threshold),
+                                         batch_size=ENCODE_BATCH, batch_format="numpy")
+                            .map_batches(LatentEncoder, **encoder))
+            prompts_dataset = (ray.data.from_items([{"prompt_index": i, "prompt": p} for i, p in enumerate(prompts)])
+                               .map_batches(PromptEncoder, **encoder))
+        rows_dataset.write_parquet(str(staging / "rows"))
+        prompts_dataset.write_parquet(str(staging / "prompts"))
         manifest = {
             "format": CACHE_FORMAT, "key": key, "rows": len(rows),
             "val_file_rows": sum(r.from_val_file for r in rows), "prompts": len(prompts),
