@@ -13,6 +13,7 @@ from fluxtune.assemble import build_shared, cached_encoded_set, encode_arrays, l
 from fluxtune.checkpoints import Progress, read_progress
 from fluxtune.cycle import run_cycle
 from fluxtune.flux.encoded import EncodedSet
+from fluxtune.flux.inpaint import InpaintProbe
 from fluxtune.plugins import use_plugin_set
 from fluxtune.registry import registry
 from fluxtune.train.datasets import collect
@@ -65,5 +66,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shared = build_shared(experiment, train, val, reporter, registry(), device, rank, world_size)
     if rank == 0:  # sample-image grids for MLflow at each evaluation
         shared.samples = SampleGrids.for_worker(experiment["model"], shared.val, reporter.attach_sample)
+        shared.probe = InpaintProbe.for_worker(experiment["model"], shared.val)  # masked_psnr with val_loss
     progress, transformer = _resume(transformer.to(device), config.get("initial_checkpoint"))
     run_cycle(experiment, transformer, shared, progress)
