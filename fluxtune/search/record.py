@@ -31,6 +31,7 @@ class SweepRecord:
     fingerprint: str
     status: str = "running"  # running | interrupted | finished
     tune_runs: list[str] = field(default_factory=list)  # Tune experiment folders, oldest first
+    expected: dict[str, int] = field(default_factory=dict)  # Tune run → trials it should end with
     trials: dict[str, dict[str, Any]] = field(default_factory=dict)  # trial id → summary row
     optuna_storage: str = ""
     registered: dict[str, list[str]] = field(default_factory=dict)  # trial id → [model name, version]
@@ -54,7 +55,8 @@ class SweepRecord:
     def to_continue(cls, root: Path, name: str, finished: bool, fp: str, spec_file: str) -> "SweepRecord":
         """The latest unfinished (`--resume`) or finished (`--more`) sweep of `name`, with an unchanged spec."""
         wanted = "finished" if finished else "unfinished"
-        found = [r for r in cls.all_of(root, name) if (r.status == "finished") == finished]
+        # An unfinished sweep that never got to start Tune has nothing to resume.
+        found = [r for r in cls.all_of(root, name) if (r.status == "finished") == finished and r.tune_runs]
         if not found:
             hint = "run it without --more first" if finished else "nothing to resume; run it without --resume"
             others = [r for r in cls.all_of(root, name)]

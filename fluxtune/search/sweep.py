@@ -171,6 +171,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     else:
         tune_name = "tune" if not record.tune_runs else f"more-{len(record.tune_runs)}"
         record.tune_runs.append(tune_name)
+        record.expected[tune_name] = more or search.num_samples
         record.save()
         searcher = _searcher(search, base, record.optuna_storage, record.sweep_id)
         tuner = tune.Tuner(
@@ -193,7 +194,9 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
         row = _trial_row(result, search.metric, settings, base)
         if row is not None:
             record.trials[row["trial"]] = row
-    interrupted = results.num_terminated + results.num_errors < len(results)
+    # Tune returns normally after Ctrl+C (it saves its state first): unfinished or missing trials tell.
+    interrupted = (results.num_terminated + results.num_errors < len(results)
+                   or len(results) < record.expected.get(record.tune_runs[-1], len(results)))
     record.status = "interrupted" if interrupted else "finished"
     record.save()
 
