@@ -99,13 +99,15 @@ class StageContext(Protocol):
     - `device`, `rank`, `world_size`: the worker's place in the group.
     - `batches()`: an endless iterator of training batches (dicts of tensors on `device`).
     - `training_loss(model, batch, generator)`: the flow-matching loss of one batch (noise, timesteps, loss plugin).
-    - `optimizer(params, **overrides)`: the configured optimizer for these parameters.
+    - `optimizer(params, lr, weight_decay=0, betas=(0.9, 0.999), eps=1e-8)`: the optimizer (AdamW) for them.
     - `distribute(module)`: wrap for data-parallel training across the group (identity for one worker).
     - `adapter(spec)`: instantiate a registered adapter from its YAML spec.
-    - `log(step, metrics)`: per-step metrics (buffered, tensors welcome: no device sync per step).
+    - `log(step, metrics)`: per-step metrics (buffered, tensors welcome: no device sync per step); also
+      reaches the `on_step_end` of the experiment's callbacks.
     - `maybe_evaluate(step)`: at eval points, the deterministic validation of `transformer`, reported to the
       search scheduler; `evaluate()` runs it now.
-    - `export_dir`: a folder whose content is saved with the stage checkpoint and logged as artifacts.
+    - `export_dir`: a folder whose content is saved with the stage checkpoint and logged as artifacts
+      (the checkpoint itself, the transformer as safetensors, is written by fluxtune at the stage end).
     """
 
     name: str
@@ -119,7 +121,8 @@ class StageContext(Protocol):
 
     def batches(self) -> Iterator[dict[str, Any]]: ...
     def training_loss(self, model: Any, batch: dict[str, Any], generator: Any = None) -> Any: ...
-    def optimizer(self, params: Any, **overrides: Any) -> Any: ...
+    def optimizer(self, params: Any, lr: float, weight_decay: float = 0.0, betas: Any = (0.9, 0.999),
+                  eps: float = 1e-8) -> Any: ...
     def distribute(self, module: Any) -> Any: ...
     def adapter(self, spec: dict[str, Any]) -> Adapter: ...
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
