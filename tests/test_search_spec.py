@@ -231,3 +231,23 @@ def test_run_cycle_follows_the_schedule(sample_jsonl):
     shared = build_shared(experiment, train, val, reporter, registry(), torch.device("cpu"))
     run_cycle(experiment, bundle.transformer, shared)
     assert reporter.ends == [(0, "full", 2), (0, "lora", 5), (1, "lora", 6), (2, "lora", 7)]
+
+
+def test_resume_and_more_find_the_right_sweep_and_refuse_a_changed_space(tmp_path):
+    from fluxtune.search.record import SweepRecord, fingerprint
+
+    spec, base = load_search_text(SPEC)
+    fp = fingerprint(spec, base)
+    done = SweepRecord.new(tmp_path, "t", fp)
+    done.status, done.tune_runs, done.created = "finished", ["tune"], 1.0
+    done.save()
+    with pytest.raises(InputError) as info:
+        SweepRecord.to_continue(tmp_path, "t", finished=False, fp=fp, spec_file="s.yaml")
+    assert "no unfinished sweep named 't'" in info.value.problems[0].message and "use --more N" in str(info.value)
+    assert SweepRecord.to_continue(tmp_path, "t", finished=True, fp=fp, spec_file="s.yaml").sweep_id == done.sweep_id
+    more_samples, _ = load_search_text(SPEC.replace("num_samples: 40", "num_samples: 80"))
+    assert fingerprint(more_samples, base) == fp  # the sample count may change between runs
+    changed, changed_base = load_search_text(SPEC.replace("high: 0.2", "high: 0.3"))
+    with pytest.raises(InputError) as info:
+        SweepRecord.to_continue(tmp_path, "t", finished=True, fp=fingerprint(changed, changed_base), spec_file="s.yaml")
+    assert info.value.problems[0].key == "search" and "changed" in info.value.problems[0].message

@@ -46,24 +46,24 @@ def start_ray(address: str | None, num_cpus: int, verbose: bool = False) -> None
 
 
 def check_resources(experiments: list[dict[str, Any]], spec_file: str) -> None:
-    """Refuse, before any trial, a trial that the cluster can never place (it would wait forever)."""
+    """Refuse, before any trial, a trial that the cluster can never place (it would wait forever).
+
+    `experiments` are the base with the extreme searched resource values; the largest need is reported.
+    """
     import ray
 
     from fluxtune.config.errors import InputError, Problem
 
     total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     problems = []
-    for exp in experiments:
-        need_cpu = exp["workers"] * exp["cpus_per_worker"] + 0.01  # + the trial driver's fraction
-        need_gpu = exp["workers"] * exp["gpus_per_worker"]
-        if need_cpu > cpus:
-            problems.append(Problem(spec_file, f"a trial needs {need_cpu:g} CPUs ({exp['workers']} workers × "
-                                    f"{exp['cpus_per_worker']:g}); the Ray cluster has {cpus:g}",
-                                    key="base.cpus_per_worker"))
-        if need_gpu > gpus:
-            problems.append(Problem(spec_file, f"a trial needs {need_gpu:g} GPUs ({exp['workers']} workers × "
-                                    f"{exp['gpus_per_worker']:g}); the Ray cluster has {gpus:g}",
-                                    key="base.gpus_per_worker"))
+    for kind, per_worker, key, extra in (("CPU", "cpus_per_worker", "base.cpus_per_worker", 0.01),
+                                         ("GPU", "gpus_per_worker", "base.gpus_per_worker", 0.0)):
+        # + the trial driver's small CPU fraction (tune.with_resources)
+        worst = max(experiments, key=lambda e: e["workers"] * e[per_worker])
+        need = worst["workers"] * worst[per_worker] + extra
+        if need > total.get(kind, 0.0):
+            problems.append(Problem(spec_file, f"a trial needs {need:g} {kind}s ({worst['workers']} workers × "
+                                    f"{worst[per_worker]:g}); the Ray cluster has {total.get(kind, 0.0):g}",
+                                    key=key))
     if problems:
-        raise InputError(list({p.one_line(): p for p in problems}.values()))
+        raise InputError(problems)
