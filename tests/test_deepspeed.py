@@ -27,7 +27,7 @@ name: ds
 base:
   eval_every: 4
   stages:
-    - {{name: full, type: full, steps: {steps}, strategy: {strategy}, deepspeed: {{bf16: {bf16}}},
+    - {{name: full, type: full, steps: {steps}, strategy: {strategy}, deepspeed: {{bf16: {bf16}, zero_stage: {zero}, offload_optimizer: {offload}}},
        optimizer: {{lr: 1.0e-3}}}}
 """
 
@@ -64,9 +64,10 @@ def arrays(sample_jsonl):
     return {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "target")}
 
 
-def train_full_stage(arrays, strategy, bf16=False, steps=8, rank=0, world_size=1):
+def train_full_stage(arrays, strategy, bf16=False, steps=8, rank=0, world_size=1, zero=2, offload=False):
     """The experiment's one full stage from the seed-0 tiny model; returns (final model, reporter)."""
-    _, base = load_search_text(SPEC.format(steps=steps, strategy=strategy, bf16=str(bf16).lower()))
+    _, base = load_search_text(SPEC.format(steps=steps, strategy=strategy, bf16=str(bf16).lower(), zero=zero,
+                                           offload=str(offload).lower()))
     bundle = load_bundle(base["model"])
     train = encode_arrays(bundle, {k: v[rank:20:world_size] for k, v in arrays.items()})
     val = encode_arrays(bundle, {k: v[20:] for k, v in arrays.items()})
@@ -84,9 +85,11 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-def test_zero2_fp32_trains_exactly_like_plain_adamw(arrays, one_rank_group):
+@pytest.mark.parametrize("zero_stage, offload", [(2, False), (3, False), (2, True)],
+                         ids=["zero2", "zero3", "zero2-offload"])
+def test_zero_fp32_trains_exactly_like_plain_adamw(arrays, one_rank_group, zero_stage, offload):
     plain, plain_report = train_full_stage(arrays, "ddp")
-    zero, zero_report = train_full_stage(arrays, "deepspeed")
+    zero, zero_report = train_full_stage(arrays, "deepspeed", zero=zero_stage, offload=offload)
     diff = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), zero.parameters()))
     assert diff < 1e-5, diff
     assert zero_report.stage_ends[0][1]["val_loss"] == pytest.approx(plain_report.stage_ends[0][1]["val_loss"],
