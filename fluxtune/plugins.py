@@ -196,7 +196,8 @@ def add_plugin(plugin: Any, name: str, distribution: str = "<in-process>", versi
     if problems:
         pm.unregister(name=name)
         raise InputError(problems)
-    infos[name] = info = PluginInfo(name, distribution, version, builtin=False, source=repr(plugin))
+    source = getattr(plugin, "__name__", None) or f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+    infos[name] = info = PluginInfo(name, distribution, version, builtin=False, source=source)
     _forget_registry()
     return info
 

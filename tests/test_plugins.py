@@ -290,11 +290,19 @@ def test_register_commands_adds_a_cli_command_and_plugins_lists_it():
 def test_plugins_command_lists_builtins_only_with_all():
     from fluxtune.cli.main import app
 
-    with ft.registered_plugin(LossPlugin(), name="scaler"):
+    class Replacer:
+        @fluxtune.hookimpl
+        def register_timestep_samplers(self, register):
+            register("uniform", lambda p: None, doc="t ~ U[0, 1] (shaped [n])", replace=True)
+
+    with ft.registered_plugin(LossPlugin(), name="scaler"), ft.registered_plugin(Replacer(), name="replacer"):
         plain = CliRunner().invoke(app, ["plugins"])
         full = CliRunner().invoke(app, ["plugins", "--all", "--json"])
     assert plain.exit_code == 0 and "scaler (<in-process> 0)" in plain.output
-    assert "loss scaled_mse: MSE times a factor" in plain.output and "default_plugins" not in plain.output
+    assert ("timestep_sampler uniform: t ~ U[0, 1] (shaped [n]) (replaces 'fluxtune.default_plugins.timesteps' "
+            "(fluxtune 0.1.0))") in plain.output  # brackets in docs are text, not console markup
+    assert "loss scaled_mse: MSE times a factor" in plain.output
+    assert "(built-in)" not in plain.output and "stage full" not in plain.output
     import json
 
     records = {r["name"]: r for r in json.loads(full.output)}

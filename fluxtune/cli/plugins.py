@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from fluxtune.cli.errors import error_boundary
 from fluxtune.cli.main import app, console
@@ -51,10 +52,12 @@ def list_plugins(
         return
     for record in records:
         label = "built-in" if record["builtin"] else f"{record['distribution']} {record['version']}"
-        console.print(f"[bold]{record['name']}[/] ({label}) {record['source']}", highlight=False, soft_wrap=True)
+        console.print(f"[bold]{escape(record['name'])}[/] ({escape(label)}) {escape(record['source'])}",
+                      highlight=False, soft_wrap=True)
         for kind, items in record["registers"].items():
             for item in items:
-                replaces = f" [replaces {item['replaces']}]" if "replaces" in item else ""
-                console.print(f"  {kind} [cyan]{item['name']}[/]: {item['doc']}{replaces}", highlight=False, soft_wrap=True)
+                replaces = f" (replaces {item['replaces']})" if "replaces" in item else ""
+                console.print(f"  {kind} [cyan]{escape(item['name'])}[/]: {escape(item['doc'] + replaces)}",
+                              highlight=False, soft_wrap=True)
         for command in record["commands"]:
-            console.print(f"  command [cyan]fluxtune {command}[/]", highlight=False, soft_wrap=True)
+            console.print(f"  command [cyan]fluxtune {escape(command)}[/]", highlight=False, soft_wrap=True)
