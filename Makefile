@@ -11,6 +11,8 @@ TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 SEARCH ?= searches/lora_rank.yaml
 PYTEST_ARGS ?=
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fluxtune-installed
@@ -29,8 +31,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fluxtune search $(SEARCH)
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The MLflow UI browser test drives Debian's chromium through Playwright (no browser download): installed once.
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium
+
+ui: $(STAMP)
+	$(BIN)/fluxtune ui
 
 clean-runs:
 	rm -rf runs mlflow/mlflow.db mlflow/artifacts
