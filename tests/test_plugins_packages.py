@@ -126,3 +126,16 @@ def test_broken_plugins_are_named_all_at_once_and_can_be_disabled(env, tmp_path)
     disabled = run_cli(["plugins"], tmp_path, {**env, "FLUXTUNE_DISABLE_PLUGINS": "broken,typo"})
     assert disabled.returncode == 0, disabled.stderr
     assert "ema (fluxtune-ema 0.1.0)" in disabled.stdout
+
+
+def test_validate_stays_import_light_with_the_plugins_loaded(env, tmp_path):
+    # Hooks run in every process and at every CLI start: the examples import torch/peft only inside factories.
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print('HEAVY', sorted(m for m in ('torch', 'ray', 'diffusers', 'peft') "
+             "if m in sys.modules)))\n"
+             f"sys.argv = ['fluxtune', 'validate', {str(DEMO)!r}]\n"
+             "from fluxtune.cli.main import main\n"
+             "main()\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "plugins_demo.yaml: ok" in result.stdout, result.stderr
+    assert result.stdout.strip().endswith("HEAVY []")
