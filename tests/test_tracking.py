@@ -118,6 +118,7 @@ def test_sample_grids_and_stage_checkpoints_reach_the_trial_run(uri, exp, tmp_pa
     assert red.getpixel((0, 0)) == (255, 0, 0)
     assert [a.path for a in c.list_artifacts(run, "stages/cycle0-lora/adapter")] == [
         "stages/cycle0-lora/adapter/pytorch_lora_weights.safetensors"]
+    assert tracker.stage_checkpoints("t1") == [(0, "lora", str(checkpoint))]  # what a resumed driver reads back
     # The full transformer is referenced, not uploaded (GBs for the real model) ...
     assert c.get_run(run).data.tags[CHECKPOINT_TAG + "cycle0-lora"] == checkpoint.as_uri()
     assert not c.list_artifacts(run, "stages/cycle0-lora/transformer")

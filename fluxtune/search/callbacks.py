@@ -49,7 +49,8 @@ class MlflowSweepCallback(Callback):
             tags = {f"fluxtune.plugin.{k}": v for k, v in self.plugins.items()}
             tags.update({f"fluxtune.sampled.{k}": str(v) for k, v in trial.config.items()})
             self.tracker.start_trial(trial.trial_id, params, tags)
-            self.trials[trial.trial_id] = TrialLog(params=params)
+            earlier = [StageRecord(stage, cycle, path) for cycle, stage, path in self.tracker.stage_checkpoints(trial.trial_id)]
+            self.trials[trial.trial_id] = TrialLog(params=params, stages=earlier)
         return self.trials[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -227,6 +227,18 @@ class SweepTracker:
         axes.set_title(f"trial {trial_id}")
         self.client.log_figure(run_id, figure, "loss_curves.png")
 
+    def stage_checkpoints(self, trial_id: str) -> list[tuple[int, str, str]]:
+        """(cycle, stage, local path) of every stage checkpoint the trial's run references, oldest first: a
+        resumed sweep's driver knows the stages finished before the restart from these tags."""
+        tags = self.client.get_run(self.trial_runs[trial_id]).data.tags
+        found = []
+        for key, value in tags.items():
+            if key.startswith(CHECKPOINT_TAG):
+                cycle, stage = key.removeprefix(CHECKPOINT_TAG).removeprefix("cycle").split("-", 1)
+                path = value.removeprefix("file://") if value.startswith("file://") else value
+                found.append((int(cycle), stage, path))
+        return sorted(found, key=lambda item: item[2])  # Ray names checkpoints by time
+
     # -- endings
     def end_trial(self, trial_id: str, status: str) -> None:
         if trial_id in self.trial_runs:
