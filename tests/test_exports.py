@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import torch
-from diffusers import FluxFillPipeline
 from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 from PIL import Image
 from safetensors.torch import load_file

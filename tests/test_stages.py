@@ -57,7 +57,7 @@ def run(arrays, gc: bool):
 
 
 def test_gradient_checkpointing_gives_the_same_training_and_is_switched_off_after(arrays):
-    plain_model, plain = run(arrays, gc=False)
+    _, plain = run(arrays, gc=False)
     gc_model, checkpointed = run(arrays, gc=True)
     assert len(plain) == 6
     assert np.allclose(plain[:3], checkpointed[:3], rtol=1e-6)  # full stage: bit-for-bit up to recompute order

@@ -73,7 +73,7 @@ def peft_to_kohya(state: dict[str, torch.Tensor], alpha: float,
         if module_alpha is not None:
             out[f"{key}.alpha"] = torch.tensor(float(module_alpha))
 
-    def single(prefix: str, kohya: str, path: str) -> None:
+    def single(kohya: str, path: str) -> None:
         if path in modules:
             down, up = modules[path]
             put(kohya, down, up, alpha)
@@ -101,17 +101,17 @@ def peft_to_kohya(state: dict[str, torch.Tensor], alpha: float,
     blocks = sorted({int(p.split(".")[1]) for p in modules if p.startswith("transformer_blocks.")})
     for i in blocks:
         for suffix, name in DOUBLE.items():
-            single("", f"lora_unet_double_blocks_{i}_{name}", f"transformer_blocks.{i}.{suffix}")
+            single(f"lora_unet_double_blocks_{i}_{name}", f"transformer_blocks.{i}.{suffix}")
         for name, parts in DOUBLE_FUSED.items():
             fused(f"lora_unet_double_blocks_{i}_{name}", tuple(f"transformer_blocks.{i}.{p}" for p in parts))
     blocks = sorted({int(p.split(".")[1]) for p in modules if p.startswith("single_transformer_blocks.")})
     for i in blocks:
         for suffix, name in SINGLE.items():
-            single("", f"lora_unet_single_blocks_{i}_{name}", f"single_transformer_blocks.{i}.{suffix}")
+            single(f"lora_unet_single_blocks_{i}_{name}", f"single_transformer_blocks.{i}.{suffix}")
         for name, parts in SINGLE_FUSED.items():
             fused(f"lora_unet_single_blocks_{i}_{name}", tuple(f"single_transformer_blocks.{i}.{p}" for p in parts))
     for path, name in TOP_LEVEL.items():
-        single("", f"lora_unet_{name}", path)
+        single(f"lora_unet_{name}", path)
     for path, name in FINAL.items():
         if path in modules:
             down, up = modules[path]
