@@ -62,7 +62,7 @@ def test_new_versions_get_the_candidate_alias_and_lineage_tags(registered):
 
 def test_promote_moves_an_alias_and_records_who_and_when(registered, tmp_path):
     uri, _, _ = registered
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "USER": "alice", "LOGNAME": "alice"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "USER": "alice", "LOGNAME": "alice", "COLUMNS": "200"}
     promoted = run_cli(["models", "promote", "inpaint-lora", "1", "--alias", "champion"], tmp_path, env)
     assert promoted.returncode == 0, promoted.stderr
     assert "inpaint-lora@champion → version 1" in promoted.stdout
@@ -126,3 +126,16 @@ def test_a_bad_registered_reference_is_an_input_error(registered, tmp_path):
     uri, _, _ = registered
     with pytest.raises(InputError, match="models:/inpaint-lora@nobody not found"):
         resolve_registered_model({"adapter": "models:/inpaint-lora@nobody"}, uri, tmp_path)
+
+
+def test_runners_up_are_registered_without_moving_an_alias(registered):
+    uri, root, _ = registered
+    from mlflow import MlflowClient
+
+    before = MlflowClient(uri, registry_uri=uri).get_registered_model("inpaint-lora").aliases
+    run = SweepTracker(uri, "models", "sweep-1")
+    run.start(None, {}, {})
+    version = register_adapter(uri, run.start_trial("t1", {}, {}), "inpaint-lora", None, root / "t1" / "adapter",
+                               None, MODEL, {"trial": "t1"})
+    assert version == "3" and versions(uri, "inpaint-lora")[-1]["aliases"] == []
+    assert MlflowClient(uri, registry_uri=uri).get_registered_model("inpaint-lora").aliases == before

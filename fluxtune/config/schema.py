@@ -220,6 +220,7 @@ class TrackingSpec(Closed):
     experiment: str | None = Field(None, description="MLflow experiment; default the search name")
     register_as: str | None = Field(None, description="registered model name for the best trial's adapter")
     alias: str = "candidate"
+    register_top: int = Field(1, ge=1, description="register the best N trials; only the best gets `alias`")
     upload_checkpoints: bool = Field(False, description="also upload full transformers (GBs) to MLflow; else by URI")
 
 

@@ -223,6 +223,15 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
                                                    best[search.metric], record.sweep_id)
             record.registered[best["trial"]] = [outcome.model_name, outcome.model_version]
             record.save()
+        ranked = sorted(finished, key=lambda t: t[search.metric], reverse=search.mode == "max")
+        for other in ranked[1:spec.tracking.register_top]:  # the runners-up: versions without an alias
+            other_stages = stage_records(storage, record.sweep_id, other["trial"])
+            if other_stages and other["trial"] not in record.registered:
+                name = spec.tracking.register_as or spec.name
+                record.registered[other["trial"]] = [name, _register_best(
+                    tracker, other["trial"], other_stages, sample_experiment(base, other["config"], reg), name, None,
+                    search.metric, other[search.metric], record.sweep_id)]
+                record.save()
     tracker.finish("KILLED" if interrupted else ("FINISHED" if finished else "FAILED"),
                    {f"best_{search.metric}": outcome.best_metric} if outcome.best_metric is not None else {},
                    {"fluxtune.best_trial": str(outcome.best_trial), "fluxtune.best_yaml": str(outcome.best_yaml)})
@@ -247,7 +256,7 @@ def _trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str
 
 
 def _register_best(tracker: SweepTracker, trial_id: str, stages: list[Any], experiment: dict[str, Any],
-                   model_name: str, alias: str, metric: str, value: float, sweep_id: str) -> str:
+                   model_name: str, alias: str | None, metric: str, value: float, sweep_id: str) -> str:
     """Register the trial's last adapter on top of the transformer it was trained on."""
     adapter_at = next((i for i in range(len(stages) - 1, -1, -1)
                        if (Path(stages[i].checkpoint) / "exports" / "adapter").is_dir()), None)

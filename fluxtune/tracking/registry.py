@@ -24,9 +24,9 @@ CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc's artifact: model.json + adapte
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
-def register_adapter(uri: str, run_id: str, model_name: str, alias: str, adapter_dir: Path | None,
+def register_adapter(uri: str, run_id: str, model_name: str, alias: str | None, adapter_dir: Path | None,
                      base_transformer_dir: Path | None, model_spec: dict[str, Any], tags: dict[str, str]) -> str:
-    """Log base + adapter as a pyfunc model in the trial's run, register it, point `alias` at it.
+    """Log base + adapter as a pyfunc model in the trial's run, register it, point `alias` (if any) at it.
 
     Lineage tags are the caller's (sweep, trial, cycle, stage, metric) plus what the runs know: the trial's
     final metrics (`metric.<name>`), the data hash of the sweep, the base model.
@@ -55,7 +55,8 @@ def register_adapter(uri: str, run_id: str, model_name: str, alias: str, adapter
     c = client(uri)
     for key, value in {**lineage_tags(c, run_id), **tags}.items():
         c.set_model_version_tag(model_name, version, key, str(value))
-    c.set_registered_model_alias(model_name, alias, version)
+    if alias:
+        c.set_registered_model_alias(model_name, alias, version)
     return version
 
 
