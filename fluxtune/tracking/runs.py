@@ -81,6 +81,8 @@ class SweepTracker:
     def _reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
         run = self.client.get_run(run_id)
+        # The latest point of each metric (MLflow keeps the one at the largest step), as the system-metrics
+        # monitor of MLflow itself reads it: no full history download.
         self._logged_upto[run_id] = {m.key: m.step for m in run.data._metric_objs}
 
     # -- the tree
@@ -177,8 +179,9 @@ class SweepTracker:
     # -- artifacts
     def log_samples(self, trial_id: str, encoded: str | None, step: int) -> list[str]:
         """Sample-image grids from the worker → `samples/step-000040.png` (and the UI's image slider)."""
-        from PIL import Image
         import io
+
+        from PIL import Image
 
         run_id = self.trial_runs[trial_id]
         paths = []
