@@ -3,6 +3,7 @@ server tests start. Artifacts are served by the server itself, so a remote clien
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import subprocess
@@ -32,25 +33,48 @@ def server_command(store_dir: Path, port: int, host: str = HOST) -> list[str]:
 
 def start_server(store_dir: Path, port: int | None = None, log_path: Path | None = None,
                  timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
-    """Start the server in its own process group and wait until /health answers; returns (process, URL)."""
-    port = port or free_port()
+    """Start the server in its own process group and wait until /health answers; returns (process, URL).
+
+    Without a `port` a free one is picked, and picked again if another process takes it before the server binds
+    (the server then exits): busy machines running Ray grab ports all the time."""
+    for attempt in range(3 if port is None else 1):
+        try:
+            return _start(store_dir, port or free_port(), log_path, timeout)
+        except _PortTaken:
+            continue
+    raise RuntimeError(f"mlflow server could not bind a port (log: {log_path or 'not kept'})")
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _start(store_dir: Path, port: int, log_path: Path | None, timeout: float) -> tuple[subprocess.Popen, str]:
     Path(store_dir).mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(server_command(store_dir, port), stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, **SERVER_ENV}, start_new_session=True)
     url = f"http://{HOST}:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            if _port_in_use(port):
+                raise _PortTaken(port)
             raise RuntimeError(f"mlflow server exited with {process.returncode} (log: {log_path or 'not kept'})")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
+                if response.status == 200 and response.read().strip() == b"OK":
                     return process, url
-        except OSError:
-            time.sleep(0.3)
+        except (OSError, http.client.HTTPException):  # not up yet, or someone else's socket answered
+            pass
+        time.sleep(0.3)
     stop_server(process)
     raise RuntimeError(f"mlflow server did not answer at {url} within {timeout:.0f} s (log: {log_path})")
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((HOST, port)) == 0
 
 
 def stop_server(process: subprocess.Popen, timeout: float = 15.0) -> None:
