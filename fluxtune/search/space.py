@@ -71,10 +71,13 @@ def grid_size(spec: SearchSpec) -> int:
     return size
 
 
-def optuna_sampler(spec: SearchSpec):
+def optuna_sampler(spec: SearchSpec, seed_offset: int = 0):
+    """The configured sampler; `seed_offset` (the trials already in the study) keeps an extension from
+    replaying the first run's random draws."""
     import optuna
 
-    seed, kind = spec.sampler.seed, spec.sampler.type
+    kind = spec.sampler.type
+    seed = None if spec.sampler.seed is None else spec.sampler.seed + seed_offset
     startup = spec.sampler.startup_trials or min(10, max(1, spec.num_samples // 2))
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)

@@ -112,11 +112,12 @@ def _resource_corners(base: dict[str, Any], search: SearchSpec) -> list[dict[str
     return out
 
 
-def _searcher(search: SearchSpec, base: dict[str, Any], storage_url: str, study: str):
+def _searcher(search: SearchSpec, base: dict[str, Any], storage_url: str, study: str, earlier_trials: int):
     if not search.space:
         return None
     optuna = OptunaSearch(space=DefineByRun(search.space, base), metric=search.metric, mode=search.mode,
-                          sampler=optuna_sampler(search), study_name=study, storage=optuna_storage(storage_url))
+                          sampler=optuna_sampler(search, seed_offset=earlier_trials), study_name=study,
+                          storage=optuna_storage(storage_url))
     return ConcurrencyLimiter(optuna, max_concurrent=search.max_concurrent)
 
 
@@ -173,7 +174,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
         record.tune_runs.append(tune_name)
         record.expected[tune_name] = more or search.num_samples
         record.save()
-        searcher = _searcher(search, base, record.optuna_storage, record.sweep_id)
+        searcher = _searcher(search, base, record.optuna_storage, record.sweep_id, len(record.trials))
         tuner = tune.Tuner(
             trainable(settings),
             # metric/mode live on the searcher and scheduler: a define-by-run OptunaSearch ignores Tune's

@@ -45,7 +45,9 @@ class TrialSettings:
 def cached_prefix(experiment: dict[str, Any], settings: TrialSettings) -> dict[str, Any] | None:
     """The latest stage of this experiment whose identical twin already ran: its cache record, or None."""
     found = None
-    for entry in settings.keys_of(experiment):
+    # Never the last stage: a trial must train something to report its own metrics (a repeated configuration
+    # reuses everything before its final stage).
+    for entry in settings.keys_of(experiment)[:-1]:
         record_path = settings.stage_cache / f"{entry['key']}.json"
         if not record_path.exists():
             break  # a prefix: the first missing stage ends it
