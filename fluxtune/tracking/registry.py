@@ -152,7 +152,7 @@ def resolve_registered_model(model: dict[str, Any], uri: str, into: Path) -> dic
     try:
         mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
     except MlflowException as exc:
-        raise InputError.single("model.adapter", f"{source} not found at {uri}: {exc.message}",
+        raise InputError.single(uri, f"{source} not found in this registry: {exc.message}",
                                 key="base.model.adapter") from None
     target = Path(into) / "registered" / name / str(mv.version)
     checkpoint = target / CHECKPOINT_ARTIFACT
