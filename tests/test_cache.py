@@ -47,11 +47,9 @@ def built(ray_cluster, dataset, tmp_path_factory):
 
 
 def _read_all(folder: str) -> dict[str, np.ndarray]:
-    import ray.data
+    from fluxtune.train.datasets import collect, read_parquet_light
 
-    from fluxtune.train.datasets import collect
-
-    return collect(ray.data.read_parquet(folder).iterator())
+    return collect(read_parquet_light(folder).iterator())
 
 
 def test_cache_holds_exactly_what_encoding_in_memory_gives(built, dataset):
@@ -167,3 +165,21 @@ def test_trials_split_the_cache_like_preflight_and_refuse_another_resolution(bui
 
     with pytest.raises(ValueError, match="do not search over data.resolution"):
         build_datasets(str(cache.path), {**data, "resolution": 64}, seed=5)
+
+
+@pytest.mark.timeout(180)
+def test_trials_read_the_cache_with_less_than_one_cpu_free(built):
+    """Train workers can hold every whole CPU; the data read must still run (FACTS: the hang)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from fluxtune.train.datasets import build_datasets, collect
+
+    cache, *_ = built
+    held = placement_group([{"CPU": ray.available_resources()["CPU"] - 0.5}])
+    ray.get(held.ready(), timeout=60)
+    try:
+        datasets = build_datasets(str(cache.path), {"resolution": 32, "val_fraction": 0.25}, seed=5)
+        assert len(collect(datasets["train"].iterator())["line"]) + len(collect(datasets["val"].iterator())["line"]) == 12
+    finally:
+        remove_placement_group(held)

@@ -1,4 +1,4 @@
-"""Ray Data for trials: the latent cache built once per sweep, read by every trial with `read_parquet`.
+"""Ray Data for trials: the latent cache built once per sweep, read by every trial from its Parquet files.
 
 The driver calls `prepare_sweep_data` before any trial starts: it checks the rows again (files may have changed
 since the CLI's preflight), applies the bad-rows policy and finds or builds the latent cache. Trials receive the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,6 +24,12 @@ import ray.data
 from fluxtune.data.images import DEFAULT_MASK_THRESHOLD, is_uri, load_examples_batch, split_is_validation, split_key
 from fluxtune.data.latent_cache import LatentCache, Preprocessing, cache_rows, ensure_cache, is_cache_folder, open_cache
 from fluxtune.data.selection import jsonl_folder, select_rows
+
+
+# CPUs each Ray Data read/filter task asks for. Train workers may hold every whole CPU (and a trial that Tune
+# stopped can hold its worker group's for a while): tasks that need a whole CPU then wait forever (FACTS: the
+# hang). Reading Parquet or decoding a few images is light; a quarter CPU lets it run beside them.
+READ_CPUS = 0.25
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,27 @@ def _check_cache_matches(cache: LatentCache, data: dict[str, Any], model: dict[s
                          f"{ {k: model.get(k) for k in spec} }: do not search over model keys")
 
 
+def _read_parquet_files(batch: dict[str, np.ndarray]) -> Any:
+    import pyarrow
+    import pyarrow.parquet
+
+    return pyarrow.concat_tables([pyarrow.parquet.read_table(str(path)) for path in batch["path"]])
+
+
+def read_parquet_light(folder: str) -> ray.data.Dataset:
+    """The Parquet files of a folder as a dataset, read by tasks that ask for a quarter CPU.
+
+    `ray.data.read_parquet` in Ray 2.60 lists files in a task that always asks for one whole CPU
+    (`plan_list_files_op.py` passes no num_cpus), so it waits forever while Train workers hold every whole CPU.
+    The file list is known here; `from_items` builds its block in this process without a task.
+    """
+    paths = sorted(str(p) for p in Path(folder).glob("*.parquet"))
+    if not paths:
+        raise ValueError(f"{folder} holds no Parquet files")
+    return ray.data.from_items([{"path": p} for p in paths]).map_batches(
+        _read_parquet_files, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
+
+
 def _is_validation(row: dict[str, Any], val_fraction: float, seed: int, explicit: bool) -> bool:
     if explicit:  # a `val_jsonl` was given: its rows are the validation set, all of them and only them
         return bool(row["from_val_file"])
@@ -90,19 +118,25 @@ def _cached_datasets(cache: LatentCache, data: dict[str, Any], seed: int,
     _check_cache_matches(cache, data, model)
     side = partial(_is_validation, val_fraction=data["val_fraction"], seed=seed,
                    explicit=cache.manifest["val_file_rows"] > 0)
-    rows = ray.data.read_parquet(cache.rows_dir)
+    rows = read_parquet_light(cache.rows_dir)
     with warnings.catch_warnings():  # "use expr": an expression cannot compute the split's hash
         warnings.filterwarnings("ignore", message=".*instead of 'fn'", category=UserWarning)
-        train, val = rows.filter(lambda row: not side(row)), rows.filter(side)
-    return {"train": train, "val": val, "prompts": ray.data.from_arrow(_read_table(cache.prompts_dir))}
+        train = rows.filter(lambda row: not side(row), num_cpus=READ_CPUS)
+        val = rows.filter(side, num_cpus=READ_CPUS)
+    return {"train": train, "val": val, "prompts": ray.data.from_items(_read_prompt_table(cache.prompts_dir))}
 
 
-def _read_table(folder: str) -> Any:
-    """A small Parquet table read here, in one go: one row per distinct prompt, needed whole by every worker.
-    A `read_parquet` job per worker costs seconds of task start-up for a few rows."""
+def _read_prompt_table(folder: str) -> list[dict[str, Any]]:
+    """The prompt table read here, in one go: one row per distinct prompt, needed whole by every worker. A
+    `read_parquet` job per worker costs seconds of task start-up for a few rows, and `from_arrow` runs a
+    metadata task that needs a whole free CPU; `from_items` builds its blocks right here."""
     import pyarrow.parquet
 
-    return pyarrow.parquet.read_table(folder)
+    table = pyarrow.parquet.read_table(folder)
+    # Chunk by chunk: Ray's tensor extension arrays keep their shape only through their own to_numpy().
+    columns = {name: np.concatenate([chunk.to_numpy(zero_copy_only=False) for chunk in table.column(name).chunks])
+               for name in table.column_names}
+    return [{name: values[i] for name, values in columns.items()} for i in range(table.num_rows)]
 
 
 def _flatten(batch: dict[str, Any], folder: str, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -129,16 +163,17 @@ def _decoded_datasets(jsonl: str, data: dict[str, Any], seed: int) -> dict[str, 
     """Rows read from the JSONL itself, images decoded in Ray Data (no cache); workers encode them."""
     decode = partial(load_examples_batch, resolution=data["resolution"],
                      mask_threshold=data.get("mask_threshold", DEFAULT_MASK_THRESHOLD))
-    rows = ray.data.read_json(jsonl, lines=True).map_batches(
+    light = {"num_cpus": READ_CPUS}
+    rows = ray.data.read_json(jsonl, lines=True, **light).map_batches(
         partial(_flatten, folder=jsonl_folder(jsonl), val_fraction=data["val_fraction"], seed=seed),
-        batch_format="numpy")
+        batch_format="numpy", **light)
     if data.get("val_jsonl"):
         val = _decoded_datasets(data["val_jsonl"], {**data, "val_jsonl": None, "val_fraction": 0.0}, seed)["train"]
-        return {"train": rows.map_batches(decode, batch_format="numpy"), "val": val}
+        return {"train": rows.map_batches(decode, batch_format="numpy", **light), "val": val}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*instead of 'fn'", category=UserWarning)
-        train = rows.filter(lambda r: not r["is_val"]).map_batches(decode, batch_format="numpy")
-        val = rows.filter(lambda r: r["is_val"]).map_batches(decode, batch_format="numpy")
+        train = rows.filter(lambda r: not r["is_val"], **light).map_batches(decode, batch_format="numpy", **light)
+        val = rows.filter(lambda r: r["is_val"], **light).map_batches(decode, batch_format="numpy", **light)
     return {"train": train, "val": val}
 
 
