@@ -114,7 +114,9 @@ def train_with_deepspeed(ctx: Any, stage_params: Any) -> tuple[dict[str, float],
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = ctx.optimizer(trainable, **stage_params.optimizer.model_dump())
     config = deepspeed_config(ds, ctx.shared.batch_size, ctx.world_size, stage_params.max_grad_norm)
+    engine_started = time.perf_counter()
     engine = start_engine(model, optimizer, config, ctx.device.type, ds.cpu_shm_allreduce)
+    engine_start_s = time.perf_counter() - engine_started
     dtype = torch.bfloat16 if ds.bf16 else torch.float32
     batches = ctx.batches()
     started = time.perf_counter()
@@ -126,11 +128,14 @@ def train_with_deepspeed(ctx: Any, stage_params: Any) -> tuple[dict[str, float],
         ctx.log(step, {"loss": loss.detach()})
         ctx.maybe_evaluate(step + 1, model=EngineView(engine))
     elapsed = time.perf_counter() - started
+    consolidation_started = time.perf_counter()
     transformer = consolidated_transformer(engine, ctx.device)
+    consolidate_s = time.perf_counter() - consolidation_started
     if stage_params.gradient_checkpointing:
         transformer.disable_gradient_checkpointing()
     ctx.transformer = transformer
-    return {"steps_per_s": ctx.steps / elapsed if elapsed > 0 else 0.0}, transformer
+    return {"steps_per_s": ctx.steps / elapsed if elapsed > 0 else 0.0, "engine_start_s": engine_start_s,
+            "consolidate_s": consolidate_s}, transformer
 
 
 def cast_batch(batch: dict[str, Any], dtype: Any) -> dict[str, Any]:
