@@ -9,7 +9,7 @@ full → LoRA on the tiny FLUX.1-Fill model). To measure the search strategy rat
 (≈10 s per trial, FACTS.md), each trial runs `run_cycle` directly in its Tune actor on latents encoded once in
 the driver; a trial's training steps are its last reported global step (ASHA stops it at a report).
 
-    .venv/bin/python benchmarks/search_budget.py [--tpe-samples 5] [--seeds 0 1 2]
+    .venv/bin/python benchmarks/search_budget.py [--tpe-samples 5] [--seeds 0 1 2] [--grace 30] [--reduction-factor 3]
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tpe-samples", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--grace", type=int, default=30, help="ASHA grace period (steps)")
+    parser.add_argument("--reduction-factor", type=float, default=3.0)
     args = parser.parse_args()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
@@ -133,7 +135,8 @@ def main() -> None:
         for seed in args.seeds:
             text = SPACE.replace("num_samples: 9", f"num_samples: {args.tpe_samples}")
             text = text.replace("{type: grid, seed: 0}", f"{{type: tpe, seed: {seed}, startup_trials: 2}}")
-            text = text.replace("{type: fifo}", "{type: asha, grace_period: 30, reduction_factor: 3}")
+            text = text.replace("{type: fifo}", f"{{type: asha, grace_period: {args.grace}, "
+                                                f"reduction_factor: {args.reduction_factor}}}")
             spec, _ = load_search_text(text)
             rows, wall = sweep(spec, base, data, storage)
             # The best of the trials that ran to the end (an early-stopped trial has no final model).

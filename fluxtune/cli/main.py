@@ -46,7 +46,7 @@ def search(
 ) -> None:
     """Run a hyper-parameter search: Optuna samples, each trial trains on one Ray Train worker group."""
     if resume and more:
-        console.print("[red]error:[/] --resume and --more exclude each other (resume first, then extend)")
+        typer.echo("error: --resume and --more exclude each other (resume first, then extend)", err=True)
         raise typer.Exit(2)
     if dry_run:
         _dry_run(spec, set_, samples)
