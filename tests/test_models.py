@@ -99,11 +99,14 @@ def test_the_champion_loads_as_a_pyfunc_model_that_inpaints(registered):
 
 
 def test_a_new_search_starts_from_a_registered_version(registered, tmp_path):
+    import mlflow
+
     from fluxtune.assemble import load_bundle
     from fluxtune.config.schema import ModelSpec
     from fluxtune.tracking.registry import promote
 
     uri, _, expected = registered
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # as in a fresh driver: nothing global is `uri`
     promote(uri, "inpaint-lora", "1", "champion")
     spec = ModelSpec(adapter="models:/inpaint-lora@champion").model_dump()
     model = resolve_registered_model(spec, uri, tmp_path)

@@ -162,8 +162,10 @@ def resolve_registered_model(model: dict[str, Any], uri: str, into: Path) -> dic
         partial = target.with_name(f".{mv.version}.tmp")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
-                                                         dst_path=str(partial), tracking_uri=uri))
+        # The version's storage location, not a models:/ URI: that one resolves through the global registry URI.
+        location = c.get_model_version_download_uri(name, str(mv.version))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(partial),
+                                                         tracking_uri=uri))
         found = next(local.rglob("model.json")).parent
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
