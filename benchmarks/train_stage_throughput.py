@@ -5,8 +5,9 @@
 The bare loop runs in this process on the same encoded tensors, the same seed-0 tiny model, the same batch order,
 noise and timesteps (the stage context's generator), AdamW and clipping — only without fluxtune around it. The
 stage side is `run_cycle` (full → lora) inside one TorchTrainer worker with the same thread count; its
-steps_per_s is measured by the stage from its first to its last step. Repeats interleave the two sides (the machine
-is shared: take the best of each). hand-over = the lora stage's transition_s: from the full stage's last step,
+steps_per_s and step_cpu_s are measured by the stage over its step loop. Repeats interleave the two sides; on a
+shared machine wall-clock throughput swings with other people's load, so CPU seconds per step (whole process,
+one torch thread) is printed beside it and is the comparison to trust there. hand-over = the lora stage's transition_s: from the full stage's last step,
 through evaluation, the stage checkpoint (safetensors) and LoRA set-up, to the lora stage's first step.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-THREADS = 2
+THREADS = 1  # one thread each side: CPU time per step is then a fair measure on a shared machine
 
 SPEC = """
 name: bench
@@ -95,7 +96,7 @@ def bare_loop(arrays, steps: int) -> dict[str, float]:
         optimizer = torch.optim.AdamW(trainable, lr=1e-4)
         generator = torch.Generator().manual_seed(_stream_seed(shared, 0, index))
         batches = random_batches(shared.train, shared.batch_size, generator)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(steps):
             batch = next(batches)
             x0 = batch["x0"]
@@ -106,7 +107,7 @@ def bare_loop(arrays, steps: int) -> dict[str, float]:
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        out[name] = steps / (time.perf_counter() - started)
+        out[name] = (steps / (time.perf_counter() - started), (time.process_time() - cpu_started) / steps)
     return out
 
 
@@ -151,7 +152,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     arrays = sample_arrays()
     start_ray(None, num_cpus=THREADS + 1)  # a spare CPU, as in a trial
-    bare = {"full": [], "lora": []}
+    bare = {"full": [], "lora": []}  # (steps/s, CPU s per step) per repeat
     staged = {"full": [], "lora": []}
     handover, engine, consolidate = [], [], []
     with tempfile.TemporaryDirectory() as storage:
@@ -160,17 +161,20 @@ def main() -> None:
                 bare[name].append(value)
             ends = in_ray_train(arrays, args.steps, strategy, storage)
             for end in ends:
-                staged[end["stage"]].append(end["steps_per_s"])
+                staged[end["stage"]].append((end["steps_per_s"], end["step_cpu_s"]))
             handover.append(ends[1]["transition_s"])
             engine += [e["engine_start_s"] for e in ends if "engine_start_s" in e]
             consolidate += [e["consolidate_s"] for e in ends if "consolidate_s" in e]
     ray.shutdown()
     print(f"\n{args.steps} steps per stage, batch 4 at 64² on tiny-fill, {THREADS} threads, best of {args.repeats}; "
           f"full stage strategy: {strategy}")
-    print(f"{'stage':<6} {'bare loop steps/s':>18} {'Ray Train stage steps/s':>24} {'ratio':>7}")
+    print(f"{'stage':<6} {'bare steps/s':>13} {'stage steps/s':>14} {'ratio':>6} {'bare CPU ms/step':>17} "
+          f"{'stage CPU ms/step':>18} {'ratio':>6}")
     for name in ("full", "lora"):
-        b, s = max(bare[name]), max(staged[name])
-        print(f"{name:<6} {b:>18.1f} {s:>24.1f} {s / b:>7.3f}")
+        b, s = max(v[0] for v in bare[name]), max(v[0] for v in staged[name])
+        bc, sc = min(v[1] for v in bare[name]), min(v[1] for v in staged[name])
+        print(f"{name:<6} {b:>13.1f} {s:>14.1f} {s / b:>6.3f} {bc * 1e3:>17.1f} {sc * 1e3:>18.1f} {bc / sc:>6.3f}")
+    print("ratios: stage throughput / bare throughput (CPU: bare CPU per step / stage CPU per step)")
     if engine:
         print(f"DeepSpeed engine start (import + initialize, inside the full stage before its first step): "
               f"best {min(engine):.2f} s; consolidation to a plain fp32 model: best {min(consolidate):.3f} s")

@@ -40,7 +40,7 @@ def train_steps(ctx: Any, module: Any, trainable: list[Any], params: TrainingPar
 
     optimizer = ctx.optimizer(trainable, **params.optimizer.model_dump())
     batches = ctx.batches()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for step in range(ctx.steps):
         batch = next(batches)
         with autocast(ctx, params.precision):
@@ -53,4 +53,6 @@ def train_steps(ctx: Any, module: Any, trainable: list[Any], params: TrainingPar
         ctx.log(step, {"loss": loss.detach()})
         ctx.maybe_evaluate(step + 1)
     elapsed = time.perf_counter() - started
-    return {"steps_per_s": ctx.steps / elapsed if elapsed > 0 else 0.0}
+    # CPU seconds per step (whole process): comparable across runs on a shared machine, where wall time is not.
+    return {"steps_per_s": ctx.steps / elapsed if elapsed > 0 else 0.0,
+            "step_cpu_s": (time.process_time() - cpu_started) / ctx.steps}

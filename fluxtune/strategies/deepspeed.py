@@ -119,7 +119,7 @@ def train_with_deepspeed(ctx: Any, stage_params: Any) -> tuple[dict[str, float],
     engine_start_s = time.perf_counter() - engine_started
     dtype = torch.bfloat16 if ds.bf16 else torch.float32
     batches = ctx.batches()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for step in range(ctx.steps):
         batch = cast_batch(next(batches), dtype)
         loss = ctx.training_loss(engine, batch)
@@ -128,13 +128,15 @@ def train_with_deepspeed(ctx: Any, stage_params: Any) -> tuple[dict[str, float],
         ctx.log(step, {"loss": loss.detach()})
         ctx.maybe_evaluate(step + 1, model=EngineView(engine))
     elapsed = time.perf_counter() - started
+    step_cpu_s = (time.process_time() - cpu_started) / ctx.steps
     consolidation_started = time.perf_counter()
     transformer = consolidated_transformer(engine, ctx.device)
     consolidate_s = time.perf_counter() - consolidation_started
     if stage_params.gradient_checkpointing:
         transformer.disable_gradient_checkpointing()
     ctx.transformer = transformer
-    return {"steps_per_s": ctx.steps / elapsed if elapsed > 0 else 0.0, "engine_start_s": engine_start_s,
+    return {"steps_per_s": ctx.steps / elapsed if elapsed > 0 else 0.0, "step_cpu_s": step_cpu_s,
+            "engine_start_s": engine_start_s,
             "consolidate_s": consolidate_s}, transformer
 
 
