@@ -8,7 +8,8 @@ per-step cost of runtime callbacks. Prints one table; compare rows as ratios (th
 * registry build: `build_plugin_manager()` + `build_registry()` in a fresh process (entry-point scan, imports,
   every register_* hook), same two settings.
 * training steps/s of the tiny model through `run_cycle` with no callbacks, with `nan_guard` (syncs once every
-  10 steps) and with a no-op `on_step_end` callback, interleaved in rounds so machine load hits all alike.
+  10 steps) and with a no-op `on_step_end` callback, in rounds with a rotating order (after a warm-up round)
+  so machine load hits all alike.
 """
 
 from __future__ import annotations
@@ -91,14 +92,18 @@ def callback_rows(repeats: int, steps: int) -> list[tuple[str, float, float]]:
         train, val = ft.tiny_data()
         train, val = encode_arrays(bundle, train), encode_arrays(bundle, val)
         rates: dict[str, list[float]] = {k: [] for k in variants}
-        for _ in range(repeats):
-            for label, callbacks in variants.items():
+        labels = list(variants)
+        for round_ in range(repeats + 1):  # round 0 warms up (allocator, autograd) and is not counted
+            order = labels[round_ % len(labels):] + labels[:round_ % len(labels)]  # rotate: no fixed position
+            for label in order:
+                callbacks = variants[label]
                 experiment = ft.tiny_experiment(f"eval_every: 100000\ncallbacks: {callbacks}\n"
                                                 f"stages: [{{name: full, type: full, steps: {steps}}}]")
                 shared = build_shared(experiment, train, val, ft.RecordingReporter(), registry(), torch.device("cpu"))
                 reporter = shared.reporter
                 run_cycle(experiment, ft.tiny_model().transformer, shared)
-                rates[label].append(reporter.stage_ends[-1][1]["steps_per_s"])
+                if round_:
+                    rates[label].append(reporter.stage_ends[-1][1]["steps_per_s"])
     base = statistics.median(rates["no callbacks"])
     return [(f"steps/s: {label}", statistics.median(v), statistics.median(v) / base) for label, v in rates.items()]
 
