@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +143,18 @@ def test_runners_up_are_registered_without_moving_an_alias(registered):
                                None, MODEL, {"trial": "t1"})
     assert version == "3" and versions(uri, "inpaint-lora")[-1]["aliases"] == []
     assert MlflowClient(uri, registry_uri=uri).get_registered_model("inpaint-lora").aliases == before
+
+
+def test_an_adapter_trained_on_a_registered_version_is_registered_with_that_base(registered, tmp_path):
+    uri, root, expected = registered
+    model = resolve_registered_model({**MODEL, "adapter": "models:/inpaint-lora/1"}, uri, tmp_path)
+    run = SweepTracker(uri, "models", "sweep-2")
+    run.start(None, {}, {})
+    # A lora-only search started from version 1: its adapter's base is version 1 merged, not the plain preset.
+    version = register_adapter(uri, run.start_trial("t9", {}, {}), "inpaint-lora", None, root / "t2" / "adapter",
+                               None, model, {"trial": "t9"})
+    from diffusers import FluxTransformer2DModel
+
+    again = resolve_registered_model({"adapter": f"models:/inpaint-lora/{version}"}, uri, tmp_path)
+    base = FluxTransformer2DModel.from_pretrained(Path(again["adapter"]) / "base").state_dict()
+    assert all(torch.allclose(base[k], expected["1"][k], atol=1e-5) for k in base)

@@ -35,7 +35,8 @@ def register_adapter(uri: str, run_id: str, model_name: str, alias: str | None, 
 
     from fluxtune import __version__
 
-    model_spec = {k: v for k, v in model_spec.items() if k != "adapter"}  # a resolved local folder: not portable
+    started_from = model_spec.get("adapter")  # a registered version the search started from (a local folder)
+    model_spec = {k: v for k, v in model_spec.items() if k != "adapter"}  # that folder is not portable
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / CHECKPOINT_ARTIFACT
         folder.mkdir()
@@ -43,6 +44,11 @@ def register_adapter(uri: str, run_id: str, model_name: str, alias: str | None, 
             shutil.copytree(adapter_dir, folder / "adapter")
         if base_transformer_dir is not None:
             shutil.copytree(base_transformer_dir, folder / "base")
+        elif started_from and adapter_dir is not None:  # the adapter was trained on that version, merged
+            from fluxtune.assemble import load_bundle
+
+            load_bundle({**model_spec, "adapter": started_from}).transformer.save_pretrained(
+                folder / "base", safe_serialization=True)
         (folder / "model.json").write_text(json.dumps({"model": model_spec}))
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
