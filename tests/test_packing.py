@@ -183,3 +183,7 @@ def test_transformer_sees_exactly_what_the_pipeline_feeds_it(pipeline, bundle):
     assert torch.equal(captured["img_ids"], latent_image_ids(64, 64))
     assert torch.equal(captured["txt_ids"], text_ids(prompt_embeds.shape[1]))
     assert 0.0 < captured["timestep"].item() <= 1.0  # the model scales by 1000 itself
+    # training feeds the guidance embedding the pipeline's default guidance_scale (model.guidance, default 30)
+    from fluxtune.config.schema import ModelSpec
+
+    assert torch.equal(captured["guidance"], torch.full((1,), ModelSpec(preset="tiny-fill").guidance))
