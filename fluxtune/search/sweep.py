@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +187,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
             run_config=tune.RunConfig(name=tune_name, storage_path=str(storage / "tune"), verbose=0,
                                       callbacks=callbacks),
         )
+    handler_before = signal.getsignal(signal.SIGINT)
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
@@ -196,7 +200,8 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
         if row is not None:
             record.trials[row["trial"]] = row
     # Tune returns normally after Ctrl+C (it saves its state first): unfinished or missing trials tell.
-    interrupted = (results.num_terminated + results.num_errors < len(results)
+    interrupted = (_interrupted_by_user(handler_before)
+                   or results.num_terminated + results.num_errors < len(results)
                    or len(results) < record.expected.get(record.tune_runs[-1], len(results)))
     record.status = "interrupted" if interrupted else "finished"
     record.save()
@@ -237,6 +242,16 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
                    {f"best_{search.metric}": outcome.best_metric} if outcome.best_metric is not None else {},
                    {"fluxtune.best_trial": str(outcome.best_trial), "fluxtune.best_yaml": str(outcome.best_yaml)})
     return outcome
+
+
+def _interrupted_by_user(handler_before: Any) -> bool:
+    """Tune swaps in its own SIGINT handler for a run and puts the previous one back only when Ctrl+C arrives
+    (then it returns normally, in-flight trials marked as ended): finding the old handler means interrupted."""
+    now = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, handler_before)
+    tune_handles_sigint = (threading.current_thread() is threading.main_thread()
+                           and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")))
+    return tune_handles_sigint and now is handler_before
 
 
 def _trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str, Any]) -> dict[str, Any] | None:
