@@ -55,6 +55,15 @@ def _start(store_dir: Path, port: int, log_path: Path | None, timeout: float) ->
     process = subprocess.Popen(server_command(store_dir, port), stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, **SERVER_ENV}, start_new_session=True)
     url = f"http://{HOST}:{port}"
+    try:
+        return _wait_healthy(process, url, port, log_path, timeout)
+    except BaseException:  # never leave a server behind (Ctrl-C, a surprise from urllib)
+        stop_server(process)
+        raise
+
+
+def _wait_healthy(process: subprocess.Popen, url: str, port: int, log_path: Path | None,
+                  timeout: float) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -68,7 +77,6 @@ def _start(store_dir: Path, port: int, log_path: Path | None, timeout: float) ->
         except (OSError, http.client.HTTPException):  # not up yet, or someone else's socket answered
             pass
         time.sleep(0.3)
-    stop_server(process)
     raise RuntimeError(f"mlflow server did not answer at {url} within {timeout:.0f} s (log: {log_path})")
 
 
