@@ -16,6 +16,9 @@ RAY_ENV_DEFAULTS = {
     "RAY_AIR_NEW_OUTPUT": "0",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "100",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # A trial stopped by ASHA/median is blocked in TorchTrainer.fit() and never sees Tune's stop: without this
+    # Tune waits 600 s before killing it, and its Train workers hold their CPUs (the next trial cannot start).
+    "TUNE_FORCE_TRIAL_CLEANUP_S": "10",
 }
 
 
