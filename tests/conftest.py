@@ -13,6 +13,30 @@ REPO = Path(__file__).resolve().parents[1]
 FLUXTUNE = Path(sys.executable).with_name("fluxtune")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def no_process_state_leaks_between_modules():
+    """Each test module gets a clean process: no Ray, torch.distributed group or DeepSpeed comm left over.
+
+    The suite runs in one interpreter; in-process Ray clusters, gloo groups and DeepSpeed's global comm
+    backend would otherwise leak from one module into the next (`ray.init` twice, unregistered groups).
+    """
+    yield
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if "deepspeed.utils.groups" in sys.modules:
+        # DeepSpeed caches the world group it first saw; a later module's new gloo group would be "not
+        # registered". deepspeed.comm.destroy_process_group() does this release, but tests destroy via torch.
+        sys.modules["deepspeed.utils.groups"]._release_process_group_references(None)
+
+
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory) -> Path:
     """One generated-sample cache for the whole session (written once, reused like a user's ~/.cache)."""

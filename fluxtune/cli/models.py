@@ -11,7 +11,7 @@ from rich.table import Table
 from fluxtune.cli.errors import error_boundary
 
 app = typer.Typer(no_args_is_help=True, help="Registered models: list versions, promote one by alias.")
-console = Console()
+console = Console(soft_wrap=True)  # lines naming files must stay whole for grep and logs
 URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow)"
 
 
