@@ -1,6 +1,6 @@
 """Stage reuse on `searches/lora_rank.yaml`: the same sweep with `reuse_stages` off and on.
 
-Every trial of lora_rank starts with the same full fine-tune (same config, data, seed): with reuse it runs once
+FIFO instead of the file's ASHA, so both runs train the same trials to the end. Every trial of lora_rank starts with the same full fine-tune (same config, data, seed): with reuse it runs once
 and later trials start from its checkpoint. Both sweeps run through the real CLI in a temporary folder; the
 figures come from `runs/<sweep>/sweep.json` (training steps actually run, steps reused) and wall time.
 
@@ -23,7 +23,10 @@ SPEC = Path(__file__).resolve().parents[1] / "searches" / "lora_rank.yaml"
 
 def run_sweep(workdir: Path, reuse: bool) -> tuple[dict, float]:
     workdir.mkdir(parents=True)
-    args = [str(FLUXTUNE), "search", str(SPEC), "--set", f"search.reuse_stages={str(reuse).lower()}"]
+    # FIFO: every trial runs to the end, so the step counts compare like for like (ASHA would stop trials at
+    # points that differ between the two runs).
+    args = [str(FLUXTUNE), "search", str(SPEC), "--set", f"search.reuse_stages={str(reuse).lower()}",
+            "--set", "search.scheduler={type: fifo}"]
     started = time.perf_counter()
     done = subprocess.run(args, cwd=workdir, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     wall = time.perf_counter() - started
