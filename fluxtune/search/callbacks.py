@@ -81,6 +81,26 @@ class MlflowSweepCallback(Callback):
         self._end(trial, "FAILED")
 
 
+class StopFinishedRuns(Callback):
+    """Tell a finished or stopped trial's Train workers to end their run (see fluxtune.train.stops)."""
+
+    def __init__(self, sweep_id: str):
+        self.sweep_id = sweep_id
+
+    def _stop(self, trial: Any) -> None:
+        import ray
+
+        from fluxtune.train.stops import create_board
+
+        ray.get(create_board(self.sweep_id).stop.remote(trial.trial_id))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._stop(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._stop(trial)
+
+
 class ConsoleProgress(Callback):
     """One line per report and per finished trial, instead of Tune's wide tables."""
 

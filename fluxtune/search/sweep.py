@@ -32,13 +32,14 @@ from fluxtune.config.schema import SearchFile, SearchSpec
 from fluxtune.plugins import plugin_set
 from fluxtune.registry import registry
 from fluxtune.search.best import stage_records, write_best_yaml
-from fluxtune.search.callbacks import CHECKPOINT_KEY, ConsoleProgress, MlflowSweepCallback
+from fluxtune.search.callbacks import StopFinishedRuns, CHECKPOINT_KEY, ConsoleProgress, MlflowSweepCallback
 from fluxtune.search.record import SweepRecord, fingerprint
 from fluxtune.search.space import (DefineByRun, max_total_steps, optuna_sampler, optuna_storage,
                                    optuna_storage_url, study_summary)
 from fluxtune.tracking.registry import register_adapter, resolve_registered_model
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.store import tracking_uri
+from fluxtune.train.stops import create_board
 from fluxtune.train.cluster import check_resources, local_cpus, start_ray
 from fluxtune.train.datasets import prepare_sweep_data
 from fluxtune.train.trial import TrialSettings, record_stage, trainable
@@ -139,6 +140,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     storage = Path(record.folder)
 
     start_ray(address, local_cpus(base["workers"], base["cpus_per_worker"], search.max_concurrent), verbose)
+    stop_board = create_board(record.sweep_id)  # held for the whole sweep: workers look it up by name
     check_resources(_resource_corners(base, search), spec_file)  # before anything is written
 
     uri = tracking_uri(spec.tracking.uri)
@@ -165,7 +167,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
                              plugins=plugins, reuse_stages=search.reuse_stages)
     reg = registry()
     callbacks = [MlflowSweepCallback(tracker, plugins, lambda config: sample_experiment(base, config, reg)),
-                 StageCacheRecorder(settings), ConsoleProgress(search.metric, console)]
+                 StageCacheRecorder(settings), StopFinishedRuns(record.sweep_id), ConsoleProgress(search.metric, console)]
 
     if resume:
         tune_dir = storage / "tune" / record.tune_runs[-1]

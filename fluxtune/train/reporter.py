@@ -18,8 +18,9 @@ STEP_METRICS_KEY = "fluxtune_steps"  # JSON: {metric: [[step, value], ...]}, unp
 
 
 class RayReporter:
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, stop_check: Any = None):
         self.rank = rank
+        self.stop_check = stop_check  # fluxtune.train.stops.StopCheck: ends runs Tune has stopped
         self._steps: dict[str, list[tuple[int, Any]]] = {}
         self._samples: list[bytes] = []
 
@@ -44,10 +45,16 @@ class RayReporter:
         samples, self._samples = self._samples, []
         return {SAMPLES_KEY: encode_samples(samples)}
 
+    def _check_stopped(self) -> None:
+        if self.stop_check is not None:
+            self.stop_check.raise_if_stopped()
+
     def evaluation(self, global_step: int, metrics: dict[str, float]) -> None:
+        self._check_stopped()
         ray.train.report({**metrics, "global_step": global_step, STEP_METRICS_KEY: self._drain(), **self._extras()})
 
     def stage_end(self, global_step: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self._check_stopped()
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report({**metrics, "global_step": global_step, "stage_end": True, STEP_METRICS_KEY: self._drain(),
                           **self._extras()}, checkpoint=checkpoint)

@@ -75,7 +75,7 @@ def record_stage(settings: TrialSettings, experiment: dict[str, Any], cycle: int
 
 
 def trainer_for(experiment: dict[str, Any], settings: TrialSettings, run_name: str,
-                initial_checkpoint: str | None = None) -> TorchTrainer:
+                initial_checkpoint: str | None = None, trial_id: str | None = None) -> TorchTrainer:
     use_gpu = experiment["gpus_per_worker"] > 0
     resources = {"CPU": experiment["cpus_per_worker"]}
     if use_gpu:
@@ -84,7 +84,8 @@ def trainer_for(experiment: dict[str, Any], settings: TrialSettings, run_name: s
         train_loop_per_worker,
         # initial_checkpoint: a reused stage prefix; the worker prefers this run's own checkpoint (a restart).
         train_loop_config={"experiment": experiment, "plugins": settings.plugins,
-                           "initial_checkpoint": initial_checkpoint},
+                           "initial_checkpoint": initial_checkpoint,
+                           "sweep_id": settings.sweep_id, "trial_id": trial_id},
         scaling_config=ScalingConfig(num_workers=experiment["workers"], use_gpu=use_gpu,
                                      resources_per_worker=resources),
         datasets=build_datasets(settings.jsonl, experiment["data"], experiment["seed"]),
@@ -115,7 +116,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
         used.parent.mkdir(parents=True, exist_ok=True)
         used.write_text(json.dumps(reused))
     trainer_for(experiment, settings, f"{settings.sweep_id}-{trial_id}",
-                reused["checkpoint"] if reused else None).fit()
+                reused["checkpoint"] if reused else None, trial_id=trial_id).fit()
 
 
 def trainable(settings: TrialSettings):

@@ -19,6 +19,7 @@ from fluxtune.registry import registry
 from fluxtune.train.datasets import collect
 from fluxtune.tracking.samples import SampleGrids
 from fluxtune.train.reporter import RayReporter
+from fluxtune.train.stops import StopCheck, TrialStopped
 
 
 def _resume(transformer: Any, initial: str | None = None) -> tuple[Progress, Any]:
@@ -62,10 +63,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(experiment["seed"])
 
     transformer, train, val = _load_model_and_data(experiment, rank)
-    reporter = RayReporter(rank)
+    reporter = RayReporter(rank, StopCheck(config.get("sweep_id"), config.get("trial_id"), rank, world_size))
     shared = build_shared(experiment, train, val, reporter, registry(), device, rank, world_size)
     if rank == 0:  # sample-image grids for MLflow at each evaluation
         shared.samples = SampleGrids.for_worker(experiment["model"], shared.val, reporter.attach_sample)
         shared.probe = InpaintProbe.for_worker(experiment["model"], shared.val)  # masked_psnr with val_loss
     progress, transformer = _resume(transformer.to(device), config.get("initial_checkpoint"))
-    run_cycle(experiment, transformer, shared, progress)
+    try:
+        run_cycle(experiment, transformer, shared, progress)
+    except TrialStopped:
+        return  # Tune stopped this trial (ASHA): end the run so its workers free their CPUs now
