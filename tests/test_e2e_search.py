@@ -91,7 +91,9 @@ def test_the_registered_model_inpaints(finished_sweep, sample_jsonl):
 
     workdir, result = finished_sweep
     assert result.returncode == 0, result.stderr[-3000:]
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
+    uri = f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # process-wide: an earlier in-process test may have pointed it elsewhere
     model = mlflow.pyfunc.load_model("models:/e2e-lora@candidate")
     images = sample_jsonl.parent / "images"
     out = model.predict(pd.DataFrame({"image": [str(images / "0003.png")], "mask": [str(images / "0003_mask.png")]}))

@@ -65,7 +65,9 @@ def test_the_registered_model_inpaints_with_the_dora_adapter(demo_sweep, session
     from PIL import Image
 
     workdir, _ = demo_sweep
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
+    uri = f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # process-wide: an earlier in-process test may have pointed it elsewhere
     model = mlflow.pyfunc.load_model("models:/plugins-demo@candidate")
     [images] = list(session_cache.glob("sample/*n32-r32*/images"))
     out = model.predict(pd.DataFrame({"image": [str(images / "0001.png")], "mask": [str(images / "0001_mask.png")]}))

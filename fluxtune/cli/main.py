@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from typing import Optional
 
 import typer
@@ -11,7 +13,8 @@ from fluxtune.cli.errors import EXIT_FAILED, error_boundary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Plugin-based Ray Tune experiments for fine-tuning FLUX.1-Fill-dev.")
-console = Console()
+# Lines naming files stay whole for grep and logs; tables get room when the output is a file or a pipe.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 SET_HELP = "override a key of the file: --set base.stages.lora.steps=10 (repeatable; the value is YAML)"
