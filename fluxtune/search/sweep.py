@@ -192,15 +192,14 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     handler_before = signal.getsignal(signal.SIGINT)
     try:
         results = tuner.fit()
-    except KeyboardInterrupt:
+        for result in results:
+            row = _trial_row(result, search.metric, settings, base)
+            if row is not None:
+                record.trials[row["trial"]] = row
+    except BaseException:  # Ctrl+C twice, or a bug: the record must still say the sweep can be resumed
         record.status = "interrupted"
         record.save()
         raise
-
-    for result in results:
-        row = _trial_row(result, search.metric, settings, base)
-        if row is not None:
-            record.trials[row["trial"]] = row
     # Tune returns normally after Ctrl+C (it saves its state first): unfinished or missing trials tell.
     interrupted = (_interrupted_by_user(handler_before)
                    or results.num_terminated + results.num_errors < len(results)
@@ -257,6 +256,9 @@ def _interrupted_by_user(handler_before: Any) -> bool:
 
 
 def _trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str, Any]) -> dict[str, Any] | None:
+    if result.config is None and result.error is None:  # Ctrl+C before its first report: --resume reruns it
+        return None
+    config = result.config or {}  # a trial that failed before its first report has no recorded config
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id")
     if trial_id is None:  # failed before its first report
@@ -267,8 +269,8 @@ def _trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str
     reused = 0
     if used.exists():
         reused = int(json.loads(used.read_text())["global_step"])
-    experiment = sample_experiment(base, result.config, registry())
-    return {"trial": trial_id, "config": result.config, "error": str(result.error or ""),
+    experiment = sample_experiment(base, config, registry())
+    return {"trial": trial_id, "config": config, "error": str(result.error or ""),
             metric: metrics.get(metric), "steps": int(metrics.get("global_step", 0)), "reused_steps": reused,
             "planned_steps": planned_steps(experiment)}
 

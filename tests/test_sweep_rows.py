@@ -1,0 +1,47 @@
+"""How the driver turns Tune's results into sweep-record rows, including trials cut short by Ctrl+C."""
+
+from __future__ import annotations
+
+from ray.tune import Result
+
+from fluxtune.config.load import load_search_text
+from fluxtune.search.sweep import _trial_row
+from fluxtune.train.trial import TrialSettings
+
+SPEC = """\
+name: rows
+base:
+  stages:
+    - {name: full, type: full, steps: 10}
+    - {name: lora, type: lora, steps: 5}
+search:
+  space:
+    stages.lora.steps: {type: int, low: 5, high: 20}
+"""
+
+
+def _settings(tmp_path):
+    _, base = load_search_text(SPEC)
+    return TrialSettings(sweep_id="s", base=base, jsonl="sample", storage_path=str(tmp_path), plugins={}), base
+
+
+def test_a_trial_interrupted_before_its_first_report_gets_no_row(tmp_path):
+    settings, base = _settings(tmp_path)
+    never_reported = Result(metrics=None, checkpoint=None, error=None, path=str(tmp_path / "t1"))
+    assert _trial_row(never_reported, "val_loss", settings, base) is None
+
+
+def test_a_trial_that_failed_before_its_first_report_keeps_its_error(tmp_path):
+    settings, base = _settings(tmp_path)
+    failed = Result(metrics={}, checkpoint=None, error=RuntimeError("worker died"), path=str(tmp_path / "t2"))
+    row = _trial_row(failed, "val_loss", settings, base)
+    assert row["trial"] == "t2" and "worker died" in row["error"] and row["steps"] == 0
+    assert row["planned_steps"] == 15  # the base's steps: its sampled values were never recorded
+
+
+def test_a_reported_trial_row_uses_its_sampled_values(tmp_path):
+    settings, base = _settings(tmp_path)
+    metrics = {"trial_id": "abc", "global_step": 30, "val_loss": 0.5, "config": {"stages.lora.steps": 20}}
+    row = _trial_row(Result(metrics=metrics, checkpoint=None, error=None, path=str(tmp_path / "t3")),
+                     "val_loss", settings, base)
+    assert row["trial"] == "abc" and row["planned_steps"] == 30 and row["val_loss"] == 0.5
