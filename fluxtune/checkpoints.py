@@ -1,17 +1,29 @@
 """Stage checkpoints: the consolidated transformer (safetensors) + what the stage exported + progress.
 
-Written into a fresh folder and completed by `progress.json` last, so a folder without it is never resumed from.
+Written atomically: everything goes into `<name>.tmp-<random>`, `progress.json` (the completion marker) last, and
+the folder is then renamed to its final name. The marker lists every file with its size, so a reader also
+rejects a folder that someone else copied half-way (Ray Train copies a reported checkpoint file by file into
+storage, in no particular order): `read_checkpoint_record` is the one check every reader uses.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
+import re
+import secrets
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 PROGRESS = "progress.json"
+_OUT_OF_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+# safetensors (Rust) reports I/O failures as "… I/O error: No space left on device (os error 28)"
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+log = logging.getLogger("fluxtune.checkpoints")
 
 
 @dataclass(frozen=True)
@@ -29,20 +41,131 @@ class Progress:
         return Progress(self.cycle, nxt, self.global_step + steps)
 
 
+class CheckpointSpaceError(OSError):
+    """The disk (or a file-size limit) ran out while writing a checkpoint; nothing half-written is left."""
+
+    def __init__(self, folder: Path, needed: int, free: int, cause: str = ""):
+        self.folder, self.needed, self.free = folder, needed, free
+        why = f" ({cause})" if cause else ""
+        super().__init__(errno.ENOSPC, f"no space to write stage checkpoint {folder}{why}: it needs about "
+                                       f"{_mib(needed)}, {_mib(free)} free there; earlier checkpoints are untouched")
+
+
 def write_stage_checkpoint(out_dir: Path, transformer: Any, progress: Progress, stage: str,
                            export_dir: Path | None, metrics: dict[str, float]) -> Path:
     out_dir = Path(out_dir)
-    transformer.save_pretrained(out_dir / "transformer", safe_serialization=True)
-    if export_dir is not None and export_dir.exists() and any(export_dir.iterdir()):
-        shutil.copytree(export_dir, out_dir / "exports")
-    record = {**asdict(progress), "finished_stage": stage, "metrics": metrics}
-    (out_dir / PROGRESS).write_text(json.dumps(record, indent=1))
+    has_exports = export_dir is not None and export_dir.exists() and any(export_dir.iterdir())
+    needed = _state_bytes(transformer) + (_folder_bytes(export_dir) if has_exports else 0)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out_dir.parent).free
+    if needed > free:  # refuse up front rather than fill the disk for other writers
+        raise CheckpointSpaceError(out_dir, needed, free)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        if has_exports:
+            shutil.copytree(export_dir, tmp / "exports")
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        record = {**asdict(progress), "finished_stage": stage, "metrics": metrics, "files": files}
+        _write_atomically(tmp / PROGRESS, json.dumps(record, indent=1))
+        os.replace(tmp, out_dir)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _out_of_space(exc):
+            raise CheckpointSpaceError(out_dir, needed, shutil.disk_usage(out_dir.parent).free, str(exc)) from exc
+        raise
     return out_dir
 
 
-def read_progress(checkpoint_dir: Path) -> Progress | None:
-    path = Path(checkpoint_dir) / PROGRESS
-    if not path.exists():
+def read_checkpoint_record(checkpoint_dir: Path | str) -> dict[str, Any] | None:
+    """The completion record of a finished checkpoint folder (a local path or a storage URI); None, with a
+    warning, for anything incomplete: no marker, an unreadable one, a listed file missing or of another size."""
+    import pyarrow.fs as pafs
+
+    fs, folder = _filesystem(str(checkpoint_dir))
+    try:
+        with fs.open_input_stream(f"{folder}/{PROGRESS}") as stream:
+            record = json.loads(stream.read())
+    except FileNotFoundError:
+        if fs.get_file_info(folder).type == pafs.FileType.Directory:
+            log.warning("skipping incomplete stage checkpoint %s: no %s", checkpoint_dir, PROGRESS)
         return None
-    record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("skipping stage checkpoint %s: unreadable %s (%s)", checkpoint_dir, PROGRESS, exc)
+        return None
+    expected = record.get("files", {})  # checkpoints written before the file list: the marker alone
+    infos = fs.get_file_info([f"{folder}/{name}" for name in expected])  # one listing call on object stores
+    for (name, size), info in zip(expected.items(), infos):
+        if info.type != pafs.FileType.File or info.size != size:
+            found = "missing" if info.type != pafs.FileType.File else f"{info.size} bytes"
+            log.warning("skipping incomplete stage checkpoint %s: %s is %s, expected %d bytes", checkpoint_dir,
+                        name, found, size)
+            return None
+    return record
+
+
+def read_progress(checkpoint_dir: Path) -> Progress | None:
+    record = read_checkpoint_record(checkpoint_dir)
+    if record is None:
+        return None
     return Progress(record["cycle"], record["stage_index"], record["global_step"])
+
+
+def check_writable_folder(folder: Path | str) -> str | None:
+    """Why `folder` cannot hold checkpoints (cannot be created, not writable, disk full), or None if it can."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".fluxtune-write-test-{secrets.token_hex(4)}"
+        try:
+            probe.write_bytes(b"0" * 4096)  # a real block: a full disk fails here, not only at the first checkpoint
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno in _OUT_OF_SPACE:
+            reason += f" ({_mib(shutil.disk_usage(_existing_parent(folder)).free)} free)"
+        return reason
+    return None
+
+
+def _filesystem(path: str):
+    import pyarrow.fs as pafs
+
+    if "://" in path:  # s3://, gs://, … : Ray Train's storage on a cluster
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    part = path.with_name(path.name + ".part")
+    with open(part, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(part, path)
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in _OUT_OF_SPACE
+    found = _RUST_OS_ERROR.search(str(exc))
+    return found is not None and int(found.group(1)) in _OUT_OF_SPACE
+
+
+def _state_bytes(model: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _existing_parent(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

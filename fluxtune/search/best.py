@@ -16,7 +16,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from fluxtune.checkpoints import PROGRESS
+from fluxtune.checkpoints import read_checkpoint_record
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,9 @@ class StageCheckpoint:
 
 
 def _read(folder: Path) -> StageCheckpoint | None:
-    path = folder / PROGRESS
-    if not path.exists():
+    record = read_checkpoint_record(folder)  # None for a half-written or half-copied one (storage faults)
+    if record is None:
         return None
-    record = json.loads(path.read_text())
     finished_cycle = record["cycle"] if record["stage_index"] > 0 else record["cycle"] - 1
     return StageCheckpoint(record["finished_stage"], finished_cycle, record["global_step"], str(folder))
 

@@ -13,6 +13,7 @@ from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from fluxtune.checkpoints import read_checkpoint_record
 from fluxtune.config.load import sample_experiment
 from fluxtune.config.stage_keys import data_identity, stage_keys
 from fluxtune.plugins import plugin_set, use_plugin_set
@@ -52,7 +53,7 @@ def cached_prefix(experiment: dict[str, Any], settings: TrialSettings) -> dict[s
         if not record_path.exists():
             break  # a prefix: the first missing stage ends it
         record = json.loads(record_path.read_text())
-        if not (Path(record["checkpoint"]) / "progress.json").exists():
+        if read_checkpoint_record(record["checkpoint"]) is None:  # half-written or half-copied (storage faults)
             break
         found = {**record, **entry}
     return found

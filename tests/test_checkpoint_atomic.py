@@ -1,0 +1,194 @@
+"""Stage checkpoints appear whole or not at all, every reader skips a half-written one, and a full disk or an
+unwritable storage folder gives one clear error while earlier checkpoints stay as they were."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fluxtune.checkpoints import (PROGRESS, CheckpointSpaceError, Progress, check_writable_folder,
+                                  read_checkpoint_record, read_progress, write_stage_checkpoint)
+
+SAFETENSORS = "transformer/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    from fluxtune.testing import tiny_model
+
+    return tiny_model().transformer
+
+
+def _write(folder: Path, transformer, stage: str = "full", step: int = 5) -> Path:
+    exports = folder.parent / f"exports-{folder.name}"
+    (exports / "adapter").mkdir(parents=True, exist_ok=True)
+    (exports / "adapter" / "weights.bin").write_bytes(b"a" * 1000)
+    return write_stage_checkpoint(folder, transformer, Progress(0, 1, step), stage, exports, {"val_loss": 0.5})
+
+
+def _half_written(folder: Path, complete: Path) -> Path:
+    """What a crash leaves: real files, the weights cut short, no completion marker."""
+    shutil.copytree(complete, folder)
+    (folder / PROGRESS).unlink()
+    _truncate(folder / SAFETENSORS)
+    return folder
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_checkpoint_appears_under_its_name_complete_with_a_list_of_its_files(transformer, tmp_path):
+    folder = _write(tmp_path / "checkpoint", transformer)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "exports-checkpoint"]  # no temporary folder left
+    record = read_checkpoint_record(folder)
+    assert record["finished_stage"] == "full" and read_progress(folder) == Progress(0, 1, 5)
+    assert record["files"][SAFETENSORS] == (folder / SAFETENSORS).stat().st_size
+    assert record["files"]["exports/adapter/weights.bin"] == 1000
+    assert set(record["files"]) == {str(p.relative_to(folder)) for p in folder.rglob("*")
+                                    if p.is_file() and p.name != PROGRESS}
+
+
+def test_resume_skips_a_folder_without_marker_and_a_copy_cut_short(transformer, tmp_path, caplog):
+    complete = _write(tmp_path / "complete", transformer)
+    half = _half_written(tmp_path / "half", complete)
+    copied = tmp_path / "copy-cut-short"  # the marker arrived, the weights did not (Ray copies in any order)
+    shutil.copytree(complete, copied)
+    _truncate(copied / SAFETENSORS)
+    with caplog.at_level(logging.WARNING, logger="fluxtune.checkpoints"):
+        assert read_progress(half) is None and read_progress(copied) is None
+        assert read_progress(tmp_path / "never-written") is None
+    assert f"skipping incomplete stage checkpoint {half}: no progress.json" in caplog.text
+    assert f"{copied}: {SAFETENSORS} is" in caplog.text and "expected" in caplog.text
+    (copied / SAFETENSORS).unlink()
+    assert read_progress(copied) is None and "is missing" in caplog.text
+    (half / PROGRESS).write_text('{"cycle": 1, "stage_in')  # a marker someone else cut short
+    assert read_progress(half) is None and "unreadable progress.json" in caplog.text
+
+
+def test_the_trial_worker_starts_fresh_rather_than_from_a_half_written_checkpoint(transformer, tmp_path,
+                                                                                 monkeypatch):
+    import ray.train
+    import torch
+
+    from fluxtune.train import worker
+
+    complete = _write(tmp_path / "complete", transformer, step=7)
+    half = _half_written(tmp_path / "half", complete)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)  # no checkpoint of its own: the reuse path
+    progress, model = worker._resume(transformer, str(half))
+    assert progress == Progress() and model is transformer
+    progress, model = worker._resume(transformer, str(complete))
+    assert progress == Progress(0, 1, 7) and model is not transformer
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), transformer.state_dict().values()))
+
+
+def test_stage_reuse_and_registration_skip_half_written_checkpoints(transformer, tmp_path):
+    from fluxtune.search.best import stage_records
+    from fluxtune.testing import tiny_experiment
+    from fluxtune.train.trial import TrialSettings, cached_prefix
+
+    experiment = tiny_experiment("""
+        data: {jsonl: sample, resolution: 32}
+        stages:
+          - {name: full, type: full, steps: 2}
+          - {name: lora, type: lora, steps: 2}
+          - {name: full2, type: full, steps: 2}
+        """)
+    sweep = tmp_path / "sweep"
+    settings = TrialSettings(sweep_id="s1", base=experiment, jsonl=str(tmp_path / "rows.jsonl"),
+                             storage_path=str(sweep), plugins={})
+    run = sweep / "train" / "s1-t1"
+    first = _write(run / "checkpoint_000000", transformer, "full", 2)
+    second = run / "checkpoint_000001"  # its marker was copied, its weights were not (a crash mid-copy)
+    shutil.copytree(first, second)
+    (second / SAFETENSORS).unlink()
+    _half_written(run / "checkpoint_000002", first)
+    keys = settings.keys_of(experiment)
+    cache = Path(settings.stage_cache)
+    cache.mkdir(parents=True)
+    for entry, checkpoint in zip(keys, (first, second)):
+        (cache / f"{entry['key']}.json").write_text(json.dumps({"checkpoint": str(checkpoint), "trial": "t1",
+                                                                "global_step": 2}))
+    reused = cached_prefix(experiment, settings)
+    assert reused["checkpoint"] == str(first) and reused["stage"] == "full"  # not the half-written lora stage
+    assert [r.checkpoint for r in stage_records(sweep, "s1", "t1")] == [str(first)]
+
+
+def test_a_full_disk_leaves_earlier_checkpoints_untouched_and_names_the_folder_and_sizes(transformer, tmp_path):
+    """A real full filesystem: a 2 MiB tmpfs (needs mount rights, which root in a container usually has)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the RLIMIT_FSIZE test covers the path")
+    try:
+        earlier = _write(disk / "checkpoint_000000", transformer)
+        before = _digest(earlier)
+        free = shutil.disk_usage(disk).free
+        needed = sum(t.numel() * t.element_size() for t in transformer.state_dict().values()) + 1000
+        # Refused up front: the ballast leaves less than the checkpoint needs.
+        (disk / "ballast").write_bytes(b"0" * (free - needed // 2))
+        with pytest.raises(CheckpointSpaceError) as refused:
+            _write(disk / "checkpoint_000001", transformer)
+        assert f"stage checkpoint {disk / 'checkpoint_000001'}" in str(refused.value)
+        assert "needs about" in str(refused.value) and "MiB free there" in str(refused.value)
+        # Room for the raw weights but not for the files around them: ENOSPC in the middle of the write.
+        (disk / "ballast").unlink()
+        (disk / "ballast").write_bytes(b"0" * (shutil.disk_usage(disk).free - needed - 4096))
+        with pytest.raises(CheckpointSpaceError) as mid_write:
+            _write(disk / "checkpoint_000001", transformer)
+        assert "No space left on device" in str(mid_write.value)
+        assert sorted(p.name for p in disk.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint_000000"]
+        assert _digest(earlier) == before and read_progress(earlier) == Progress(0, 1, 5)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_file_size_limit_mid_write_gives_the_same_clear_error(tmp_path):
+    """Without mount rights: RLIMIT_FSIZE makes the kernel fail the weights write with EFBIG, for real."""
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from pathlib import Path
+        from fluxtune.testing import tiny_model
+        from fluxtune.checkpoints import Progress, write_stage_checkpoint, CheckpointSpaceError
+        model = tiny_model().transformer
+        root = Path({str(tmp_path)!r})
+        write_stage_checkpoint(root / "checkpoint_000000", model, Progress(0, 1, 5), "full", None, {{}})
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # far below the weights' size
+        try:
+            write_stage_checkpoint(root / "checkpoint_000001", model, Progress(1, 0, 10), "lora", None, {{}})
+        except CheckpointSpaceError as exc:
+            print(exc)
+            sys.exit(3)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert f"no space to write stage checkpoint {tmp_path / 'checkpoint_000001'}" in result.stdout
+    assert "File too large" in result.stdout and "earlier checkpoints are untouched" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000000"]  # no temporary folder left
+    assert read_progress(tmp_path / "checkpoint_000000") == Progress(0, 1, 5)
+
+
+def test_an_unwritable_storage_folder_is_named_with_the_reason(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert "Not a directory" in check_writable_folder(blocker / "runs")
+    assert check_writable_folder(tmp_path / "new" / "runs") is None
+    assert not list((tmp_path / "new" / "runs").iterdir())  # the write probe is gone again
