@@ -1,4 +1,5 @@
-"""Everything checked before Ray starts: the spec, the data file and its rows, the validation split."""
+"""Everything checked before Ray starts: the spec, the model folder, the data file and its rows, the validation
+split, and LoRA target names against the model's real modules."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fluxtune.config.errors import InputError, Problem
-from fluxtune.config.load import load_search_file
+from fluxtune.config.load import load_search_file, located_problem
+from fluxtune.config.overrides import apply_overrides
 from fluxtune.config.schema import SearchFile
 from fluxtune.config.yaml_source import load_yaml
 
@@ -21,9 +23,21 @@ class Checked:
     skipped: list[str] = field(default_factory=list)  # problems of the rows `on_bad_rows: skip` dropped
 
 
+class _Located:
+    """Problems at positions of the spec file (or the `--set` that wrote the value)."""
+
+    def __init__(self, spec_path: str, overrides: list[str] | tuple[str, ...] = ()):
+        self.source = apply_overrides(load_yaml(spec_path), overrides)
+
+    def error(self, loc: tuple[Any, ...], message: str) -> InputError:
+        return InputError([self.problem(loc, message)])
+
+    def problem(self, loc: tuple[Any, ...], message: str) -> Problem:
+        return located_problem(self.source, loc, message)
+
+
 def _data_problem(spec_path: str, key: str, message: str) -> InputError:
-    line, col = load_yaml(spec_path).position(tuple(key.split(".")))
-    return InputError([Problem(file=spec_path, message=message, key=key, line=line, col=col)])
+    return _Located(spec_path).error(tuple(key.split(".")), message)
 
 
 def resolve_jsonl(spec_path: str, data: dict[str, Any], seed: int) -> str:
@@ -39,18 +53,63 @@ def resolve_jsonl(spec_path: str, data: dict[str, Any], seed: int) -> str:
     return path if is_uri(path) else os.path.abspath(path)
 
 
+def check_model_folders(spec: SearchFile, base: dict[str, Any], where: _Located) -> None:
+    """`model.path` (and searched model paths) must be FLUX.1-Fill folders: read from their configs, no weights."""
+    from fluxtune.flux.layout import fill_transformer_config
+
+    problems = []
+    if base["model"].get("path"):
+        try:
+            fill_transformer_config(base["model"]["path"])
+        except ValueError as exc:
+            problems.append(where.problem(("base", "model", "path"), str(exc)))
+    searched = spec.search.space.get("model.path") if spec.search else None
+    for choice in getattr(searched, "choices", None) or []:
+        try:
+            fill_transformer_config(str(choice))
+        except ValueError as exc:
+            problems.append(where.problem(("search", "space", "model.path"), str(exc)))
+    if problems:
+        raise InputError(problems)
+
+
+def check_adapter_targets(base: dict[str, Any], where: _Located) -> None:
+    """Adapter `targets` must name Linear modules of the real transformer: peft silently skips unknown names in a
+    mixed list, and the stage would only find out after the full stage before it has trained."""
+    model = base["model"]
+    stages = [(i, s["adapter"]["targets"]) for i, s in enumerate(base["stages"])
+              if isinstance(s.get("adapter"), dict) and isinstance(s["adapter"].get("targets"), list)]
+    if not stages or not (model.get("preset") or model.get("path")):  # a registered version names its own base
+        return
+    from fluxtune.default_plugins.adapters import check_targets
+    from fluxtune.flux.model import empty_transformer
+
+    transformer = empty_transformer(model)
+    problems = []
+    for index, targets in stages:
+        try:
+            check_targets(transformer, targets)
+        except ValueError as exc:
+            problems.append(where.problem(("base", "stages", index, "adapter", "targets"), str(exc)))
+    if problems:
+        raise InputError(problems)
+
+
 def preflight(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Checked:
-    """Spec, data files and every row, checked before Ray starts; bad rows fail here unless skipped."""
+    """Spec, model, data files and every row, checked before Ray starts; bad rows fail here unless skipped."""
     from fluxtune.data.selection import select_rows
 
     spec, base = load_search_file(spec_path, overrides=overrides)
+    where = _Located(spec_path, overrides)
+    check_model_folders(spec, base, where)  # cheap (JSON only): before the rows are decoded
     data = base["data"]
     jsonl = resolve_jsonl(spec_path, data, base["seed"])
     selection = select_rows(jsonl, data)
     n_val = selection.validation_count(data["val_fraction"], base["seed"])
     if not data["val_jsonl"] and (n_val == 0 or n_val == len(selection.rows)):
         rows = len(selection.rows)
-        raise _data_problem(spec_path, "base.data.val_fraction",
-                            f"val_fraction {data['val_fraction']} splits {rows} rows into {rows - n_val} "
-                            f"training and {n_val} validation rows; both need at least one")
+        raise where.error(("base", "data", "val_fraction"),
+                          f"val_fraction {data['val_fraction']} splits {rows} rows into {rows - n_val} "
+                          f"training and {n_val} validation rows; both need at least one")
+    check_adapter_targets(base, where)  # imports torch and diffusers: last
     return Checked(spec=spec, base=base, jsonl=jsonl, rows=len(selection.rows), skipped=selection.skipped)

@@ -56,6 +56,13 @@ class _Collector:
             raise InputError(self.problems)
 
 
+def located_problem(source: YamlSource, loc: tuple[Any, ...], message: str) -> Problem:
+    """One problem at `loc` of the file (file:line:col and key), or naming the `--set` that wrote the value."""
+    out = _Collector(source)
+    out.add(loc, message)
+    return out.problems[0]
+
+
 def _check_components(model: BaseModel, loc: tuple[Any, ...], reg: Registry, out: _Collector) -> dict[str, Any]:
     """Validate nested ComponentSpecs against the registry; return the model as a dict with defaults filled."""
     values: dict[str, Any] = {}
@@ -119,6 +126,9 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
     """Validate a parsed search file; returns the spec and the normalised base experiment."""
     out = _Collector(source)
     data = source.data()
+    if data == {} and not source.overrides:  # blank, or comments only
+        out.add((), "the file is empty: a search file needs at least 'name' and 'base'")
+        out.raise_if_any()
     if not isinstance(data, dict):
         out.add((), "the file must be a mapping with at least 'name' and 'base'")
         out.raise_if_any()
@@ -258,4 +268,4 @@ def load_search_text(text: str, registry: Registry | None = None, path: str = "<
     return validate_search(parse_yaml(text, path), registry or default_registry())
 
 
-__all__ = ["load_search_file", "load_search_text", "sample_experiment", "stage_loc"]
+__all__ = ["load_search_file", "load_search_text", "located_problem", "sample_experiment", "stage_loc"]

@@ -3,10 +3,8 @@
 Everything here works offline: nothing is ever fetched from a hub.
 """
 
-import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -20,9 +18,7 @@ from transformers import (
 )
 
 from fluxtune.flux import presets
-
-FILL_IN_CHANNELS = 384  # 64 noisy + 64 masked-image + 256 mask, packed 2x2
-FILL_OUT_CHANNELS = 64
+from fluxtune.flux.layout import FILL_IN_CHANNELS, FILL_OUT_CHANNELS, check_fill_layout, fill_transformer_config  # noqa: F401
 
 
 @dataclass
@@ -39,22 +35,6 @@ class FluxBundle:
     source: str  # "preset:tiny-fill(seed=0)" or the folder it was loaded from
     # The "" embedding, computed once by `empty_prompt_embeds` (the text encoders are frozen, so it never changes).
     _empty_prompt: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
-
-
-def check_fill_layout(config: Mapping[str, Any], where: str = "transformer config") -> None:
-    """Raise ValueError unless `config` is a FLUX Fill transformer (patch 1, 384 channels in, 64 out).
-
-    A text-to-image FLUX (in_channels 64) would load fine and then fail deep inside the first step.
-    """
-    patch_size = config.get("patch_size")
-    in_channels = config.get("in_channels")
-    out_channels = config.get("out_channels") or in_channels  # diffusers: out_channels None means in_channels
-    if (patch_size, in_channels, out_channels) != (1, FILL_IN_CHANNELS, FILL_OUT_CHANNELS):
-        raise ValueError(
-            f"{where} is not a FLUX.1-Fill transformer: expected patch_size 1, in_channels {FILL_IN_CHANNELS}, "
-            f"out_channels {FILL_OUT_CHANNELS}; got patch_size {patch_size}, in_channels {in_channels}, "
-            f"out_channels {out_channels}"
-        )
 
 
 def _freeze(module: torch.nn.Module) -> torch.nn.Module:
@@ -97,6 +77,19 @@ def build_tiny_fill(seed: int = 0) -> FluxBundle:
     )
 
 
+def empty_transformer(model: dict) -> FluxTransformer2DModel:
+    """The transformer of a model spec (`preset` or `path`) on the meta device: its module names, no weights.
+
+    Cheap even for the real 12 B model, so names (LoRA targets) are checked before Ray starts.
+    """
+    if model.get("preset") == "tiny-fill":
+        config = presets.TINY_FILL_TRANSFORMER
+    else:
+        config = fill_transformer_config(model["path"])
+    with torch.device("meta"):
+        return FluxTransformer2DModel.from_config(config)
+
+
 def load_flux(path: str, torch_dtype: torch.dtype | None = None) -> FluxBundle:
     """Load a local diffusers-layout FLUX.1-Fill folder (transformer/ and vae/ required, text parts optional).
 
@@ -104,13 +97,7 @@ def load_flux(path: str, torch_dtype: torch.dtype | None = None) -> FluxBundle:
     Models come back as `from_pretrained` leaves them: in eval mode (call `.train()` before training).
     """
     path = os.fspath(path)
-    transformer_config = os.path.join(path, "transformer", "config.json")
-    if not os.path.isfile(transformer_config):
-        raise ValueError(f"{path} is not a diffusers FLUX folder: {transformer_config} not found")
-    with open(transformer_config) as file:
-        check_fill_layout(json.load(file), where=f"{path}/transformer")
-    if not os.path.isdir(os.path.join(path, "vae")):
-        raise ValueError(f"{path} has no vae/ folder")
+    fill_transformer_config(path)
 
     def has(subfolder: str) -> bool:
         return os.path.isdir(os.path.join(path, subfolder))
