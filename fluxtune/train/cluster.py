@@ -6,6 +6,8 @@ import math
 import os
 from typing import Any
 
+from fluxtune.train.local_ray import LocalRay, start_local_ray
+
 # Faster Train start-up and no metrics agent traffic (FACTS: fixed cost of a fit ≈11 s → ≈7.5 s).
 RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
@@ -31,21 +33,35 @@ def local_cpus(workers: int, cpus_per_worker: float, concurrent_trials: int) -> 
     return max(os.cpu_count() or 1, math.ceil(needed))
 
 
-def start_ray(address: str | None, num_cpus: int, verbose: bool = False) -> None:
+_local: LocalRay | None = None  # the cluster this process started, if any
+
+
+def start_ray(address: str | None, num_cpus: int, verbose: bool = False) -> LocalRay | None:
+    """Join `address`, or start a local cluster that ends with this process (returned; None when joined).
+
+    A joined cluster is never stopped by fluxtune; a local one is stopped at exit, and by its keeper
+    (fluxtune.train.local_ray) if this process is killed.
+    """
+    global _local
     for key, value in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)  # before ray.init, so every Ray process inherits them
+        os.environ.setdefault(key, value)  # before Ray starts, so every Ray process inherits them
     import ray
 
     if ray.is_initialized():
-        return
+        return _local
+    if _local is not None:  # ray.shutdown() was called (tests do between modules): end that cluster too
+        _local.stop()
+        _local = None
     kwargs = dict(include_dashboard=False, log_to_driver=verbose, logging_level="WARNING", configure_logging=True)
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        _local = start_local_ray(num_cpus, verbose)
+        ray.init(address=_local.address, _node_ip_address="127.0.0.1", **kwargs)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    return _local
 
 
 def check_resources(experiments: list[dict[str, Any]], spec_file: str) -> None:
