@@ -140,12 +140,10 @@ def evaluate(transformer: Any, shared: Shared) -> dict[str, float]:
     was_training = transformer.training
     transformer.eval()
     total, count = 0.0, 0
-    for start in range(0, len(val.data), shared.batch_size):
-        index = torch.arange(start, min(start + shared.batch_size, len(val.data)), device=val.data.x0.device)
-        batch = val.data.batch(index)
-        loss = flow_matching_loss(transformer, batch, val.noise[index], val.t[index], shared.guidance, _mse)
-        total += float(loss) * len(index)
-        count += len(index)
+    for batch, noise, t in val.batches(shared.batch_size):  # one image size per batch (aspect-ratio buckets)
+        loss = flow_matching_loss(transformer, batch, noise, t, shared.guidance, _mse)
+        total += float(loss) * len(t)
+        count += len(t)
     transformer.train(was_training)
     if shared.samples is not None:
         shared.samples.render(transformer)  # rides to MLflow with the next report

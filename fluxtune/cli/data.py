@@ -20,20 +20,48 @@ def _model_spec(model: str, seed: int) -> dict:
     return {"preset": model, "seed": seed} if model == "tiny-fill" else {"path": model}
 
 
+BUCKETS_HELP = "aspect-ratio buckets: 'auto' or sizes like 80x48,64x64,48x80 (as data.buckets)"
+
+
+def _buckets_option(buckets: str | None, resolution: int) -> list[tuple[int, int]] | None:
+    """`--buckets` as sizes (None: off); InputError naming the option when it does not parse or fit."""
+    from fluxtune.config.errors import InputError
+    from fluxtune.data.buckets import resolve_buckets
+
+    if buckets is None:
+        return None
+    try:
+        setting = buckets if buckets == "auto" else [[int(v) for v in size.lower().split("x")]
+                                                     for size in buckets.split(",")]
+        return resolve_buckets(setting, resolution)
+    except ValueError as error:
+        raise InputError.single("<command line>", f"--buckets {buckets}: {error}") from None
+
+
 @app.command()
 def check(
     jsonl: str = typer.Argument(..., help="dataset JSONL (rows: user_input.image, user_input.mask, output)"),
     skip: bool = typer.Option(False, "--skip", help="report bad rows but succeed when some rows are good"),
+    buckets: Optional[str] = typer.Option(None, help=BUCKETS_HELP + "; prints how many rows go to each"),
+    resolution: int = typer.Option(64, help="training resolution the buckets are sized for"),
 ) -> None:
     """Check every row (JSON, keys, files, decoding, sizes, masks) and report all problems with line numbers."""
     from fluxtune.data.selection import select_rows
 
     with error_boundary():
+        sizes = _buckets_option(buckets, resolution)
         selection = select_rows(jsonl, {"on_bad_rows": "skip" if skip else "fail"})
     for problem in selection.skipped:
         typer.echo(f"skipped: {problem}", err=True)
     skipped = f", {len(selection.skipped)} problems in skipped rows" if selection.skipped else ""
     console.print(f"{jsonl}: {len(selection.rows)} good rows{skipped}")
+    if sizes:
+        from fluxtune.data.buckets import bucket_histogram, format_size
+        from fluxtune.data.images import image_size
+
+        histogram = bucket_histogram((image_size(row.image) for row in selection.rows), sizes)
+        for size, count in histogram.items():
+            console.print(f"  bucket {format_size(size)}: {count} rows")
 
 
 @app.command()
@@ -45,14 +73,18 @@ def prepare(
     mask_threshold: float = typer.Option(0.5, help="mask grey level at or above which pixels are inpainted"),
     val_jsonl: Optional[str] = typer.Option(None, help="explicit validation JSONL (cached with the rows)"),
     skip: bool = typer.Option(False, "--skip", help="drop bad rows instead of failing (as on_bad_rows: skip)"),
+    buckets: Optional[str] = typer.Option(None, help=BUCKETS_HELP),
+    cache_dir: Optional[str] = typer.Option(None, help="cache home, a folder or a URI (as data.cache_dir)"),
     address: Optional[str] = typer.Option(None, help="existing Ray cluster (default: start a local one)"),
 ) -> None:
     """Encode latents, masks and prompt embeddings once into a Parquet cache that training then reuses."""
     from fluxtune.data.latent_cache import Preprocessing
     from fluxtune.data.selection import select_rows
 
+    with error_boundary():
+        sizes = _buckets_option(buckets, resolution)
     data = {"resolution": resolution, "mask_threshold": mask_threshold, "val_jsonl": val_jsonl,
-            "on_bad_rows": "skip" if skip else "fail"}
+            "on_bad_rows": "skip" if skip else "fail", "buckets": sizes, "cache_dir": cache_dir}
     with error_boundary():
         try:
             Preprocessing(resolution=resolution, mask_threshold=mask_threshold)

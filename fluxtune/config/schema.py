@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fluxtune.api import CallbackSpec, LossSpec, TimestepSamplerSpec
 
@@ -46,12 +46,26 @@ class DataSpec(Closed):
     sample_size: int = Field(64, ge=4, description="rows of the generated dataset when jsonl is 'sample'")
     on_bad_rows: Literal["fail", "skip"] = Field("fail", description="skip: drop bad rows, count logged to MLflow")
     mask_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="mask grey level at or above which to inpaint")
+    buckets: Literal["auto"] | list[list[int]] | None = Field(
+        None, description="aspect-ratio buckets: 'auto' or [[width, height], ...] (multiples of 16, area about "
+                          "resolution²); each row is cropped to the bucket nearest its aspect ratio")
+    cache_dir: str | None = Field(None, description="latent cache home, a folder or a URI (s3://…); "
+                                                    "default $FLUXTUNE_CACHE/latents")
 
     @field_validator("resolution")
     @classmethod
     def _multiple_of_16(cls, v: int) -> int:
         if v < 16 or v % 16:
             raise ValueError("must be a positive multiple of 16 (FLUX packs 8x VAE latents 2x2)")
+        return v
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets_fit_resolution(cls, v: Any, info: ValidationInfo) -> Any:
+        from fluxtune.data.buckets import resolve_buckets
+
+        if "resolution" in info.data:  # else resolution itself is reported
+            resolve_buckets(v, info.data["resolution"])
         return v
 
 
@@ -212,6 +226,8 @@ class SearchSpec(Closed):
     scheduler: SchedulerSpec = SchedulerSpec()
     space: dict[str, Distribution] = Field(default_factory=dict)
     reuse_stages: bool = Field(False, description="run an identical stage prefix once and share its checkpoint")
+    max_failures: int = Field(1, ge=0, description="times a trial's Train workers are restarted after one dies or "
+                                                   "raises, each time from its last stage checkpoint")
     include: list[str] = Field(default_factory=list, description="registered search-space fragments to merge")
 
 

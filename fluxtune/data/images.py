@@ -11,10 +11,12 @@ import hashlib
 import io
 import os
 import re
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from fluxtune.data.buckets import cover_crop_box, nearest_bucket
 
 if TYPE_CHECKING:  # rows.py imports this module, so only type-check the other direction
     from fluxtune.data.rows import Row
@@ -46,13 +48,16 @@ def open_image(path: str) -> Image.Image:
     if path.startswith("file://"):
         return Image.open(path[len("file://"):])
     if is_uri(path):
-        try:
-            import fsspec
-        except ImportError as error:
-            raise ImportError(f"reading {path} needs fsspec (pip install fsspec and its s3fs/gcsfs)") from error
-        with fsspec.open(path, "rb") as remote:
-            return Image.open(io.BytesIO(remote.read()))
+        from fluxtune.data.remote import read_bytes
+
+        return Image.open(io.BytesIO(read_bytes(path)))
     return Image.open(path)
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the header only (for a URI, the object is fetched)."""
+    with open_image(path) as image:
+        return image.size
 
 
 def mask_as_gray(mask: Image.Image) -> np.ndarray:
@@ -92,16 +97,27 @@ def _centre_square(size: tuple[int, int]) -> tuple[float, float, float, float]:
     return (left, top, left + side, top + side)
 
 
-def _rgb_chw(image: Image.Image, resolution: int) -> np.ndarray:
+def _crop(size: tuple[int, int], resolution: int, bucket: tuple[int, int] | None
+          ) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """(output size, source box): the centre square at resolution², or the bucket's cover-and-centre-crop."""
+    if bucket is None:
+        return (resolution, resolution), _centre_square(size)
+    return bucket, cover_crop_box(size, bucket)
+
+
+def _rgb_chw(image: Image.Image, resolution: int, bucket: tuple[int, int] | None = None) -> np.ndarray:
     image = image.convert("RGB")
-    resized = image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=_centre_square(image.size))
+    out_size, box = _crop(image.size, resolution, bucket)
+    resized = image.resize(out_size, Image.Resampling.BICUBIC, box=box)
     pixels = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def _binary_mask(mask: Image.Image, resolution: int, threshold: float) -> np.ndarray:
+def _binary_mask(mask: Image.Image, resolution: int, threshold: float,
+                 bucket: tuple[int, int] | None = None) -> np.ndarray:
     gray = Image.fromarray(mask_as_gray(mask))  # float "F" image, so resampling keeps full precision
-    resized = gray.resize((resolution, resolution), Image.Resampling.BILINEAR, box=_centre_square(gray.size))
+    out_size, box = _crop(gray.size, resolution, bucket)
+    resized = gray.resize(out_size, Image.Resampling.BILINEAR, box=box)
     return (np.asarray(resized, dtype=np.float32) >= threshold).astype(np.float32)[None]
 
 
@@ -111,41 +127,61 @@ def check_mask_threshold(threshold: float) -> None:
 
 
 def load_triplet(image_path: str, mask_path: str, target_path: str, resolution: int,
-                 mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> dict[str, np.ndarray]:
-    """Load one (image, mask, target) triple of paths; see `load_example`."""
+                 mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+                 buckets: Sequence[tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """Load one (image, mask, target) triple of paths; see `load_example`. With `buckets` (sizes from
+    `fluxtune.data.buckets`), the triple is cropped to the bucket nearest the image's aspect ratio."""
     check_resolution(resolution)
     check_mask_threshold(mask_threshold)
     with open_image(image_path) as image, open_image(mask_path) as mask, open_image(target_path) as target:
+        bucket = nearest_bucket(image.size, buckets) if buckets else None
         return {
-            "image": _rgb_chw(image, resolution),
-            "mask": _binary_mask(mask, resolution, mask_threshold),
-            "target": _rgb_chw(target, resolution),
+            "image": _rgb_chw(image, resolution, bucket),
+            "mask": _binary_mask(mask, resolution, mask_threshold, bucket),
+            "target": _rgb_chw(target, resolution, bucket),
         }
 
 
-def load_example(row: Row, resolution: int, mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> dict[str, np.ndarray]:
-    """One row as arrays: image/target float32 3xRxR in [-1, 1], mask float32 1xRxR in {0, 1}."""
-    return load_triplet(row.image, row.mask, row.output, resolution, mask_threshold)
+def load_example(row: Row, resolution: int, mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+                 buckets: Sequence[tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """One row as arrays: image/target float32 3xRxR in [-1, 1], mask float32 1xRxR in {0, 1} (HxW of its
+    bucket with `buckets`)."""
+    return load_triplet(row.image, row.mask, row.output, resolution, mask_threshold, buckets)
+
+
+def stack_rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-row arrays as one array: stacked when they share a shape, else a 1-D object array of them (what Ray
+    Data turns into a variable-shaped tensor column)."""
+    if len({a.shape for a in arrays}) <= 1:
+        return np.stack(arrays)
+    ragged = np.empty(len(arrays), dtype=object)
+    ragged[:] = list(arrays)
+    return ragged
 
 
 def load_examples_batch(batch: Mapping[str, Any], resolution: int,
-                        mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> dict[str, np.ndarray]:
+                        mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+                        buckets: Sequence[tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
     """`map_batches(..., batch_format="numpy")` function: path columns image/mask/output → stacked arrays.
 
     Returns image (N,3,R,R), mask (N,1,R,R), target (N,3,R,R). Other columns (prompt, line, …) pass through
-    unchanged so later steps can still use them.
+    unchanged so later steps can still use them. With `buckets`, rows of different buckets come back as object
+    arrays of per-row arrays (see `stack_rows`), with each row's bucket in `height` and `width` columns.
     """
     examples = [
-        load_triplet(str(image), str(mask), str(output), resolution, mask_threshold)
+        load_triplet(str(image), str(mask), str(output), resolution, mask_threshold, buckets)
         for image, mask, output in zip(batch["image"], batch["mask"], batch["output"], strict=True)
     ]
     count = len(examples)
     stacked = {
-        name: np.stack([example[name] for example in examples])
+        name: stack_rows([example[name] for example in examples])
         if examples
         else np.zeros((0, channels, resolution, resolution), dtype=np.float32)
         for name, channels in (("image", 3), ("mask", 1), ("target", 3))
     }
+    if buckets:
+        stacked["height"] = np.array([e["target"].shape[1] for e in examples], dtype=np.int64)
+        stacked["width"] = np.array([e["target"].shape[2] for e in examples], dtype=np.int64)
     passed_through = {key: np.asarray(value) for key, value in batch.items() if key not in ("image", "mask", "output")}
     for key, value in passed_through.items():
         if len(value) != count:

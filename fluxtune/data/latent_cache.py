@@ -3,12 +3,15 @@
 One cache folder, `<cache home>/latents/<key>/`:
 
     rows/          Parquet (Ray Data): line, split_key, from_val_file, prompt_index,
-                   x0 [seq, 64] packed target latents, cond [seq, 320] packed masked-image latents ++ packed mask
+                   x0 [seq, 64] packed target latents, cond [seq, 320] packed masked-image latents ++ packed mask,
+                   and with aspect-ratio buckets height, width (pixels) of each row's bucket (seq follows them)
     prompts/       Parquet: prompt_index, prompt, prompt_embeds [L, joint_dim], pooled [pooled_dim]; index 0 is ""
     manifest.json  what was encoded with what; written last
 
 The folder is built under a temporary name and renamed into place after its manifest is written, so a folder
-under its final name is always complete and a crash leaves only a `.tmp-` folder that nothing reads.
+under its final name is always complete and a crash leaves only a `.tmp-` folder that nothing reads. A cache
+home that is a URI (s3://…) has no rename: rows/ and prompts/ go under a fresh `<key>/attempt-<id>/` prefix and
+manifest.json, written last, names that prefix; a prefix no manifest names (a crashed build) is never read.
 
 The key is a sha256 of everything that changes the tensors: each row's file *contents* (not paths or mtimes:
 copying a dataset keeps its cache, touching a file without changing it too, and editing a PNG in place never
@@ -28,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -36,15 +40,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
+from fluxtune.data import remote
+from fluxtune.data.buckets import check_buckets
 from fluxtune.data.images import check_mask_threshold, check_resolution, is_uri, split_key
 from fluxtune.data.rows import Row
 from fluxtune.data.selection import Selection
 
 CACHE_FORMAT = 1
+BUCKET_CROP = "cover-nearest-bucket"  # resize to cover the bucket nearest the aspect ratio, centre-crop
 MANIFEST = "manifest.json"
 ENCODE_BATCH = 16  # rows per VAE call: large enough to amortise Python overhead, small enough for 1024² on a GPU
 # Source files whose changes change the encoded tensors.
-_ENCODING_CODE = ("flux/packing.py", "flux/encoded.py", "data/images.py")
+_ENCODING_CODE = ("flux/packing.py", "flux/encoded.py", "data/images.py", "data/buckets.py")
 _PRESET_CODE = ("flux/presets.py", "flux/model.py")
 _LIBRARIES = ("torch", "diffusers", "transformers", "pillow", "numpy")
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -57,10 +64,25 @@ class Preprocessing:
     resolution: int
     mask_threshold: float = 0.5
     crop: str = "centre-square"  # resize the shorter side, centre-crop; image bicubic, mask bilinear then threshold
+    # Aspect-ratio buckets as (width, height) sizes (`fluxtune.data.buckets`); None: every row centre-square.
+    buckets: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         check_resolution(self.resolution)
         check_mask_threshold(self.mask_threshold)
+        if self.buckets is not None:
+            sizes = tuple(tuple(size) for size in check_buckets(self.buckets, self.resolution))
+            object.__setattr__(self, "buckets", sizes)
+            object.__setattr__(self, "crop", BUCKET_CROP)
+
+    def identity(self) -> dict[str, Any]:
+        """What goes into the cache key and manifest; without buckets exactly the fields it always had."""
+        described = asdict(self)
+        if self.buckets is None:
+            del described["buckets"]
+        else:
+            described["buckets"] = [list(size) for size in self.buckets]
+        return described
 
 
 @dataclass(frozen=True)
@@ -78,9 +100,9 @@ class CacheRow:
 
 @dataclass(frozen=True)
 class LatentCache:
-    """A complete cache folder and its manifest."""
+    """A complete cache folder (a local Path, or a URI string) and its manifest."""
 
-    path: Path
+    path: Path | str
     manifest: dict[str, Any]
 
     @property
@@ -89,18 +111,36 @@ class LatentCache:
 
     @property
     def rows_dir(self) -> str:
-        return str(self.path / "rows")
+        return self._data("rows")
 
     @property
     def prompts_dir(self) -> str:
-        return str(self.path / "prompts")
+        return self._data("prompts")
+
+    def _data(self, name: str) -> str:
+        if isinstance(self.path, Path):
+            return str(self.path / name)
+        return remote.join(self.path, self.manifest["data_prefix"], name)
 
 
-def cache_home(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else $FLUXTUNE_CACHE/latents, else ~/.cache/fluxtune/latents."""
+def cache_home(cache_dir: str | os.PathLike | None = None) -> Path | str:
+    """`cache_dir` (a folder or a URI), else $FLUXTUNE_CACHE/latents, else ~/.cache/fluxtune/latents."""
     from fluxtune.data.sample import sample_cache_root
 
+    if cache_dir is not None and is_uri(str(cache_dir)):
+        return str(cache_dir).rstrip("/")
     return Path(cache_dir) if cache_dir is not None else sample_cache_root().parent / "latents"
+
+
+def _cache_folder(home: Path | str, key: str) -> Path | str:
+    return home / key if isinstance(home, Path) else remote.join(home, key)
+
+
+def _read_manifest(folder: Path | str) -> dict[str, Any]:
+    """The manifest of a cache folder; OSError/ValueError when there is none (an incomplete cache)."""
+    if isinstance(folder, Path):
+        return json.loads((folder / MANIFEST).read_text())
+    return json.loads(remote.read_bytes(remote.join(folder, MANIFEST)))
 
 
 def cache_rows(selection: Selection) -> list[CacheRow]:
@@ -120,10 +160,7 @@ def cache_rows(selection: Selection) -> list[CacheRow]:
 
 def _file_digest(path: str) -> str:
     if is_uri(path) and not path.startswith("file://"):
-        import fsspec  # remote objects: the store's own change token (ETag, generation) instead of a download
-
-        fs, _, (resolved,) = fsspec.get_fs_token_paths(path)
-        return "ukey:" + fs.ukey(resolved)
+        return "remote:" + remote.change_token(path)  # the store's size and mtime instead of a download
     digest = hashlib.blake2b(digest_size=20)
     with open(path.removeprefix("file://"), "rb") as file:
         while chunk := file.read(1 << 20):
@@ -177,7 +214,7 @@ def cache_key(rows: list[CacheRow], model: dict[str, Any], preprocessing: Prepro
         "rows": [[r.line, r.split_key, r.prompt, r.from_val_file, digests[r.image], digests[r.mask],
                   digests[r.output]] for r in rows],
         "model": model_identity(model),
-        "preprocessing": asdict(preprocessing),
+        "preprocessing": preprocessing.identity(),
         "code": _code_digest(_ENCODING_CODE),
         "libraries": _library_versions(),
     }
@@ -186,9 +223,9 @@ def cache_key(rows: list[CacheRow], model: dict[str, Any], preprocessing: Prepro
 
 def find_cache(key: str, cache_dir: str | os.PathLike | None = None) -> LatentCache | None:
     """The complete cache with this key, or None (a folder without a readable manifest is never used)."""
-    folder = cache_home(cache_dir) / key
+    folder = _cache_folder(cache_home(cache_dir), key)
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = _read_manifest(folder)
     except (OSError, ValueError):
         return None
     if manifest.get("key") != key or manifest.get("format") != CACHE_FORMAT:
@@ -197,10 +234,10 @@ def find_cache(key: str, cache_dir: str | os.PathLike | None = None) -> LatentCa
 
 
 def open_cache(folder: str | os.PathLike) -> LatentCache:
-    """A cache folder by path (what trials receive); ValueError when it is not a complete cache."""
-    folder = Path(folder)
+    """A cache folder by path or URI (what trials receive); ValueError when it is not a complete cache."""
+    folder = str(folder).rstrip("/") if is_uri(str(folder)) else Path(folder)
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = _read_manifest(folder)
     except (OSError, ValueError) as error:
         raise ValueError(f"{folder} is not a complete latent cache (no readable {MANIFEST})") from error
     return LatentCache(folder, manifest)
@@ -216,7 +253,9 @@ def vae_scale_factor(model: dict[str, Any]) -> int:
 
 
 def is_cache_folder(path: str) -> bool:
-    return not is_uri(path) and os.path.isfile(os.path.join(path, MANIFEST))
+    if is_uri(path):
+        return remote.exists(remote.join(path, MANIFEST))
+    return os.path.isfile(os.path.join(path, MANIFEST))
 
 
 def ensure_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preprocessing,
@@ -248,54 +287,67 @@ def build_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Prep
                 cache_dir: str | os.PathLike | None = None) -> LatentCache:
     """Encode every row with Ray Data (decode tasks → VAE actor → Parquet) and the prompts likewise."""
     import ray
-    import ray.data
-
-    from fluxtune.data.images import load_examples_batch
-    from fluxtune.flux.encoded import LatentEncoder, PromptEncoder
 
     if not ray.is_initialized():  # `fluxtune data prepare` starts Ray only when there is something to encode
         from fluxtune.train.cluster import start_ray
 
         start_ray(None, os.cpu_count() or 1)
     home = cache_home(cache_dir)
-    home.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    prompts = ["", *sorted({r.prompt for r in rows if r.prompt})]
-    prompt_index = {p: i for i, p in enumerate(prompts)}
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=home))
-    try:
-        items = [{"line": r.line, "image": r.image, "mask": r.mask, "output": r.output, "split_key": r.split_key,
-                  "from_val_file": r.from_val_file, "prompt_index": prompt_index[r.prompt]} for r in rows]
-        encoder = {"fn_constructor_kwargs": {"model": model}, "batch_size": ENCODE_BATCH, "batch_format": "numpy",
-                   **_encoder_resources()}
-        with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60 (pinned below 2.61)
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
-            rows_dataset = (ray.data.from_items(items)
-                            .map_batches(partial(load_examples_batch, resolution=preprocessing.resolution,
-                                                 mask_threshold=preprocessing.mask_threshold),
-                                         batch_size=ENCODE_BATCH, batch_format="numpy")
-                            .map_batches(LatentEncoder, **encoder))
-            prompts_dataset = (ray.data.from_items([{"prompt_index": i, "prompt": p} for i, p in enumerate(prompts)])
-                               .map_batches(PromptEncoder, **encoder))
-        rows_dataset.write_parquet(str(staging / "rows"))
-        prompts_dataset.write_parquet(str(staging / "prompts"))
-        manifest = {
-            "format": CACHE_FORMAT, "key": key, "rows": len(rows),
-            "val_file_rows": sum(r.from_val_file for r in rows), "prompts": len(prompts),
-            "model": model_identity(model) | {"spec": {k: model.get(k) for k in ("preset", "path", "seed")}},
-            "preprocessing": asdict(preprocessing), "vae_scale_factor": vae_scale_factor(model),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_s": round(time.perf_counter() - started, 3),
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        staging.chmod(0o755)  # mkdtemp makes it private; a shared cache home should stay readable
-        final = home / key
+    if isinstance(home, str):
+        attempt = f"attempt-{uuid.uuid4().hex[:12]}"
+        manifest = _encode(rows, model, preprocessing, key, remote.join(home, key, attempt))
+        # The manifest is the completion marker: written last, it names the prefix this build filled.
+        remote.write_bytes(remote.join(home, key, MANIFEST),
+                           json.dumps({**manifest, "data_prefix": attempt}, indent=1).encode())
+    else:
+        home.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=home))
         try:
-            os.rename(staging, final)
-        except OSError:
-            if find_cache(key, cache_dir) is None:  # not a lost race with another builder: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
+            manifest = _encode(rows, model, preprocessing, key, str(staging))
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            staging.chmod(0o755)  # mkdtemp makes it private; a shared cache home should stay readable
+            try:
+                os.rename(staging, home / key)
+            except OSError:
+                if find_cache(key, cache_dir) is None:  # not a lost race with another builder: a real failure
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
     found = find_cache(key, cache_dir)
     assert found is not None
     return found
+
+
+def _encode(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preprocessing, key: str,
+            out: str) -> dict[str, Any]:
+    """Write rows/ and prompts/ under `out` (a folder or a URI prefix); returns the manifest to publish."""
+    import ray.data
+
+    from fluxtune.data.images import load_examples_batch
+    from fluxtune.flux.encoded import LatentEncoder, PromptEncoder
+
+    started = time.perf_counter()
+    prompts = ["", *sorted({r.prompt for r in rows if r.prompt})]
+    prompt_index = {p: i for i, p in enumerate(prompts)}
+    items = [{"line": r.line, "image": r.image, "mask": r.mask, "output": r.output, "split_key": r.split_key,
+              "from_val_file": r.from_val_file, "prompt_index": prompt_index[r.prompt]} for r in rows]
+    encoder = {"fn_constructor_kwargs": {"model": model}, "batch_size": ENCODE_BATCH, "batch_format": "numpy",
+               **_encoder_resources()}
+    decode = partial(load_examples_batch, resolution=preprocessing.resolution,
+                     mask_threshold=preprocessing.mask_threshold, buckets=preprocessing.buckets)
+    with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60 (pinned below 2.61)
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        rows_dataset = (ray.data.from_items(items)
+                        .map_batches(decode, batch_size=ENCODE_BATCH, batch_format="numpy")
+                        .map_batches(LatentEncoder, **encoder))
+        prompts_dataset = (ray.data.from_items([{"prompt_index": i, "prompt": p} for i, p in enumerate(prompts)])
+                           .map_batches(PromptEncoder, **encoder))
+    rows_dataset.write_parquet(remote.join(out, "rows") if is_uri(out) else os.path.join(out, "rows"))
+    prompts_dataset.write_parquet(remote.join(out, "prompts") if is_uri(out) else os.path.join(out, "prompts"))
+    return {
+        "format": CACHE_FORMAT, "key": key, "rows": len(rows),
+        "val_file_rows": sum(r.from_val_file for r in rows), "prompts": len(prompts),
+        "model": model_identity(model) | {"spec": {k: model.get(k) for k in ("preset", "path", "seed")}},
+        "preprocessing": preprocessing.identity(), "vae_scale_factor": vae_scale_factor(model),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_s": round(time.perf_counter() - started, 3),
+    }

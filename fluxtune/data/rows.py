@@ -93,10 +93,9 @@ def check_rows(jsonl_path: str | os.PathLike, check_files: bool = True) -> tuple
 
 def _read_bytes(path: str) -> bytes:
     if is_uri(path) and not path.startswith("file://"):
-        import fsspec  # only for URIs (s3://, gs://, ...), like Ray Data's own readers
+        from fluxtune.data.remote import read_bytes  # only for URIs (s3://, gs://, ...), like Ray Data's readers
 
-        with fsspec.open(path, "rb") as remote:
-            return remote.read()
+        return read_bytes(path)
     return Path(path.removeprefix("file://")).read_bytes()
 
 

@@ -114,9 +114,9 @@ class InpaintProbe:
 
     def __init__(self, vae: Any, scheduler: Any, val: Any, examples: int = 4, steps: int = 8, guidance: float = 30.0,
                  seed: int = 0):
-        data = getattr(val, "data", val)  # a ValidationSet or an EncodedSet
-        index = torch.arange(min(examples, len(data)), device=data.x0.device)
-        self.batch = data.batch(index)
+        from fluxtune.flux.encoded import preview_batch
+
+        self.batch = preview_batch(val, examples)  # one image size, also with aspect-ratio buckets
         self.vae, self.scheduler, self.steps, self.guidance = vae, scheduler, steps, guidance
         self.noise = torch.randn(self.batch["x0"].shape, generator=torch.Generator().manual_seed(seed)).to(
             self.batch["x0"])

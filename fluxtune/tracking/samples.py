@@ -100,10 +100,9 @@ class SampleGrids:
     def for_worker(cls, model: dict[str, Any], val: Any, deliver: Callable[[bytes], None],
                    count: int = MAX_EXAMPLES, **kwargs: Any) -> "SampleGrids":
         """From the worker's ValidationSet (or EncodedSet) and the experiment's `model` spec."""
-        import torch
+        from fluxtune.flux.encoded import preview_batch
 
-        data = getattr(val, "data", val)
-        batch = data.batch(torch.arange(min(count, len(data)), device=data.x0.device))
+        batch = preview_batch(val, count)  # one image size, also with aspect-ratio buckets
         rows, cols = (int(v) + 1 for v in batch["img_ids"][:, 1:].max(dim=0).values)
         return cls(vae=load_vae(model).eval(), batch=batch, height=rows * 16, width=cols * 16,
                    guidance=model.get("guidance", 30.0), deliver=deliver, **kwargs)

@@ -21,7 +21,10 @@ from typing import Any
 import numpy as np
 import ray.data
 
-from fluxtune.data.images import DEFAULT_MASK_THRESHOLD, is_uri, load_examples_batch, split_is_validation, split_key
+from fluxtune.data import remote
+from fluxtune.data.buckets import resolve_buckets
+from fluxtune.data.images import (DEFAULT_MASK_THRESHOLD, is_uri, load_examples_batch, split_is_validation, split_key,
+                                  stack_rows)
 from fluxtune.data.latent_cache import LatentCache, Preprocessing, cache_rows, ensure_cache, is_cache_folder, open_cache
 from fluxtune.data.selection import jsonl_folder, select_rows
 
@@ -53,12 +56,17 @@ class PreparedData:
 
 
 def preprocessing_of(data: dict[str, Any]) -> Preprocessing:
-    return Preprocessing(resolution=data["resolution"], mask_threshold=data.get("mask_threshold", DEFAULT_MASK_THRESHOLD))
+    buckets = resolve_buckets(data.get("buckets"), data["resolution"])
+    return Preprocessing(resolution=data["resolution"], mask_threshold=data.get("mask_threshold", DEFAULT_MASK_THRESHOLD),
+                         buckets=None if buckets is None else tuple(buckets))
 
 
 def prepare_sweep_data(jsonl: str, base: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> PreparedData:
-    """Check rows and find or build the latent cache, once per sweep, in the driver (never per trial)."""
+    """Check rows and find or build the latent cache, once per sweep, in the driver (never per trial).
+
+    The cache lives under `cache_dir`, else `data.cache_dir` (a folder or a URI), else the default home."""
     selection = select_rows(jsonl, base["data"])
+    cache_dir = cache_dir if cache_dir is not None else base["data"].get("cache_dir")
     cache, built = ensure_cache(cache_rows(selection), base["model"], preprocessing_of(base["data"]), cache_dir)
     return PreparedData(source=str(cache.path), rows=cache.manifest["rows"], skipped_rows=len(selection.skipped),
                         cache_key=cache.key, cache_built=built, build_s=cache.manifest["build_s"])
@@ -74,12 +82,14 @@ def build_datasets(source: str, data: dict[str, Any], seed: int, model: dict[str
 
 def _check_cache_matches(cache: LatentCache, data: dict[str, Any], model: dict[str, Any] | None) -> None:
     built = cache.manifest["preprocessing"]
-    wanted = preprocessing_of(data)
-    if (built["resolution"], built["mask_threshold"]) != (wanted.resolution, wanted.mask_threshold):
+    wanted = preprocessing_of(data).identity()
+    if built != wanted:
+        shown = ", ".join(f"{k} {built.get(k)} (wanted {wanted.get(k)})" for k in ("resolution", "mask_threshold",
+                                                                                     "buckets")
+                          if built.get(k) != wanted.get(k))
         raise ValueError(
-            f"the latent cache {cache.path} was built at resolution {built['resolution']}, mask_threshold "
-            f"{built['mask_threshold']}, but this trial wants {wanted.resolution}, {wanted.mask_threshold}: the cache "
-            "is built once per sweep from `base`, so do not search over data.resolution or data.mask_threshold")
+            f"the latent cache {cache.path} was built with {shown}: the cache is built once per sweep from `base`, "
+            "so do not search over data.resolution, data.mask_threshold or data.buckets")
     spec = cache.manifest["model"]["spec"]
     if model is not None and {k: model.get(k) for k in spec} != spec:
         raise ValueError(f"the latent cache {cache.path} was encoded with model {spec}, this trial uses "
@@ -100,7 +110,8 @@ def read_parquet_light(folder: str) -> ray.data.Dataset:
     (`plan_list_files_op.py` passes no num_cpus), so it waits forever while Train workers hold every whole CPU.
     The file list is known here; `from_items` builds its block in this process without a task.
     """
-    paths = sorted(str(p) for p in Path(folder).glob("*.parquet"))
+    paths = remote.list_files(folder, ".parquet") if is_uri(folder) else sorted(
+        str(p) for p in Path(folder).glob("*.parquet"))
     if not paths:
         raise ValueError(f"{folder} holds no Parquet files")
     return ray.data.from_items([{"path": p} for p in paths]).map_batches(
@@ -161,6 +172,9 @@ def _flatten(batch: dict[str, Any], folder: str, val_fraction: float, seed: int)
 
 def _decoded_datasets(jsonl: str, data: dict[str, Any], seed: int) -> dict[str, ray.data.Dataset]:
     """Rows read from the JSONL itself, images decoded in Ray Data (no cache); workers encode them."""
+    if data.get("buckets") is not None:
+        raise ValueError("aspect-ratio buckets (data.buckets) need the latent cache: pass a cache folder, "
+                         "not the JSONL")
     decode = partial(load_examples_batch, resolution=data["resolution"],
                      mask_threshold=data.get("mask_threshold", DEFAULT_MASK_THRESHOLD))
     light = {"num_cpus": READ_CPUS}
@@ -187,9 +201,18 @@ def collect(shard: Any) -> dict[str, np.ndarray]:
             parts.setdefault(key, []).append(value)
     if not parts:
         return {}
-    arrays = {key: np.concatenate(values) for key, values in parts.items()}
+    arrays = {key: _concatenate_rows(values) for key, values in parts.items()}
     if "line" in arrays:
         order = np.lexsort((arrays["line"], arrays["from_val_file"]))
         arrays = {key: value[order] for key, value in arrays.items()}
     return arrays
+
+
+def _concatenate_rows(parts: list[np.ndarray]) -> np.ndarray:
+    """Batches of one column as one array. Rows of several sizes (aspect-ratio buckets: Ray Data gives a batch
+    either stacked, when its rows share a size, or as an object array) become a 1-D object array of rows."""
+    ragged = any(p.dtype == object and len(p) and isinstance(p[0], np.ndarray) for p in parts)
+    if not ragged and len({p.shape[1:] for p in parts}) == 1:
+        return np.concatenate(parts)
+    return stack_rows([row for part in parts for row in part])
 

@@ -1,0 +1,225 @@
+"""Aspect-ratio buckets: the assignment arithmetic, a latent cache of mixed-aspect images built with Ray Data, and
+training on it with every batch drawn from a single bucket."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fluxtune.data.buckets import (
+    auto_buckets,
+    bucket_histogram,
+    check_buckets,
+    cover_crop_box,
+    nearest_bucket,
+    resolve_buckets,
+)
+from fluxtune.data.latent_cache import Preprocessing, cache_key, cache_rows, ensure_cache
+from fluxtune.data.sample import make_example
+from fluxtune.data.selection import select_rows
+
+TINY = {"preset": "tiny-fill", "seed": 0}
+AUTO_64 = tuple(auto_buckets(64))
+
+
+# -- the arithmetic ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("resolution", [64, 256, 512, 1024])
+def test_auto_buckets_are_multiples_of_16_near_the_area_and_symmetric(resolution):
+    buckets = auto_buckets(resolution)
+    assert (resolution, resolution) in buckets
+    for width, height in buckets:
+        assert width % 16 == 0 and height % 16 == 0
+        assert abs(width * height / resolution**2 - 1) <= 0.25
+        assert 0.5 <= width / height <= 2.0
+        assert (height, width) in buckets  # every landscape size has its portrait twin
+    ratios = [w / h for w, h in buckets]
+    assert ratios == sorted(ratios)
+    check_buckets(buckets, resolution)  # auto passes the checks an explicit list gets
+
+
+def test_each_image_goes_to_the_bucket_nearest_its_aspect_ratio():
+    assert AUTO_64 == ((48, 96), (48, 80), (64, 64), (80, 48), (96, 48))
+    assert nearest_bucket((96, 64), AUTO_64) == (80, 48)  # 1.5 is nearer 5:3 than 1:1 or 2:1 (in log ratio)
+    assert nearest_bucket((64, 96), AUTO_64) == (48, 80)
+    assert nearest_bucket((640, 640), AUTO_64) == (64, 64)
+    assert nearest_bucket((300, 50), AUTO_64) == (96, 48)  # wider than any bucket: the widest
+    assert nearest_bucket((60, 64), [(64, 48), (48, 64)]) == (48, 64)
+    # equally far in log ratio from 2:1 and 1:2: the earlier bucket, everywhere
+    assert nearest_bucket((64, 64), [(96, 48), (48, 96)]) == (96, 48)
+    assert bucket_histogram([(96, 64), (96, 64), (64, 96)], AUTO_64) == {
+        (48, 96): 0, (48, 80): 1, (64, 64): 0, (80, 48): 2, (96, 48): 0}
+
+
+@pytest.mark.parametrize("size,bucket", [((96, 64), (80, 48)), ((64, 96), (48, 80)), ((100, 60), (64, 64)),
+                                         ((64, 64), (96, 48))])
+def test_the_crop_box_covers_the_bucket_centred_inside_the_image(size, bucket):
+    left, top, right, bottom = cover_crop_box(size, bucket)
+    assert math.isclose((right - left) / (bottom - top), bucket[0] / bucket[1])
+    assert 0 <= left and 0 <= top and right <= size[0] + 1e-9 and bottom <= size[1] + 1e-9
+    assert math.isclose(left, size[0] - right) and math.isclose(top, size[1] - bottom)  # centred
+    assert math.isclose(right - left, size[0]) or math.isclose(bottom - top, size[1])  # one side kept whole
+
+
+@pytest.mark.parametrize("buckets,message", [
+    ([[80, 40]], "multiples of 16"),
+    ([[256, 256]], "away from resolution²"),
+    ([[64, 64], [64, 64]], "listed twice"),
+    ([[64]], r"\[width, height\]"),
+    ([], "at least one"),
+    ("square", "'auto' or a list"),
+])
+def test_explicit_buckets_are_checked(buckets, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_buckets(buckets, 64)
+
+
+def test_config_rejects_bad_buckets_at_the_yaml_key(tmp_path):
+    from fluxtune.config.errors import InputError
+    from fluxtune.config.load import load_search_file
+
+    spec = tmp_path / "run.yaml"
+    spec.write_text("name: b\nbase:\n  data: {resolution: 64, buckets: [[80, 40]]}\n"
+                    "  stages: [{name: full, type: full, steps: 1}]\n")
+    with pytest.raises(InputError) as caught:
+        load_search_file(str(spec))
+    assert "base.data.buckets" in str(caught.value) and "multiples of 16" in str(caught.value)
+    assert f"{spec}:3:" in str(caught.value)
+
+
+def test_buckets_off_keeps_the_preprocessing_identity_and_on_changes_the_key(tmp_path):
+    assert Preprocessing(64).identity() == {"resolution": 64, "mask_threshold": 0.5, "crop": "centre-square"}
+    jsonl = _write_mixed_dataset(tmp_path, 3)
+    rows = cache_rows(select_rows(str(jsonl), {}))
+    keys = {cache_key(rows, TINY, Preprocessing(64, buckets=b)) for b in (None, AUTO_64, AUTO_64[1:])}
+    assert len(keys) == 3  # off, auto, and another bucket list: three caches
+
+
+# -- mixed-aspect data through Ray Data into the latent cache -------------------------------------------------
+
+def _write_mixed_dataset(folder, n):
+    """Rows cycling landscape 96x64, portrait 64x96 and square 64x64: sample examples cut from 96² scenes."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    crops = [(slice(16, 80), slice(None)), (slice(None), slice(16, 80)), (slice(16, 80), slice(16, 80))]
+    lines = []
+    for i in range(n):
+        rows, cols = crops[i % 3]
+        source, mask, target, colour = make_example(i, 96, seed=3)
+        for suffix, pixels in (("", source), ("_mask", mask), ("_target", target)):
+            Image.fromarray(np.ascontiguousarray(pixels[rows, cols])).save(folder / f"images/{i:03d}{suffix}.png")
+        line = {"user_input": {"image": f"images/{i:03d}.png", "mask": f"images/{i:03d}_mask.png"},
+                "output": f"images/{i:03d}_target.png"}
+        if i % 4 == 0:
+            line["prompt"] = f"a {colour} square"
+        lines.append(json.dumps(line))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    from fluxtune.train.cluster import local_cpus, start_ray
+
+    start_ray(None, local_cpus(workers=1, cpus_per_worker=1.0, concurrent_trials=1))
+    jsonl = _write_mixed_dataset(tmp_path_factory.mktemp("mixed"), 24)
+    rows = cache_rows(select_rows(str(jsonl), {}))
+    cache, _ = ensure_cache(rows, TINY, Preprocessing(64, buckets=AUTO_64), tmp_path_factory.mktemp("home"))
+    return jsonl, cache
+
+
+def _read_all(folder):
+    from fluxtune.train.datasets import collect, read_parquet_light
+
+    return collect(read_parquet_light(folder).iterator())
+
+
+def test_cache_rows_carry_their_bucket_and_hold_what_encoding_in_memory_gives(mixed):
+    from fluxtune.assemble import cached_encoded_set, encode_arrays, load_bundle
+    from fluxtune.data.images import load_example
+    from fluxtune.data.rows import read_rows
+    from fluxtune.flux.encoded import BucketedSet
+
+    jsonl, cache = mixed
+    assert cache.manifest["preprocessing"]["buckets"] == [list(b) for b in AUTO_64]
+    rows = _read_all(cache.rows_dir)
+    sizes = list(zip(rows["width"].tolist(), rows["height"].tolist()))
+    expected = [[(80, 48), (48, 80), (64, 64)][i % 3] for i in range(24)]  # 96x64 → 80x48, 64x96 → 48x80
+    assert sizes == expected
+    for (width, height), x0, cond in zip(sizes, rows["x0"], rows["cond"]):
+        assert x0.shape == ((height // 16) * (width // 16), 64) and cond.shape == (x0.shape[0], 320)
+
+    cached = cached_encoded_set(rows, _read_all(cache.prompts_dir), 64)
+    assert isinstance(cached, BucketedSet) and [len(b) for b in cached.buckets] == [8, 8, 8]
+    bundle = load_bundle(TINY)
+    all_rows = read_rows(jsonl)
+    for k, bucket in enumerate(cached.buckets):
+        own = all_rows[k::3]  # this bucket's rows, in file order
+        examples = [load_example(r, 64, buckets=AUTO_64) for r in own]
+        arrays = {name: np.stack([e[name] for e in examples]) for name in ("image", "mask", "target")}
+        arrays["prompt"] = np.array([r.prompt or "" for r in own], dtype=object)
+        direct = encode_arrays(bundle, arrays)
+        got, want = bucket.batch(torch.arange(8)), direct.batch(torch.arange(8))
+        for key in ("x0", "cond", "img_ids", "prompt_embeds", "pooled"):
+            assert torch.equal(got[key], want[key]), (k, key)
+
+
+def test_training_on_mixed_aspects_draws_single_bucket_batches_and_learns(mixed):
+    from fluxtune.assemble import build_shared, cached_encoded_set, load_bundle
+    from fluxtune.context import evaluate
+    from fluxtune.cycle import run_cycle
+    from fluxtune.flux.encoded import BucketedSet, EncodedSet
+    from fluxtune.registry import registry
+    from fluxtune.testing import RecordingReporter, tiny_experiment
+    from fluxtune.train.datasets import build_datasets, collect
+
+    _, cache = mixed
+    experiment = tiny_experiment("""
+        data: {resolution: 64, buckets: auto, val_fraction: 0.25, batch_size: 4}
+        eval_every: 10
+        stages: [{name: full, type: full, steps: 40, optimizer: {lr: 1.0e-3}}]
+    """)
+    datasets = build_datasets(str(cache.path), experiment["data"], seed=0, model=experiment["model"])
+    prompts = collect(datasets["prompts"].iterator())
+    train = cached_encoded_set(collect(datasets["train"].iterator()), prompts, 64)
+    val = cached_encoded_set(collect(datasets["val"].iterator()), prompts, 64)
+    assert isinstance(train, BucketedSet) and len(train.buckets) == 3
+
+    seen: list[tuple[int, int]] = []
+
+    class Recording(EncodedSet):  # every batch the stage and the evaluation draw: (token count, img_ids rows)
+        def batch(self, index):
+            batch = super().batch(index)
+            seen.append((batch["x0"].shape[1], batch["img_ids"].shape[0]))
+            return batch
+
+    train = BucketedSet([Recording(**vars(b)) for b in train.buckets])
+    torch.manual_seed(0)
+    bundle = load_bundle(experiment["model"])
+    reporter = RecordingReporter()
+    shared = build_shared(experiment, train, val, reporter, registry(), torch.device("cpu"))
+    before = evaluate(bundle.transformer, shared)["val_loss"]
+    run_cycle(experiment, bundle.transformer, shared)
+
+    assert len(seen) >= 40 and all(tokens == ids for tokens, ids in seen)  # packing follows each bucket
+    assert {tokens for tokens, _ in seen} == {15, 16}  # 80x48 / 48x80 → 5·3 tokens, 64² → 16: all buckets trained
+    losses = [m["loss"] for _, m in reporter.steps]
+    after = reporter.stage_ends[-1][1]["val_loss"]
+    assert all(math.isfinite(v) for v in losses) and after < 0.9 * before, (before, after)
+
+
+def test_data_check_shows_how_many_rows_go_to_each_bucket(tmp_path, cli_env):
+    from conftest import run_cli
+
+    jsonl = _write_mixed_dataset(tmp_path, 6)
+    result = run_cli(["data", "check", str(jsonl), "--buckets", "auto"], cwd=tmp_path, env=cli_env)
+    assert result.returncode == 0, result.stderr
+    for line in ("bucket 80x48: 2 rows", "bucket 48x80: 2 rows", "bucket 64x64: 2 rows", "bucket 96x48: 0 rows"):
+        assert line in result.stdout
+
+    bad = run_cli(["data", "check", str(jsonl), "--buckets", "80x40,64x64"], cwd=tmp_path, env=cli_env)
+    assert bad.returncode == 2 and "--buckets 80x40,64x64: bucket 0 [80, 40]" in bad.stderr
