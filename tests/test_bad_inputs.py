@@ -150,6 +150,8 @@ CASES = [
     Case("yaml-syntax", f"{SPEC}:{{line}}", sub("    - {name: full, type: full, steps: 2}", "    - {name: full, type: full"),
          mark="- name: lora"),
     Case("yaml-duplicate-key", f"{SPEC}:{{line}}", sub("  cycles: 1\n", "  cycles: 1\n  cycles: 2\n"), mark="cycles: 2"),
+    Case("yaml-python-tag", f"{SPEC}:{{line}}:11: YAML tag '!!python/object/apply:os.system' is not allowed",
+         sub("  cycles: 1", "  cycles: !!python/object/apply:os.system [echo]"), mark="cycles"),
     Case("yaml-not-a-mapping", SPEC, lambda text: "- just\n- a list\n"),
     Case("yaml-empty-file", f"{SPEC}:", lambda text: ""),
     Case("spec-file-missing", "nowhere.yaml: file not found", commands=(("validate", "nowhere.yaml"),

@@ -39,7 +39,7 @@ class YamlSource:
                 line, col = node.lc.key(part)
                 node = node[part]
             elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
-                line, col = node.lc.item(part)
+                line, col = node.lc.item(part) or (line, col)  # flow items of some nodes carry no position
                 node = node[part]
             else:
                 break
@@ -74,10 +74,40 @@ def load_yaml(path: str | Path) -> YamlSource:
     return parse_yaml(text, path)
 
 
+_CORE = "tag:yaml.org,2002:"
+# What plain YAML resolves to by itself; an explicit tag (`!!python/object:…`, `!custom`) is refused instead of
+# being carried along as a tagged value (the round-trip loader never constructs it, but it is never meant either).
+PLAIN_TAGS = {_CORE + name for name in ("str", "int", "float", "bool", "null", "map", "seq", "merge", "timestamp")}
+
+
+def _tag_problems(yaml: YAML, text: str, path: str) -> list[Problem]:
+    problems, seen, todo = [], set(), [yaml.compose(text)]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:  # an alias points at a node already walked
+            continue
+        seen.add(id(node))
+        tag = str(node.tag)
+        if tag not in PLAIN_TAGS:
+            shown = "!!" + tag.removeprefix(_CORE) if tag.startswith(_CORE) else tag
+            problems.append(Problem(path, f"YAML tag {shown!r} is not allowed: fluxtune reads plain YAML only",
+                                    line=node.start_mark.line + 1, col=node.start_mark.column + 1,
+                                    snippet=text.splitlines()[node.start_mark.line]))
+        if isinstance(node.value, list):
+            for item in node.value:
+                todo.extend(item if isinstance(item, tuple) else (item,))
+    return sorted(problems, key=lambda p: (p.line, p.col))
+
+
 def parse_yaml(text: str, path: str = "<string>") -> YamlSource:
     yaml = YAML(typ="rt")  # round-trip keeps positions; it builds no arbitrary Python objects
     try:
+        problems = _tag_problems(yaml, text, path)
+        if problems:
+            raise InputError(problems)
         tree = yaml.load(text)
+    except InputError:
+        raise
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None

@@ -1,5 +1,7 @@
-"""`mlflow server` on the default store (or any sqlite store), bound to 127.0.0.1: what `fluxtune ui` and the
-server tests start. Artifacts are served by the server itself, so a remote client needs no file access."""
+"""`mlflow server` on the default store (or any sqlite store), bound to 127.0.0.1 unless a host is given: what
+`fluxtune ui` and the server tests start. Artifacts are served by the server itself, so a remote client needs no
+file access. Other machines reach it only with `host="0.0.0.0"` (and MLFLOW_SERVER_ALLOWED_HOSTS for MLflow's
+Host-header check): the store holds every run, so exposing it is a choice, never a default."""
 
 from __future__ import annotations
 
@@ -32,14 +34,14 @@ def server_command(store_dir: Path, port: int, host: str = HOST) -> list[str]:
 
 
 def start_server(store_dir: Path, port: int | None = None, log_path: Path | None = None,
-                 timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+                 timeout: float = 60.0, host: str = HOST) -> tuple[subprocess.Popen, str]:
     """Start the server in its own process group and wait until /health answers; returns (process, URL).
 
     Without a `port` a free one is picked, and picked again if another process takes it before the server binds
     (the server then exits): busy machines running Ray grab ports all the time."""
     for attempt in range(3 if port is None else 1):
         try:
-            return _start(store_dir, port or free_port(), log_path, timeout)
+            return _start(store_dir, port or free_port(), log_path, timeout, host)
         except _PortTaken:
             continue
     raise RuntimeError(f"mlflow server could not bind a port (log: {log_path or 'not kept'})")
@@ -49,12 +51,13 @@ class _PortTaken(RuntimeError):
     pass
 
 
-def _start(store_dir: Path, port: int, log_path: Path | None, timeout: float) -> tuple[subprocess.Popen, str]:
+def _start(store_dir: Path, port: int, log_path: Path | None, timeout: float,
+           host: str) -> tuple[subprocess.Popen, str]:
     Path(store_dir).mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(server_command(store_dir, port), stdout=log, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(server_command(store_dir, port, host), stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, **SERVER_ENV}, start_new_session=True)
-    url = f"http://{HOST}:{port}"
+    url = f"http://{HOST if host in ('0.0.0.0', '::') else host}:{port}"  # a wildcard bind answers on loopback
     try:
         return _wait_healthy(process, url, port, log_path, timeout)
     except BaseException:  # never leave a server behind (Ctrl-C, a surprise from urllib)
