@@ -112,13 +112,15 @@ def read_progress(checkpoint_dir: Path) -> Progress | None:
 
 
 def check_writable_folder(folder: Path | str) -> str | None:
-    """Why `folder` cannot hold checkpoints (cannot be created, not writable, disk full), or None if it can."""
-    folder = Path(folder)
+    """Why `folder` cannot hold checkpoints (cannot be created, not writable, disk full), or None if it can.
+    Leaves nothing behind: folders it had to create for the test are removed again."""
+    folder = Path(folder).absolute()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".fluxtune-write-test-{secrets.token_hex(4)}"
         try:
-            probe.write_bytes(b"0" * 4096)  # a real block: a full disk fails here, not only at the first checkpoint
+            probe.write_bytes(b"0" * 4096)  # a real block: a full disk fails here, not at the first checkpoint
         finally:
             probe.unlink(missing_ok=True)
     except OSError as exc:
@@ -126,6 +128,10 @@ def check_writable_folder(folder: Path | str) -> str | None:
         if exc.errno in _OUT_OF_SPACE:
             reason += f" ({_mib(shutil.disk_usage(_existing_parent(folder)).free)} free)"
         return reason
+    finally:
+        for path in created:  # deepest first
+            if path.is_dir():
+                path.rmdir()
     return None
 
 

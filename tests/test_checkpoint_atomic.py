@@ -157,6 +157,11 @@ def test_a_full_disk_leaves_earlier_checkpoints_untouched_and_names_the_folder_a
         assert "No space left on device" in str(mid_write.value)
         assert sorted(p.name for p in disk.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint_000000"]
         assert _digest(earlier) == before and read_progress(earlier) == Progress(0, 1, 5)
+        # A disk with no room at all is refused as a storage folder before a sweep starts.
+        with open(disk / "ballast", "ab", buffering=0) as ballast, pytest.raises(OSError):
+            while True:
+                ballast.write(b"0" * 65536)
+        assert check_writable_folder(disk / "runs").startswith("No space left on device (0.0 MiB free)")
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
@@ -191,4 +196,52 @@ def test_an_unwritable_storage_folder_is_named_with_the_reason(tmp_path):
     blocker.write_text("not a folder")
     assert "Not a directory" in check_writable_folder(blocker / "runs")
     assert check_writable_folder(tmp_path / "new" / "runs") is None
-    assert not list((tmp_path / "new" / "runs").iterdir())  # the write probe is gone again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # the probe and the folders it made are gone
+
+
+SPEC = """\
+name: storage-faults
+base:
+  data: {jsonl: sample, resolution: 32, sample_size: 8, batch_size: 2}
+  stages:
+    - {name: full, type: full, steps: 2}
+"""
+
+
+def run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """`fluxtune ARGS` through the console script's entry point, in this interpreter (no Ray starts)."""
+    from fluxtune.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["fluxtune", *args])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("configured", [True, False], ids=["storage_path", "default-runs"])
+def test_search_refuses_an_unwritable_storage_folder_before_ray_naming_the_key(configured, tmp_path, monkeypatch,
+                                                                                capsys, session_cache):
+    monkeypatch.setenv("FLUXTUNE_CACHE", str(session_cache))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("a file where a folder must go")
+    target = tmp_path / "blocker" / "runs" if configured else tmp_path / "runs"
+    if configured:
+        (tmp_path / "sweep.yaml").write_text(SPEC + f"storage_path: {target}\n")
+    else:
+        (tmp_path / "sweep.yaml").write_text(SPEC)
+        (tmp_path / "runs").write_text("a file named like the default storage folder")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, err = run_in_process(["search", "sweep.yaml"], monkeypatch, capsys)
+    assert code == 2, err
+    [line] = err.strip().splitlines()
+    if configured:
+        assert line.startswith("error: sweep.yaml:6:1: storage_path: cannot write checkpoints to ")
+        assert f"{target}: Not a directory" in line
+    else:
+        assert line.startswith("error: sweep.yaml: storage_path: cannot write checkpoints to ")
+        assert f"{target} (the default): File exists" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no mlflow/, no sweep folder

@@ -95,6 +95,26 @@ def check_adapter_targets(base: dict[str, Any], where: _Located) -> None:
         raise InputError(problems)
 
 
+def check_outputs(spec_path: str, spec: SearchFile) -> None:
+    """Where results go must take them: the storage folder is writable and a tracking server answers (the
+    storage and MLflow faults of issue 8). Writes nothing."""
+    from fluxtune.checkpoints import check_writable_folder
+    from fluxtune.tracking.store import server_uri, unreachable
+
+    folder = spec.storage_path or "runs"
+    if "://" not in folder:  # URI storage (s3://…) is checked by Ray when it writes
+        why = check_writable_folder(folder)
+        if why:
+            default = "" if spec.storage_path else " (the default)"
+            raise _data_problem(spec_path, "storage_path",
+                                f"cannot write checkpoints to {os.path.abspath(folder)}{default}: {why}")
+    uri = server_uri(spec.tracking.uri)
+    why = unreachable(uri) if uri else None
+    if why:
+        raise _data_problem(spec_path, "tracking.uri", f"MLflow tracking server {uri} is unreachable ({why}): "
+                                                       "start it with `fluxtune ui` or fix tracking.uri")
+
+
 def preflight(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Checked:
     """Spec, model, data files and every row, checked before Ray starts; bad rows fail here unless skipped."""
     from fluxtune.data.selection import select_rows
@@ -112,4 +132,5 @@ def preflight(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Ch
                           f"val_fraction {data['val_fraction']} splits {rows} rows into {rows - n_val} "
                           f"training and {n_val} validation rows; both need at least one")
     check_adapter_targets(base, where)  # imports torch and diffusers: last
+    check_outputs(spec_path, spec)  # last: every input problem first, and nothing is written before it
     return Checked(spec=spec, base=base, jsonl=jsonl, rows=len(selection.rows), skipped=selection.skipped)

@@ -150,7 +150,8 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     record.optuna_storage = record.optuna_storage or optuna_storage_url(uri, str(root))
     record.status = "running"
     record.save()
-    tracker = SweepTracker(uri, experiment_name, record.sweep_id, upload_checkpoints=spec.tracking.upload_checkpoints)
+    tracker = SweepTracker(uri, experiment_name, record.sweep_id, upload_checkpoints=spec.tracking.upload_checkpoints,
+                           spill_dir=Path(record.folder))  # MLflow outages: unlogged writes wait in the sweep folder
     parent = tracker.start(spec_path, tags={"fluxtune.version": __version__, "fluxtune.git_revision": _git_revision(),
                                             **{f"fluxtune.plugin.{k}": v for k, v in plugins.items()}},
                            params={"search": search.model_dump(mode="json"), "base": base})
@@ -223,6 +224,9 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
         stages = stage_records(storage, record.sweep_id, best["trial"])
         if stages and best["trial"] in record.registered:  # an extension that found no better trial
             outcome.model_name, outcome.model_version = record.registered[best["trial"]]
+        elif stages and not tracker.flush():  # MLflow is down: a later --more registers the best trial
+            console.print(f"[yellow]warning[/]: MLflow at {uri} is unreachable: trial {best['trial']} is not "
+                          "registered")
         elif stages:
             outcome.model_name = spec.tracking.register_as or spec.name
             outcome.model_version = _register_best(tracker, best["trial"], stages, best_experiment,
@@ -233,7 +237,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
         ranked = sorted(finished, key=lambda t: t[search.metric], reverse=search.mode == "max")
         for other in ranked[1:spec.tracking.register_top]:  # the runners-up: versions without an alias
             other_stages = stage_records(storage, record.sweep_id, other["trial"])
-            if other_stages and other["trial"] not in record.registered:
+            if other_stages and other["trial"] not in record.registered and tracker.flush():
                 name = spec.tracking.register_as or spec.name
                 record.registered[other["trial"]] = [name, _register_best(
                     tracker, other["trial"], other_stages, sample_experiment(base, other["config"], reg), name, None,

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fluxtune.tracking.buffer import BufferedClient, TrackingOffline
 from fluxtune.tracking.samples import decode_samples
-from fluxtune.tracking.store import client, ensure_experiment
+from fluxtune.tracking.store import client, ensure_experiment, server_uri
 
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 SWEEP_TAG = "fluxtune.sweep_id"
@@ -42,8 +43,11 @@ def stage_label(cycle: int, stage: str) -> str:
 
 
 class SweepTracker:
-    def __init__(self, uri: str, experiment: str, sweep_name: str, upload_checkpoints: bool = False):
+    def __init__(self, uri: str, experiment: str, sweep_name: str, upload_checkpoints: bool = False,
+                 spill_dir: Path | None = None, warn: Any = None):
         self.uri = uri
+        self.spill_dir = spill_dir  # the sweep folder: writes a tracking server missed wait there (buffer.py)
+        self.warn = warn
         self._client = None
         self.experiment_id = ensure_experiment(uri, experiment)
         self.sweep_name = sweep_name
@@ -57,11 +61,27 @@ class SweepTracker:
     def client(self):
         if self._client is None:
             self._client = client(self.uri)
+            if server_uri(self.uri):  # a server can go away mid-sweep: its writes are buffered, never lost
+                self._client = BufferedClient(self._client, self.uri, self.spill_dir,
+                                              handlers={"loss_curves": self._draw_loss_curves},
+                                              on_run_created=self._run_created, warn=self.warn)
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment state; the client (locks, sessions) is rebuilt lazily.
-        return {**self.__dict__, "_client": None, "_system": None}
+        return {**self.__dict__, "_client": None, "_system": None, "warn": None}
+
+    def flush(self) -> bool:
+        """Send what a tracking-server outage left buffered; True when everything is in MLflow."""
+        return self.client.retry(force=True) if isinstance(self.client, BufferedClient) else True
+
+    def _run_created(self, placeholder: str, run_id: str) -> None:
+        """A run created while the server was down now exists: use its real id from here on."""
+        if self.parent_run_id == placeholder:
+            self.parent_run_id = run_id
+        self.trial_runs = {t: run_id if r == placeholder else r for t, r in self.trial_runs.items()}
+        if placeholder in self._logged_upto:
+            self._logged_upto[run_id] = self._logged_upto.pop(placeholder)
 
     # -- finding runs again
     def find_sweep_run(self) -> str | None:
@@ -74,13 +94,20 @@ class SweepTracker:
         return self._find(f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'")
 
     def _find(self, filter_string: str) -> str | None:
-        runs = self.client.search_runs([self.experiment_id], filter_string, max_results=1,
-                                       order_by=["attributes.start_time ASC"])
+        try:
+            runs = self.client.search_runs([self.experiment_id], filter_string, max_results=1,
+                                           order_by=["attributes.start_time ASC"])
+        except TrackingOffline:  # cannot look: a new run (it would be found next time)
+            return None
         return runs[0].info.run_id if runs else None
 
     def _reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
-        run = self.client.get_run(run_id)
+        try:
+            run = self.client.get_run(run_id)
+        except TrackingOffline:  # unknown while the server is down: replayed steps may show twice
+            self._logged_upto.setdefault(run_id, {})
+            return
         # The latest point of each metric (MLflow keeps the one at the largest step), as the system-metrics
         # monitor of MLflow itself reads it: no full history download.
         self._logged_upto[run_id] = {m.key: m.step for m in run.data._metric_objs}
@@ -88,6 +115,7 @@ class SweepTracker:
     # -- the tree
     def start(self, spec_path: str | None, tags: dict[str, str], params: dict[str, Any]) -> str:
         """The sweep's parent run: created once, found again (same sweep name) when the sweep resumes."""
+        self.flush()  # what an earlier driver left in the sweep's spill file first, so its runs are found
         existing = self.find_sweep_run()
         if existing is not None:
             self.parent_run_id = existing
@@ -206,13 +234,18 @@ class SweepTracker:
             self.client.log_artifacts(run_id, str(folder / "transformer"), artifact_path=f"stages/{label}/transformer")
 
     def log_loss_curves(self, trial_id: str) -> None:
-        """loss_curves.png: training loss and validation loss over global steps."""
+        """loss_curves.png: training loss and validation loss over global steps (once the server answers)."""
+        if isinstance(self.client, BufferedClient):
+            self.client.defer("loss_curves", self.trial_runs[trial_id], trial_id)
+        else:
+            self._draw_loss_curves(self.trial_runs[trial_id], trial_id)
+
+    def _draw_loss_curves(self, run_id: str, trial_id: str) -> None:
         import matplotlib
 
         matplotlib.use("Agg")  # the driver has no display
         from matplotlib.figure import Figure
 
-        run_id = self.trial_runs[trial_id]
         figure = Figure(figsize=(7, 4))
         axes = figure.subplots()
         drawn = 0
@@ -233,7 +266,10 @@ class SweepTracker:
     def stage_checkpoints(self, trial_id: str) -> list[tuple[int, str, str]]:
         """(cycle, stage, local path) of every stage checkpoint the trial's run references, oldest first: a
         resumed sweep's driver knows the stages finished before the restart from these tags."""
-        tags = self.client.get_run(self.trial_runs[trial_id]).data.tags
+        try:
+            tags = self.client.get_run(self.trial_runs[trial_id]).data.tags
+        except TrackingOffline:  # unknown for now: the driver records stages from here on
+            return []
         found = []
         for key, value in tags.items():
             if key.startswith(CHECKPOINT_TAG):
@@ -253,6 +289,8 @@ class SweepTracker:
         if metrics:
             self.log_metrics(self.parent_run_id, {k: [(0, v)] for k, v in metrics.items()})
         self.client.set_terminated(self.parent_run_id, status=status)
+        if isinstance(self.client, BufferedClient):
+            self.client.close()  # a last try; else a warning says what is not logged and where it is kept
 
 
 def _as_uri(path: str) -> str:

@@ -22,6 +22,29 @@ def tracking_uri(configured: str | None = None) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def server_uri(configured: str | None = None) -> str | None:
+    """The tracking URI when it names an HTTP(S) server (which can be down); None for a local store."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    return uri if uri.startswith(("http://", "https://")) else None
+
+
+def unreachable(uri: str, timeout: float = 5.0) -> str | None:
+    """Why the MLflow server at `uri` does not answer, or None when it does. Any HTTP answer counts (a proxy
+    asking for credentials is there); MLflow's own client would retry for minutes before saying the same."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as exc:
+        return str(exc.reason)
+    except OSError as exc:  # timeouts, resets
+        return str(exc) or type(exc).__name__
+
+
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Artifacts of the default local store live beside its db (mlflow/artifacts); servers choose their own."""
     if uri.startswith("sqlite:///"):
