@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxtune.tracking.buffer import BufferedClient, TrackingOffline
+from fluxtune.tracking.redact import redact_params, redact_text
 from fluxtune.tracking.samples import decode_samples
 from fluxtune.tracking.store import client, ensure_experiment, server_uri
 
@@ -120,16 +121,30 @@ class SweepTracker:
         if existing is not None:
             self.parent_run_id = existing
             self._reopen(existing)
-            for key, value in tags.items():  # e.g. the git revision the resumed part ran with
+            for key, value in redact_params(tags).items():  # e.g. the git revision the resumed part ran with
                 self.client.set_tag(existing, key, value)
             return existing
         run = self.client.create_run(self.experiment_id, run_name=self.sweep_name,
-                                     tags={**tags, "fluxtune.kind": "sweep", SWEEP_TAG: self.sweep_name})
+                                     tags={**redact_params(tags), "fluxtune.kind": "sweep", SWEEP_TAG: self.sweep_name})
         self.parent_run_id = run.info.run_id
         self._log_params(self.parent_run_id, params)
         if spec_path:
-            self.client.log_artifact(self.parent_run_id, spec_path)
+            self._log_spec(spec_path)
         return self.parent_run_id
+
+    def _log_spec(self, spec_path: str) -> None:
+        """The search file as written, unless it holds secrets: then a redacted copy of the same name."""
+        import tempfile
+
+        text = Path(spec_path).read_text()
+        redacted = redact_text(text)
+        if redacted == text:
+            self.client.log_artifact(self.parent_run_id, spec_path)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            copy = Path(folder) / Path(spec_path).name
+            copy.write_text(redacted)
+            self.client.log_artifact(self.parent_run_id, str(copy))
 
     def start_trial(self, trial_id: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         existing = self.trial_runs.get(trial_id) or self.find_trial_run(trial_id)
@@ -139,7 +154,8 @@ class SweepTracker:
             return existing
         run = self.client.create_run(
             self.experiment_id, run_name=f"trial-{trial_id}",
-            tags={**tags, "mlflow.parentRunId": self.parent_run_id, "fluxtune.kind": "trial", TRIAL_TAG: trial_id},
+            tags={**redact_params(tags), "mlflow.parentRunId": self.parent_run_id, "fluxtune.kind": "trial",
+                  TRIAL_TAG: trial_id},
         )
         self.trial_runs[trial_id] = run.info.run_id
         self._logged_upto[run.info.run_id] = {}
@@ -149,7 +165,7 @@ class SweepTracker:
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in flatten(params).items()]
+        items = [Param(k, v) for k, v in redact_params(flatten(params)).items()]  # secrets never reach MLflow
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
 
