@@ -61,3 +61,37 @@ def sample_jsonl(session_cache) -> Path:
     from fluxtune.data.sample import ensure_sample_dataset
 
     return ensure_sample_dataset(n=64, resolution=64, seed=0, cache_dir=session_cache)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto, server mode) on 127.0.0.1; yields the env that points clients at it.
+
+    pyarrow (Ray's storage), boto3 and MLflow all honour AWS_ENDPOINT_URL.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "fluxtune-test",
+           "AWS_SECRET_ACCESS_KEY": "fluxtune-test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+def s3_bucket(name: str) -> str:
+    """Create bucket `name` on the endpoint of `s3_endpoint` (its env must be active) and return its URI."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"

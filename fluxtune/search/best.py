@@ -8,7 +8,6 @@ finds the reused checkpoint first.
 from __future__ import annotations
 
 import io
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from fluxtune import storage
 from fluxtune.checkpoints import read_checkpoint_record
 
 
@@ -27,7 +27,7 @@ class StageCheckpoint:
     checkpoint: str
 
 
-def _read(folder: Path) -> StageCheckpoint | None:
+def _read(folder: str) -> StageCheckpoint | None:
     record = read_checkpoint_record(folder)  # None for a half-written or half-copied one (storage faults)
     if record is None:
         return None
@@ -35,16 +35,17 @@ def _read(folder: Path) -> StageCheckpoint | None:
     return StageCheckpoint(record["finished_stage"], finished_cycle, record["global_step"], str(folder))
 
 
-def stage_records(sweep_folder: Path, sweep_id: str, trial_id: str) -> list[StageCheckpoint]:
-    """The trial's finished stages in order: a reused prefix (if any), then its own Train checkpoints."""
+def stage_records(trial_storage: str, sweep_id: str, trial_id: str) -> list[StageCheckpoint]:
+    """The trial's finished stages in order: a reused prefix (if any), then its own Train checkpoints.
+    `trial_storage` is the sweep's Ray storage: a local folder or a shared URI."""
     found: list[StageCheckpoint] = []
-    used = sweep_folder / "stage_cache" / "used" / f"{trial_id}.json"
-    if used.exists():
-        reused = _read(Path(json.loads(used.read_text())["checkpoint"]))
+    used = storage.read_json(storage.join(str(trial_storage), "stage_cache", "used", f"{trial_id}.json"))
+    if used is not None:
+        reused = _read(used["checkpoint"])
         if reused is not None:
             found.append(reused)
-    run = sweep_folder / "train" / f"{sweep_id}-{trial_id}"
-    own = [c for c in (_read(p) for p in run.glob("checkpoint*")) if c is not None]
+    run = storage.join(str(trial_storage), "train", f"{sweep_id}-{trial_id}")
+    own = [c for c in (_read(p) for p in storage.list_folders(run, "checkpoint")) if c is not None]
     found.extend(sorted(own, key=lambda c: c.global_step))
     return found
 

@@ -10,11 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 
 from fluxtune.tracking.samples import SAMPLES_KEY, encode_samples
 
 STEP_METRICS_KEY = "fluxtune_steps"  # JSON: {metric: [[step, value], ...]}, unpacked by the tracking callback
+NODE_KEY = "node"  # the Ray node id of rank 0, sent at stage ends: which machine of a cluster ran the trial
 
 
 class RayReporter:
@@ -57,4 +59,4 @@ class RayReporter:
         self._check_stopped()
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report({**metrics, "global_step": global_step, "stage_end": True, STEP_METRICS_KEY: self._drain(),
-                          **self._extras()}, checkpoint=checkpoint)
+                          NODE_KEY: ray.get_runtime_context().get_node_id(), **self._extras()}, checkpoint=checkpoint)
