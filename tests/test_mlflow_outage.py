@@ -122,3 +122,103 @@ def test_an_unreachable_server_at_start_ends_the_sweep_before_ray_with_one_line(
     assert line.endswith("): start it with `fluxtune ui` or fix tracking.uri")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]  # no runs/, no mlflow/
     assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+SWEEP = """\
+name: outage-e2e
+base:
+  data: {jsonl: sample, resolution: 32, sample_size: 16, batch_size: 4}
+  cycles: 1
+  eval_every: 5
+  stages:
+    - {name: full, type: full, steps: 10, optimizer: {lr: 1.0e-3}}
+    - {name: lora, type: lora, steps: 10, optimizer: {lr: 2.0e-3}, adapter: {type: lora, rank: 4}}
+search:
+  num_samples: 2
+  max_concurrent: 1
+  sampler: {type: random, seed: 1}
+  scheduler: {type: fifo}
+  space:
+    stages.lora.adapter.rank: {type: categorical, choices: [4, 8]}
+tracking: {uri: "URI", experiment: outage-e2e, register_as: outage-lora}
+"""
+
+
+class _Lines:
+    """A subprocess's output lines as they come; `wait_for` blocks until one matches (or the process ends)."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, needle: str, process: subprocess.Popen, timeout: float = 300) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(needle in line for line in self.lines):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    return False
+                self._changed.wait(0.5)
+        return True
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def test_a_server_outage_mid_sweep_loses_nothing_and_training_goes_on(tmp_path, session_cache):
+    from mlflow import MlflowClient
+
+    store, work = tmp_path / "store", tmp_path / "work"
+    work.mkdir()
+    server, url = start_server(store, log_path=tmp_path / "server.log")
+    (work / "sweep.yaml").write_text(SWEEP.replace("URI", url))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env.update(FLUXTUNE_CACHE=str(session_cache), PYTHONUNBUFFERED="1")
+    sweep = subprocess.Popen([str(FLUXTUNE), "search", "sweep.yaml"], cwd=work, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    out, err = _Lines(sweep.stdout), _Lines(sweep.stderr)
+    try:
+        assert out.wait_for(" step 5:", sweep), out.text() + err.text()  # the first trial's first metrics
+        stop_server(server)
+        # The next report finds the server gone: it is buffered and spilled into the sweep folder.
+        assert err.wait_for("buffering", sweep), out.text() + err.text()
+        assert list(work.glob(f"runs/*/{SPILL_NAME}"))
+        server, _ = start_server(store, port=int(url.rsplit(":", 1)[1]), log_path=tmp_path / "server.log")
+        assert sweep.wait(timeout=600) == 0, out.text()[-3000:] + err.text()[-3000:]
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGTERM)
+            sweep.wait()
+        time.sleep(0.5)  # the reader threads take the last lines
+
+    try:
+        warnings = [line for line in err.lines if line.startswith("warning: MLflow")]
+        assert len([w for w in warnings if "unreachable (" in w]) == 1, warnings  # warned once
+        assert any("answers again: logged" in w for w in warnings), warnings
+        assert "still unreachable" not in err.text()
+        assert len([line for line in out.lines if line.startswith("trial ") and " finished" in line]) == 2, out.text()
+        assert not list(work.glob(f"runs/*/{SPILL_NAME}"))  # everything was sent
+
+        client = MlflowClient(url, registry_uri=url)
+        experiment = client.get_experiment_by_name("outage-e2e")
+        runs = client.search_runs([experiment.experiment_id])
+        trials = [r for r in runs if r.data.tags.get("fluxtune.kind") == "trial"]
+        [parent] = [r for r in runs if r.data.tags.get("fluxtune.kind") == "sweep"]
+        assert len(trials) == 2 and parent.info.status == "FINISHED"
+        for trial in trials:
+            assert trial.info.status == "FINISHED"
+            assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            losses = client.get_metric_history(trial.info.run_id, "loss")
+            assert sorted(m.step for m in losses) == list(range(20))  # every step, once, outage or not
+            assert len(client.get_metric_history(trial.info.run_id, "val_loss")) == 4
+            assert "loss_curves.png" in {a.path for a in client.list_artifacts(trial.info.run_id)}
+        version = client.get_model_version_by_alias("outage-lora", "candidate")
+        assert version.run_id in {t.info.run_id for t in trials}
+    finally:
+        stop_server(server)
