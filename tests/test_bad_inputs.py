@@ -112,7 +112,7 @@ def undecodable(folder: Path) -> None:
     bad_row(lambda r: {**r, "output": "cut.png"})(folder)
 
 
-def model_folder(in_channels: int) -> Callable[[Path], None]:
+def model_folder(in_channels: int, out_channels: int | None = None) -> Callable[[Path], None]:
     def data(folder: Path) -> None:
         write_dataset(folder)
         from fluxtune.flux.presets import TINY_FILL_TRANSFORMER
@@ -120,7 +120,7 @@ def model_folder(in_channels: int) -> Callable[[Path], None]:
         (folder / "model" / "transformer").mkdir(parents=True)
         (folder / "model" / "vae").mkdir()
         config = {"_class_name": "FluxTransformer2DModel", **TINY_FILL_TRANSFORMER, "in_channels": in_channels,
-                  "out_channels": None}
+                  "out_channels": out_channels}
         (folder / "model" / "transformer" / "config.json").write_text(json.dumps(config))
     return data
 
@@ -229,6 +229,10 @@ CASES = [
     Case("model-not-fill", f"{SPEC}:{{line}}: base.model.path: ",
          sub("  cycles: 1", "  model: {path: model}\n  cycles: 1"), mark="model:", data=model_folder(64),
          commands=SEARCH),
+    Case("searched-model-folder-missing", f"{SPEC}:{{line}}: search.space.model.path: model folder",
+         lambda text: sub("  cycles: 1", "  model: {path: model}\n  cycles: 1")(text)
+         + "    model.path: {type: categorical, choices: [model, no-such-model]}\n", mark="model.path",
+         data=model_folder(384, 64), commands=SEARCH),
     Case("lora-target-missing", f"{SPEC}:{{line}}: base.stages[1].adapter.targets: LoRA targets ['proj_in'] match no "
          "Linear layer", sub("rank: 4}", "rank: 4, targets: [attn.to_q, proj_in]}"), mark="targets", commands=SEARCH),
     # plugins, discovered from (fake-)installed distributions
@@ -316,6 +320,8 @@ def test_the_good_input_every_case_breaks_passes_preflight(workdir):
     write_dataset(workdir)
     checked = preflight(SPEC)
     assert checked.rows == ROWS and checked.base["stages"][1]["adapter"]["rank"] == 4
+    model_folder(384, 64)(workdir)  # a Fill layout: its LoRA targets are checked on its config's modules
+    assert preflight(SPEC, overrides=["base.model={path: model}"]).base["model"]["path"] == "model"
 
 
 def test_the_catalogue_covers_the_issue():
