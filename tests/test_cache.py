@@ -163,7 +163,7 @@ def test_trials_split_the_cache_like_preflight_and_refuse_another_resolution(bui
     prompts = {r.prompt for r in select_rows(str(dataset), {}).rows if r.prompt}
     assert sorted(collect(datasets["prompts"].iterator())["prompt"]) == ["", *sorted(prompts)]
 
-    with pytest.raises(ValueError, match="do not search over data.resolution"):
+    with pytest.raises(ValueError, match="resolution 32 \\(wanted 64\\).*matches none of them"):
         build_datasets(str(cache.path), {**data, "resolution": 64}, seed=5)
 
 
@@ -183,3 +183,41 @@ def test_trials_read_the_cache_with_less_than_one_cpu_free(built):
         assert len(collect(datasets["train"].iterator())["line"]) + len(collect(datasets["val"].iterator())["line"]) == 12
     finally:
         remove_placement_group(held)
+
+
+def test_a_sweep_searching_data_keys_gets_one_cache_per_choice_and_each_trial_reads_its_own(built, dataset):
+    from fluxtune.config.schema import CategoricalDist
+    from fluxtune.train.datasets import build_datasets, collect, prepare_sweep_data
+
+    cache, _, _, home = built
+    base = {"data": {"resolution": 32, "mask_threshold": 0.5, "val_jsonl": None}, "model": TINY}
+    space = {"data.resolution": CategoricalDist(type="categorical", choices=[32, 48]),
+             "data.buckets": CategoricalDist(type="categorical", choices=[None])}
+    prepared = prepare_sweep_data(str(dataset), base, cache_dir=home, space=space)
+    assert prepared.caches == 2 and prepared.source.endswith(".cacheset.json")
+    assert prepared.cache_key.split(",")[0] == cache.key  # the 32 px cache was already there: reused, not rebuilt
+
+    for resolution, tokens in ((32, 4), (48, 9)):  # (R / 16)² tokens
+        datasets = build_datasets(prepared.source, {"resolution": resolution, "val_fraction": 0.25}, seed=5)
+        train = collect(datasets["train"].iterator())
+        assert train["x0"].shape[1:] == (tokens, 64)
+    with pytest.raises(ValueError, match="did not prepare a cache for"):
+        build_datasets(prepared.source, {"resolution": 64, "val_fraction": 0.25}, seed=5)
+    again = prepare_sweep_data(str(dataset), base, cache_dir=home, space=space)
+    assert not again.cache_built and again.source == prepared.source  # same sweep, same set: nothing encoded
+
+
+def test_searching_data_keys_as_ranges_or_the_encoder_preset_is_refused_before_ray(tmp_path):
+    from fluxtune.cli.preflight import preflight
+    from fluxtune.config.errors import InputError
+
+    spec = tmp_path / "search.yaml"
+    spec.write_text("name: s\nbase:\n  data: {resolution: 32}\n  stages: [{name: full, type: full, steps: 1}]\n"
+                    "search:\n  space:\n"
+                    "    data.resolution: {type: int, low: 32, high: 64, step: 16}\n"
+                    "    model.seed: {type: categorical, choices: [0, 1]}\n")
+    with pytest.raises(InputError) as caught:
+        preflight(str(spec))
+    text = str(caught.value)
+    assert f"{spec}:7:" in text and "search.space.data.resolution" in text and "type: categorical" in text
+    assert f"{spec}:8:" in text and "search.space.model.seed" in text

@@ -270,6 +270,42 @@ def ensure_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Pre
     return build_cache(rows, model, preprocessing, key, cache_dir), True
 
 
+CACHE_SET_SUFFIX = ".cacheset.json"
+
+
+def write_cache_set(caches: list[LatentCache], cache_dir: str | os.PathLike | None = None) -> str:
+    """A file listing several caches by preprocessing (a sweep searching data keys); returns its path or URI.
+    Named by its contents, so the same sweep writes the same file, and written whole (rename, or one object)."""
+    listed = [{"preprocessing": c.manifest["preprocessing"], "path": str(c.path)} for c in caches]
+    text = json.dumps({"format": CACHE_FORMAT, "caches": listed}, indent=1)
+    name = "set-" + hashlib.sha256(text.encode()).hexdigest()[:16] + CACHE_SET_SUFFIX
+    home = cache_home(cache_dir)
+    if isinstance(home, str):
+        remote.write_bytes(remote.join(home, name), text.encode())
+        return remote.join(home, name)
+    home.mkdir(parents=True, exist_ok=True)
+    staging = home / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.write_text(text)
+    os.replace(staging, home / name)
+    return str(home / name)
+
+
+def is_cache_set(path: str) -> bool:
+    return path.endswith(CACHE_SET_SUFFIX)
+
+
+def cache_for(cache_set: str, preprocessing: dict[str, Any]) -> str:
+    """The cache of a cache set built with this preprocessing identity; ValueError naming what there is."""
+    text = remote.read_bytes(cache_set).decode() if is_uri(cache_set) else Path(cache_set).read_text()
+    listed = json.loads(text)["caches"]
+    for entry in listed:
+        if entry["preprocessing"] == preprocessing:
+            return entry["path"]
+    raise ValueError(f"no latent cache in {cache_set} was built with {preprocessing} (built: "
+                     f"{[entry['preprocessing'] for entry in listed]}): a trial varies a data key the sweep did not "
+                     "prepare a cache for")
+
+
 def _encoder_resources() -> dict[str, Any]:
     """One encoder actor per GPU when there are GPUs; on CPU one actor, leaving CPUs for the decode tasks."""
     import ray

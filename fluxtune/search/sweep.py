@@ -159,7 +159,8 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     console.print(f"sweep [bold]{record.sweep_id}[/] {how}: MLflow experiment {experiment_name!r} at {uri}, "
                   f"run {parent}")
 
-    prepared = prepare_sweep_data(jsonl, base)  # rows checked again, latent cache built once, before any trial
+    # Rows checked again; the latent cache (one per searched data-key combination) built once, before any trial.
+    prepared = prepare_sweep_data(jsonl, base, space=search.space)
     if not (resume or more):
         for key, value in prepared.mlflow_params().items():
             tracker.client.log_param(parent, key, value)

@@ -25,7 +25,9 @@ from fluxtune.data import remote
 from fluxtune.data.buckets import resolve_buckets
 from fluxtune.data.images import (DEFAULT_MASK_THRESHOLD, is_uri, load_examples_batch, split_is_validation, split_key,
                                   stack_rows)
-from fluxtune.data.latent_cache import LatentCache, Preprocessing, cache_rows, ensure_cache, is_cache_folder, open_cache
+from fluxtune.data.latent_cache import (LatentCache, Preprocessing, cache_for, cache_rows, ensure_cache, is_cache_folder,
+                                        is_cache_set, open_cache, write_cache_set)
+from fluxtune.data.sweep_caches import data_variants
 from fluxtune.data.selection import jsonl_folder, select_rows
 
 
@@ -39,17 +41,19 @@ READ_CPUS = 0.25
 class PreparedData:
     """What the driver hands to trials (`source`) and records in MLflow (the rest)."""
 
-    source: str  # the latent cache folder
+    source: str  # the latent cache folder, or a cache set (one cache per searched preprocessing)
     rows: int
     skipped_rows: int
-    cache_key: str
+    cache_key: str  # comma-separated for a cache set
     cache_built: bool  # False: an earlier run or `fluxtune data prepare` built it
     build_s: float
+    caches: int = 1
 
     def summary(self) -> str:
         skipped = f", {self.skipped_rows} bad rows skipped" if self.skipped_rows else ""
         how = f"built in {self.build_s:.1f} s" if self.cache_built else "reused"
-        return f"{self.rows} rows{skipped}; latent cache {self.source} ({how})"
+        what = "latent cache" if self.caches == 1 else f"{self.caches} latent caches (searched data keys) in"
+        return f"{self.rows} rows{skipped}; {what} {self.source} ({how})"
 
     def mlflow_params(self) -> dict[str, Any]:
         return {"data.rows": self.rows, "data.skipped_rows": self.skipped_rows, "data.cache_key": self.cache_key}
@@ -61,20 +65,31 @@ def preprocessing_of(data: dict[str, Any]) -> Preprocessing:
                          buckets=None if buckets is None else tuple(buckets))
 
 
-def prepare_sweep_data(jsonl: str, base: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> PreparedData:
+def prepare_sweep_data(jsonl: str, base: dict[str, Any], cache_dir: str | os.PathLike | None = None,
+                       space: dict[str, Any] | None = None) -> PreparedData:
     """Check rows and find or build the latent cache, once per sweep, in the driver (never per trial).
 
-    The cache lives under `cache_dir`, else `data.cache_dir` (a folder or a URI), else the default home."""
+    The cache lives under `cache_dir`, else `data.cache_dir` (a folder or a URI), else the default home. When
+    the search `space` varies preprocessing keys (categorical), one cache per combination, listed in a cache set
+    that trials receive as their source (`build_datasets` picks theirs)."""
     selection = select_rows(jsonl, base["data"])
     cache_dir = cache_dir if cache_dir is not None else base["data"].get("cache_dir")
-    cache, built = ensure_cache(cache_rows(selection), base["model"], preprocessing_of(base["data"]), cache_dir)
-    return PreparedData(source=str(cache.path), rows=cache.manifest["rows"], skipped_rows=len(selection.skipped),
-                        cache_key=cache.key, cache_built=built, build_s=cache.manifest["build_s"])
+    rows = cache_rows(selection)
+    found = [ensure_cache(rows, base["model"], preprocessing_of(data), cache_dir)
+             for data in data_variants(base["data"], space)]
+    caches = [cache for cache, _ in found]
+    source = str(caches[0].path) if len(caches) == 1 else write_cache_set(caches, cache_dir)
+    return PreparedData(source=source, rows=caches[0].manifest["rows"], skipped_rows=len(selection.skipped),
+                        cache_key=",".join(c.key for c in caches), cache_built=any(b for _, b in found),
+                        build_s=sum(c.manifest["build_s"] for c in caches), caches=len(caches))
 
 
 def build_datasets(source: str, data: dict[str, Any], seed: int, model: dict[str, Any] | None = None
                    ) -> dict[str, ray.data.Dataset]:
-    """{"train", "val"} datasets (plus "prompts" for a cache): latents from a cache folder, else decoded arrays."""
+    """{"train", "val"} datasets (plus "prompts" for a cache): latents from a cache folder (or this trial's cache
+    of a cache set), else decoded arrays."""
+    if is_cache_set(source):
+        return _cached_datasets(open_cache(cache_for(source, preprocessing_of(data).identity())), data, seed, model)
     if is_cache_folder(source):
         return _cached_datasets(open_cache(source), data, seed, model)
     return _decoded_datasets(source, data, seed)
@@ -88,8 +103,9 @@ def _check_cache_matches(cache: LatentCache, data: dict[str, Any], model: dict[s
                                                                                      "buckets")
                           if built.get(k) != wanted.get(k))
         raise ValueError(
-            f"the latent cache {cache.path} was built with {shown}: the cache is built once per sweep from `base`, "
-            "so do not search over data.resolution, data.mask_threshold or data.buckets")
+            f"the latent cache {cache.path} was built with {shown}: a sweep builds caches once, before any trial, "
+            "for the base and the categorical choices of searched data.resolution, data.mask_threshold and "
+            "data.buckets; this trial's data matches none of them")
     spec = cache.manifest["model"]["spec"]
     if model is not None and {k: model.get(k) for k in spec} != spec:
         raise ValueError(f"the latent cache {cache.path} was encoded with model {spec}, this trial uses "
