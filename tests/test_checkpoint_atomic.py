@@ -91,9 +91,9 @@ def test_the_trial_worker_starts_fresh_rather_than_from_a_half_written_checkpoin
     complete = _write(tmp_path / "complete", transformer, step=7)
     half = _half_written(tmp_path / "half", complete)
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)  # no checkpoint of its own: the reuse path
-    progress, model = worker._resume(transformer, str(half))
+    progress, model = worker._resume(transformer, str(half))[:2]
     assert progress == Progress() and model is transformer
-    progress, model = worker._resume(transformer, str(complete))
+    progress, model = worker._resume(transformer, str(complete))[:2]
     assert progress == Progress(0, 1, 7) and model is not transformer
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), transformer.state_dict().values()))
 
