@@ -11,8 +11,12 @@ from rich.console import Console
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.samples import SAMPLES_KEY
 from fluxtune.train.reporter import STEP_METRICS_KEY
+from fluxtune.train.trial import LAST_FAILURE_KEY, WORKER_FAILURES_KEY
+from fluxtune.train.worker import RESUMED_FROM_KEY
 
 CHECKPOINT_KEY = "checkpoint_path"  # set by ray's TuneReportCallback
+RETRIES_TAG = "fluxtune.retries"  # how often Train restarted the trial's workers, over every sweep attempt
+LAST_RETRY_TAG = "fluxtune.last_retry"  # what failed, and the step the retry resumed at
 
 
 @dataclass
@@ -28,6 +32,7 @@ class TrialLog:
     stages: list[StageRecord] = field(default_factory=list)
     last: dict[str, Any] = field(default_factory=dict)
     status: str = "RUNNING"
+    worker_failures: int = 0  # as counted by this Train run (fluxtune.train.trial.FailureCountingReport)
 
 
 class MlflowSweepCallback(Callback):
@@ -62,10 +67,22 @@ class MlflowSweepCallback(Callback):
         if result.get(SAMPLES_KEY):
             self.tracker.log_samples(trial.trial_id, result[SAMPLES_KEY], int(result.get("global_step", 0)))
         log.last = {k: v for k, v in result.items() if k not in (STEP_METRICS_KEY, SAMPLES_KEY)}
+        if int(result.get(WORKER_FAILURES_KEY, 0)) > log.worker_failures:
+            self._note_retry(trial.trial_id, log, result)
         if result.get("stage_end") and result.get(CHECKPOINT_KEY):
             record = StageRecord(result["stage"], int(result["cycle"]), result[CHECKPOINT_KEY])
             log.stages.append(record)
             self.tracker.log_stage(trial.trial_id, record.checkpoint, record.cycle, record.stage)
+
+    def _note_retry(self, trial_id: str, log: TrialLog, result: dict) -> None:
+        """Tags on the trial's run: the retry count (earlier sweep attempts' included) and what failed."""
+        run_id = self.tracker.trial_runs[trial_id]
+        earlier = int(self.tracker.client.get_run(run_id).data.tags.get(RETRIES_TAG, 0))
+        failures = int(result[WORKER_FAILURES_KEY])
+        self.tracker.client.set_tag(run_id, RETRIES_TAG, str(earlier + failures - log.worker_failures))
+        self.tracker.client.set_tag(run_id, LAST_RETRY_TAG, f"{result.get(LAST_FAILURE_KEY, '')}; resumed at step "
+                                                            f"{result.get(RESUMED_FROM_KEY, 0)}")
+        log.worker_failures = failures
 
     def _end(self, trial: Any, status: str) -> None:
         if trial.trial_id not in self.tracker.trial_runs:
@@ -107,12 +124,13 @@ class ConsoleProgress(Callback):
     def __init__(self, metric: str, console: Console):
         self.metric = metric
         self.console = console
+        self.failures: dict[str, int] = {}  # trial → worker failures seen
 
     def __getstate__(self) -> dict[str, Any]:
         return {"metric": self.metric}  # Tune pickles callbacks; a Console holds locks and streams
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.metric, self.console = state["metric"], Console()
+        self.metric, self.console, self.failures = state["metric"], Console(), {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         sampled = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
@@ -121,6 +139,10 @@ class ConsoleProgress(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         where = f"cycle {result.get('cycle', '?')} {result.get('stage', '')}".rstrip()
         done = " (stage end)" if result.get("stage_end") else ""
+        if result.get(WORKER_FAILURES_KEY, 0) > self.failures.get(trial.trial_id, 0):
+            self.failures[trial.trial_id] = result[WORKER_FAILURES_KEY]
+            self.console.print(f"[yellow]trial {trial.trial_id} retried[/] from step {result.get(RESUMED_FROM_KEY, 0)}"
+                               f" after a worker failure ({result.get(LAST_FAILURE_KEY)})")
         self.console.print(f"  trial {trial.trial_id} step {result.get('global_step')}: "
                            f"{self.metric}={_fmt(result.get(self.metric))} {where if done else ''}{done}")
 

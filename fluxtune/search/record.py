@@ -17,8 +17,10 @@ RECORD = "sweep.json"
 
 
 def fingerprint(spec: Any, base: dict[str, Any]) -> str:
-    """What must not change between a sweep and its resumption: the base and the space (not the sample count)."""
-    search = spec.search.model_dump(mode="json", exclude={"num_samples", "max_concurrent"}) if spec.search else None
+    """What must not change between a sweep and its resumption: the base and the space (not the sample count,
+    concurrency or retry budget)."""
+    search = (spec.search.model_dump(mode="json", exclude={"num_samples", "max_concurrent", "max_failures"})
+              if spec.search else None)
     text = json.dumps({"base": base, "search": search}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -35,6 +37,7 @@ class SweepRecord:
     trials: dict[str, dict[str, Any]] = field(default_factory=dict)  # trial id → summary row
     optuna_storage: str = ""
     registered: dict[str, list[str]] = field(default_factory=dict)  # trial id → [model name, version]
+    ray_sessions: list[dict[str, Any]] = field(default_factory=list)  # local clusters it ran on (LocalRay.describe)
     created: float = field(default_factory=time.time)
 
     @classmethod

@@ -139,7 +139,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
         record = SweepRecord.new(root, spec.name, fp)
     storage = Path(record.folder)
 
-    start_ray(address, local_cpus(base["workers"], base["cpus_per_worker"], search.max_concurrent), verbose)
+    local_ray = start_ray(address, local_cpus(base["workers"], base["cpus_per_worker"], search.max_concurrent), verbose)
     stop_board = create_board(record.sweep_id)  # held for the whole sweep: workers look it up by name
     check_resources(_resource_corners(base, search), spec_file)  # before anything is written
 
@@ -149,6 +149,8 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     plugins = plugin_set()
     record.optuna_storage = record.optuna_storage or optuna_storage_url(uri, str(root))
     record.status = "running"
+    if local_ray is not None:  # where its logs are, and which session to look for if the driver is killed
+        record.ray_sessions.append(local_ray.describe())
     record.save()
     tracker = SweepTracker(uri, experiment_name, record.sweep_id, upload_checkpoints=spec.tracking.upload_checkpoints,
                            spill_dir=Path(record.folder))  # MLflow outages: unlogged writes wait in the sweep folder
@@ -166,7 +168,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
             tracker.client.log_param(parent, key, value)
     console.print(f"data: {prepared.summary()}")
     settings = TrialSettings(sweep_id=record.sweep_id, base=base, jsonl=prepared.source, storage_path=str(storage),
-                             plugins=plugins, reuse_stages=search.reuse_stages)
+                             plugins=plugins, reuse_stages=search.reuse_stages, max_failures=search.max_failures)
     reg = registry()
     callbacks = [MlflowSweepCallback(tracker, plugins, lambda config: sample_experiment(base, config, reg)),
                  StageCacheRecorder(settings), StopFinishedRuns(record.sweep_id), ConsoleProgress(search.metric, console)]

@@ -21,6 +21,9 @@ RAY_ENV_DEFAULTS = {
     # A trial stopped by ASHA/median is blocked in TorchTrainer.fit() and never sees Tune's stop: without this
     # Tune waits 600 s before killing it, and its Train workers hold their CPUs (the next trial cannot start).
     "TUNE_FORCE_TRIAL_CLEANUP_S": "10",
+    # Tune saves the sweep's state at most every 10 s by default: a driver killed within 10 s of a trial's start
+    # would leave that trial out of `--resume` (and its Optuna trial RUNNING for good).
+    "TUNE_GLOBAL_CHECKPOINT_S": "2",
 }
 
 

@@ -31,7 +31,7 @@ class TrialSettings:
     jsonl: str  # resolved data path (the generated sample set, or the user's file)
     storage_path: str
     plugins: dict[str, str]
-    max_failures: int = 0
+    max_failures: int = 0  # Train restarts of a trial's workers (search.max_failures)
     reuse_stages: bool = False
 
     @property
@@ -94,10 +94,42 @@ def trainer_for(experiment: dict[str, Any], settings: TrialSettings, run_name: s
         run_config=RunConfig(
             # Deterministic per trial: a restarted trial finds its own stage checkpoints, and only its own.
             name=run_name, storage_path=os.path.join(settings.storage_path, "train"),
-            callbacks=[TuneReportCallback()] if _in_tune() else [],
+            callbacks=[FailureCountingReport()] if _in_tune() else [],
             failure_config=FailureConfig(max_failures=settings.max_failures),
         ),
     )
+
+
+WORKER_FAILURES_KEY = "worker_failures"  # with every report after a worker failure: how many this Train run had
+LAST_FAILURE_KEY = "last_worker_failure"  # which rank failed and how (text)
+
+
+class FailureCountingReport(TuneReportCallback):
+    """Forwards rank 0's reports to Tune, plus how often Train restarted this run's workers.
+
+    Runs in the Train controller, the only place that sees a worker die; a restarted group resumes from the
+    last stage checkpoint (`worker._resume`), and the driver shows the count in MLflow.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+        self.last_failure = ""
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        self.failures += 1
+        self.last_failure = "; ".join(f"rank {rank}: {type(error).__name__}: {_first_line(error)}"
+                                      for rank, error in sorted(worker_exceptions.items()))
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if self.failures:
+            metrics = [{**metrics[0], WORKER_FAILURES_KEY: self.failures, LAST_FAILURE_KEY: self.last_failure},
+                       *metrics[1:]]
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
 
 
 def _in_tune() -> bool:

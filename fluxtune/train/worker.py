@@ -22,20 +22,37 @@ from fluxtune.train.reporter import RayReporter
 from fluxtune.train.stops import StopCheck, TrialStopped
 
 
-def _resume(transformer: Any, initial: str | None = None) -> tuple[Progress, Any]:
-    """The latest stage checkpoint of this trial's run, if a previous attempt left one."""
-    # This run's own checkpoint (a restart) first, else a reused identical stage prefix (stage reuse).
-    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(initial) if initial else None)
+RESUMED_FROM_KEY = "resumed_from_step"  # with every report of an attempt that restarted from its own checkpoint
+
+
+class MarkedReporter(RayReporter):
+    """Every report also carries `marks` (where this attempt resumed), so Tune's last result and MLflow show it."""
+
+    marks: dict[str, Any] = {}
+
+    def evaluation(self, global_step: int, metrics: dict[str, float]) -> None:
+        super().evaluation(global_step, {**metrics, **self.marks})
+
+    def stage_end(self, global_step: int, metrics: dict[str, Any], checkpoint_dir: Any) -> None:
+        super().stage_end(global_step, {**metrics, **self.marks}, checkpoint_dir)
+
+
+def _resume(transformer: Any, initial: str | None = None) -> tuple[Progress, Any, bool]:
+    """The latest stage checkpoint of this trial's run, if a previous attempt left one; True when it did."""
+    # This run's own checkpoint (a restart: a retried worker group or a resumed sweep) first, else a reused
+    # identical stage prefix (stage reuse).
+    own = ray.train.get_checkpoint()
+    checkpoint = own or (ray.train.Checkpoint(initial) if initial else None)
     if checkpoint is None:
-        return Progress(), transformer
+        return Progress(), transformer, False
     from diffusers import FluxTransformer2DModel
 
     with checkpoint.as_directory() as folder:
         progress = read_progress(folder)
         if progress is None:  # incomplete: never resume from it
-            return Progress(), transformer
+            return Progress(), transformer, False
         resumed = FluxTransformer2DModel.from_pretrained(os.path.join(folder, "transformer"))
-    return progress, resumed.to(transformer.device).train()
+    return progress, resumed.to(transformer.device).train(), own is not None
 
 
 def _load_model_and_data(experiment: dict[str, Any], rank: int) -> tuple[Any, EncodedSet, EncodedSet]:
@@ -63,12 +80,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(experiment["seed"])
 
     transformer, train, val = _load_model_and_data(experiment, rank)
-    reporter = RayReporter(rank, StopCheck(config.get("sweep_id"), config.get("trial_id"), rank, world_size))
+    reporter = MarkedReporter(rank, StopCheck(config.get("sweep_id"), config.get("trial_id"), rank, world_size))
     shared = build_shared(experiment, train, val, reporter, registry(), device, rank, world_size)
     if rank == 0:  # sample-image grids for MLflow at each evaluation
         shared.samples = SampleGrids.for_worker(experiment["model"], shared.val, reporter.attach_sample)
         shared.probe = InpaintProbe.for_worker(experiment["model"], shared.val)  # masked_psnr with val_loss
-    progress, transformer = _resume(transformer.to(device), config.get("initial_checkpoint"))
+    progress, transformer, restarted = _resume(transformer.to(device), config.get("initial_checkpoint"))
+    if restarted:
+        reporter.marks = {RESUMED_FROM_KEY: progress.global_step}
     try:
         run_cycle(experiment, transformer, shared, progress)
     except TrialStopped:
