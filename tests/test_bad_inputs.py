@@ -233,6 +233,8 @@ CASES = [
          lambda text: sub("  cycles: 1", "  model: {path: model}\n  cycles: 1")(text)
          + "    model.path: {type: categorical, choices: [model, no-such-model]}\n", mark="model.path",
          data=model_folder(384, 64), commands=SEARCH),
+    Case("prepare-model-folder-missing", "--model: model folder no-such-model does not exist",
+         commands=(("data", "prepare", "data.jsonl", "--resolution", "32", "--model", "no-such-model"),)),
     Case("lora-target-missing", f"{SPEC}:{{line}}: base.stages[1].adapter.targets: LoRA targets ['proj_in'] match no "
          "Linear layer", sub("rank: 4}", "rank: 4, targets: [attn.to_q, proj_in]}"), mark="targets", commands=SEARCH),
     # plugins, discovered from (fake-)installed distributions

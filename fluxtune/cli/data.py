@@ -92,6 +92,14 @@ def prepare(
             from fluxtune.config.errors import InputError
 
             raise InputError.single("<command line>", str(error)) from None
+        if model != "tiny-fill":  # a folder that is no FLUX.1-Fill fails here, not inside a Ray task
+            from fluxtune.config.errors import InputError
+            from fluxtune.flux.layout import fill_transformer_config
+
+            try:
+                fill_transformer_config(model)
+            except ValueError as error:
+                raise InputError.single("--model", str(error)) from None
         select_rows(jsonl, data)  # every problem reported before Ray starts
 
     from fluxtune.train.datasets import prepare_sweep_data
