@@ -84,7 +84,7 @@ class Case:
     edit: Callable[[str], str] = lambda text: text
     mark: str = ""
     commands: tuple[tuple[str, ...], ...] = (("validate",), ("search",))
-    data: Callable[[Path], None] | None = None  # changes the good dataset (or its folder)
+    data: Callable[[Path], object] | None = None  # writes the (bad) dataset instead of the good one
     site: Callable[[Path], None] | None = None  # fake-installs plugins: runs the console script in a subprocess
     env: dict[str, str] = field(default_factory=dict)
     args: tuple[str, ...] = ()  # extra arguments after the spec
@@ -222,7 +222,7 @@ CASES = [
     Case("dataset-empty", "data.jsonl: contains no examples",
          data=lambda folder: (folder / "data.jsonl").write_text("\n"), commands=SEARCH),
     Case("val-split-empty", f"{SPEC}:{{line}}: base.data.val_fraction: val_fraction 0.5 splits 1 rows",
-         data=lambda folder: write_dataset(folder, rows=1) and None, mark="val_fraction", commands=SEARCH),
+         data=lambda folder: write_dataset(folder, rows=1), mark="val_fraction", commands=SEARCH),
     # the model
     Case("model-folder-missing", f"{SPEC}:{{line}}: base.model.path: model folder",
          sub("  cycles: 1", "  model: {path: no-such-model}\n  cycles: 1"), mark="model:", commands=SEARCH),
