@@ -210,7 +210,7 @@ class BufferedClient:
         if self.spill is not None:  # appended as it comes: a driver that dies loses nothing already buffered
             self.spill.parent.mkdir(parents=True, exist_ok=True)
             with open(self.spill, "a") as handle:
-                handle.write(json.dumps(op) + "\n")
+                handle.write(json.dumps(op, default=str) + "\n")
 
     def _rewrite_spill(self) -> None:
         if self.spill is None:
@@ -220,7 +220,7 @@ class BufferedClient:
             shutil.rmtree(self._files(), ignore_errors=True)
             return
         part = self.spill.with_name(self.spill.name + ".part")
-        part.write_text("".join(json.dumps(self._resolve(op)) + "\n" for op in self.pending))
+        part.write_text("".join(json.dumps(self._resolve(op), default=str) + "\n" for op in self.pending))
         os.replace(part, self.spill)
 
     def _resolve(self, value: Any) -> Any:
