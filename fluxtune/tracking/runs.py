@@ -3,7 +3,8 @@
 Only the driver writes (Tune callbacks call in here), so a sqlite store never sees concurrent writers.
 A resumed sweep finds its runs again by tag (`fluxtune.sweep_id` on the parent, `fluxtune.trial_id` on each
 child) and keeps writing to them: params are logged once, and metric points at steps already recorded are
-skipped, so replayed steps after a restart never show up twice.
+skipped, so replayed steps after a restart never show up twice. With a tracking server, writes go through
+`fluxtune.tracking.buffer`, so a server outage mid-sweep delays them instead of failing the sweep.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class SweepTracker:
         """A run created while the server was down now exists: use its real id from here on."""
         if self.parent_run_id == placeholder:
             self.parent_run_id = run_id
-        self.trial_runs = {t: run_id if r == placeholder else r for t, r in self.trial_runs.items()}
+        self.trial_runs.update({t: run_id for t, r in self.trial_runs.items() if r == placeholder})
         if placeholder in self._logged_upto:
             self._logged_upto[run_id] = self._logged_upto.pop(placeholder)
 
