@@ -7,6 +7,7 @@ from typing import Any
 
 from ray.tune import Callback
 from rich.console import Console
+from rich.markup import escape
 
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.samples import SAMPLES_KEY
@@ -142,7 +143,7 @@ class ConsoleProgress(Callback):
         if result.get(WORKER_FAILURES_KEY, 0) > self.failures.get(trial.trial_id, 0):
             self.failures[trial.trial_id] = result[WORKER_FAILURES_KEY]
             self.console.print(f"[yellow]trial {trial.trial_id} retried[/] from step {result.get(RESUMED_FROM_KEY, 0)}"
-                               f" after a worker failure ({result.get(LAST_FAILURE_KEY)})")
+                               f" after a worker failure ({escape(str(result.get(LAST_FAILURE_KEY)))})")
         self.console.print(f"  trial {trial.trial_id} step {result.get('global_step')}: "
                            f"{self.metric}={_fmt(result.get(self.metric))} {where if done else ''}{done}")
 

@@ -131,14 +131,18 @@ def _keep(num_cpus: int, temp_dir: str) -> int:
     log = Path(temp_dir) / "ray-start.log"
     clean = False
     try:
-        address = f"127.0.0.1:{_free_port()}"
-        with open(log, "wb") as out:
-            started = subprocess.run(
-                [str(ray_cli), "start", "--head", f"--port={address.split(':')[1]}", "--node-ip-address=127.0.0.1",
-                 f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
-                 f"--temp-dir={temp_dir}"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)  # a file, not a pipe: daemons
-        if started.returncode != 0:  # inherit it, and a pipe would never see EOF
+        for _ in range(3):  # another process may take the free port before the GCS binds it: try another
+            port = _free_port()
+            address = f"127.0.0.1:{port}"
+            command = [str(ray_cli), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                       f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
+                       f"--temp-dir={temp_dir}"]
+            with open(log, "wb") as out:  # a file, not a pipe: Ray's daemons inherit it, a pipe would never close
+                started = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            if started.returncode == 0:
+                break
+            kill_session(me, spare=me)  # whatever the failed start left
+        if started.returncode != 0:
             tail = log.read_text(errors="replace").strip().splitlines()[-5:]
             _answer({"error": " / ".join(tail) or f"ray start exited with {started.returncode}"})
             return 1
