@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -117,6 +118,9 @@ def test_sigkilled_driver_resumes_from_the_stage_checkpoint_and_leaves_no_ray(tm
 
     assert killed["status"] == "running" and len(killed["ray_sessions"]) == 1
     assert wait_for_no_ray(killed["ray_sessions"][0]) == [], "Ray processes outlived the killed driver"
+    crashed = Path(killed["ray_sessions"][0]["temp_dir"])
+    assert list(crashed.glob("session_*/logs/raylet.out"))  # Ray's logs of a crashed run are kept
+    shutil.rmtree(crashed)
     assert len(second_before) == 1 and len(first_before) == 2
 
     resumed = run_cli(["search", "sweep.yaml", "--resume"], cwd=tmp_path, env=env)
