@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fluxtune import storage
+
 PROGRESS = "progress.json"
 _OUT_OF_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 # safetensors (Rust) reports I/O failures as "… I/O error: No space left on device (os error 28)"
@@ -82,7 +84,7 @@ def read_checkpoint_record(checkpoint_dir: Path | str) -> dict[str, Any] | None:
     warning, for anything incomplete: no marker, an unreadable one, a listed file missing or of another size."""
     import pyarrow.fs as pafs
 
-    fs, folder = _filesystem(str(checkpoint_dir))
+    fs, folder = storage.filesystem(str(checkpoint_dir))
     try:
         with fs.open_input_stream(f"{folder}/{PROGRESS}") as stream:
             record = json.loads(stream.read())
@@ -133,14 +135,6 @@ def check_writable_folder(folder: Path | str) -> str | None:
             if path.is_dir():
                 path.rmdir()
     return None
-
-
-def _filesystem(path: str):
-    import pyarrow.fs as pafs
-
-    if "://" in path:  # s3://, gs://, … : Ray Train's storage on a cluster
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(path).resolve())
 
 
 def _write_atomically(path: Path, text: str) -> None:

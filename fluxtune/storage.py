@@ -41,7 +41,8 @@ def absolute(path: str) -> str:
     return str(path) if is_uri(path) else str(Path(path).resolve())
 
 
-def _fs(path: str):
+def filesystem(path: str):
+    """(pyarrow filesystem, path inside it) for a local path or a URI."""
     import pyarrow.fs as pafs
 
     if is_uri(path):
@@ -52,13 +53,13 @@ def _fs(path: str):
 def exists(path: str) -> bool:
     import pyarrow.fs as pafs
 
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
 def read_json(path: str) -> dict[str, Any] | None:
     """The JSON document at `path`, or None when there is none."""
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     try:
         with fs.open_input_stream(inner) as stream:
             return json.loads(stream.read())
@@ -69,7 +70,7 @@ def read_json(path: str) -> dict[str, Any] | None:
 def write_json(path: str, document: dict[str, Any]) -> None:
     """Readers never see half a document: a local file is renamed into place; an object-store PUT is atomic."""
     data = json.dumps(document, indent=1, default=str).encode()
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     if is_uri(path):
         with fs.open_output_stream(inner) as stream:
             stream.write(data)
@@ -84,13 +85,30 @@ def list_folders(path: str, prefix: str = "") -> list[str]:
     """Full paths of the folders directly under `path` whose names start with `prefix`."""
     import pyarrow.fs as pafs
 
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     try:
         infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
     except FileNotFoundError:
         return []
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix))
     return [join(path, name) for name in names]
+
+
+def remove(path: str) -> None:
+    fs, inner = filesystem(path)
+    fs.delete_file(inner)
+
+
+def check_writable(root: str) -> str | None:
+    """Why nothing can be written under the URI `root` (no such bucket, no permission, no endpoint), or None.
+    Leaves nothing behind."""
+    probe = join(root, f".fluxtune-write-test-{uuid.uuid4().hex[:8]}")
+    try:
+        write_json(probe, {})
+        remove(probe)
+    except (OSError, ValueError) as exc:  # pyarrow raises OSError subclasses for access, bucket and network errors
+        return str(exc).splitlines()[0]
+    return None
 
 
 @contextmanager
@@ -101,10 +119,11 @@ def local_copy(path: str) -> Iterator[Path]:
         return
     import pyarrow.fs as pafs
 
-    fs, inner = _fs(path)
+    fs, inner = filesystem(path)
     with tempfile.TemporaryDirectory(prefix="fluxtune-download-") as tmp:
         pafs.copy_files(inner, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         yield Path(tmp)
 
 
-__all__ = ["absolute", "exists", "is_uri", "join", "list_folders", "local_copy", "qualify", "read_json", "write_json"]
+__all__ = ["absolute", "check_writable", "exists", "filesystem", "is_uri", "join", "list_folders", "local_copy", "qualify",
+           "read_json", "remove", "write_json"]

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from fluxtune import storage
 from fluxtune.config.errors import InputError, Problem
 from fluxtune.config.load import load_search_file, located_problem
 from fluxtune.config.overrides import apply_overrides
@@ -112,7 +113,11 @@ def check_outputs(spec_path: str, spec: SearchFile) -> None:
     from fluxtune.tracking.store import server_uri, unreachable
 
     folder = spec.storage_path or "runs"
-    if "://" not in folder:  # URI storage (s3://…) is checked by Ray when it writes
+    if storage.is_uri(folder):  # a bucket that is missing or refuses us: said now, not after the data is encoded
+        why = storage.check_writable(folder)
+        if why:
+            raise _data_problem(spec_path, "storage_path", f"cannot write checkpoints to {folder}: {why}")
+    else:
         why = check_writable_folder(folder)
         if why:
             default = "" if spec.storage_path else " (the default)"

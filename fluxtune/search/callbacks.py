@@ -9,9 +9,10 @@ from ray.tune import Callback
 from rich.console import Console
 from rich.markup import escape
 
+from fluxtune import storage
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.samples import SAMPLES_KEY
-from fluxtune.train.reporter import STEP_METRICS_KEY
+from fluxtune.train.reporter import NODE_KEY, STEP_METRICS_KEY
 from fluxtune.train.trial import LAST_FAILURE_KEY, WORKER_FAILURES_KEY
 from fluxtune.train.worker import RESUMED_FROM_KEY
 
@@ -43,8 +44,9 @@ class MlflowSweepCallback(Callback):
     first result, so a resumed trial keeps its run.
     """
 
-    def __init__(self, tracker: SweepTracker, plugins: dict[str, str], trial_params):
+    def __init__(self, tracker: SweepTracker, plugins: dict[str, str], trial_params, trial_storage: str = ""):
         self.tracker = tracker
+        self.trial_storage = trial_storage  # a URI storage: Ray reports checkpoint paths without the scheme
         self.plugins = plugins
         self.trial_params = trial_params  # config → the full experiment dict of that trial
         self.trials: dict[str, TrialLog] = {}
@@ -71,9 +73,11 @@ class MlflowSweepCallback(Callback):
         if int(result.get(WORKER_FAILURES_KEY, 0)) > log.worker_failures:
             self._note_retry(trial.trial_id, log, result)
         if result.get("stage_end") and result.get(CHECKPOINT_KEY):
-            record = StageRecord(result["stage"], int(result["cycle"]), result[CHECKPOINT_KEY])
+            record = StageRecord(result["stage"], int(result["cycle"]),
+                                 storage.qualify(result[CHECKPOINT_KEY], self.trial_storage))
             log.stages.append(record)
-            self.tracker.log_stage(trial.trial_id, record.checkpoint, record.cycle, record.stage)
+            self.tracker.log_stage(trial.trial_id, record.checkpoint, record.cycle, record.stage,
+                                   str(result.get(NODE_KEY, "")))
 
     def _note_retry(self, trial_id: str, log: TrialLog, result: dict) -> None:
         """Tags on the trial's run: the retry count (earlier sweep attempts' included) and what failed."""

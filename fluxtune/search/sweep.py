@@ -8,8 +8,9 @@ extended (`--more N`: a new Tune run on the same study, so the sampler learns fr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import json
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 
 from fluxtune import __version__
+from fluxtune import storage
 from fluxtune.config.load import sample_experiment
 from fluxtune.config.paths import set_path
 from fluxtune.config.schedule import planned_steps
@@ -79,7 +81,8 @@ class StageCacheRecorder(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get("stage_end") and result.get(CHECKPOINT_KEY):
             experiment = sample_experiment(self.settings.base, trial.config, registry())
-            record_stage(self.settings, experiment, int(result["cycle"]), result["stage"], result[CHECKPOINT_KEY],
+            checkpoint = storage.qualify(result[CHECKPOINT_KEY], self.settings.storage_path)
+            record_stage(self.settings, experiment, int(result["cycle"]), result["stage"], checkpoint,
                          trial.trial_id, int(result.get("global_step", 0)))
 
 
@@ -131,20 +134,24 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     console = console or Console()
     spec_file = spec_path or "<spec>"
     search = spec.search or SearchSpec(num_samples=1, max_concurrent=1)
-    root = Path(spec.storage_path or "runs").resolve()
+    # The sweep record, best.yaml and model downloads stay on the driver's disk; with a URI `storage_path` the
+    # trials' checkpoints and the stage-reuse index go there instead, where every node of a cluster reaches them.
+    shared_root = spec.storage_path if spec.storage_path and storage.is_uri(spec.storage_path) else None
+    root = Path(spec.storage_path if shared_root is None and spec.storage_path else "runs").resolve()
     fp = fingerprint(spec, base)
     if resume or more:
         record = SweepRecord.to_continue(root, spec.name, finished=bool(more), fp=fp, spec_file=spec_file)
     else:
         record = SweepRecord.new(root, spec.name, fp)
-    storage = Path(record.folder)
+    folder = Path(record.folder)
+    trial_storage = storage.join(shared_root, record.sweep_id) if shared_root else str(folder)
 
     local_ray = start_ray(address, local_cpus(base["workers"], base["cpus_per_worker"], search.max_concurrent), verbose)
     stop_board = create_board(record.sweep_id)  # held for the whole sweep: workers look it up by name
     check_resources(_resource_corners(base, search), spec_file)  # before anything is written
 
     uri = tracking_uri(spec.tracking.uri)
-    base = {**base, "model": resolve_registered_model(base["model"], uri, storage)}  # models:/… → a local folder
+    base = {**base, "model": resolve_registered_model(base["model"], uri, folder)}  # models:/… → a local folder
     experiment_name = spec.tracking.experiment or spec.name
     plugins = plugin_set()
     record.optuna_storage = record.optuna_storage or optuna_storage_url(uri, str(root))
@@ -167,15 +174,16 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
         for key, value in prepared.mlflow_params().items():
             tracker.client.log_param(parent, key, value)
     console.print(f"data: {prepared.summary()}")
-    settings = TrialSettings(sweep_id=record.sweep_id, base=base, jsonl=prepared.source, storage_path=str(storage),
+    settings = TrialSettings(sweep_id=record.sweep_id, base=base, jsonl=prepared.source, storage_path=trial_storage,
                              plugins=plugins, reuse_stages=search.reuse_stages, max_failures=search.max_failures)
     reg = registry()
-    callbacks = [MlflowSweepCallback(tracker, plugins, lambda config: sample_experiment(base, config, reg)),
+    callbacks = [MlflowSweepCallback(tracker, plugins, lambda config: sample_experiment(base, config, reg),
+                                     trial_storage),
                  StageCacheRecorder(settings), StopFinishedRuns(record.sweep_id), ConsoleProgress(search.metric, console)]
 
     if resume:
-        tune_dir = storage / "tune" / record.tune_runs[-1]
-        tuner = tune.Tuner.restore(str(tune_dir), trainable(settings), resume_unfinished=True, resume_errored=True)
+        tune_dir = storage.join(trial_storage, "tune", record.tune_runs[-1])
+        tuner = tune.Tuner.restore(tune_dir, trainable(settings), resume_unfinished=True, resume_errored=True)
         # The pickled callbacks hold the old process's tracker and console: use this process's.
         tuner._local_tuner.get_run_config().callbacks = callbacks
     else:
@@ -190,9 +198,12 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(search, base),
                                         num_samples=more or search.num_samples,
                                         max_concurrent_trials=None if searcher else search.max_concurrent),
-            run_config=tune.RunConfig(name=tune_name, storage_path=str(storage / "tune"), verbose=0,
+            run_config=tune.RunConfig(name=tune_name, storage_path=storage.join(trial_storage, "tune"), verbose=0,
                                       callbacks=callbacks),
         )
+    # Tune's per-trial result.json/progress.csv loggers are off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS): the results
+    # come from memory and the driver's MLflow callback, so its "could not fetch metrics" warning is noise.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     handler_before = signal.getsignal(signal.SIGINT)
     try:
         results = tuner.fit()
@@ -212,7 +223,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     record.save()
 
     outcome = SweepOutcome(sweep_id=record.sweep_id, tracking_uri=uri, experiment=experiment_name,
-                           parent_run_id=parent, storage_path=str(storage), optuna_storage=record.optuna_storage,
+                           parent_run_id=parent, storage_path=trial_storage, optuna_storage=record.optuna_storage,
                            trials=list(record.trials.values()), interrupted=interrupted)
     if search.space and record.trials:
         outcome.study_counts = study_summary(record.optuna_storage, record.sweep_id)
@@ -222,9 +233,9 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
         best = pick(finished, key=lambda t: t[search.metric])
         outcome.best_trial, outcome.best_config, outcome.best_metric = best["trial"], best["config"], best[search.metric]
         best_experiment = sample_experiment(base, best["config"], reg)
-        outcome.best_yaml = str(write_best_yaml(storage / "best.yaml", spec, best_experiment, record.sweep_id,
+        outcome.best_yaml = str(write_best_yaml(folder / "best.yaml", spec, best_experiment, record.sweep_id,
                                                 best["trial"], search.metric, best[search.metric]))
-        stages = stage_records(storage, record.sweep_id, best["trial"])
+        stages = stage_records(trial_storage, record.sweep_id, best["trial"])
         if stages and best["trial"] in record.registered:  # an extension that found no better trial
             outcome.model_name, outcome.model_version = record.registered[best["trial"]]
         elif stages and not tracker.flush():  # MLflow is down: a later --more registers the best trial
@@ -239,7 +250,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
             record.save()
         ranked = sorted(finished, key=lambda t: t[search.metric], reverse=search.mode == "max")
         for other in ranked[1:spec.tracking.register_top]:  # the runners-up: versions without an alias
-            other_stages = stage_records(storage, record.sweep_id, other["trial"])
+            other_stages = stage_records(trial_storage, record.sweep_id, other["trial"])
             if other_stages and other["trial"] not in record.registered and tracker.flush():
                 name = spec.tracking.register_as or spec.name
                 record.registered[other["trial"]] = [name, _register_best(
@@ -272,10 +283,8 @@ def _trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str
         trial_id = Path(result.path).name if result.path else None
     if trial_id is None:
         return None
-    used = settings.stage_cache / "used" / f"{trial_id}.json"
-    reused = 0
-    if used.exists():
-        reused = int(json.loads(used.read_text())["global_step"])
+    used = storage.read_json(settings.used_record(trial_id))
+    reused = int(used["global_step"]) if used else 0
     experiment = sample_experiment(base, config, registry())
     return {"trial": trial_id, "config": config, "error": str(result.error or ""),
             metric: metrics.get(metric), "steps": int(metrics.get("global_step", 0)), "reused_steps": reused,
@@ -286,15 +295,18 @@ def _register_best(tracker: SweepTracker, trial_id: str, stages: list[Any], expe
                    model_name: str, alias: str | None, metric: str, value: float, sweep_id: str) -> str:
     """Register the trial's last adapter on top of the transformer it was trained on."""
     adapter_at = next((i for i in range(len(stages) - 1, -1, -1)
-                       if (Path(stages[i].checkpoint) / "exports" / "adapter").is_dir()), None)
+                       if storage.exists(storage.join(stages[i].checkpoint, "exports", "adapter"))), None)
     if adapter_at is None:  # no adapter stage: the final transformer is the model
-        final = stages[-1]
-        adapter_dir, base_dir, record = None, Path(final.checkpoint) / "transformer", final
+        record, adapter_dir, base_dir = stages[-1], None, storage.join(stages[-1].checkpoint, "transformer")
     else:
         record = stages[adapter_at]
-        adapter_dir = Path(record.checkpoint) / "exports" / "adapter"
-        base_dir = Path(stages[adapter_at - 1].checkpoint) / "transformer" if adapter_at > 0 else None
+        adapter_dir = storage.join(record.checkpoint, "exports", "adapter")
+        base_dir = storage.join(stages[adapter_at - 1].checkpoint, "transformer") if adapter_at > 0 else None
     tags = {"sweep": sweep_id, "trial": trial_id, "cycle": record.cycle, "stage": record.stage, metric: value,
             "base_model": str(experiment["model"].get("path") or experiment["model"].get("preset"))}
     run_id = tracker.trial_runs.get(trial_id) or tracker.find_trial_run(trial_id)
-    return register_adapter(tracker.uri, run_id, model_name, alias, adapter_dir, base_dir, experiment["model"], tags)
+    with contextlib.ExitStack() as local:  # checkpoints on a shared URI are downloaded for the upload
+        adapter_dir, base_dir = (local.enter_context(storage.local_copy(d)) if d else None
+                                 for d in (adapter_dir, base_dir))
+        return register_adapter(tracker.uri, run_id, model_name, alias, adapter_dir, base_dir, experiment["model"],
+                                tags)

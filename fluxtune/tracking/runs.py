@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fluxtune import storage
 from fluxtune.tracking.buffer import BufferedClient, TrackingOffline
 from fluxtune.tracking.redact import redact_params, redact_text
 from fluxtune.tracking.samples import decode_samples
@@ -22,6 +23,7 @@ from fluxtune.tracking.store import client, ensure_experiment, server_uri
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 SWEEP_TAG = "fluxtune.sweep_id"
 TRIAL_TAG = "fluxtune.trial_id"
+NODE_TAG = "fluxtune.node"
 CHECKPOINT_TAG = "fluxtune.checkpoint."  # + "cycle0-full": where Ray keeps that stage's transformer
 CURVES = ("loss", "val_loss")  # drawn into loss_curves.png at the end of a trial
 
@@ -238,17 +240,21 @@ class SweepTracker:
             paths.append(name)
         return paths
 
-    def log_stage(self, trial_id: str, checkpoint_dir: str, cycle: int, stage: str) -> None:
-        """A stage checkpoint: its exports (adapters) as artifacts; the transformer by URI unless uploads are on."""
+    def log_stage(self, trial_id: str, checkpoint_dir: str, cycle: int, stage: str, node: str = "") -> None:
+        """A stage checkpoint: its exports (adapters) as artifacts; the transformer by URI unless uploads are on.
+        `node`: the Ray node of the trial's rank-0 worker (where to look for its logs on a cluster)."""
         run_id = self.trial_runs[trial_id]
         label = stage_label(cycle, stage)
-        folder = Path(checkpoint_dir)
         self.client.set_tag(run_id, CHECKPOINT_TAG + label, _as_uri(checkpoint_dir))
-        exports = folder / "exports"
-        if exports.is_dir():
-            self.client.log_artifacts(run_id, str(exports), artifact_path=f"stages/{label}")
-        if self.upload_checkpoints and (folder / "transformer").is_dir():
-            self.client.log_artifacts(run_id, str(folder / "transformer"), artifact_path=f"stages/{label}/transformer")
+        if node:
+            self.client.set_tag(run_id, NODE_TAG, node)
+        uploads = [("exports", f"stages/{label}")]
+        if self.upload_checkpoints:
+            uploads.append(("transformer", f"stages/{label}/transformer"))
+        for part, artifact_path in uploads:  # on a shared URI only these parts are downloaded, never the rest
+            if storage.exists(storage.join(checkpoint_dir, part)):
+                with storage.local_copy(storage.join(checkpoint_dir, part)) as local:
+                    self.client.log_artifacts(run_id, str(local), artifact_path=artifact_path)
 
     def log_loss_curves(self, trial_id: str) -> None:
         """loss_curves.png: training loss and validation loss over global steps (once the server answers)."""

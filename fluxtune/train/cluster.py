@@ -56,6 +56,7 @@ def start_ray(address: str | None, num_cpus: int, verbose: bool = False) -> Loca
         _local.stop()
         _local = None
     kwargs = dict(include_dashboard=False, log_to_driver=verbose, logging_level="WARNING", configure_logging=True)
+    address = address or os.environ.get("RAY_ADDRESS")  # as `ray` itself does: join the cluster it names
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -13,6 +10,7 @@ from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from fluxtune import storage
 from fluxtune.checkpoints import read_checkpoint_record
 from fluxtune.config.load import sample_experiment
 from fluxtune.config.stage_keys import data_identity, stage_keys
@@ -35,9 +33,13 @@ class TrialSettings:
     reuse_stages: bool = False
 
     @property
-    def stage_cache(self) -> Path:
-        """Stage reuse: `<key>.json` points at a finished stage checkpoint; `used/<trial>.json` records reuse."""
-        return Path(self.storage_path) / "stage_cache"
+    def stage_cache(self) -> str:
+        """Stage reuse: `<key>.json` points at a finished stage checkpoint; `used/<trial>.json` records reuse.
+        Beside the checkpoints (a shared URI on a cluster), so a trial on any node finds them."""
+        return storage.join(self.storage_path, "stage_cache")
+
+    def used_record(self, trial_id: str) -> str:
+        return storage.join(self.stage_cache, "used", f"{trial_id}.json")
 
     def keys_of(self, experiment: dict[str, Any]) -> list[dict[str, Any]]:
         return stage_keys(experiment, data_identity(self.jsonl), self.plugins)
@@ -49,10 +51,9 @@ def cached_prefix(experiment: dict[str, Any], settings: TrialSettings) -> dict[s
     # Never the last stage: a trial must train something to report its own metrics (a repeated configuration
     # reuses everything before its final stage).
     for entry in settings.keys_of(experiment)[:-1]:
-        record_path = settings.stage_cache / f"{entry['key']}.json"
-        if not record_path.exists():
+        record = storage.read_json(storage.join(settings.stage_cache, f"{entry['key']}.json"))
+        if record is None:
             break  # a prefix: the first missing stage ends it
-        record = json.loads(record_path.read_text())
         if read_checkpoint_record(record["checkpoint"]) is None:  # half-written or half-copied (storage faults)
             break
         found = {**record, **entry}
@@ -65,13 +66,9 @@ def record_stage(settings: TrialSettings, experiment: dict[str, Any], cycle: int
     for entry in settings.keys_of(experiment):
         if (entry["cycle"], entry["stage"]) != (cycle, stage):
             continue
-        path = settings.stage_cache / f"{entry['key']}.json"
-        if path.exists():
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"checkpoint": checkpoint, "trial": trial_id, "global_step": global_step}))
-        tmp.replace(path)
+        path = storage.join(settings.stage_cache, f"{entry['key']}.json")
+        if not storage.exists(path):
+            storage.write_json(path, {"checkpoint": checkpoint, "trial": trial_id, "global_step": global_step})
         return
 
 
@@ -93,7 +90,7 @@ def trainer_for(experiment: dict[str, Any], settings: TrialSettings, run_name: s
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             # Deterministic per trial: a restarted trial finds its own stage checkpoints, and only its own.
-            name=run_name, storage_path=os.path.join(settings.storage_path, "train"),
+            name=run_name, storage_path=storage.join(settings.storage_path, "train"),
             callbacks=[FailureCountingReport()] if _in_tune() else [],
             failure_config=FailureConfig(max_failures=settings.max_failures),
         ),
@@ -145,9 +142,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     trial_id = tune.get_context().get_trial_id()
     reused = cached_prefix(experiment, settings) if settings.reuse_stages else None
     if reused is not None:
-        used = settings.stage_cache / "used" / f"{trial_id}.json"
-        used.parent.mkdir(parents=True, exist_ok=True)
-        used.write_text(json.dumps(reused))
+        storage.write_json(settings.used_record(trial_id), reused)
     trainer_for(experiment, settings, f"{settings.sweep_id}-{trial_id}",
                 reused["checkpoint"] if reused else None, trial_id=trial_id).fit()
 
