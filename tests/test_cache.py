@@ -207,9 +207,9 @@ def test_a_sweep_searching_data_keys_gets_one_cache_per_choice_and_each_trial_re
     assert not again.cache_built and again.source == prepared.source  # same sweep, same set: nothing encoded
 
 
-def test_searching_data_keys_as_ranges_or_the_encoder_preset_is_refused_before_ray(tmp_path):
-    from fluxtune.cli.preflight import preflight
+def test_searching_data_keys_as_ranges_or_the_encoder_preset_is_refused_by_validate(tmp_path):
     from fluxtune.config.errors import InputError
+    from fluxtune.config.load import load_search_file
 
     spec = tmp_path / "search.yaml"
     spec.write_text("name: s\nbase:\n  data: {resolution: 32}\n  stages: [{name: full, type: full, steps: 1}]\n"
@@ -217,7 +217,7 @@ def test_searching_data_keys_as_ranges_or_the_encoder_preset_is_refused_before_r
                     "    data.resolution: {type: int, low: 32, high: 64, step: 16}\n"
                     "    model.seed: {type: categorical, choices: [0, 1]}\n")
     with pytest.raises(InputError) as caught:
-        preflight(str(spec))
+        load_search_file(spec)  # what `fluxtune validate` runs: no data, no Ray
     text = str(caught.value)
     assert f"{spec}:7:" in text and "search.space.data.resolution" in text and "type: categorical" in text
     assert f"{spec}:8:" in text and "search.space.model.seed" in text

@@ -54,16 +54,6 @@ def resolve_jsonl(spec_path: str, data: dict[str, Any], seed: int) -> str:
     return path if is_uri(path) else os.path.abspath(path)
 
 
-def check_searched_cache_keys(spec: SearchFile, where: _Located) -> None:
-    """Searched keys the once-per-sweep latent cache cannot follow (see `fluxtune.data.sweep_caches`)."""
-    from fluxtune.data.sweep_caches import searched_cache_problems
-
-    problems = [where.problem(("search", "space", key), message)
-                for key, message in searched_cache_problems(spec.search.space if spec.search else {})]
-    if problems:
-        raise InputError(problems)
-
-
 def check_model_folders(spec: SearchFile, base: dict[str, Any], where: _Located) -> None:
     """`model.path` (and searched model paths) must be FLUX.1-Fill folders: read from their configs, no weights."""
     from fluxtune.flux.layout import fill_transformer_config
@@ -136,7 +126,6 @@ def preflight(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Ch
 
     spec, base = load_search_file(spec_path, overrides=overrides)
     where = _Located(spec_path, overrides)
-    check_searched_cache_keys(spec, where)
     check_model_folders(spec, base, where)  # cheap (JSON only): before the rows are decoded
     data = base["data"]
     jsonl = resolve_jsonl(spec_path, data, base["seed"])

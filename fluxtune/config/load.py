@@ -158,6 +158,10 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
                 except InputError as exc:
                     out.add(("search", "space", path), f"value {value!r} is invalid: {exc.problems[0].message}")
                     break
+        from fluxtune.data.sweep_caches import searched_cache_problems  # import-light: no torch, no ray
+
+        for path, message in searched_cache_problems(spec.search.space):
+            out.add(("search", "space", path), message)
     out.raise_if_any()
     return spec, base
 
