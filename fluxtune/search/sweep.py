@@ -171,8 +171,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     # Rows checked again; the latent cache (one per searched data-key combination) built once, before any trial.
     prepared = prepare_sweep_data(jsonl, base, space=search.space)
     if not (resume or more):
-        for key, value in prepared.mlflow_params().items():
-            tracker.client.log_param(parent, key, value)
+        tracker.log_sweep_params(prepared.mlflow_params())
     console.print(f"data: {prepared.summary()}")
     settings = TrialSettings(sweep_id=record.sweep_id, base=base, jsonl=prepared.source, storage_path=trial_storage,
                              plugins=plugins, reuse_stages=search.reuse_stages, max_failures=search.max_failures)

@@ -165,6 +165,10 @@ class SweepTracker:
         self._log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def log_sweep_params(self, params: dict[str, Any]) -> None:
+        """More params of the sweep's own run (e.g. the data summary), redacted like every other."""
+        self._log_params(self.parent_run_id, params)
+
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
