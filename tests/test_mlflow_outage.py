@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -171,38 +170,56 @@ class _Lines:
         return "".join(self.lines)
 
 
+def _port_outside_ray_and_ephemeral_ranges() -> int:
+    """Ray's workers take 10002-19999 and the OS hands out 32768+: a port there may be gone after a restart."""
+    import random
+    import socket
+
+    for port in random.sample(range(20000, 30000), 200):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise RuntimeError("no free port in 20000-29999")
+
+
 def test_a_server_outage_mid_sweep_loses_nothing_and_training_goes_on(tmp_path, session_cache):
     from mlflow import MlflowClient
 
     store, work = tmp_path / "store", tmp_path / "work"
     work.mkdir()
-    server, url = start_server(store, log_path=tmp_path / "server.log")
+    port = _port_outside_ray_and_ephemeral_ranges()
+    servers = [start_server(store, port=port, log_path=tmp_path / "server.log")[0]]
+    url = f"http://127.0.0.1:{port}"
     (work / "sweep.yaml").write_text(SWEEP.replace("URI", url))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     env.update(FLUXTUNE_CACHE=str(session_cache), PYTHONUNBUFFERED="1")
     sweep = subprocess.Popen([str(FLUXTUNE), "search", "sweep.yaml"], cwd=work, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     out, err = _Lines(sweep.stdout), _Lines(sweep.stderr)
+    shown = lambda: f"--- stdout\n{out.text()[-4000:]}\n--- stderr\n{err.text()[-4000:]}"  # noqa: E731
     try:
-        assert out.wait_for(" step 5:", sweep), out.text() + err.text()  # the first trial's first metrics
-        stop_server(server)
-        # The next report finds the server gone: it is buffered and spilled into the sweep folder.
-        assert err.wait_for("buffering", sweep), out.text() + err.text()
-        assert list(work.glob(f"runs/*/{SPILL_NAME}"))
-        server, _ = start_server(store, port=int(url.rsplit(":", 1)[1]), log_path=tmp_path / "server.log")
-        assert sweep.wait(timeout=600) == 0, out.text()[-3000:] + err.text()[-3000:]
-    finally:
-        if sweep.poll() is None:
-            os.killpg(sweep.pid, signal.SIGTERM)
-            sweep.wait()
-        time.sleep(0.5)  # the reader threads take the last lines
-
-    try:
+        try:
+            assert out.wait_for(" step 5:", sweep, timeout=500), shown()  # the first trial's first metrics
+            stop_server(servers[0])
+            # The next report finds the server gone: it is buffered and spilled into the sweep folder.
+            assert err.wait_for("buffering", sweep, timeout=300), shown()
+            assert list(work.glob(f"runs/*/{SPILL_NAME}"))
+            servers.append(start_server(store, port=port, log_path=tmp_path / "server.log")[0])
+            try:
+                assert sweep.wait(timeout=600) == 0, shown()
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the sweep did not end within 600 s of the server's restart\n{shown()}")
+        finally:
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGTERM)
+                sweep.wait()
+            time.sleep(0.5)  # the reader threads take the last lines
         warnings = [line for line in err.lines if line.startswith("warning: MLflow")]
-        assert len([w for w in warnings if "unreachable (" in w]) == 1, warnings  # warned once
-        assert any("answers again: logged" in w for w in warnings), warnings
+        assert len([w for w in warnings if "unreachable (" in w]) == 1, shown()  # warned once
+        assert any("answers again: logged" in w for w in warnings), shown()
         assert "still unreachable" not in err.text()
-        assert len([line for line in out.lines if line.startswith("trial ") and " finished" in line]) == 2, out.text()
+        finished = [line for line in out.lines if line.startswith("trial ") and " finished" in line]
+        assert len(finished) == 2, shown()  # every trial trained to its end
         assert not list(work.glob(f"runs/*/{SPILL_NAME}"))  # everything was sent
 
         client = MlflowClient(url, registry_uri=url)
@@ -221,4 +238,5 @@ def test_a_server_outage_mid_sweep_loses_nothing_and_training_goes_on(tmp_path, 
         version = client.get_model_version_by_alias("outage-lora", "candidate")
         assert version.run_id in {t.info.run_id for t in trials}
     finally:
-        stop_server(server)
+        for server in servers:
+            stop_server(server)

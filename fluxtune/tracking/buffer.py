@@ -92,7 +92,7 @@ class BufferedClient:
         if not force and time.monotonic() < self._next_try:
             return False
         self._next_try = time.monotonic() + RETRY_EVERY_S
-        if unreachable(self.uri, PROBE_TIMEOUT_S):
+        if unreachable(self.uri, PROBE_TIMEOUT_S, healthy=True):
             return False
         sent = Counter()
         while self.pending:
@@ -163,12 +163,13 @@ class BufferedClient:
             raise
 
     def _outage(self, exc: Exception) -> bool:
-        """A transport failure, or any failure while /health does not answer (not a refused request)."""
+        """A transport failure, or any failure while /health does not say OK (a server going down, or
+        something else on its port); a failure while it does is a refused request, raised as before."""
         if isinstance(exc, TrackingOffline):
             return True
         text = str(exc)
         return ("failed with exception" in text or "Max retries exceeded" in text
-                or unreachable(self.uri, PROBE_TIMEOUT_S) is not None)
+                or unreachable(self.uri, PROBE_TIMEOUT_S, healthy=True) is not None)
 
     def _encode(self, name: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         now = int(time.time() * 1000)

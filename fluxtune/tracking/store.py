@@ -28,17 +28,18 @@ def server_uri(configured: str | None = None) -> str | None:
     return uri if uri.startswith(("http://", "https://")) else None
 
 
-def unreachable(uri: str, timeout: float = 5.0) -> str | None:
+def unreachable(uri: str, timeout: float = 5.0, healthy: bool = False) -> str | None:
     """Why the MLflow server at `uri` does not answer, or None when it does. Any HTTP answer counts (a proxy
-    asking for credentials is there); MLflow's own client would retry for minutes before saying the same."""
+    asking for credentials is there) unless `healthy`: then only MLflow's own 200 from /health. MLflow's own
+    client would retry for minutes before saying the same."""
     import urllib.error
     import urllib.request
 
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
             return None
-    except urllib.error.HTTPError:
-        return None
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code} from /health" if healthy else None
     except urllib.error.URLError as exc:
         return str(exc.reason)
     except OSError as exc:  # timeouts, resets
