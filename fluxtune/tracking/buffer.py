@@ -55,6 +55,8 @@ class BufferedClient:
         self.pending: deque[dict[str, Any]] = deque()
         self.ids: dict[str, str] = {}  # placeholder → real run id
         self._next_try = 0.0
+        self._reads_down_until = 0.0
+        self._reason = "no answer"  # the last failure seen, for the warning
         self._replaying = False  # a replayed handler's own reads and writes go straight to the server
         self._images = 0
         if self.spill is not None and self.spill.exists():
@@ -81,8 +83,8 @@ class BufferedClient:
             return
         try:
             self.handlers[handler](*self._resolve(list(args)))
-        except TrackingOffline:
-            self._enqueue({"op": handler, "args": list(args), "kwargs": {}})
+        except TrackingOffline as exc:
+            self._enqueue({"op": handler, "args": list(args), "kwargs": {}}, str(exc))
 
     # -- state
     def retry(self, force: bool = False) -> bool:
@@ -140,26 +142,23 @@ class BufferedClient:
             except Exception as exc:
                 if not self._outage(exc):
                     raise
-                first = not self.pending
                 op = self._encode(name, args, kwargs)
-                self._enqueue(op)
-                if first:
-                    self.warn(f"MLflow at {self.uri} unreachable ({_short(exc)}): buffering {_describe(_kinds(op))}; "
-                              f"will retry every {RETRY_EVERY_S:g} s and at the end of the sweep"
-                              + (f"; kept in {self.spill}" if self.spill else ""))
+                self._enqueue(op, _short(exc))
                 return _placeholder_run(op) if name == "create_run" else None
         op = self._encode(name, args, kwargs)
         self._enqueue(op)
         return _placeholder_run(op) if name == "create_run" else None
 
     def _read(self, method: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
-        if self.pending and not self._replaying and not self.retry():
-            raise TrackingOffline(self.uri)
+        if not self._replaying and ((self.pending and not self.retry()) or time.monotonic() < self._reads_down_until):
+            raise TrackingOffline(self._reason)
         try:
             return method(*self._resolve(list(args)), **self._resolve(kwargs))
         except Exception as exc:
             if self._outage(exc):
-                raise TrackingOffline(self.uri) from exc
+                self._reads_down_until = time.monotonic() + RETRY_EVERY_S  # the next reads answer at once
+                self._reason = _short(exc)
+                raise TrackingOffline(self._reason) from exc
             raise
 
     def _outage(self, exc: Exception) -> bool:
@@ -206,7 +205,11 @@ class BufferedClient:
         kwargs = {k: _from_json(v) for k, v in kwargs.items()}
         return getattr(self.client, op["op"])(*args, **kwargs)
 
-    def _enqueue(self, op: dict[str, Any]) -> None:
+    def _enqueue(self, op: dict[str, Any], reason: str = "") -> None:
+        if not self.pending:  # the first call an outage holds back: say so once
+            self.warn(f"MLflow at {self.uri} unreachable ({reason or 'no answer'}): buffering {_describe(_kinds(op))}; "
+                      f"will retry every {RETRY_EVERY_S:g} s and at the end of the sweep"
+                      + (f"; kept in {self.spill}" if self.spill else ""))
         self.pending.append(op)
         if self.spill is not None:  # appended as it comes: a driver that dies loses nothing already buffered
             self.spill.parent.mkdir(parents=True, exist_ok=True)
@@ -323,4 +326,7 @@ def _describe(counts: Counter) -> str:
 
 def _short(exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for cause in ("Connection refused", "timed out", "Connection reset", "Name or service not known"):
+        if cause in text:  # the root cause, not MLflow's and urllib3's wrappers around it
+            return cause
     return text if len(text) < 160 else text[:157] + "..."
