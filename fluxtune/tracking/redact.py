@@ -13,8 +13,9 @@ import os
 import re
 
 REDACTED = "***"
-SECRET_NAME = re.compile(r"token|secret|passw(or)?d|credential|api_?key|access_?key|private_?key|(^|[_.-])key$",
-                         re.IGNORECASE)
+# `…_key` is a secret (`aws_key`, `signing_key`) unless it is a content hash (`data.cache_key`, logged on purpose)
+SECRET_NAME = re.compile(r"token|secret|passw(or)?d|credential|api_?key|access_?key|private_?key|"
+                         r"(^|(?<!cache)[_.-])key$", re.IGNORECASE)
 MIN_SECRET_LENGTH = 6  # shorter environment values ("1", "true") would redact ordinary text
 _URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)([^/\s@]+)(@)")
 # `api_token: value`, `"password": "value"`, `--set x.secret=value` in YAML (block or flow), JSON or flags
