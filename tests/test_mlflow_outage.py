@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import FLUXTUNE
-from fluxtune.tracking.buffer import SPILL_NAME
+from fluxtune.tracking.buffer import HTTP_DEFAULTS, SPILL_NAME
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.server import free_port, start_server, stop_server
 
@@ -184,8 +184,12 @@ def _port_outside_ray_and_ephemeral_ranges() -> int:
     raise RuntimeError("no free port in 20000-29999")
 
 
-def test_a_server_outage_mid_sweep_loses_nothing_and_training_goes_on(tmp_path, session_cache):
+def test_a_server_outage_mid_sweep_loses_nothing_and_training_goes_on(tmp_path, session_cache, monkeypatch):
     from mlflow import MlflowClient
+
+    for key, value in HTTP_DEFAULTS.items():  # this test's own client: fail in seconds, not minutes
+        monkeypatch.setenv(key, value)
+    began, phases = time.monotonic(), []
 
     store, work = tmp_path / "store", tmp_path / "work"
     work.mkdir()
@@ -198,15 +202,20 @@ def test_a_server_outage_mid_sweep_loses_nothing_and_training_goes_on(tmp_path, 
     sweep = subprocess.Popen([str(FLUXTUNE), "search", "sweep.yaml"], cwd=work, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     out, err = _Lines(sweep.stdout), _Lines(sweep.stderr)
-    shown = lambda: f"--- stdout\n{out.text()[-4000:]}\n--- stderr\n{err.text()[-4000:]}"  # noqa: E731
+    shown = lambda: (f"--- phases {phases}\n--- stdout\n{out.text()[-4000:]}\n"  # noqa: E731
+                     f"--- stderr\n{err.text()[-6000:]}")
     try:
         try:
             assert out.wait_for(" step 5:", sweep, timeout=500), shown()  # the first trial's first metrics
+            phases.append(("first metrics", round(time.monotonic() - began)))
             stop_server(servers[0])
+            phases.append(("server stopped", round(time.monotonic() - began)))
             # The next report finds the server gone: it is buffered and spilled into the sweep folder.
             assert err.wait_for("buffering", sweep, timeout=300), shown()
             assert list(work.glob(f"runs/*/{SPILL_NAME}"))
+            phases.append(("buffering", round(time.monotonic() - began)))
             servers.append(start_server(store, port=port, log_path=tmp_path / "server.log")[0])
+            phases.append(("server restarted", round(time.monotonic() - began)))
             try:
                 assert sweep.wait(timeout=600) == 0, shown()
             except subprocess.TimeoutExpired:

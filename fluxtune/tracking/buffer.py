@@ -206,15 +206,16 @@ class BufferedClient:
         return getattr(self.client, op["op"])(*args, **kwargs)
 
     def _enqueue(self, op: dict[str, Any], reason: str = "") -> None:
-        if not self.pending:  # the first call an outage holds back: say so once
-            self.warn(f"MLflow at {self.uri} unreachable ({reason or 'no answer'}): buffering {_describe(_kinds(op))}; "
-                      f"will retry every {RETRY_EVERY_S:g} s and at the end of the sweep"
-                      + (f"; kept in {self.spill}" if self.spill else ""))
+        first = not self.pending
         self.pending.append(op)
         if self.spill is not None:  # appended as it comes: a driver that dies loses nothing already buffered
             self.spill.parent.mkdir(parents=True, exist_ok=True)
             with open(self.spill, "a") as handle:
                 handle.write(json.dumps(op, default=str) + "\n")
+        if first:  # the first call an outage holds back (already on disk when the warning names the file)
+            self.warn(f"MLflow at {self.uri} unreachable ({reason or 'no answer'}): buffering {_describe(_kinds(op))}; "
+                      f"will retry every {RETRY_EVERY_S:g} s and at the end of the sweep"
+                      + (f"; kept in {self.spill}" if self.spill else ""))
 
     def _rewrite_spill(self) -> None:
         if self.spill is None:
