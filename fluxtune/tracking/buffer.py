@@ -27,10 +27,11 @@ from fluxtune.tracking.store import unreachable
 RETRY_EVERY_S = 5.0
 PROBE_TIMEOUT_S = 2.0
 SPILL_NAME = "mlflow-unlogged.jsonl"
-# MLflow's default is 7 retries with growing back-off (minutes per call while a server is down): a short
-# client-side retry, then this buffer takes over. A user's own settings win.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# MLflow's default is 7 retries with growing back-off (minutes per call while a server is down): two
+# immediate retries, then this buffer takes over (it retries every RETRY_EVERY_S). The driver must not stall:
+# Tune's callbacks run in its event loop. A user's own settings win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 WRITES = {"create_run", "log_batch", "log_param", "set_tag", "update_run", "set_terminated", "log_artifact",
           "log_artifacts", "log_image", "log_figure"}
 PLACEHOLDER = "pending-"
