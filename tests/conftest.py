@@ -56,6 +56,20 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 60
                           timeout=timeout)
 
 
+def run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """`fluxtune ARGS` through the console script's own entry point, in this interpreter: (exit code, stderr)."""
+    from fluxtune.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["fluxtune", *args])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err
+
+
 @pytest.fixture(scope="session")
 def sample_jsonl(session_cache) -> Path:
     from fluxtune.data.sample import ensure_sample_dataset

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Callable
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import run_cli, run_in_process
 
 GOOD = """\
 name: bad-inputs
@@ -251,20 +250,6 @@ CASES = [
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in root.rglob("*") if p.is_file() or p.is_symlink()}
-
-
-def run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """`fluxtune ARGS` through the console script's own entry point, in this interpreter."""
-    from fluxtune.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["fluxtune", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture

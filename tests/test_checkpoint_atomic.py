@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_in_process
 from fluxtune.checkpoints import (PROGRESS, CheckpointSpaceError, Progress, check_writable_folder,
                                   read_checkpoint_record, read_progress, write_stage_checkpoint)
 
@@ -206,20 +207,6 @@ base:
   stages:
     - {name: full, type: full, steps: 2}
 """
-
-
-def run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """`fluxtune ARGS` through the console script's entry point, in this interpreter (no Ray starts)."""
-    from fluxtune.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["fluxtune", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("configured", [True, False], ids=["storage_path", "default-runs"])

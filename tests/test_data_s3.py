@@ -4,51 +4,27 @@ read the way Ray Data reads them (pyarrow, endpoint from AWS_ENDPOINT_URL), the 
 from __future__ import annotations
 
 import json
-import os
-import socket
 
+import boto3
 import pytest
 
 from conftest import run_cli
 from fluxtune.data.sample import write_sample_dataset
 
-boto3 = pytest.importorskip("boto3")  # the `test` extra (moto[server], boto3)
-moto_server = pytest.importorskip("moto.server")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def s3_env(tmp_path_factory):
-    """A moto S3 server on a free port, a bucket holding the sample dataset, and the AWS_* variables that point
+def s3_env(s3_endpoint, tmp_path_factory):
+    """The moto S3 server (conftest), a bucket holding the sample dataset, and the AWS_* variables that point
     pyarrow (here, in the CLI and in Ray workers started after this) at it."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        client = boto3.client("s3")
-        for bucket in ("data", "cache"):
-            client.create_bucket(Bucket=bucket)
-        local = write_sample_dataset(tmp_path_factory.mktemp("sample"), n=8, resolution=32, seed=2).parent
-        for file in sorted(local.rglob("*")):
-            if file.is_file():
-                client.upload_file(str(file), "data", f"set/{file.relative_to(local).as_posix()}")
-        yield env, client
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
+    client = boto3.client("s3")
+    for bucket in ("data", "cache"):
+        client.create_bucket(Bucket=bucket)
+    local = write_sample_dataset(tmp_path_factory.mktemp("sample"), n=8, resolution=32, seed=2).parent
+    for file in sorted(local.rglob("*")):
+        if file.is_file():
+            client.upload_file(str(file), "data", f"set/{file.relative_to(local).as_posix()}")
+    yield s3_endpoint, client
 
 
 def _keys(client, bucket: str, prefix: str = "") -> list[str]:
