@@ -232,3 +232,17 @@ def test_search_refuses_an_unwritable_storage_folder_before_ray_naming_the_key(c
         assert line.startswith("error: sweep.yaml: storage_path: cannot write checkpoints to ")
         assert f"{target} (the default): File exists" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no mlflow/, no sweep folder
+
+
+def test_the_console_names_why_a_trial_failed_not_only_where_its_traceback_is(tmp_path):
+    import traceback
+
+    from fluxtune.search.callbacks import _last_line
+
+    try:
+        raise CheckpointSpaceError(tmp_path / "checkpoint_000001", needed=3 << 20, free=1 << 20)
+    except CheckpointSpaceError:
+        (tmp_path / "error.txt").write_text(traceback.format_exc() + "\n")
+    line = _last_line(str(tmp_path / "error.txt"))
+    assert line.startswith("fluxtune.checkpoints.CheckpointSpaceError") and "no space to write stage checkpoint" in line
+    assert _last_line(str(tmp_path / "missing.txt")) == "see the traceback"

@@ -156,7 +156,18 @@ class ConsoleProgress(Callback):
                            f"{_fmt(trial.last_result.get(self.metric))}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.console.print(f"[red]trial {trial.trial_id} failed[/]: {trial.error_file or ''}")
+        self.console.print(f"[red]trial {trial.trial_id} failed[/]: {escape(_last_line(trial.error_file))}"
+                           f" (traceback: {trial.error_file or 'none'})")
+
+
+def _last_line(error_file: str | None) -> str:
+    """The exception line of a trial's error file (e.g. "no space to write stage checkpoint …")."""
+    try:
+        with open(error_file or "", errors="replace") as handle:
+            lines = [line.strip() for line in handle if line.strip()]
+    except OSError:  # on a storage URI, or not written yet
+        return "see the traceback"
+    return lines[-1] if lines else "see the traceback"
 
 
 def _fmt(value: Any) -> str:
