@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import re
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
 from fluxtune.data.buckets import cover_crop_box, nearest_bucket
+from fluxtune.storage import is_uri
 
 if TYPE_CHECKING:  # rows.py imports this module, so only type-check the other direction
     from fluxtune.data.rows import Row
@@ -27,14 +27,6 @@ MASK_CHANNEL_TOLERANCE = 8 / 255
 RESOLUTION_MULTIPLE = 16
 # Mask pixels at or above this grey level are inpainted (FluxFillPipeline's mask processor binarises at 0.5).
 DEFAULT_MASK_THRESHOLD = 0.5
-
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-
-
-def is_uri(path: str) -> bool:
-    """True for `s3://…`, `gs://…`, `file://…` and the like: read later through fsspec, not checked here."""
-    return bool(_URI.match(path))
-
 
 def check_resolution(resolution: int) -> None:
     if not isinstance(resolution, int) or resolution <= 0 or resolution % RESOLUTION_MULTIPLE:
@@ -48,7 +40,7 @@ def open_image(path: str) -> Image.Image:
     if path.startswith("file://"):
         return Image.open(path[len("file://"):])
     if is_uri(path):
-        from fluxtune.data.remote import read_bytes
+        from fluxtune.storage import read_bytes
 
         return Image.open(io.BytesIO(read_bytes(path)))
     return Image.open(path)

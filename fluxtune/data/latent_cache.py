@@ -40,7 +40,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-from fluxtune.data import remote
+from fluxtune import storage
 from fluxtune.data.buckets import check_buckets
 from fluxtune.data.images import check_mask_threshold, check_resolution, is_uri, split_key
 from fluxtune.data.rows import Row
@@ -120,7 +120,7 @@ class LatentCache:
     def _data(self, name: str) -> str:
         if isinstance(self.path, Path):
             return str(self.path / name)
-        return remote.join(self.path, self.manifest["data_prefix"], name)
+        return storage.join(self.path, self.manifest["data_prefix"], name)
 
 
 def cache_home(cache_dir: str | os.PathLike | None = None) -> Path | str:
@@ -133,14 +133,14 @@ def cache_home(cache_dir: str | os.PathLike | None = None) -> Path | str:
 
 
 def _cache_folder(home: Path | str, key: str) -> Path | str:
-    return home / key if isinstance(home, Path) else remote.join(home, key)
+    return home / key if isinstance(home, Path) else storage.join(home, key)
 
 
 def _read_manifest(folder: Path | str) -> dict[str, Any]:
     """The manifest of a cache folder; OSError/ValueError when there is none (an incomplete cache)."""
     if isinstance(folder, Path):
         return json.loads((folder / MANIFEST).read_text())
-    return json.loads(remote.read_bytes(remote.join(folder, MANIFEST)))
+    return json.loads(storage.read_bytes(storage.join(folder, MANIFEST)))
 
 
 def cache_rows(selection: Selection) -> list[CacheRow]:
@@ -160,7 +160,7 @@ def cache_rows(selection: Selection) -> list[CacheRow]:
 
 def _file_digest(path: str) -> str:
     if is_uri(path) and not path.startswith("file://"):
-        return "remote:" + remote.change_token(path)  # the store's size and mtime instead of a download
+        return "remote:" + storage.change_token(path)  # the store's size and mtime instead of a download
     digest = hashlib.blake2b(digest_size=20)
     with open(path.removeprefix("file://"), "rb") as file:
         while chunk := file.read(1 << 20):
@@ -254,7 +254,7 @@ def vae_scale_factor(model: dict[str, Any]) -> int:
 
 def is_cache_folder(path: str) -> bool:
     if is_uri(path):
-        return remote.exists(remote.join(path, MANIFEST))
+        return storage.exists(storage.join(path, MANIFEST))
     return os.path.isfile(os.path.join(path, MANIFEST))
 
 
@@ -281,8 +281,8 @@ def write_cache_set(caches: list[LatentCache], cache_dir: str | os.PathLike | No
     name = "set-" + hashlib.sha256(text.encode()).hexdigest()[:16] + CACHE_SET_SUFFIX
     home = cache_home(cache_dir)
     if isinstance(home, str):
-        remote.write_bytes(remote.join(home, name), text.encode())
-        return remote.join(home, name)
+        storage.write_bytes(storage.join(home, name), text.encode())
+        return storage.join(home, name)
     home.mkdir(parents=True, exist_ok=True)
     staging = home / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.write_text(text)
@@ -296,7 +296,7 @@ def is_cache_set(path: str) -> bool:
 
 def cache_for(cache_set: str, preprocessing: dict[str, Any]) -> str:
     """The cache of a cache set built with this preprocessing identity; ValueError naming what there is."""
-    text = remote.read_bytes(cache_set).decode() if is_uri(cache_set) else Path(cache_set).read_text()
+    text = storage.read_bytes(cache_set).decode() if is_uri(cache_set) else Path(cache_set).read_text()
     listed = json.loads(text)["caches"]
     for entry in listed:
         if entry["preprocessing"] == preprocessing:
@@ -331,9 +331,9 @@ def build_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Prep
     home = cache_home(cache_dir)
     if isinstance(home, str):
         attempt = f"attempt-{uuid.uuid4().hex[:12]}"
-        manifest = _encode(rows, model, preprocessing, key, remote.join(home, key, attempt))
+        manifest = _encode(rows, model, preprocessing, key, storage.join(home, key, attempt))
         # The manifest is the completion marker: written last, it names the prefix this build filled.
-        remote.write_bytes(remote.join(home, key, MANIFEST),
+        storage.write_bytes(storage.join(home, key, MANIFEST),
                            json.dumps({**manifest, "data_prefix": attempt}, indent=1).encode())
     else:
         home.mkdir(parents=True, exist_ok=True)
@@ -378,8 +378,8 @@ def _encode(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preproce
                         .map_batches(LatentEncoder, **encoder))
         prompts_dataset = (ray.data.from_items([{"prompt_index": i, "prompt": p} for i, p in enumerate(prompts)])
                            .map_batches(PromptEncoder, **encoder))
-    rows_dataset.write_parquet(remote.join(out, "rows") if is_uri(out) else os.path.join(out, "rows"))
-    prompts_dataset.write_parquet(remote.join(out, "prompts") if is_uri(out) else os.path.join(out, "prompts"))
+    rows_dataset.write_parquet(storage.join(out, "rows") if is_uri(out) else os.path.join(out, "rows"))
+    prompts_dataset.write_parquet(storage.join(out, "prompts") if is_uri(out) else os.path.join(out, "prompts"))
     return {
         "format": CACHE_FORMAT, "key": key, "rows": len(rows),
         "val_file_rows": sum(r.from_val_file for r in rows), "prompts": len(prompts),

@@ -93,7 +93,7 @@ def check_rows(jsonl_path: str | os.PathLike, check_files: bool = True) -> tuple
 
 def _read_bytes(path: str) -> bytes:
     if is_uri(path) and not path.startswith("file://"):
-        from fluxtune.data.remote import read_bytes  # only for URIs (s3://, gs://, ...), like Ray Data's readers
+        from fluxtune.storage import read_bytes  # only for URIs (s3://, gs://, ...), like Ray Data's readers
 
         return read_bytes(path)
     return Path(path.removeprefix("file://")).read_bytes()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import ray.data
 
-from fluxtune.data import remote
+from fluxtune import storage
 from fluxtune.data.buckets import resolve_buckets
 from fluxtune.data.images import (DEFAULT_MASK_THRESHOLD, is_uri, load_examples_batch, split_is_validation, split_key,
                                   stack_rows)
@@ -126,7 +126,7 @@ def read_parquet_light(folder: str) -> ray.data.Dataset:
     (`plan_list_files_op.py` passes no num_cpus), so it waits forever while Train workers hold every whole CPU.
     The file list is known here; `from_items` builds its block in this process without a task.
     """
-    paths = remote.list_files(folder, ".parquet") if is_uri(folder) else sorted(
+    paths = storage.list_files(folder, ".parquet") if is_uri(folder) else sorted(
         str(p) for p in Path(folder).glob("*.parquet"))
     if not paths:
         raise ValueError(f"{folder} holds no Parquet files")
