@@ -17,7 +17,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fluxtune-installed
 
-.PHONY: demo test install ui clean-runs
+.PHONY: demo test test-fast install ui clean-runs
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ demo: $(STAMP)
 
 test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Everything but the end-to-end runs of the CLI (real sweeps with Ray and MLflow): a couple of minutes.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 # The MLflow UI browser test drives Debian's chromium through Playwright (no browser download): installed once.
 $(CHROMIUM):

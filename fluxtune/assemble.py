@@ -62,5 +62,6 @@ def build_shared(experiment: dict[str, Any], train: EncodedSet, val: EncodedSet,
         rank=rank,
         world_size=world_size,
         eval_every=experiment["eval_every"],
+        sample_every=experiment.get("sample_every", 1),
         seed=experiment["seed"],
     )

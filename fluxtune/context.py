@@ -38,7 +38,9 @@ class Shared:
     rank: int = 0
     world_size: int = 1
     eval_every: int = 20
+    sample_every: int = 1  # evaluations between sample grids and probe runs (first evaluation and stage ends: always)
     seed: int = 0
+    evaluations: int = 0  # how many this worker has run (the sample-grid cadence counts them)
     # Scores sampled inpaintings of a few held-out examples (fluxtune.flux.inpaint.InpaintProbe); None = off.
     probe: Any = None
     samples: Any = None  # rank 0: renders a sample-image grid at each evaluation (fluxtune.tracking.samples)
@@ -118,12 +120,13 @@ class RunContext:
         passes a view of them) and report it."""
         if step == self.steps or (self.first_global_step + step) % self.shared.eval_every:
             return None  # the stage end is evaluated by the cycle
-        metrics = self.evaluate(model)
+        metrics = evaluate(self.transformer if model is None else model, self.shared)
         self.shared.reporter.evaluation(self.first_global_step + step, metrics)
         return metrics
 
     def evaluate(self, model: Any = None) -> dict[str, float]:
-        return evaluate(self.transformer if model is None else model, self.shared)
+        """Evaluate now (e.g. an adapter's own score before merging it); counts as a stage-end evaluation."""
+        return evaluate(self.transformer if model is None else model, self.shared, stage_end=True)
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -131,11 +134,15 @@ def _mse(pred: torch.Tensor, target: torch.Tensor, batch: dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(transformer: Any, shared: Shared) -> dict[str, float]:
+def evaluate(transformer: Any, shared: Shared, stage_end: bool = False) -> dict[str, float]:
     """Deterministic validation loss: fixed noise and t per held-out example, dropout off.
 
     Always plain MSE on the velocity, whatever the training loss, so trials with different losses compare.
+    The sample grid and the inpainting probe (sampling: far dearer than the loss) run at the first evaluation,
+    every `sample_every`-th one and at stage ends.
     """
+    with_samples = stage_end or shared.evaluations % shared.sample_every == 0
+    shared.evaluations += 1
     val = shared.val
     was_training = transformer.training
     transformer.eval()
@@ -145,9 +152,9 @@ def evaluate(transformer: Any, shared: Shared) -> dict[str, float]:
         total += float(loss) * len(t)
         count += len(t)
     transformer.train(was_training)
-    if shared.samples is not None:
+    if shared.samples is not None and with_samples:
         shared.samples.render(transformer)  # rides to MLflow with the next report
     metrics = {"val_loss": total / max(count, 1)}
-    if shared.probe is not None and isinstance(transformer, torch.nn.Module):
+    if shared.probe is not None and with_samples and isinstance(transformer, torch.nn.Module):
         metrics.update(shared.probe(transformer))  # an engine's view (mid-stage DeepSpeed) is scored at the end
     return metrics

@@ -46,7 +46,7 @@ def run_cycle(experiment: dict[str, Any], transformer: Any, shared: Shared,
                 callbacks.stage_start(ctx)
                 metrics = stage.run(ctx) or {}
                 transformer = ctx.transformer
-                metrics.update(evaluate(transformer, shared))
+                metrics.update(evaluate(transformer, shared, stage_end=True))
                 metrics.update(callbacks.stage_end(ctx, metrics))
                 if last_step_done_at is not None and ctx.first_step_at is not None:
                     metrics["transition_s"] = ctx.first_step_at - last_step_done_at

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,53 @@ def s3_bucket(name: str) -> str:
 
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def examples_site(tmp_path_factory) -> Path:
+    """The example plugin packages of plugins/, pip-installed (not editable) into a folder used via PYTHONPATH."""
+    from test_plugins_packages import install_examples
+
+    return install_examples(tmp_path_factory.mktemp("plugin-examples"))
+
+
+@pytest.fixture(scope="session")
+def reference_sweep(tmp_path_factory, examples_site):
+    """The one shared end-to-end sweep (see tests/reference.py); tests read what it left, never change it."""
+    from reference import run_reference
+
+    return run_reference(tmp_path_factory.mktemp("reference"), examples_site, FLUXTUNE)
+
+
+class LineReader:
+    """A subprocess's output lines as they come; `wait_for` blocks until one matches (or the process ends)."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, needle: str, process: subprocess.Popen, timeout: float = 300, count: int = 1) -> bool:
+        """True once `count` lines hold `needle`; False when the process ends or time runs out first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while sum(needle in line for line in self.lines) < count:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    return False
+                self._changed.wait(0.5)
+        return True
+
+    def finish(self, timeout: float = 10) -> str:
+        """Everything, once the stream has closed (the process ended)."""
+        self._thread.join(timeout)
+        return self.text()
+
+    def text(self) -> str:
+        return "".join(self.lines)

@@ -101,3 +101,16 @@ def test_missing_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError) as info:
         load_search_file(tmp_path / "nope.yaml")
     assert "file not found" in str(info.value)
+
+
+def test_an_image_metric_needs_the_probe_at_every_evaluation():
+    from fluxtune.config.load import load_search_text
+
+    text = ("name: x\nbase:\n  sample_every: 3\n  stages: [{name: a, type: full, steps: 1}]\n"
+            "search: {metric: masked_psnr, mode: max}\n")
+    with pytest.raises(InputError) as info:
+        load_search_text(text, path="x.yaml")
+    [problem] = info.value.problems
+    assert (problem.key, problem.line) == ("base.sample_every", 3) and "sample_every: 1" in problem.message
+    load_search_text(text.replace("sample_every: 3", "sample_every: 1"), path="x.yaml")
+    load_search_text(text.replace("metric: masked_psnr, mode: max", "metric: val_loss"), path="x.yaml")

@@ -143,3 +143,22 @@ def test_checkpoints_resume_at_the_next_stage(arrays, tmp_path):
     run_cycle(base, model, shared, progress=read_progress(second))
     assert [(m["cycle"], m["stage"]) for _, m, _ in resumed.stage_ends] == [(1, "full"), (1, "lora")]
     assert resumed.stage_ends[0][0] == 15
+
+
+def test_sample_grids_and_the_probe_follow_sample_every(arrays):
+    """At the first evaluation, every `sample_every`-th one and every stage end; never in between."""
+    reporter = ListReporter()
+    base, _, shared = setup(arrays, reporter, full_steps=40, lora_steps=20)  # evaluations at 10, 20, 30, 40(end)…
+    base = {**base, "sample_every": 3}
+    shared.sample_every = 3
+    rendered: list[int] = []
+
+    class CountingGrids:
+        def render(self, transformer):
+            rendered.append(shared.evaluations)  # already counted: 1 for the first evaluation
+
+    shared.samples = CountingGrids()
+    run_cycle(base, load_bundle(base["model"]).transformer, shared)
+    # evaluations (counted from 1): steps 10, 20, 30, the full stage's end (4), step 50, the LoRA stage's
+    # pre-merge score (6) and its end (7); the 1st, 4th, 7th… by cadence, stage ends always
+    assert rendered == [1, 4, 6, 7]

@@ -1,8 +1,12 @@
-"""Process faults lose nothing: a SIGKILLed driver resumes (`--resume`) and a killed Train worker is retried,
-both from the last stage checkpoint, and no Ray process of a run outlives it.
+"""Process faults lose nothing, in one chain of real `fluxtune` processes on one sweep: a killed Train worker is
+retried from the last stage checkpoint, a SIGKILLed driver leaves no Ray process and `--resume` finishes the
+sweep from the interrupted trial's own stage checkpoint, `--more` extends it on the same Optuna study, and
+trials after the first reuse the identical full stage.
 
-Real `fluxtune` processes, a real local Ray (its own session, see fluxtune.train.local_ray), Optuna's sqlite
-storage and an MLflow sqlite store; the faults are real signals sent from outside (`os.kill`).
+A gate callback (a test plugin, installed like any other) holds a Train worker at the start of chosen stages
+until the test opens the gate, so every fault lands exactly where it should, whatever the machine's speed.
+Real local Ray (its own session, see fluxtune.train.local_ray), Optuna's sqlite storage and an MLflow sqlite
+store; the faults are real signals sent from outside (`os.kill`).
 """
 
 from __future__ import annotations
@@ -17,46 +21,93 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FLUXTUNE, run_cli
+from conftest import FLUXTUNE, LineReader, run_cli
+from test_bad_inputs import fake_install
 from fluxtune.train.local_ray import session_pids
 
 pytestmark = pytest.mark.e2e
 
+GATE_PLUGIN = """
+    import json, os, time
+    from pathlib import Path
+
+    import fluxtune
+    from fluxtune.api import Params
+
+
+    class GateParams(Params):
+        folder: str
+        stages: list[str]
+
+
+    class Gate:
+        '''At the start of a gated stage: announce arrival n (waiting-n.json), wait until the test writes go-n.'''
+
+        def __init__(self, params):
+            self.params = params
+
+        def on_stage_start(self, ctx):
+            if ctx.name not in self.params.stages or ctx.rank != 0:
+                return
+            folder = Path(self.params.folder)
+            n = 1 + len(list(folder.glob("waiting-*.json")))
+            (folder / f"waiting-{n}.json").write_text(json.dumps({"stage": ctx.name, "pid": os.getpid()}))
+            deadline = time.monotonic() + 300
+            while not (folder / f"go-{n}").exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"gate {n} ({ctx.name}) was never opened")
+                time.sleep(0.05)
+
+
+    @fluxtune.hookimpl
+    def register_callbacks(register):
+        register("gate", Gate, params=GateParams, doc="holds a stage until the test lets it go (tests only)")
+"""
+
 SWEEP = """\
-name: {name}
+name: chain
 base:
   data: {{jsonl: sample, resolution: 32, batch_size: 2, sample_size: 16}}
-  eval_every: 4
+  eval_every: 2
+  callbacks: [{{type: gate, folder: {gates}, stages: [lora, polish]}}]
   stages:
     - {{name: full, type: full, steps: 4, optimizer: {{lr: 1.0e-3}}}}
-    - {{name: lora, type: lora, steps: {lora_steps}, adapter: {{type: lora, rank: 4}}}}
+    - {{name: lora, type: lora, steps: 4, adapter: {{type: lora, rank: 4}}}}
+    - {{name: polish, type: lora, steps: 2, adapter: {{type: lora, rank: 2}}}}
 search:
-  num_samples: {samples}
+  num_samples: 2
+  reuse_stages: true
   sampler: {{type: random, seed: 3}}
   scheduler: {{type: fifo}}
   space:
     stages.lora.optimizer.lr: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
-tracking: {{experiment: {name}}}
+tracking: {{experiment: chain}}
 """
-FULL_STEPS = 4
+FULL, LORA, POLISH = 4, 4, 2
 
 
-def start_sweep(workdir: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([str(FLUXTUNE), "search", "sweep.yaml"], cwd=workdir, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+class Gates:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir()
+
+    def arrival(self, n: int, process: subprocess.Popen, timeout: float = 300) -> dict:
+        """Wait until a worker waits at gate `n`; returns what it announced (stage, pid)."""
+        path = self.folder / f"waiting-{n}.json"
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            assert process.poll() is None, f"the sweep ended (exit {process.returncode}) before gate {n}"
+            assert time.monotonic() < deadline, f"no worker reached gate {n} within {timeout:.0f} s"
+            time.sleep(0.1)
+        time.sleep(0.05)  # written, not half-written
+        return json.loads(path.read_text())
+
+    def open(self, n: int) -> None:
+        (self.folder / f"go-{n}").touch()
 
 
-def read_until(proc: subprocess.Popen, lines: list[str], done) -> None:
-    """Read the sweep's console until `done(line)` holds for a line (or the sweep ends: a test failure)."""
-    for line in proc.stdout:
-        lines.append(line)
-        if done(line):
-            return
-    raise AssertionError("the sweep ended before the fault could be injected:\n" + "".join(lines)[-3000:])
-
-
-def record(workdir: Path, name: str) -> dict:
-    [path] = (workdir / "runs").glob(f"{name}-*/sweep.json")
+def record(workdir: Path) -> dict:
+    [path] = (workdir / "runs").glob("chain-*/sweep.json")
     return json.loads(path.read_text())
 
 
@@ -65,13 +116,21 @@ def checkpoints(workdir: Path, sweep_id: str, trial: str) -> list[str]:
     return sorted(p.name for p in folder.glob("checkpoint_*") if p.is_dir())
 
 
-def trial_runs(workdir: Path, experiment: str) -> dict:
+def trial_runs(workdir: Path) -> list:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
-    found = client.get_experiment_by_name(experiment)
-    runs = [r for r in client.search_runs([found.experiment_id]) if r.data.tags.get("fluxtune.kind") == "trial"]
-    return {"client": client, "runs": runs}
+    experiment = client.get_experiment_by_name("chain")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len([r for r in runs if r.data.tags.get("fluxtune.kind") == "sweep"]) == 1, "one parent run, always"
+    return [r for r in runs if r.data.tags.get("fluxtune.kind") == "trial"]
+
+
+def study_states(workdir: Path, study: str) -> list[str]:
+    import optuna
+
+    loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{workdir / 'mlflow' / 'optuna.db'}")
+    return [t.state.name for t in loaded.get_trials()]
 
 
 def ray_processes_left(session: dict) -> list[int]:
@@ -97,100 +156,106 @@ def wait_for_no_ray(session: dict, within_s: float = 120) -> list[int]:
     return left
 
 
-@pytest.mark.timeout(900)
-def test_sigkilled_driver_resumes_from_the_stage_checkpoint_and_leaves_no_ray(tmp_path, cli_env):
-    (tmp_path / "sweep.yaml").write_text(SWEEP.format(name="killed-driver", lora_steps=24, samples=2))
-    env = {**cli_env, "COLUMNS": "400"}
+def start(workdir: Path, env: dict[str, str], *args: str) -> tuple[subprocess.Popen, LineReader]:
+    process = subprocess.Popen([str(FLUXTUNE), "search", "sweep.yaml", *args], cwd=workdir, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return process, LineReader(process.stdout)
 
-    proc = start_sweep(tmp_path, env)
-    lines: list[str] = []
-    read_until(proc, lines, lambda line: line.startswith("trial ") and " finished" in line)
-    [first] = [line.split()[1] for line in lines if line.startswith("trial ") and " finished" in line]
-    read_until(proc, lines, lambda line: "(stage end)" in line and first not in line)  # the 2nd trial's full stage
-    second = lines[-1].split()[1]
-    killed = record(tmp_path, "killed-driver")
+
+def finish(process: subprocess.Popen, lines: LineReader, timeout: float = 300) -> str:
+    process.wait(timeout=timeout)
+    out = lines.finish()
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_worker_kill_driver_kill_resume_and_more(tmp_path, cli_env):
+    site, work = tmp_path / "site", tmp_path / "work"
+    work.mkdir()
+    fake_install(site, "fluxtune-gate", "gate", GATE_PLUGIN)
+    gates = Gates(tmp_path / "gates")
+    (work / "sweep.yaml").write_text(SWEEP.format(gates=gates.folder))
+    env = {**cli_env, "COLUMNS": "400", "PYTHONPATH": str(site)}
+
+    # 1. A Train worker killed in trial 1's LoRA stage: Train restarts the group from the full stage's checkpoint.
+    sweep, lines = start(work, env)
+    first_arrival = gates.arrival(1, sweep)
+    assert first_arrival["stage"] == "lora"
+    # Train takes a report from a worker asynchronously: wait until the full stage's checkpoint is registered
+    assert lines.wait_for("cycle 0 full (stage end)", sweep, timeout=60), lines.text()[-3000:]
+    os.kill(first_arrival["pid"], signal.SIGKILL)
+    assert gates.arrival(2, sweep)["stage"] == "lora"  # the retried worker group, at the same stage
+    gates.open(2)
+    assert gates.arrival(3, sweep)["stage"] == "polish"
+    gates.open(3)
+
+    # 2. The driver SIGKILLed while trial 2 (which reused trial 1's full stage) waits at its polish stage.
+    assert gates.arrival(4, sweep)["stage"] == "lora"
+    gates.open(4)
+    assert gates.arrival(5, sweep)["stage"] == "polish"
+    # trial 2's lora stage end has reached the driver too (trial 1's was the first such line)
+    assert lines.wait_for("cycle 0 lora (stage end)", sweep, timeout=60, count=2), lines.text()[-3000:]
+    killed = record(work)
     sweep_id = killed["sweep_id"]
-    second_before = checkpoints(tmp_path, sweep_id, second)
-    first_before = checkpoints(tmp_path, sweep_id, first)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    proc.stdout.close()
+    os.kill(sweep.pid, signal.SIGKILL)
+    sweep.wait(timeout=60)
+    output = lines.finish()
+    assert f"retried from step {FULL} after a worker failure (rank 0: " in output, output[-4000:]
+    [first] = [line.split()[1] for line in output.splitlines() if line.startswith("trial ") and " finished" in line]
+    [second] = {line.split()[1] for line in output.splitlines() if line.startswith("trial ")} - {first}
 
     assert killed["status"] == "running" and len(killed["ray_sessions"]) == 1
     assert wait_for_no_ray(killed["ray_sessions"][0]) == [], "Ray processes outlived the killed driver"
     crashed = Path(killed["ray_sessions"][0]["temp_dir"])
     assert list(crashed.glob("session_*/logs/raylet.out"))  # Ray's logs of a crashed run are kept
     shutil.rmtree(crashed)
-    assert len(second_before) == 1 and len(first_before) == 2
+    first_before, second_before = checkpoints(work, sweep_id, first), checkpoints(work, sweep_id, second)
+    assert len(first_before) == 3  # full, lora (trained twice: the first attempt's worker died), polish
+    assert len(second_before) == 1  # its own lora stage; the full stage was trial 1's
 
-    resumed = run_cli(["search", "sweep.yaml", "--resume"], cwd=tmp_path, env=env)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"sweep {sweep_id} resumed" in resumed.stdout
-    after = record(tmp_path, "killed-driver")
+    # 3. --resume: the finished trial never runs again; the interrupted one trains only its polish stage.
+    resumed, lines = start(work, env, "--resume")
+    assert gates.arrival(6, resumed)["stage"] == "polish"
+    gates.open(6)
+    out = finish(resumed, lines)
+    assert f"sweep {sweep_id} resumed" in out
+    after = record(work)
     assert after["status"] == "finished" and sorted(after["trials"]) == sorted([first, second])
-    assert all(row["steps"] == row["planned_steps"] == FULL_STEPS + 24 for row in after["trials"].values())
-    assert checkpoints(tmp_path, sweep_id, first) == first_before  # a finished trial never runs again
-    # the interrupted trial kept its full-stage checkpoint and trained only the LoRA stage again
-    second_after = checkpoints(tmp_path, sweep_id, second)
+    assert all(row["steps"] == row["planned_steps"] == FULL + LORA + POLISH for row in after["trials"].values())
+    assert sorted(row["reused_steps"] for row in after["trials"].values()) == [0, FULL]
+    assert f"{FULL} reused from identical stages" in out
+    assert checkpoints(work, sweep_id, first) == first_before
+    second_after = checkpoints(work, sweep_id, second)
     assert len(second_after) == 2 and second_after[0] == second_before[0]
+    assert study_states(work, sweep_id) == ["COMPLETE"] * 2
 
-    import optuna
-
-    study = optuna.load_study(study_name=sweep_id, storage=f"sqlite:///{tmp_path / 'mlflow' / 'optuna.db'}")
-    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"] * 2
-
-    mlflow = trial_runs(tmp_path, "killed-driver")
-    runs = {r.data.tags["fluxtune.trial_id"]: r for r in mlflow["runs"]}
-    assert sorted(runs) == sorted([first, second]) and len(mlflow["runs"]) == 2  # no duplicate run
+    runs = {r.data.tags["fluxtune.trial_id"]: r for r in trial_runs(work)}
+    assert sorted(runs) == sorted([first, second])  # no duplicate run
     assert all(r.info.status == "FINISHED" for r in runs.values())
-    assert runs[second].data.metrics["resumed_from_step"] == FULL_STEPS
-    assert "resumed_from_step" not in runs[first].data.metrics
-
-    # the resumed run ended normally: its cluster is gone by the time the command returns, temp dir included
-    assert len(after["ray_sessions"]) == 2
+    assert runs[first].data.tags["fluxtune.retries"] == "1"
+    last_retry = runs[first].data.tags["fluxtune.last_retry"]
+    assert last_retry.startswith("rank 0: ") and last_retry.endswith(f"resumed at step {FULL}")
+    assert runs[first].data.metrics["worker_failures"] == 1
+    assert runs[first].data.metrics["resumed_from_step"] == FULL
+    assert runs[second].data.metrics["resumed_from_step"] == FULL + LORA
+    assert len(after["ray_sessions"]) == 2  # the resumed run's cluster is gone, temp dir included
     assert ray_processes_left(after["ray_sessions"][1]) == []
     assert not Path(after["ray_sessions"][1]["temp_dir"]).exists()
 
+    # 4. --more 1: a third trial on the same study (the sampler saw the first two), reusing the full stage.
+    extended, lines = start(work, env, "--more", "1")
+    for n in (7, 8):
+        gates.arrival(n, extended)
+        gates.open(n)
+    out = finish(extended, lines)
+    final = record(work)
+    assert len(final["trials"]) == 3 and final["tune_runs"] == ["tune", "more-1"]
+    assert study_states(work, sweep_id) == ["COMPLETE"] * 3
+    assert len(trial_runs(work)) == 3
+    assert sorted(row["reused_steps"] for row in final["trials"].values()) == [0, FULL, FULL]
+    best = work / "runs" / sweep_id / "best.yaml"
+    assert best.exists() and f"fluxtune run {best}" in out
 
-def train_worker_pids(session: int) -> list[int]:
-    found = []
-    for pid in session_pids(session):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                found.append(pid)
-        except OSError:
-            pass
-    return found
-
-
-@pytest.mark.timeout(600)
-def test_a_killed_train_worker_is_retried_from_the_last_stage_checkpoint(tmp_path, cli_env):
-    (tmp_path / "sweep.yaml").write_text(SWEEP.format(name="killed-worker", lora_steps=40, samples=1))
-    env = {**cli_env, "COLUMNS": "400"}
-
-    proc = start_sweep(tmp_path, env)
-    lines: list[str] = []
-    read_until(proc, lines, lambda line: "(stage end)" in line)  # the full stage's checkpoint is reported
-    read_until(proc, lines, lambda line: " step " in line)  # and the LoRA stage has begun: kill mid-stage
-    session = record(tmp_path, "killed-worker")["ray_sessions"][0]["session"]
-    [worker] = train_worker_pids(session)
-    os.kill(worker, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=500)
-    output = "".join(lines) + out
-    assert proc.returncode == 0, output[-4000:]
-    assert f"retried from step {FULL_STEPS} after a worker failure (rank 0: " in output
-
-    done = record(tmp_path, "killed-worker")
-    [(trial, row)] = done["trials"].items()
-    assert row["steps"] == row["planned_steps"] == FULL_STEPS + 40 and not row["error"]
-    sweep_id = done["sweep_id"]
-    assert len(checkpoints(tmp_path, sweep_id, trial)) == 2  # the full stage was not trained again
-
-    mlflow = trial_runs(tmp_path, "killed-worker")
-    [run] = mlflow["runs"]
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["fluxtune.retries"] == "1"
-    last_retry = run.data.tags["fluxtune.last_retry"]
-    assert last_retry.startswith("rank 0: ") and last_retry.endswith(f"resumed at step {FULL_STEPS}")
-    assert run.data.metrics["worker_failures"] == 1 and run.data.metrics["resumed_from_step"] == FULL_STEPS
-    assert ray_processes_left(done["ray_sessions"][0]) == []
+    nothing = run_cli(["search", "sweep.yaml", "--resume"], cwd=work, env=env, timeout=120)
+    assert nothing.returncode == 2 and "no unfinished sweep named 'chain'" in nothing.stderr

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from conftest import FLUXTUNE
+from conftest import FLUXTUNE, LineReader
 from fluxtune.tracking.buffer import HTTP_DEFAULTS, SPILL_NAME
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.server import free_port, start_server, stop_server
@@ -145,33 +144,6 @@ tracking: {uri: "URI", experiment: outage-e2e, register_as: outage-lora}
 """
 
 
-class _Lines:
-    """A subprocess's output lines as they come; `wait_for` blocks until one matches (or the process ends)."""
-
-    def __init__(self, stream):
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-
-    def wait_for(self, needle: str, process: subprocess.Popen, timeout: float = 300) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not any(needle in line for line in self.lines):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    return False
-                self._changed.wait(0.5)
-        return True
-
-    def text(self) -> str:
-        return "".join(self.lines)
-
-
 def _port_outside_ray_and_ephemeral_ranges() -> int:
     """Ray's workers take 10002-19999 and the OS hands out 32768+: a port there may be gone after a restart."""
     import random
@@ -184,6 +156,7 @@ def _port_outside_ray_and_ephemeral_ranges() -> int:
     raise RuntimeError("no free port in 20000-29999")
 
 
+@pytest.mark.e2e
 def test_a_server_outage_mid_sweep_loses_nothing_and_training_goes_on(tmp_path, session_cache, monkeypatch):
     from mlflow import MlflowClient
 
@@ -201,7 +174,7 @@ def test_a_server_outage_mid_sweep_loses_nothing_and_training_goes_on(tmp_path, 
     env.update(FLUXTUNE_CACHE=str(session_cache), PYTHONUNBUFFERED="1")
     sweep = subprocess.Popen([str(FLUXTUNE), "search", "sweep.yaml"], cwd=work, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    out, err = _Lines(sweep.stdout), _Lines(sweep.stderr)
+    out, err = LineReader(sweep.stdout), LineReader(sweep.stderr)
     shown = lambda: (f"--- phases {phases}\n--- stdout\n{out.text()[-4000:]}\n"  # noqa: E731
                      f"--- stderr\n{err.text()[-6000:]}")
     try:

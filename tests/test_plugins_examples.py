@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 from conftest import REPO
-from test_plugins_packages import EXAMPLES, examples_site  # noqa: F401  (module-scoped install fixture)
+from test_plugins_packages import EXAMPLES
 
 
-def test_example_packages_own_tests_pass_when_installed(examples_site, cli_env, tmp_path):  # noqa: F811
+def test_example_packages_own_tests_pass_when_installed(examples_site, cli_env, tmp_path):
     # One interpreter for the three suites (imports once); one torch thread: the suite shares 2 cores.
     env = {**cli_env, "PYTHONPATH": str(examples_site), "OMP_NUM_THREADS": "1"}
     suites = [str(REPO / "plugins" / name / "tests") for name in EXAMPLES]

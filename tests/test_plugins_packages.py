@@ -34,11 +34,6 @@ def install_examples(tmp: Path) -> Path:
     return tmp / "site"
 
 
-@pytest.fixture(scope="module")
-def examples_site(tmp_path_factory) -> Path:
-    return install_examples(tmp_path_factory.mktemp("plugin-examples"))
-
-
 @pytest.fixture
 def env(cli_env, examples_site) -> dict[str, str]:
     env = {k: v for k, v in cli_env.items() if not k.startswith("FLUXTUNE_") or k == "FLUXTUNE_CACHE"}

@@ -10,86 +10,27 @@ import os
 import re
 import signal
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
 
 from conftest import FLUXTUNE, REPO, run_cli
-from test_bad_inputs import fake_install, write_dataset
+from test_bad_inputs import fake_install
 
-SECRET_VARIABLES = ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY",
-                    "MY_SERVICE_TOKEN")
 WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".npy", ".npz", ".safetensors"}
 # Ray Tune's own experiment bookkeeping (trainable, tuner, searcher state), written and read back by Ray on
 # `--resume` in the same user's folder: never weights, never downloaded from anyone else.
 RAY_BOOKKEEPING = re.compile(r"^(trainable|tuner|searcher-state-[\w.-]+)\.pkl$")
 
-NOTIFY_PLUGIN = """
-    from pydantic import Field
 
-    import fluxtune
-    from fluxtune.api import Params
-
-
-    class NotifyParams(Params):
-        url: str = ""
-        api_token: str = Field("", description="a webhook credential: the kind of value users paste into YAML")
-        note: str = ""
-        channel: str = ""
-
-
-    class Notify:
-        def __init__(self, params):
-            self.params = params
-
-
-    @fluxtune.hookimpl
-    def register_callbacks(register):
-        register("notify", Notify, params=NotifyParams, doc="posts stage ends to a webhook (test double: does not)")
-"""
-
-
-@pytest.fixture(scope="module")
-def marker() -> str:
-    return f"sekret-{uuid.uuid4().hex}"
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, session_cache, marker):
-    """`fluxtune run` of a tiny one-stage LoRA experiment, secrets in the environment, the YAML and a `--set`."""
-    root = tmp_path_factory.mktemp("secure-run")
-    work, site = root / "work", root / "site"
-    work.mkdir()
-    write_dataset(work)
-    fake_install(site, "fluxtune-notify", "notify", NOTIFY_PLUGIN)
-    (work / "run.yaml").write_text(f"""\
-name: secure
-base:
-  data: {{jsonl: data.jsonl, resolution: 32, batch_size: 2, val_fraction: 0.5}}
-  eval_every: 2
-  stages:
-    - {{name: lora, type: lora, steps: 2, adapter: {{type: lora, rank: 2}}}}
-  callbacks:
-    - {{type: notify, url: "https://bot:{marker}@hooks.example.org/x", api_token: {marker}, note: "${{HF_TOKEN}}"}}
-tracking: {{experiment: secure, register_as: secure-lora}}
-""")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "FLUXTUNE_"))}
-    env.update(FLUXTUNE_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1", PYTHONPATH=str(site),
-               PYTHONDONTWRITEBYTECODE="1", **{name: marker for name in SECRET_VARIABLES})
-    result = run_cli(["run", "run.yaml", "--set", f"base.callbacks.0.channel=pasted {marker}"], work, env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return root, work
-
-
-def test_secrets_reach_no_mlflow_param_tag_metric_or_artifact(finished_run, marker):
-    from mlflow import MlflowClient
-
-    root, work = finished_run
-    uri = f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("secure").experiment_id])
-    assert len(runs) == 2  # the sweep and its one trial
+@pytest.mark.e2e
+def test_secrets_reach_no_mlflow_param_tag_metric_or_artifact(reference_sweep):
+    """The reference sweep ran with secrets in the environment, the YAML (a plugin's params) and a `--set`."""
+    marker, work = reference_sweep.marker, reference_sweep.work
+    assert reference_sweep.result.returncode == 0, reference_sweep.failure()
+    client = reference_sweep.client()
+    runs = reference_sweep.runs("sweep") + reference_sweep.runs("trial")
+    assert len(runs) == 3  # the sweep and its two trials
     for run in runs:
         recorded = {**run.data.params, **run.data.tags, **{k: "" for k in run.data.metrics}}
         assert not [k for k, v in recorded.items() if marker in k or marker in v], run.info.run_id
@@ -98,18 +39,19 @@ def test_secrets_reach_no_mlflow_param_tag_metric_or_artifact(finished_run, mark
     assert "base.callbacks" in params and "'api_token': '***'" in params["base.callbacks"]
     assert "https://bot:***@hooks.example.org/x" in params["base.callbacks"]
     assert "${HF_TOKEN}" in params["base.callbacks"]  # YAML is never expanded from the environment
-    spec = Path(client.download_artifacts(sweep.info.run_id, "run.yaml", str(root / "spec")))
-    assert "api_token: ***" in spec.read_text() and "name: secure" in spec.read_text()
-    for version in client.search_model_versions("name='secure-lora'"):
+    spec = Path(client.download_artifacts(sweep.info.run_id, "reference.yaml", str(reference_sweep.root / "spec")))
+    assert "api_token: ***" in spec.read_text() and "name: reference" in spec.read_text()
+    for version in client.search_model_versions("name='reference-model'"):
         assert not [k for k, v in version.tags.items() if marker in v]
     # Every byte MLflow keeps: the sqlite store (params, tags, metric names) and every artifact, text or not.
     leaks = [str(p) for p in (work / "mlflow").rglob("*") if p.is_file() and marker.encode() in p.read_bytes()]
     assert leaks == []
 
 
-def test_every_weights_file_a_run_writes_is_safetensors(finished_run):
-    root, _ = finished_run
-    files = [p for p in root.rglob("*") if p.is_file()]
+@pytest.mark.e2e
+def test_every_weights_file_a_run_writes_is_safetensors(reference_sweep):
+    assert reference_sweep.result.returncode == 0, reference_sweep.failure()
+    files = [p for p in reference_sweep.root.rglob("*") if p.is_file()]
     weights = [p for p in files if p.suffix in WEIGHT_SUFFIXES]
     assert any(p.suffix == ".safetensors" and "transformer" in p.parts for p in weights)  # stage checkpoint
     assert any(p.name == "pytorch_lora_weights.safetensors" for p in weights)  # the exported adapter

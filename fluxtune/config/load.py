@@ -17,6 +17,7 @@ from fluxtune.config.yaml_source import YamlSource, load_yaml, parse_yaml
 from fluxtune.registry import Registry, UnknownComponent
 
 _DIST_TAGS = {"float", "int", "categorical"}
+PROBE_METRICS = ("masked_psnr",)  # reported only by evaluations that run the inpainting probe
 
 
 def _key(loc: tuple[Any, ...]) -> str:
@@ -139,6 +140,9 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
         out.raise_if_any()
         raise  # unreachable: the collector raised
     base = normalise_experiment(spec.base, reg, out, ("base",))
+    if spec.search and spec.search.metric in PROBE_METRICS and base["sample_every"] != 1:
+        out.add(("base", "sample_every"), f"search.metric {spec.search.metric} is measured by the inpainting probe, "
+                                          "which then must run at every evaluation: use sample_every: 1")
     if spec.search and spec.search.include:
         spec.search.space = {**_included_space(spec.search.include, reg, out), **spec.search.space}
     out.raise_if_any()

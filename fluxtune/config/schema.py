@@ -105,6 +105,9 @@ class Experiment(Closed):
     gpus_per_worker: float = Field(0.0, ge=0)
     cycles: int = Field(1, ge=1)
     eval_every: int = Field(20, ge=1)
+    sample_every: int = Field(
+        1, ge=1, description="evaluations between sample-image grids and the inpainting probe (masked_psnr); both "
+                             "also run at a trial's first evaluation and at every stage end")
     stages: list[StageSpec] = Field(min_length=1)
     schedule: str | Schedule | None = Field(
         None, description="the cycle schedule: inline, or the name of one of `schedules` (searchable)")

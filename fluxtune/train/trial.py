@@ -45,15 +45,17 @@ class TrialSettings:
         return stage_keys(experiment, data_identity(self.jsonl), self.plugins)
 
 
-def cached_prefix(experiment: dict[str, Any], settings: TrialSettings) -> dict[str, Any] | None:
-    """The latest stage of this experiment whose identical twin already ran: its cache record, or None."""
+def cached_prefix(experiment: dict[str, Any], settings: TrialSettings, trial_id: str | None = None
+                  ) -> dict[str, Any] | None:
+    """The latest stage of this experiment whose identical twin already ran in another trial: its cache record,
+    or None. A resumed trial's own stages are its checkpoints, not reuse."""
     found = None
     # Never the last stage: a trial must train something to report its own metrics (a repeated configuration
     # reuses everything before its final stage).
     for entry in settings.keys_of(experiment)[:-1]:
         record = storage.read_json(storage.join(settings.stage_cache, f"{entry['key']}.json"))
-        if record is None:
-            break  # a prefix: the first missing stage ends it
+        if record is None or record.get("trial") == trial_id:
+            break  # a prefix: the first missing stage (or one this very trial ran) ends it
         if read_checkpoint_record(record["checkpoint"]) is None:  # half-written or half-copied (storage faults)
             break
         found = {**record, **entry}
@@ -140,7 +142,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     use_plugin_set(settings.plugins)
     experiment = sample_experiment(settings.base, config, registry())
     trial_id = tune.get_context().get_trial_id()
-    reused = cached_prefix(experiment, settings) if settings.reuse_stages else None
+    reused = cached_prefix(experiment, settings, trial_id) if settings.reuse_stages else None
     if reused is not None:
         storage.write_json(settings.used_record(trial_id), reused)
     trainer_for(experiment, settings, f"{settings.sweep_id}-{trial_id}",

@@ -6,21 +6,12 @@ import os
 from typing import Any
 
 import ray.train
-import ray.train.torch
-import torch
 
-from fluxtune.assemble import build_shared, cached_encoded_set, encode_arrays, load_bundle, load_transformer
-from fluxtune.checkpoints import Progress, read_progress
-from fluxtune.cycle import run_cycle
-from fluxtune.flux.encoded import EncodedSet
-from fluxtune.flux.inpaint import InpaintProbe
 from fluxtune.plugins import use_plugin_set
-from fluxtune.registry import registry
-from fluxtune.train.datasets import collect
-from fluxtune.tracking.samples import SampleGrids
 from fluxtune.train.reporter import RayReporter
-from fluxtune.train.stops import StopCheck, TrialStopped
 
+# torch, diffusers and the data path are imported inside the functions: Tune's trial actor and Train's controller
+# import this module only to find `train_loop_per_worker` (seconds of start-up per trial otherwise).
 
 RESUMED_FROM_KEY = "resumed_from_step"  # with every report of an attempt that restarted from its own checkpoint
 
@@ -37,10 +28,12 @@ class MarkedReporter(RayReporter):
         super().stage_end(global_step, {**metrics, **self.marks}, checkpoint_dir)
 
 
-def _resume(transformer: Any, initial: str | None = None) -> tuple[Progress, Any, bool]:
+def _resume(transformer: Any, initial: str | None = None) -> tuple[Any, Any, bool]:
     """The latest stage checkpoint of this trial's run, if a previous attempt left one; True when it did."""
     # This run's own checkpoint (a restart: a retried worker group or a resumed sweep) first, else a reused
     # identical stage prefix (stage reuse).
+    from fluxtune.checkpoints import Progress, read_progress
+
     own = ray.train.get_checkpoint()
     checkpoint = own or (ray.train.Checkpoint(initial) if initial else None)
     if checkpoint is None:
@@ -55,9 +48,12 @@ def _resume(transformer: Any, initial: str | None = None) -> tuple[Progress, Any
     return progress, resumed.to(transformer.device).train(), own is not None
 
 
-def _load_model_and_data(experiment: dict[str, Any], rank: int) -> tuple[Any, EncodedSet, EncodedSet]:
+def _load_model_and_data(experiment: dict[str, Any], rank: int) -> tuple[Any, Any, Any]:
     """The transformer and this worker's encoded shard: read from the latent cache when the trial has one
     (no VAE, no text encoders loaded), else decoded images encoded here."""
+    from fluxtune.assemble import cached_encoded_set, encode_arrays, load_bundle, load_transformer
+    from fluxtune.train.datasets import collect
+
     train_arrays = collect(ray.train.get_dataset_shard("train"))
     val_arrays = collect(ray.train.get_dataset_shard("val"))
     if not train_arrays or not val_arrays:
@@ -72,6 +68,16 @@ def _load_model_and_data(experiment: dict[str, Any], rank: int) -> tuple[Any, En
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train.torch
+    import torch
+
+    from fluxtune.assemble import build_shared
+    from fluxtune.cycle import run_cycle
+    from fluxtune.flux.inpaint import InpaintProbe
+    from fluxtune.registry import registry
+    from fluxtune.tracking.samples import SampleGrids
+    from fluxtune.train.stops import StopCheck, TrialStopped
+
     use_plugin_set(config["plugins"])  # exactly the driver's plugins, whatever this node's environment says
     experiment = config["experiment"]
     context = ray.train.get_context()
