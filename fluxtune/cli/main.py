@@ -9,12 +9,32 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from fluxtune.cli import errors
 from fluxtune.cli.errors import EXIT_FAILED, error_boundary
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Typer's pretty tracebacks are off: `main` turns every exception into one line (--debug: the traceback).
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plugin-based Ray Tune experiments for fine-tuning FLUX.1-Fill-dev.")
 # Lines naming files stay whole for grep and logs; tables get room when the output is a file or a pipe.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from fluxtune import __version__
+
+        typer.echo(f"fluxtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                 help="print the version and exit"),
+    debug: bool = typer.Option(False, "--debug", help="print the full traceback of an unexpected error "
+                                                      "(default: one line, the traceback saved to a file)"),
+) -> None:
+    errors.debug = errors.debug or debug
 
 
 SET_HELP = "override a key of the file: --set base.stages.lora.steps=10 (repeatable; the value is YAML)"
@@ -124,16 +144,52 @@ from fluxtune.cli.plan import plan  # noqa: E402
 app.command()(plan)
 
 
-def main() -> None:
+def _command_name(argv: list[str]) -> str:
+    """`data check` from `fluxtune --debug data check x.jsonl`: the words before the first argument."""
+    words = [a for a in argv if not a.startswith("-")]
+    groups = {"data", "models"}
+    return " ".join(words[:2] if words and words[0] in groups else words[:1])
+
+
+def _wants_help_only(argv: list[str]) -> bool:
+    return not argv or any(a in ("--help", "-h", "--version") for a in argv)
+
+
+def _load_plugins(argv: list[str]) -> None:
+    """Plugins add commands before the command line is parsed. A broken one is bad input (one line naming it,
+    exit 2), except for `--help` and `--version`, which still answer (with a warning) so the user can see
+    what is installed and how to disable it."""
     from fluxtune.plugins import plugin_manager
 
-    try:  # a broken plugin is reported like bad input (one line, exit 2), before the command line is parsed
-        with error_boundary():
-            pm, _ = plugin_manager()
-            pm.hook.register_commands(cli=app)
-    except typer.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    app()
+    try:
+        pm, _ = plugin_manager()
+        for impl in pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(cli=app)
+            except Exception as exc:  # noqa: BLE001 - a plugin's bug is named, not shown as a traceback
+                from fluxtune.config.errors import InputError
+                from fluxtune.failures import exception_line
+
+                raise InputError.single(f"plugin {impl.plugin_name!r}", f"register_commands failed: "
+                                        f"{exception_line(exc)}; disable it with "
+                                        f"FLUXTUNE_DISABLE_PLUGINS={impl.plugin_name}") from exc
+    except Exception as exc:  # noqa: BLE001 - every plugin failure is the user's installation
+        if _wants_help_only(argv):
+            errors.report_input_error(exc, prefix="warning")
+            return
+        raise SystemExit(errors.handle(exc, _command_name(argv))) from None
+
+
+def main() -> None:
+    """The console script: plugins, then the command, every exception mapped to its one line and exit code."""
+    argv = sys.argv[1:]
+    _load_plugins(argv)
+    try:
+        app()
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the boundary: nothing leaves as a traceback
+        raise SystemExit(errors.handle(exc, _command_name(argv))) from None
 
 
 if __name__ == "__main__":
