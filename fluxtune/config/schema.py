@@ -13,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from fluxtune.api import CallbackSpec, LossSpec, TimestepSamplerSpec
 
 SCHEMA_VERSION = 1
+# Names become folder names (runs/<name>, MLflow artifact folders), MLflow experiment and model names, and parts of
+# dotted search paths: letters, digits, '_', '.', '-', starting with a letter or digit (no '/', no '..' path).
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+STAGE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # no '.': a stage name is one part of `stages.NAME.key`
+ALIAS = r"^[A-Za-z0-9_-]{1,100}$"  # what MLflow accepts as an alias
 
 
 class Closed(BaseModel):
@@ -73,7 +78,7 @@ class StageSpec(BaseModel):
     """A stage of the cycle; keys other than name/type/steps are the stage plugin's params."""
 
     model_config = ConfigDict(extra="allow")
-    name: str
+    name: str = Field(pattern=STAGE_NAME)
     type: str
     steps: int = Field(ge=1)
 
@@ -236,16 +241,24 @@ class SearchSpec(Closed):
 
 class TrackingSpec(Closed):
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow")
-    experiment: str | None = Field(None, description="MLflow experiment; default the search name")
-    register_as: str | None = Field(None, description="registered model name for the best trial's adapter")
-    alias: str = "candidate"
+    experiment: str | None = Field(None, pattern=NAME, description="MLflow experiment; default the search name")
+    register_as: str | None = Field(None, pattern=NAME,
+                                    description="registered model name for the best trial's adapter")
+    alias: str = Field("candidate", pattern=ALIAS)
     register_top: int = Field(1, ge=1, description="register the best N trials; only the best gets `alias`")
     upload_checkpoints: bool = Field(False, description="also upload full transformers (GBs) to MLflow; else by URI")
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v.lower() == "latest" or (v[:1] in "vV" and v[1:].isdigit()):
+            raise ValueError(f"{v!r} is reserved by MLflow (latest, v1, v2, …): choose another alias")
+        return v
 
 
 class SearchFile(Closed):
     version: Literal[1] = SCHEMA_VERSION
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME)
     base: Experiment
     search: SearchSpec | None = None
     tracking: TrackingSpec = TrackingSpec()
