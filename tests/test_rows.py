@@ -149,15 +149,19 @@ def test_a_directory_is_not_a_jsonl_file(tmp_path):
         read_rows(tmp_path)
 
 
-def test_uris_are_passed_through_unchecked(good_files):
+def test_remote_uris_are_passed_through_unchecked_but_file_uris_are_local_files(good_files):
+    target = f"file://{good_files / 'a_target.png'}"
     jsonl = _write_jsonl(
         good_files / "data.jsonl",
-        [_record(image="s3://bucket/a.png", mask="gs://bucket/a_mask.png", output="file:///nowhere/t.png")],
+        [_record(image="s3://bucket/a.png", mask="gs://bucket/a_mask.png", output=target),
+         _record(output="file:///nowhere/t.png")],
     )
 
-    (row,) = read_rows(jsonl)
+    rows, problems = check_rows(jsonl)
 
-    assert (row.image, row.mask, row.output) == ("s3://bucket/a.png", "gs://bucket/a_mask.png", "file:///nowhere/t.png")
+    assert [(row.image, row.mask, row.output) for row in rows] == [
+        ("s3://bucket/a.png", "gs://bucket/a_mask.png", target)]
+    assert problems == [f"{jsonl}:2: 'output' file not found: file:///nowhere/t.png"]
 
 
 def test_local_files_are_still_checked_beside_uris(good_files):
@@ -190,7 +194,7 @@ def test_check_rows_returns_good_rows_and_problems_for_skip_mode(good_files):
         lambda path: Image.new("RGB", (8, 8), (255, 255, 255)).save(path),  # RGB, channels equal
         lambda path: Image.new("RGBA", (8, 8), (250, 255, 252, 0)).save(path),  # small JPEG-like drift; alpha ignored
         lambda path: Image.new("1", (8, 8), 1).save(path),
-        lambda path: Image.new("P", (8, 8), 0).save(path),
+        lambda path: Image.new("L", (8, 8), 255).convert("P").save(path),
         lambda path: Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(path),  # 16-bit PNG
     ],
     ids=["rgb-gray", "rgba-near-gray", "bilevel", "palette", "16-bit"],

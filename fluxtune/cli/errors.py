@@ -57,6 +57,13 @@ def report_input_error(exc: BaseException, show_snippets: bool = False, prefix: 
     return EXIT_BAD_INPUT
 
 
+def report_usage_error(message: str, command: str) -> int:
+    """A command line that does not parse: one line, and where the help is."""
+    first = " ".join(message.split())
+    _echo(f"error: {first} (see `{command} --help`)")
+    return EXIT_BAD_INPUT
+
+
 def input_error_types() -> tuple[type[BaseException], ...]:
     from fluxtune.data.rows import DataError
     from fluxtune.registry import RegistryError

@@ -46,11 +46,13 @@ def validate(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Check a YAML file (schema, component names and params, search paths) without running anything."""
+    from fluxtune.cli.preflight import check_spec_files
     from fluxtune.config.load import load_search_file
     from fluxtune.config.schedule import describe, planned_steps
 
     with error_boundary(show_snippets=True):
         parsed, base = load_search_file(spec, overrides=set_)
+        check_spec_files(spec, set_, parsed, base)
     space = len(parsed.search.space) if parsed.search else 0
     console.print(f"{spec}: ok ({len(base['stages'])} stages × {base['cycles']} cycles, "
                   f"{planned_steps(base)} steps: {describe(base)}; {space} searched keys)")
@@ -94,8 +96,11 @@ def _dry_run(spec_path: str, overrides: list[str], n: int) -> None:
     from fluxtune.registry import registry
     from fluxtune.search.space import grid_size, sample_configs
 
+    from fluxtune.cli.preflight import check_spec_files
+
     with error_boundary(show_snippets=True):
         parsed, base = load_search_file(spec_path, overrides=overrides)
+        check_spec_files(spec_path, overrides, parsed, base)
         if not parsed.search or not parsed.search.space:
             console.print(f"{spec_path}: ok; no search space: `fluxtune run` trains the base "
                           f"({planned_steps(base)} steps: {describe(base)})")
@@ -182,14 +187,30 @@ def _load_plugins(argv: list[str]) -> None:
 
 def main() -> None:
     """The console script: plugins, then the command, every exception mapped to its one line and exit code."""
+    # Typer 0.29 vendors click: its exception classes are reachable only there (tests/test_cli_errors.py fails
+    # if that moves, since usage errors would then print Typer's boxed panels again).
+    from typer._click import exceptions as click
+
     argv = sys.argv[1:]
     _load_plugins(argv)
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors come here too, to be shown as one line
+    except click.NoArgsIsHelpError as exc:
+        exc.show()
+        code = 0
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "fluxtune"
+        code = errors.report_usage_error(exc.format_message(), command)
+    except click.ClickException as exc:  # e.g. a file option that cannot be opened
+        errors.report_input_error(exc)
+        code = exc.exit_code
+    except typer.Abort:
+        code = errors.handle(KeyboardInterrupt(), "")
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - the boundary: nothing leaves as a traceback
-        raise SystemExit(errors.handle(exc, _command_name(argv))) from None
+        code = errors.handle(exc, _command_name(argv))
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
