@@ -141,12 +141,13 @@ def configured_entries(experiment: dict[str, Any], stage: dict[str, Any], regist
 
 @dataclass
 class StepMark:
-    """A callback that remembers the last global step a stage logged (the cycle adds it to the callback list)."""
+    """A callback that remembers how many global steps are done (the cycle adds it to the callback list last,
+    so a step whose own callbacks raise is not counted as done)."""
 
     step: int | None = None
 
     def on_step_end(self, ctx: Any, step: int, metrics: dict[str, Any]) -> None:
-        self.step = ctx.first_global_step + step
+        self.step = ctx.first_global_step + step + 1  # `step` is the stage's 0-based index of the step just done
 
 
 @contextmanager
@@ -232,3 +233,25 @@ def keep_trial_failure(trial: Any, sweep_folder: str | os.PathLike | None) -> tu
     folder = Path(sweep_folder) / _ERRORS_FOLDER if sweep_folder else None
     kept = keep_text(text or failure.error, f"trial-{trial.trial_id}.txt", folder) if text or folder else None
     return failure, kept
+
+
+def redact_text(text: str) -> str:
+    """Secrets out of a line bound for the console or MLflow (see fluxtune.tracking.redact)."""
+    from fluxtune.tracking.redact import redact_text as redact
+
+    return redact(text)
+
+
+class _DropTrialTracebacks:
+    """Drops Tune's "Trial task failed" log record (a long traceback): the sweep prints its own line."""
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.msg).startswith("Trial task failed for trial")
+
+
+def quiet_trial_tracebacks() -> None:
+    import logging
+
+    tune_logger = logging.getLogger("ray.tune.execution.tune_controller")
+    if not any(isinstance(f, _DropTrialTracebacks) for f in tune_logger.filters):
+        tune_logger.addFilter(_DropTrialTracebacks())
