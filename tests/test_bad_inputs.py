@@ -213,16 +213,22 @@ CASES = [
     Case("set-top-level-typo", ("--set data.jsonl=x: 'data' is not a top-level key", "did you mean base.data.jsonl?"),
          args=("--set", "data.jsonl=x")),
     Case("set-new-search-path", "--set search.space.no.such.path={type: int, low: 1, high: 2}: "
-         "search.space.no.such.path: not a key of base", args=("--set", "search.space.no.such.path={type: int, low: 1, high: 2}")),
+         "search.space.no.such.path: not a key of base",
+         args=("--set", "search.space.no.such.path={type: int, low: 1, high: 2}")),
     Case("set-value-not-yaml", "--set base.cycles=[1: the value is not valid YAML", args=("--set", "base.cycles=[1")),
     Case("set-without-value", "--set base.cycles: expected KEY.PATH=VALUE", args=("--set", "base.cycles")),
     Case("set-into-a-value", "--set base.cycles.x=1: cannot set base.cycles.x: base.cycles is a value",
          args=("--set", "base.cycles.x=1")),
-    Case("set-non-finite", "--set base.seed=.nan: base.seed: nan is not a finite number", args=("--set", "base.seed=.nan")),
+    Case("set-non-finite", "--set base.seed=.nan: base.seed: nan is not a finite number",
+         args=("--set", "base.seed=.nan")),
     # numbers and names
-    Case("infinite-search-bound", f"{SPEC}:{{line}}: search.space.stages.lora.optimizer.lr.high: inf is not a finite number",
-         sub("    stages.lora.adapter.rank:", "    stages.lora.optimizer.lr: {type: float, low: 1.0e-5, high: .inf, log: true}\n"
+    Case("infinite-search-bound",
+         f"{SPEC}:{{line}}: search.space.stages.lora.optimizer.lr.high: inf is not a finite number",
+         sub("    stages.lora.adapter.rank:",
+             "    stages.lora.optimizer.lr: {type: float, low: 1.0e-5, high: .inf, log: true}\n"
              "    stages.lora.adapter.rank:"), mark="optimizer.lr"),
+    Case("search-range-overflows", f"{SPEC}:{{line}}: search.space.model.guidance: low, high and step must be finite",
+         lambda text: text + "    model.guidance: {type: float, low: -1.0e308, high: 1.0e308}\n", mark="guidance"),
     Case("integer-beyond-64-bits", f"{SPEC}:{{line}}: base.seed: integer out of range",
          sub("  cycles: 1", "  seed: 123456789012345678901234567890\n  cycles: 1"), mark="seed"),
     Case("experiment-name-is-a-path", f"{SPEC}:{{line}}: tracking.experiment: must be 1-100 letters",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxtune.data.rows import DataError, Row, check_rows, read_rows
+from fluxtune.data.rows import DataError, MaskRule, Row, check_rows, read_rows
 
 
 def _save(path, size=(8, 8), mode="RGB", colour=0):
@@ -225,3 +225,31 @@ def test_data_error_survives_pickling_between_processes():
 def test_data_error_summary_pluralises():
     assert str(DataError(["f:1: a", "f:2: b"])).splitlines()[0] == "f:1: a (and 1 more problem)"
     assert DataError(["f:1: a", "f:2: b", "f:3: c"]).problems == ["f:1: a", "f:2: b", "f:3: c"]
+
+
+def test_a_mask_with_nothing_to_inpaint_is_a_bad_row(good_files):
+    _save(good_files / "black.png", mode="L", colour=0)
+    _save(good_files / "dim.png", mode="L", colour=120)  # below the 0.5 threshold everywhere
+    jsonl = _write_jsonl(good_files / "data.jsonl", [_record(), _record(mask="black.png"), _record(mask="dim.png")])
+
+    rows, problems = check_rows(jsonl)
+
+    assert [row.line for row in rows] == [1]
+    assert [p.split(": ")[0] for p in problems] == [f"{jsonl}:2", f"{jsonl}:3"]
+    assert all("'user_input.mask' is empty: no pixel at or above mask_threshold 0.5" in p for p in problems)
+    assert len(check_rows(jsonl, masks=MaskRule(threshold=0.4))[0]) == 2  # 120/255 = 0.47 inpaints at 0.4
+
+
+def test_a_mask_whose_hole_the_training_crop_cuts_away_is_a_bad_row_at_that_resolution(good_files):
+    Image.new("RGB", (96, 32)).save(good_files / "wide.png")
+    edge = Image.new("L", (96, 32), 0)
+    edge.paste(255, (0, 0, 16, 32))  # the left edge only: the centre square (x 32..64) misses it
+    edge.save(good_files / "edge.png")
+    jsonl = _write_jsonl(good_files / "data.jsonl", [_record("wide.png", "edge.png", "wide.png")])
+
+    assert check_rows(jsonl)[1] == []  # without a resolution only the whole mask counts
+    _, problems = check_rows(jsonl, masks=MaskRule(resolution=32))
+    assert problems == [f"{jsonl}:1: 'user_input.mask' is empty after the training crop to 32x32: its hole lies "
+                        f"outside the crop or is too small: {good_files / 'edge.png'}"]
+    # with aspect-ratio buckets the wide image keeps its sides, and the hole
+    assert check_rows(jsonl, masks=MaskRule(resolution=32, buckets=((48, 16), (32, 32))))[1] == []

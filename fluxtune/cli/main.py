@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from typing import Optional
@@ -54,8 +55,8 @@ def validate(
         parsed, base = load_search_file(spec, overrides=set_)
         check_spec_files(spec, set_, parsed, base)
     space = len(parsed.search.space) if parsed.search else 0
-    console.print(f"{spec}: ok ({len(base['stages'])} stages × {base['cycles']} cycles, "
-                  f"{planned_steps(base)} steps: {describe(base)}; {space} searched keys)")
+    console.print(f"{spec}: ok ({len(base['stages'])} stages × {base['cycles']} cycles, {planned_steps(base)} steps: "
+                  f"{_short(describe(base))}; {space} searched keys)", markup=False)
 
 
 @app.command()
@@ -90,6 +91,11 @@ def run(
     _run(spec, set_, address, verbose, single=True)
 
 
+def _short(text: str, limit: int = 300) -> str:
+    """A schedule of thousands of cycles is described by its start, not in half a megabyte."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _dry_run(spec_path: str, overrides: list[str], n: int) -> None:
     from fluxtune.config.load import load_search_file, sample_experiment
     from fluxtune.config.schedule import describe, planned_steps
@@ -103,26 +109,29 @@ def _dry_run(spec_path: str, overrides: list[str], n: int) -> None:
         check_spec_files(spec_path, overrides, parsed, base)
         if not parsed.search or not parsed.search.space:
             console.print(f"{spec_path}: ok; no search space: `fluxtune run` trains the base "
-                          f"({planned_steps(base)} steps: {describe(base)})")
+                          f"({planned_steps(base)} steps: {_short(describe(base))})", markup=False)
             return
         search_spec = parsed.search
         extra = f", grid of {grid_size(search_spec)}" if search_spec.sampler.type == "grid" else ""
         console.print(f"{spec_path}: ok; {search_spec.sampler.type} sampler, {search_spec.scheduler.type} "
-                      f"scheduler, {search_spec.num_samples} trials{extra}. First {n} sampled configurations:")
+                      f"scheduler, {search_spec.num_samples} trials{extra}. First {n} sampled configurations:",
+                      markup=False)
         for i, values in enumerate(sample_configs(search_spec, base, n)):
             experiment = sample_experiment(base, values, registry())
-            console.print(f"  [{i}] " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
-            console.print(f"      {planned_steps(experiment)} steps: {describe(experiment)}")
+            sampled = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            console.print(_short(f"  [{i}] {sampled}", 1000), markup=False)
+            console.print(f"      {planned_steps(experiment)} steps: {_short(describe(experiment))}", markup=False)
 
 
 def _run(spec_path: str, overrides: list[str], address: str | None, verbose: bool, single: bool = False,
          resume: bool = False, more: int = 0) -> None:
     from fluxtune.cli.preflight import preflight
+    from fluxtune.tracking.redact import redact_text
 
     with error_boundary():
         checked = preflight(spec_path, overrides)
     spec = checked.spec.model_copy(update={"search": None}) if single else checked.spec
-    console.print(f"{spec_path}: {checked.rows} rows from {checked.jsonl}")
+    console.print(redact_text(f"{spec_path}: {checked.rows} rows from {checked.jsonl}"), markup=False)
 
     from fluxtune.cli.summary import print_summary
     from fluxtune.search.sweep import run_sweep
@@ -192,9 +201,10 @@ def main() -> None:
     from typer._click import exceptions as click
 
     argv = sys.argv[1:]
+    errors.debug = bool(os.environ.get("FLUXTUNE_DEBUG"))  # `--debug` sets it while the options are parsed
     _load_plugins(argv)
     try:
-        code = app(standalone_mode=False)  # usage errors come here too, to be shown as one line
+        code = app(standalone_mode=False, prog_name="fluxtune")  # usage errors come here too, to be shown as one line
     except click.NoArgsIsHelpError as exc:
         exc.show()
         code = 0

@@ -6,6 +6,7 @@ component's own `Params` model from the registry, in `fluxtune.config.load`.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -198,9 +199,16 @@ class CategoricalDist(_Dist):
     choices: list[bool | int | float | str | None] = Field(min_length=1)
 
 
+MAX_GRID_POINTS = 1e12
+
+
 def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
+    if not all(math.isfinite(v) for v in (low, high, high - low, step or 0.0)):
+        raise ValueError("low, high and step must be finite numbers, and high - low too (a sampler draws in it)")
     if low > high:
         raise ValueError(f"low ({low}) must not exceed high ({high})")
+    if step is not None and (high - low) / step > MAX_GRID_POINTS:  # Optuna's decimal arithmetic gives up beyond
+        raise ValueError(f"step {step} cuts [{low}, {high}] into more than {MAX_GRID_POINTS:.0e} values")
     if log and low <= 0:
         raise ValueError("a log distribution needs low > 0")
     if log and step is not None:
