@@ -224,3 +224,34 @@ def test_the_fuzzers_reach_both_answers(workdir, monkeypatch, capsys):
     assert run(["validate", "spec.yaml", "--set", "base.cycles=2"], monkeypatch, capsys)[0] == 0
     assert run(["data", "check", "data.jsonl", "--resolution", "32"], monkeypatch, capsys)[0] == 0
     assert Path("data.jsonl").exists()
+
+
+NUMBERS = st.one_of(st.floats(), st.integers(min_value=-2**70, max_value=2**70), st.sampled_from([0, 1, -1, 1e-300]))
+SEARCHED = ["model.guidance", "stages.lora.optimizer.lr", "stages.lora.adapter.rank", "stages.full.steps", "cycles",
+            "seed", "data.mask_threshold"]
+
+
+@st.composite
+def distribution(draw) -> str:
+    kind = draw(st.sampled_from(["float", "int", "categorical"]))
+    if kind == "categorical":
+        choices = draw(st.lists(NUMBERS | st.sampled_from(["a", None, True]), min_size=1, max_size=4))
+        return json.dumps({"type": kind, "choices": choices}, allow_nan=True).replace("NaN", ".nan") \
+            .replace("-Infinity", "-.inf").replace("Infinity", ".inf")
+    low, high = sorted([draw(NUMBERS), draw(NUMBERS)], key=lambda v: (v != v, v))
+    extra = {"log": draw(st.booleans())} if draw(st.booleans()) else {}
+    if draw(st.integers(0, 3)) == 0:
+        extra["step"] = draw(NUMBERS)
+    spec = {"type": kind, "low": low, "high": high, **extra}
+    return json.dumps(spec, allow_nan=True).replace("NaN", ".nan").replace("-Infinity", "-.inf") \
+        .replace("Infinity", ".inf")
+
+
+@FUZZ
+@given(searched=st.dictionaries(st.sampled_from(SEARCHED), distribution(), min_size=1, max_size=3),
+       sampler=st.sampled_from(["tpe", "random", "grid", "cmaes"]))
+def test_random_search_spaces_into_a_dry_run(searched, sampler, workdir, monkeypatch, capsys):
+    (workdir / "spec.yaml").write_text(GOOD)
+    sets = [f"search.sampler={{type: {sampler}}}"] + [f"search.space.{k}={v}" for k, v in searched.items()]
+    args = ["search", "--dry-run", "spec.yaml", *(a for s in sets for a in ("--set", s))]
+    assert_answered(*run(args, monkeypatch, capsys), args)

@@ -64,7 +64,7 @@ def search(
     spec: str = typer.Argument(..., help="search YAML, e.g. searches/lora_rank.yaml"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and print sampled configurations; train nothing"),
-    samples: int = typer.Option(3, help="with --dry-run: how many configurations to show"),
+    samples: int = typer.Option(3, min=1, max=1000, help="with --dry-run: how many configurations to show"),
     resume: bool = typer.Option(False, "--resume", help="continue the latest unfinished sweep of this name"),
     more: int = typer.Option(0, "--more", min=0, help="add N trials to the latest finished sweep of this name"),
     address: Optional[str] = typer.Option(None, help="existing Ray cluster (default: start a local one)"),
