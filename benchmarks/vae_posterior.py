@@ -53,14 +53,16 @@ def measure(vae, images: torch.Tensor, seed: int) -> dict[str, float]:
     std = posterior.std * scale  # in the transformer's units
     gap = (sampled - mean).flatten(1).norm(dim=1) / mean.flatten(1).norm(dim=1)
     return {"posterior std (median)": float(std.median()), "posterior std (max)": float(std.max()),
-            "log-variance (median)": float(posterior.logvar.median()), "latent spread (std of means)": float(mean.std()),
+            "log-variance (median)": float(posterior.logvar.median()),
+            "latent spread (std of means)": float(mean.std()),
             "relative gap |sample - mean| / |mean|": statistics.median(gap.tolist()),
             "bf16 relative rounding step": BF16_RELATIVE_STEP}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vae", help="a trained diffusers AutoencoderKL folder (default: FLUX.1's config, random init)")
+    parser.add_argument("--vae", help="a trained diffusers AutoencoderKL folder "
+                                      "(default: FLUX.1's config, random init)")
     parser.add_argument("--n", type=int, default=4, help="examples")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -77,7 +79,8 @@ def main() -> None:
     for name, value in figures.items():
         print(f"  {name:40s} {value:.4g}")
     # For the trained VAE: the gap matters only if it is not far below bf16's rounding and the latents' spread.
-    verdict = "negligible" if figures["relative gap |sample - mean| / |mean|"] < BF16_RELATIVE_STEP else "NOT negligible"
+    gap = figures["relative gap |sample - mean| / |mean|"]
+    verdict = "negligible" if gap < BF16_RELATIVE_STEP else "NOT negligible"
     print(f"  sampling instead of the mean: {verdict} for this VAE")
 
 

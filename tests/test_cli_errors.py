@@ -47,8 +47,8 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_is_kept(home, monkeyp
 
     assert code == 1 and out == ""
     [line] = err.splitlines()
-    match = re.fullmatch(r"error: fluxtune validate failed at fluxtune/cli/main\.py:\d+: ZeroDivisionError: the planner "
-                         r"divided by zero for token \*\*\* \(full traceback: (.+)\)", line)
+    match = re.fullmatch(r"error: fluxtune validate failed at fluxtune/cli/main\.py:\d+: ZeroDivisionError: "
+                         r"the planner divided by zero for token \*\*\* \(full traceback: (.+)\)", line)
     assert match, line
     kept = match.group(1)
     assert kept.startswith(str(home / "cache" / "errors")) and kept.endswith("-validate.txt")
