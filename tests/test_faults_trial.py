@@ -200,7 +200,7 @@ def test_a_trial_failing_in_training_is_one_line_and_its_error_is_kept(tmp_path,
     # step 2, where the new worker's loss counts its calls afresh: the retry fails at step 6, and that is reported.
     assert ("failed in stage 'lora' cycle 0 step 6, raised by loss 'exploding' of plugin 'exploding' "
             "(fluxtune-exploding==1.0): FloatingPointError: the loss exploded (full error: ") in line, out
-    [kept] = list((tmp_path / "runs").glob("failing-trial/*/errors/trial-*.txt"))
+    [kept] = list((tmp_path / "runs").glob("failing-trial-*/errors/trial-*.txt"))
     assert str(kept) in line and "the loss exploded" in kept.read_text()
 
     import mlflow

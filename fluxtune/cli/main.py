@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-
 from typing import Optional
 
 import typer
@@ -201,10 +200,11 @@ def main() -> None:
     from typer._click import exceptions as click
 
     argv = sys.argv[1:]
-    errors.debug = bool(os.environ.get("FLUXTUNE_DEBUG"))  # `--debug` sets it while the options are parsed
+    # Read before parsing, so an error while plugins load or options parse also honours it.
+    errors.debug = bool(os.environ.get("FLUXTUNE_DEBUG")) or "--debug" in argv
     _load_plugins(argv)
     try:
-        code = app(standalone_mode=False, prog_name="fluxtune")  # usage errors come here too, to be shown as one line
+        code = app(standalone_mode=False, prog_name="fluxtune")  # usage errors come here, shown as one line
     except click.NoArgsIsHelpError as exc:
         exc.show()
         code = 0

@@ -53,12 +53,14 @@ class _Collector:
         self.problems.append(Problem(self.source.path, message, _key(loc), line, col, self.source.snippet(line)))
 
     def add_validation(self, prefix: tuple[Any, ...], error: ValidationError) -> None:
+        earlier = set(self.seen)  # a non-finite number or a secret in a name, found before the schema ran
         for err in error.errors():
             loc = tuple(err["loc"])
             # pydantic puts the union tag into the location of a discriminated union member: drop it.
             loc = tuple(p for i, p in enumerate(loc) if not (p in _DIST_TAGS and i > 0 and loc[:2] == ("search", "space")))
-            if prefix + loc in self.seen:  # already reported (a non-finite number, a secret in a name)
-                continue
+            where = prefix + loc
+            if where in self.seen or (where and any(seen[:len(where)] == where for seen in earlier)):
+                continue  # already said, at this key or inside it (`high: .inf`, not also "the range")
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 message = "unknown key"
