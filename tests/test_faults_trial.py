@@ -195,7 +195,9 @@ def test_a_trial_failing_in_training_is_one_line_and_its_error_is_kept(tmp_path,
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
     assert "Traceback" not in out and "RayTaskError" not in out, out
-    [line] = [line for line in out.splitlines() if " failed in stage " in line]
+    lines = [line for line in out.splitlines() if " failed in stage " in line]
+    assert len(lines) == 1, out
+    line = lines[0]
     # The first attempt fails at step 4; Train retries it once (max_failures 1) from the full stage's checkpoint at
     # step 2, where the new worker's loss counts its calls afresh: the retry fails at step 6, and that is reported.
     assert ("failed in stage 'lora' cycle 0 step 6, raised by loss 'exploding' of plugin 'exploding' "
