@@ -13,6 +13,7 @@ from fluxtune.callbacks import CallbackList
 from fluxtune.checkpoints import Progress, write_stage_checkpoint
 from fluxtune.config.schedule import stage_for_cycle
 from fluxtune.context import RunContext, Shared, evaluate
+from fluxtune.failures import FailureSite, StepMark, configured_entries, failure_site
 
 
 def stage_params(stage: dict[str, Any]) -> dict[str, Any]:
@@ -29,13 +30,17 @@ def run_cycle(experiment: dict[str, Any], transformer: Any, shared: Shared,
     stages = experiment["stages"]
     last_step_done_at: float | None = None
     callbacks = CallbackList.build(experiment.get("callbacks", []), shared.registry)
+    step_mark = StepMark()  # the last step logged: an error names the step it interrupted
+    callbacks = CallbackList([*callbacks.callbacks, step_mark])
     for cycle in range(progress.cycle, experiment["cycles"]):
         for index, spec in enumerate(stages):
             spec = stage_for_cycle(experiment, index, cycle)  # the schedule may skip it or change its steps
             if spec is None or (cycle, index) < (progress.cycle, progress.stage_index):
                 continue
-            stage = shared.registry.get("stage", spec["type"]).build(stage_params(spec))
-            with tempfile.TemporaryDirectory(dir=checkpoint_root) as scratch:
+            site = FailureSite(spec["name"], cycle, step=progress.global_step)
+            entries = configured_entries(experiment, spec, shared.registry)
+            with failure_site(site, entries, step_mark), tempfile.TemporaryDirectory(dir=checkpoint_root) as scratch:
+                stage = shared.registry.get("stage", spec["type"]).build(stage_params(spec))
                 scratch = Path(scratch)
                 ctx = RunContext(
                     shared=shared, name=spec["name"], cycle=cycle, steps=spec["steps"], transformer=transformer,
@@ -44,7 +49,9 @@ def run_cycle(experiment: dict[str, Any], transformer: Any, shared: Shared,
                 )
                 ctx.export_dir.mkdir()
                 callbacks.stage_start(ctx)
+                site.phase = "training"
                 metrics = stage.run(ctx) or {}
+                site.phase = "stage end"
                 transformer = ctx.transformer
                 metrics.update(evaluate(transformer, shared, stage_end=True))
                 metrics.update(callbacks.stage_end(ctx, metrics))

@@ -43,18 +43,23 @@ def check(
     jsonl: str = typer.Argument(..., help="dataset JSONL (rows: user_input.image, user_input.mask, output)"),
     skip: bool = typer.Option(False, "--skip", help="report bad rows but succeed when some rows are good"),
     buckets: Optional[str] = typer.Option(None, help=BUCKETS_HELP + "; prints how many rows go to each"),
-    resolution: int = typer.Option(64, help="training resolution the buckets are sized for"),
+    resolution: Optional[int] = typer.Option(None, help="training resolution (as data.resolution): masks whose "
+                                                        "hole the training crop cuts away are bad rows; buckets are "
+                                                        "sized for it (default 64)"),
+    mask_threshold: float = typer.Option(0.5, help="mask grey level at or above which pixels are inpainted"),
 ) -> None:
     """Check every row (JSON, keys, files, decoding, sizes, masks) and report all problems with line numbers."""
     from fluxtune.data.selection import select_rows
 
     with error_boundary():
-        sizes = _buckets_option(buckets, resolution)
-        selection = select_rows(jsonl, {"on_bad_rows": "skip" if skip else "fail"})
+        _check_settings(resolution, mask_threshold)
+        sizes = _buckets_option(buckets, resolution or 64)
+        selection = select_rows(jsonl, {"on_bad_rows": "skip" if skip else "fail", "resolution": resolution,
+                                        "buckets": sizes, "mask_threshold": mask_threshold})
     for problem in selection.skipped:
         typer.echo(f"skipped: {problem}", err=True)
     skipped = f", {len(selection.skipped)} problems in skipped rows" if selection.skipped else ""
-    console.print(f"{jsonl}: {len(selection.rows)} good rows{skipped}")
+    console.print(f"{jsonl}: {len(selection.rows)} good rows{skipped}", markup=False, highlight=False)
     if sizes:
         from fluxtune.data.buckets import bucket_histogram, format_size
         from fluxtune.data.images import image_size
@@ -62,6 +67,18 @@ def check(
         histogram = bucket_histogram((image_size(row.image) for row in selection.rows), sizes)
         for size, count in histogram.items():
             console.print(f"  bucket {format_size(size)}: {count} rows")
+
+
+def _check_settings(resolution: int | None, mask_threshold: float) -> None:
+    from fluxtune.config.errors import InputError
+    from fluxtune.data.images import check_mask_threshold, check_resolution
+
+    try:
+        if resolution is not None:
+            check_resolution(resolution)
+        check_mask_threshold(mask_threshold)
+    except ValueError as error:
+        raise InputError.single("<command line>", str(error)) from None
 
 
 @app.command()

@@ -9,7 +9,7 @@ from ray.tune import Callback
 from rich.console import Console
 from rich.markup import escape
 
-from fluxtune import storage
+from fluxtune import failures, storage
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.samples import SAMPLES_KEY
 from fluxtune.train.reporter import NODE_KEY, STEP_METRICS_KEY
@@ -44,8 +44,10 @@ class MlflowSweepCallback(Callback):
     first result, so a resumed trial keeps its run.
     """
 
-    def __init__(self, tracker: SweepTracker, plugins: dict[str, str], trial_params, trial_storage: str = ""):
+    def __init__(self, tracker: SweepTracker, plugins: dict[str, str], trial_params, trial_storage: str = "",
+                 sweep_folder: str = ""):
         self.tracker = tracker
+        self.sweep_folder = sweep_folder  # where a failed trial's error is kept (errors/trial-<id>.txt)
         self.trial_storage = trial_storage  # a URI storage: Ray reports checkpoint paths without the scheme
         self.plugins = plugins
         self.trial_params = trial_params  # config → the full experiment dict of that trial
@@ -100,6 +102,13 @@ class MlflowSweepCallback(Callback):
         self._end(trial, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.tracker.trial_runs.get(trial.trial_id)
+        if run_id is not None:  # the full error on the trial's run: an artifact, and its one line as a tag
+            failure, kept = failures.keep_trial_failure(trial, self.sweep_folder)
+            if kept is not None:
+                self.tracker.client.log_artifact(run_id, str(kept), "error")
+            line = failures.trial_failure_line(trial.trial_id, failure, None)
+            self.tracker.client.set_tag(run_id, "fluxtune.error", failures.redact_text(line)[:5000])
         self._end(trial, "FAILED")
 
 
@@ -126,16 +135,19 @@ class StopFinishedRuns(Callback):
 class ConsoleProgress(Callback):
     """One line per report and per finished trial, instead of Tune's wide tables."""
 
-    def __init__(self, metric: str, console: Console):
+    def __init__(self, metric: str, console: Console, sweep_folder: str = ""):
         self.metric = metric
         self.console = console
+        self.sweep_folder = sweep_folder
         self.failures: dict[str, int] = {}  # trial → worker failures seen
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"metric": self.metric}  # Tune pickles callbacks; a Console holds locks and streams
+        # Tune pickles callbacks; a Console holds locks and streams
+        return {"metric": self.metric, "sweep_folder": self.sweep_folder}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.metric, self.console, self.failures = state["metric"], Console(), {}
+        self.sweep_folder = state.get("sweep_folder", "")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         sampled = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
@@ -156,18 +168,9 @@ class ConsoleProgress(Callback):
                            f"{_fmt(trial.last_result.get(self.metric))}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.console.print(f"[red]trial {trial.trial_id} failed[/]: {escape(_last_line(trial.error_file))}"
-                           f" (traceback: {trial.error_file or 'none'})")
-
-
-def _last_line(error_file: str | None) -> str:
-    """The exception line of a trial's error file (e.g. "no space to write stage checkpoint …")."""
-    try:
-        with open(error_file or "", errors="replace") as handle:
-            lines = [line.strip() for line in handle if line.strip()]
-    except OSError:  # on a storage URI, or not written yet
-        return "see the traceback"
-    return lines[-1] if lines else "see the traceback"
+        failure, kept = failures.keep_trial_failure(trial, self.sweep_folder)
+        line = failures.trial_failure_line(trial.trial_id, failure, str(kept) if kept else None)
+        self.console.print(f"[red]{escape(failures.redact_text(line))}[/]", highlight=False)
 
 
 def _fmt(value: Any) -> str:
