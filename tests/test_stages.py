@@ -86,20 +86,26 @@ base:
   stages:
     - {name: lora, type: lora, steps: 2, precision: bf16, optimizer: {lr: 1.0e-2},
        adapter: {type: lora, rank: 4, alpha: 6, dropout: 0.5, targets: [attn.to_q, attn.to_k, ff.net.2]}}
+    - {name: full, type: full, steps: 1, optimizer: {lr: 1.0e-3}}
 """
 
 
 class DtypeProbe:
-    """A callback recording the dtypes of the base and adapter weights the stage trains with."""
+    """A callback recording the weights each stage starts from and the dtypes of the base and adapter weights it
+    trains with."""
 
-    seen: list[tuple[set, set]] = []
+    seen: list[tuple[str, set, set]] = []
+    starts: dict[str, dict[str, torch.Tensor]] = {}
 
     def __init__(self, params):
         pass
 
+    def on_stage_start(self, ctx):
+        DtypeProbe.starts[ctx.name] = {n: p.detach().clone() for n, p in ctx.transformer.named_parameters()}
+
     def on_step_end(self, ctx, step, metrics):
         named = list(ctx.transformer.named_parameters())
-        DtypeProbe.seen.append(({p.dtype for n, p in named if "lora_" not in n},
+        DtypeProbe.seen.append((ctx.name, {p.dtype for n, p in named if "lora_" not in n},
                                 {p.dtype for n, p in named if "lora_" in n}))
 
     @staticmethod
@@ -121,8 +127,8 @@ def bf16_lora_run(arrays, tmp_path_factory):
         shared = build_shared(base, encode_arrays(bundle, {k: v[:8] for k, v in arrays.items()}),
                               encode_arrays(bundle, {k: v[8:] for k, v in arrays.items()}), reporter, reg,
                               torch.device("cpu"))
-        live = run_cycle(base, bundle.transformer, shared)
-    return start, live, reporter.stage_ends[0][2]
+        run_cycle(base, bundle.transformer, shared)
+    return start, reporter.stage_ends[0][2]
 
 
 def test_bf16_lora_trains_fp32_adapter_weights_on_a_bf16_base_and_merges_exactly_in_fp32(bf16_lora_run):
@@ -130,9 +136,10 @@ def test_bf16_lora_trains_fp32_adapter_weights_on_a_bf16_base_and_merges_exactly
 
     from fluxtune.flux.weights import read_streamed, weight_files
 
-    start, live, checkpoint = bf16_lora_run
-    assert DtypeProbe.seen and all(base == {torch.bfloat16} and adapter == {torch.float32}
-                                   for base, adapter in DtypeProbe.seen)
+    start, checkpoint = bf16_lora_run
+    assert [(name, base, adapter) for name, base, adapter in DtypeProbe.seen] == [
+        ("lora", {torch.bfloat16}, {torch.float32}), ("lora", {torch.bfloat16}, {torch.float32}),
+        ("full", {torch.float32}, set())]
     saved = dict(read_streamed(checkpoint / "transformer", list(weight_files(checkpoint / "transformer"))))
     adapter = load_file(str(checkpoint / "exports" / "adapter" / "pytorch_lora_weights.safetensors"))
     assert all(v.dtype == torch.float32 for v in [*saved.values(), *adapter.values()])
@@ -146,9 +153,9 @@ def test_bf16_lora_trains_fp32_adapter_weights_on_a_bf16_base_and_merges_exactly
             merged += 1
         else:
             assert torch.equal(saved[name], before), name
-    assert merged == 5  # to_q and to_k of the double and the single block, ff.net.2 of the double block ...
-    # ... live: the base stays bf16, holding the merged values rounded, a plain transformer again
-    assert all(p.dtype == torch.bfloat16 and torch.equal(p, saved[n].bfloat16()) for n, p in live.named_parameters())
+    assert merged == 5  # to_q and to_k of the double and the single block, ff.net.2 of the double block
+    # the next (fp32) full stage starts from those exact values, not from the bf16 base's
+    assert all(torch.equal(p, saved[n]) for n, p in DtypeProbe.starts["full"].items())
 
 
 def test_the_exported_lora_has_no_dropout_at_inference(bf16_lora_run):
@@ -156,7 +163,7 @@ def test_the_exported_lora_has_no_dropout_at_inference(bf16_lora_run):
 
     from safetensors import safe_open
 
-    _, _, checkpoint = bf16_lora_run
+    _, checkpoint = bf16_lora_run
     folder = checkpoint / "exports" / "adapter"
     with safe_open(str(folder / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
         metadata = json.loads(handle.metadata()["lora_adapter_metadata"])  # keys prefixed by the component
@@ -166,3 +173,26 @@ def test_the_exported_lora_has_no_dropout_at_inference(bf16_lora_run):
     model.load_lora_adapter(str(folder), prefix="transformer", use_safetensors=True)
     dropouts = [m for n, m in model.named_modules() if ".lora_dropout." in n]
     assert dropouts and all(isinstance(m, torch.nn.Identity) for m in dropouts)
+
+
+def test_workers_load_the_model_in_the_first_stages_dtype(tmp_path):
+    from fluxtune.assemble import load_transformer, model_weights_folder
+    from fluxtune.cycle import initial_weights_dtype
+    from fluxtune.flux.model import build_tiny_fill, save_bundle
+
+    _, base = load_search_text(SPEC.format(gc="false"))
+    assert initial_weights_dtype(base, registry(), "cpu") == torch.float32  # DDP full stage
+    assert initial_weights_dtype(base, registry(), "cuda") == torch.bfloat16  # DeepSpeed bf16 full stage
+    lora_first = {**base, "stages": base["stages"][1:]}
+    assert initial_weights_dtype(lora_first, registry(), "cuda") == torch.bfloat16  # frozen bf16 base
+    assert initial_weights_dtype({**lora_first, "stages": [{**lora_first["stages"][0], "precision": "fp32"}]},
+                                 registry(), "cuda") == torch.float32
+
+    bundle = build_tiny_fill(seed=3)
+    save_bundle(bundle, tmp_path / "model")
+    model = {"path": str(tmp_path / "model")}
+    loaded = load_transformer(model, torch.bfloat16, torch.device("cpu"))
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    assert all(torch.equal(a, b.bfloat16()) for a, b in zip(loaded.parameters(), bundle.transformer.parameters()))
+    assert model_weights_folder(model) == str(tmp_path / "model" / "transformer")  # where its exact values stay
+    assert model_weights_folder({"preset": "tiny-fill"}) is None
