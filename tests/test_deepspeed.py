@@ -29,7 +29,8 @@ base:
   eval_every: 4
   stages:
     - {{name: full, type: full, steps: {steps}, strategy: {strategy}, gradient_accumulation_steps: {accumulation},
-       deepspeed: {{bf16: {bf16}, zero_stage: {zero}, offload_optimizer: {offload}}}, optimizer: {{lr: 1.0e-3}}}}
+       deepspeed: {{bf16: {bf16}, zero_stage: {zero}, offload_optimizer: {offload}}}, optimizer: {{lr: 1.0e-3}},
+       lr_scheduler: cosine, warmup_steps: 2}}
 """
 
 NO_STEP = "1.0e-30"  # an update far below every weight's last bit: the weights must come out bit for bit
@@ -156,7 +157,8 @@ def one_rank_group():
                                                                       (2, True, 1, 8), (2, False, 2, 5)],
                          ids=["zero2", "zero3", "zero2-offload", "zero2-accumulate2"])
 def test_zero_fp32_trains_exactly_like_plain_adamw(arrays, one_rank_group, zero_stage, offload, accumulation, steps):
-    """Also with accumulation: DeepSpeed's own (gradient_accumulation_steps in its config) equals the DDP loop's."""
+    """With a warm-up + cosine schedule, and with accumulation: DeepSpeed's own (gradient_accumulation_steps in its
+    config) equals the DDP loop's."""
     plain, plain_report = train_full_stage(arrays, "ddp", accumulation=accumulation, steps=steps)
     zero, zero_report = train_full_stage(arrays, "deepspeed", zero=zero_stage, offload=offload,
                                          accumulation=accumulation, steps=steps)
