@@ -39,6 +39,8 @@ def test_a_streamed_folder_loads_with_from_pretrained_exactly(transformer, tmp_p
     names = list(reversed(state))  # any order, one tensor at a time
     assert all(torch.equal(t, state[n]) for n, t in read_streamed(tmp_path, names))
     assert set(weight_files(tmp_path)) == set(state)
+    transformer.save_pretrained(tmp_path / "diffusers")  # the reader also reads what diffusers (safetensors) wrote
+    assert all(torch.equal(t, state[n]) for n, t in read_streamed(tmp_path / "diffusers", names))
 
 
 def test_bf16_tensors_round_trip_through_the_writer(tmp_path):

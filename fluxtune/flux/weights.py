@@ -2,7 +2,7 @@
 
 A 12 B transformer is 48 GB in fp32. `save_pretrained` and `save_file` want every tensor of a file in memory at
 once; here a file's header is written from the shapes alone, then each tensor's bytes follow as they arrive,
-so writing holds one tensor. Reading goes through `safetensors.safe_open`, one tensor per call. The layout is
+so writing holds one tensor; reading reads one tensor's bytes at a time. The layout is
 diffusers' own (`diffusion_pytorch_model.safetensors`, or numbered shards plus
 `diffusion_pytorch_model.safetensors.index.json`), so `FluxTransformer2DModel.from_pretrained` loads the folder.
 """
@@ -10,7 +10,6 @@ diffusers' own (`diffusion_pytorch_model.safetensors`, or numbered shards plus
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -106,6 +105,15 @@ def save_streamed(folder: Path | str, layout: Layout, tensors: Iterable[tuple[st
     return written
 
 
+def read_header(path: Path | str) -> tuple[int, dict[str, dict]]:
+    """(offset of the data section, {tensor name: {dtype, shape, data_offsets}}) of a safetensors file."""
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
 def weight_files(folder: Path | str) -> dict[str, Path]:
     """Tensor name → the safetensors file holding it, for a diffusers model folder (single file or sharded)."""
     folder = Path(folder)
@@ -116,25 +124,33 @@ def weight_files(folder: Path | str) -> dict[str, Path]:
     single = folder / WEIGHTS_NAME
     if not single.is_file():
         raise FileNotFoundError(f"{folder} holds neither {WEIGHTS_NAME} nor {INDEX_NAME}")
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as handle:
-        return {name: single for name in handle.keys()}
+    return {name: single for name in read_header(single)[1]}
 
 
 def read_streamed(folder: Path | str, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The named tensors of a diffusers model folder, one at a time, as stored (dtype and all), on the CPU."""
-    from safetensors import safe_open
+    """The named tensors of a diffusers model folder, one at a time, as stored (dtype and all), on the CPU.
 
+    Each tensor is read with plain file reads into its own buffer: nothing else of the file is mapped or kept, so
+    reading a 48 GB checkpoint holds one tensor.
+    """
+    from_name = {code: dtype for dtype, code in _DTYPES.items()}
     files = weight_files(folder)
-    open_files: dict[Path, object] = {}
-    try:
-        for name in names:
-            if name not in files:
-                raise KeyError(f"{folder} has no tensor {name!r}")
-            path = files[name]
-            if path not in open_files:
-                open_files[path] = safe_open(os.fspath(path), framework="pt", device="cpu")
-            yield name, open_files[path].get_tensor(name)
-    finally:
-        open_files.clear()
+    headers: dict[Path, tuple[int, dict[str, dict]]] = {}
+    for name in names:
+        if name not in files:
+            raise KeyError(f"{folder} has no tensor {name!r}")
+        path = files[name]
+        if path not in headers:
+            headers[path] = read_header(path)
+        data_start, header = headers[path]
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=from_name[entry["dtype"]])
+        target = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        if len(target) != end - begin:
+            raise ValueError(f"{path}: {name} holds {end - begin} bytes, its shape needs {len(target)}")
+        with open(path, "rb") as handle:
+            handle.seek(data_start + begin)
+            if handle.readinto(target) != len(target):
+                raise ValueError(f"{path} is cut short inside {name}")
+        yield name, tensor
