@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import fluxtune  # noqa: F401  (first: it keeps bitsandbytes' import-time kernel warning out of the output)
+
 # FLUX.1-Fill-dev's widths (3072 hidden, 4096 T5, 768 CLIP, 384 input channels) with few blocks.
 CONFIG = dict(patch_size=1, in_channels=384, out_channels=64, num_layers=0, num_single_layers=1,
               attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
@@ -47,9 +49,11 @@ def build(config: dict, dtype):
     import torch
     from diffusers import FluxTransformer2DModel
 
+    from fluxtune.canonical import cast
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return FluxTransformer2DModel(**config).to(dtype)
+        return cast(FluxTransformer2DModel(**config), dtype)
 
 
 def case_before(config: dict, folder: Path) -> dict:
@@ -72,12 +76,12 @@ def case_now(config: dict, folder: Path) -> dict:
     delta added, and the next checkpoint streamed out."""
     import torch
 
-    from fluxtune.canonical import LiveWeights, MergedWeights, SavedWeights, save_weights_folder, shapes
+    from fluxtune.canonical import LiveWeights, MergedWeights, SavedWeights, cast, save_weights_folder, shapes
     from fluxtune.checkpoints import Progress, write_stage_checkpoint
 
     live = build(config, torch.float32)
     save_weights_folder(folder / "previous", live, LiveWeights(live).tensors())  # the previous checkpoint
-    live = live.to(torch.bfloat16)
+    live = cast(live, torch.bfloat16)
     rank = 64
     deltas = {}
     for name, p in live.named_parameters():

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fluxtune.canonical import cast
 from fluxtune.context import Reporter, Shared
 from fluxtune.flux.encoded import EncodedSet, ValidationSet, encode_examples, encoded_from_columns
 from fluxtune.flux.model import FluxBundle, build_tiny_fill, load_flux
@@ -25,7 +26,7 @@ def load_bundle(model: dict[str, Any], dtype: torch.dtype | None = None,
         bundle = load_flux(model["path"], transformer_dtype=dtype, transformer_device=device)
     if model.get("adapter"):  # start from a registered version (downloaded by the driver)
         bundle.transformer = registered_transformer(model["adapter"], bundle.transformer)
-    bundle.transformer = bundle.transformer.to(device=device, dtype=dtype)
+    bundle.transformer = cast(bundle.transformer, dtype, device)
     return bundle
 
 
@@ -37,7 +38,7 @@ def load_transformer(model: dict[str, Any], dtype: torch.dtype | None = None,
     if model.get("adapter"):  # start from a registered version (downloaded by the driver)
         return load_bundle(model, dtype, device).transformer
     if model.get("preset") == "tiny-fill":
-        return build_tiny_fill(seed=model.get("seed", 0)).transformer.to(device=device, dtype=dtype)
+        return cast(build_tiny_fill(seed=model.get("seed", 0)).transformer, dtype, device)
     from fluxtune.flux.model import FluxTransformer2DModel, check_fill_layout
 
     transformer = FluxTransformer2DModel.from_pretrained(model["path"], subfolder="transformer",

@@ -119,6 +119,12 @@ class MergedWeights(Weights):
             yield name, (tensor + delta().to(tensor.device, FP32)) if delta is not None else tensor
 
 
+def cast(module: Any, dtype: torch.dtype, device: Any = None) -> Any:
+    """`module.to(device, dtype)` without diffusers' override, which warns on every dtype cast even for a model
+    that keeps no module in fp32 (FLUX keeps none)."""
+    return torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
 def assign(module: Any, weights: Weights, dtype: torch.dtype, names: Iterable[str] | None = None) -> None:
     """Set the module's tensors (all, or `names`) to the canonical values rounded to `dtype`, one at a time."""
     state = plain_state(module)

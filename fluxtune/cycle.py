@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from fluxtune.callbacks import CallbackList
-from fluxtune.canonical import (DTYPES, FP32, LiveWeights, SavedWeights, Weights, assign, save_weights_folder,
-                                shapes, weights_dtype)
+from fluxtune.canonical import (DTYPES, FP32, LiveWeights, SavedWeights, Weights, assign, cast,
+                                save_weights_folder, shapes, weights_dtype)
 from fluxtune.checkpoints import Progress, write_stage_checkpoint
 from fluxtune.config.schedule import stage_for_cycle
 from fluxtune.context import RunContext, Shared, evaluate
@@ -72,11 +72,11 @@ class Handoff:
         if current == FP32:  # exact values about to be rounded: keep them on disk first
             if not self.saved:
                 self._save_live(module)
-            return module.to(dtype)
+            return cast(module, dtype)
         if self.saved:  # back to fp32: the exact values come from the canonical copy, not from bf16
             assign(module, self.weights(module), FP32)
             return module
-        return module.to(dtype)  # a bf16 module with no other copy: its bf16 values are the canonical ones
+        return cast(module, dtype)  # a bf16 module with no other copy: its bf16 values are the canonical ones
 
     def scratch(self) -> Path:
         folder = Path(tempfile.mkdtemp(dir=self.scratch_root))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,18 +46,11 @@ def check_targets(model: Any, targets: list[str]) -> None:
             f"LoRA targets {unknown} match no Linear layer of the transformer; valid targets: {', '.join(suffixes)}")
 
 
-def quiet_bitsandbytes() -> None:
-    """peft imports bitsandbytes when it is installed (for `adamw8bit`); on AVX-512 CPUs its import warns that an
-    optional 4-bit kernel cannot be fetched from a hub. fluxtune has no 4-bit layers: keep that line out of logs."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
 class LoraAdapter:
     def __init__(self, params: LoraParams):
         self.params = params
 
     def config(self):
-        quiet_bitsandbytes()
         from peft import LoraConfig
 
         p = self.params

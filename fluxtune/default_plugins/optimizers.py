@@ -47,9 +47,6 @@ class AdamW8bit:
         self.params = params
 
     def __call__(self, parameters: Any, device: Any, sharded: bool = False) -> Any:
-        from fluxtune.default_plugins.adapters import quiet_bitsandbytes
-
-        quiet_bitsandbytes()
         import bitsandbytes as bnb
 
         p = self.params
