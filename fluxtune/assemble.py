@@ -19,13 +19,16 @@ VAL_NOISE_SEED_OFFSET = 7_919  # validation noise never shares a stream with tra
 
 def load_bundle(model: dict[str, Any], dtype: torch.dtype | None = None,
                 device: torch.device | None = None) -> FluxBundle:
-    """The model's parts; the transformer in `dtype` on `device` (default fp32, CPU), the rest fp32 on the CPU."""
+    """The model's parts; the transformer in `dtype` on `device` (default fp32, CPU), the rest fp32 on the CPU. A
+    registered version's transformer stays fp32 (its merged weights exist nowhere else)."""
+    registered = model.get("adapter")  # start from a registered version (downloaded by the driver)
     if model.get("preset") == "tiny-fill":
         bundle = build_tiny_fill(seed=model.get("seed", 0))
     else:
-        bundle = load_flux(model["path"], transformer_dtype=dtype, transformer_device=device)
-    if model.get("adapter"):  # start from a registered version (downloaded by the driver)
-        bundle.transformer = registered_transformer(model["adapter"], bundle.transformer)
+        bundle = load_flux(model["path"], transformer_dtype=None if registered else dtype, transformer_device=device)
+    if registered:  # merged in fp32 and kept so: the first stage saves those exact values before it rounds them
+        bundle.transformer = registered_transformer(registered, bundle.transformer).to(device)
+        return bundle
     bundle.transformer = cast(bundle.transformer, dtype, device)
     return bundle
 
