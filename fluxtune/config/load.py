@@ -42,6 +42,7 @@ class _Collector:
         self.source = source
         self.problems: list[Problem] = []
         self.seen: set[tuple[Any, ...]] = set()
+        self.cuda_only: list[tuple[tuple[Any, ...], str]] = []  # components whose params say requires_cuda
 
     def add(self, loc: tuple[Any, ...], message: str) -> None:
         self.seen.add(loc)
@@ -105,6 +106,8 @@ def _normalise(value: Any, loc: tuple[Any, ...], reg: Registry, out: _Collector)
         except ValidationError as exc:
             out.add_validation(loc, exc)
             return value.model_dump()
+        if getattr(entry.params, "requires_cuda", False):
+            out.cuda_only.append((loc + ("type",), f"{value.kind} {value.type!r}"))
         return {"type": value.type, **_check_components(params, loc, reg, out)}
     if isinstance(value, BaseModel):
         return _check_components(value, loc, reg, out)
@@ -117,6 +120,7 @@ def _normalise(value: Any, loc: tuple[Any, ...], reg: Registry, out: _Collector)
 
 def normalise_experiment(exp: Experiment, reg: Registry, out: _Collector, loc: tuple[Any, ...]) -> dict[str, Any]:
     """The experiment as a plain dict with every component's defaults filled in (what search paths address)."""
+    out.cuda_only = []
     tree = _check_components(exp, loc, reg, out)
     stages = []
     for i, stage in enumerate(exp.stages):
@@ -138,6 +142,9 @@ def normalise_experiment(exp: Experiment, reg: Registry, out: _Collector, loc: t
     tree["stages"] = stages
     for where, message in schedule_problems(tree):
         out.add(loc + where, message)
+    if exp.gpus_per_worker == 0:
+        for where, what in out.cuda_only:
+            out.add(where, f"{what} runs on CUDA GPUs only; this experiment runs on CPU (gpus_per_worker: 0)")
     return tree
 
 

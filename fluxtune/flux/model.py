@@ -90,11 +90,14 @@ def empty_transformer(model: dict) -> FluxTransformer2DModel:
         return FluxTransformer2DModel.from_config(config)
 
 
-def load_flux(path: str, torch_dtype: torch.dtype | None = None) -> FluxBundle:
+def load_flux(path: str, torch_dtype: torch.dtype | None = None, transformer_dtype: torch.dtype | None = None,
+              transformer_device: torch.device | None = None) -> FluxBundle:
     """Load a local diffusers-layout FLUX.1-Fill folder (transformer/ and vae/ required, text parts optional).
 
     The transformer's config is checked before any weights are read, so a wrong folder fails in milliseconds.
-    Models come back as `from_pretrained` leaves them: in eval mode (call `.train()` before training).
+    `transformer_dtype`/`transformer_device` read the transformer straight into its training dtype and device
+    (default `torch_dtype`, the CPU). Models come back as `from_pretrained` leaves them: in eval mode (call
+    `.train()` before training).
     """
     path = os.fspath(path)
     fill_transformer_config(path)
@@ -103,8 +106,10 @@ def load_flux(path: str, torch_dtype: torch.dtype | None = None) -> FluxBundle:
         return os.path.isdir(os.path.join(path, subfolder))
 
     local = {"local_files_only": True}
+    placement = {"device_map": {"": transformer_device}} if getattr(transformer_device, "type", None) == "cuda" else {}
     transformer = FluxTransformer2DModel.from_pretrained(
-        path, subfolder="transformer", torch_dtype=torch_dtype, **local
+        path, subfolder="transformer", torch_dtype=transformer_dtype or torch_dtype, low_cpu_mem_usage=True,
+        **placement, **local
     )
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype, **local)
     text_encoder = text_encoder_2 = tokenizer = tokenizer_2 = None
