@@ -17,7 +17,7 @@ from fluxtune.config.yaml_source import YamlSource, load_yaml, parse_yaml
 from fluxtune.registry import Registry, UnknownComponent
 
 _DIST_TAGS = {"float", "int", "categorical"}
-PROBE_METRICS = ("masked_psnr",)  # reported only by evaluations that run the inpainting probe
+PROBE_METRICS = ("masked_psnr", "masked_ssim")  # reported only by evaluations that run the inpainting probe
 
 
 def _key(loc: tuple[Any, ...]) -> str:
