@@ -86,7 +86,7 @@ def test_writes_during_an_outage_are_kept_reported_and_sent_by_the_next_driver(t
         assert trial_two.info.status == "FINISHED" and trial_two.data.params["cycles"] == "1"
         assert [m.step for m in client.get_metric_history(trial_two.info.run_id, "loss")] == [0, 1]
         artifacts = {a.path for a in client.list_artifacts(trial_two.info.run_id)}
-        assert {"loss_curves.png", "samples"} <= artifacts
+        assert {"loss_curves.png", "images"} <= artifacts
         assert client.get_run(parent).info.status == "FINISHED"
         assert client.get_run(parent).data.metrics["best_val_loss"] == 0.25
     finally:

@@ -177,8 +177,10 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
                              plugins=plugins, reuse_stages=search.reuse_stages, max_failures=search.max_failures)
     reg = registry()
     callbacks = [MlflowSweepCallback(tracker, plugins, lambda config: sample_experiment(base, config, reg),
-                                     trial_storage),
-                 StageCacheRecorder(settings), StopFinishedRuns(record.sweep_id), ConsoleProgress(search.metric, console)]
+                                     trial_storage, scheduler=search.scheduler.type),
+                 StageCacheRecorder(settings), StopFinishedRuns(record.sweep_id),
+                 ConsoleProgress(search.metric, console, search.mode, more or search.num_samples, search.scheduler.type,
+                                 lambda config: planned_steps(sample_experiment(base, config, reg)))]
 
     if resume:
         tune_dir = storage.join(trial_storage, "tune", record.tune_runs[-1])

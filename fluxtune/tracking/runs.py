@@ -1,6 +1,10 @@
 """The run tree of a sweep: one parent run, one child run per trial, metrics with steps, stage artifacts.
 
 Only the driver writes (Tune callbacks call in here), so a sqlite store never sees concurrent writers.
+What a person browsing it sees: trial runs named by their sampled values, nested under the sweep; metric curves
+over global steps; one image series (`samples`, a grid per evaluation, from step 0); a `stages.json` table with
+one row per finished stage (its speed, validation scores, transition time: single numbers, not curves); a tag and
+a note on trials a scheduler stopped early; each trial's end time is when its training ended.
 A resumed sweep finds its runs again by tag (`fluxtune.sweep_id` on the parent, `fluxtune.trial_id` on each
 child) and keeps writing to them: params are logged once, and metric points at steps already recorded are
 skipped, so replayed steps after a restart never show up twice. With a tracking server, writes go through
@@ -25,6 +29,13 @@ SWEEP_TAG = "fluxtune.sweep_id"
 TRIAL_TAG = "fluxtune.trial_id"
 NODE_TAG = "fluxtune.node"
 CHECKPOINT_TAG = "fluxtune.checkpoint."  # + "cycle0-full": where Ray keeps that stage's transformer
+STATUS_TAG = "fluxtune.status"  # finished | stopped | failed: how the trial's training ended
+STOPPED_BY_TAG = "fluxtune.stopped_by"  # the scheduler (asha, median) that stopped a trial early
+STOPPED_AT_TAG = "fluxtune.stopped_at_step"
+TRAINED_UNTIL_TAG = "fluxtune.trained_until"  # ms: when training ended (the run's end time, restored after reuse)
+NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
+STAGES_TABLE = "stages.json"  # one row per finished stage (MLflow table artifact)
+IMAGE_KEY = "samples"  # the image series of sample grids
 CURVES = ("loss", "val_loss")  # drawn into loss_curves.png at the end of a trial
 
 
@@ -46,6 +57,12 @@ def stage_label(cycle: int, stage: str) -> str:
     return f"cycle{cycle}-{stage}"
 
 
+def is_stage_summary(key: str) -> bool:
+    """`lora/cycle1/val_loss`, a value reported once at a stage's end: a row of the stages table, not a curve."""
+    parts = key.split("/")
+    return len(parts) == 3 and parts[1].startswith("cycle") and parts[1][5:].isdigit()
+
+
 class SweepTracker:
     def __init__(self, uri: str, experiment: str, sweep_name: str, upload_checkpoints: bool = False,
                  spill_dir: Path | None = None, warn: Any = None):
@@ -58,6 +75,7 @@ class SweepTracker:
         self.upload_checkpoints = upload_checkpoints  # full transformers are GBs: referenced by URI unless asked
         self.parent_run_id: str | None = None
         self.trial_runs: dict[str, str] = {}
+        self._run_names: set[str] | None = None  # trial run names already used in this sweep
         self._logged_upto: dict[str, dict[str, int]] = {}  # run → metric → last step already in MLflow
         self._system = None
 
@@ -149,14 +167,15 @@ class SweepTracker:
             copy.write_text(redacted)
             self.client.log_artifact(self.parent_run_id, str(copy))
 
-    def start_trial(self, trial_id: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+    def start_trial(self, trial_id: str, params: dict[str, Any], tags: dict[str, str], name: str | None = None) -> str:
+        """The trial's child run, named `name` (its sampled values; `-2`, `-3` … when a name repeats)."""
         existing = self.trial_runs.get(trial_id) or self.find_trial_run(trial_id)
         if existing is not None:
             self.trial_runs[trial_id] = existing
             self._reopen(existing)
             return existing
         run = self.client.create_run(
-            self.experiment_id, run_name=f"trial-{trial_id}",
+            self.experiment_id, run_name=self._unique_name(name or f"trial-{trial_id}"),
             tags={**redact_params(tags), "mlflow.parentRunId": self.parent_run_id, "fluxtune.kind": "trial",
                   TRIAL_TAG: trial_id},
         )
@@ -164,6 +183,23 @@ class SweepTracker:
         self._logged_upto[run.info.run_id] = {}
         self._log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def _unique_name(self, name: str) -> str:
+        if self._run_names is None:  # a resumed or extended sweep: the names its earlier trials took
+            self._run_names = set()
+            if self.parent_run_id is not None:
+                try:
+                    children = self.client.search_runs(
+                        [self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'", max_results=5000)
+                    self._run_names = {r.info.run_name for r in children}
+                except TrackingOffline:  # unknown while the server is down: a name may repeat, ids never do
+                    pass
+        unique, n = name, 1
+        while unique in self._run_names:
+            n += 1
+            unique = f"{name}-{n}"
+        self._run_names.add(unique)
+        return unique
 
     def log_sweep_params(self, params: dict[str, Any]) -> None:
         """More params of the sweep's own run (e.g. the data summary), redacted like every other."""
@@ -200,6 +236,8 @@ class SweepTracker:
         scalars = {}
         for key, value in result.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_training_metric(key):
+                if result.get("stage_end") and (is_stage_summary(key) or key not in CURVE_AT_STAGE_END):
+                    continue  # reported once per stage: the stages table has it (log_stage_summary)
                 scalars[key] = [(step, value)]
         scalars.update({k: [(step, v)] for k, v in self._system_sample().items()})
         for key, points in scalars.items():
@@ -228,21 +266,35 @@ class SweepTracker:
         return out
 
     # -- artifacts
-    def log_samples(self, trial_id: str, encoded: str | None, step: int) -> list[str]:
-        """Sample-image grids from the worker → `samples/step-000040.png` (and the UI's image slider)."""
+    def log_samples(self, trial_id: str, encoded: str | None, step: int) -> list[int]:
+        """Sample-image grids from the worker → the run's `samples` image series (the UI's image slider), each
+        at its own step, else the report's. Stored once by MLflow (`images/`, with a compressed preview).
+        Returns the steps logged."""
         import io
 
         from PIL import Image
 
         run_id = self.trial_runs[trial_id]
-        paths = []
-        for i, png in enumerate(decode_samples(encoded)):
-            image = Image.open(io.BytesIO(png))
-            name = f"samples/step-{step:06d}{'' if i == 0 else f'-{i}'}.png"
-            self.client.log_image(run_id, image, artifact_file=name)
-            self.client.log_image(run_id, image, key="samples", step=step)
-            paths.append(name)
-        return paths
+        logged = []
+        for own_step, png in decode_samples(encoded):
+            at = step if own_step is None else own_step
+            with Image.open(io.BytesIO(png)) as image:
+                self.client.log_image(run_id, image.copy(), key=IMAGE_KEY, step=at)
+            logged.append(at)
+        return logged
+
+    def log_stage_summary(self, trial_id: str, result: dict[str, Any]) -> dict[str, Any]:
+        """A stage-end result → one row of the trial's `stages.json` table (cycle, stage, global step, every
+        number the stage reported: speed, transition time, validation scores). Returns the row."""
+        row: dict[str, Any] = {"cycle": int(result.get("cycle", 0)), "stage": str(result.get("stage", "")),
+                               "global_step": int(result.get("global_step", 0))}
+        for key, value in result.items():
+            if (isinstance(value, (int, float)) and not isinstance(value, bool) and _is_training_metric(key)
+                    and not is_stage_summary(key) and not key.startswith("system/") and key not in row):
+                row[key] = float(value)
+        self.client.log_table(self.trial_runs[trial_id], data={k: [v] for k, v in row.items()},
+                              artifact_file=STAGES_TABLE)  # appends: a table artifact grows a row per stage
+        return row
 
     def log_stage(self, trial_id: str, checkpoint_dir: str, cycle: int, stage: str, node: str = "") -> None:
         """A stage checkpoint: its exports (adapters) as artifacts; the transformer by URI unless uploads are on.
@@ -306,11 +358,39 @@ class SweepTracker:
         return sorted(found, key=lambda item: item[2])  # Ray names checkpoints by time
 
     # -- endings
-    def end_trial(self, trial_id: str, status: str) -> None:
-        if trial_id in self.trial_runs:
-            self.client.set_terminated(self.trial_runs[trial_id], status=status)
+    def end_trial(self, trial_id: str, status: str, stopped: tuple[str, int, int] | None = None) -> None:
+        """The trial's training ended (FINISHED or FAILED); `stopped`: (scheduler, step, planned steps) when a
+        scheduler ended it early. Its end time is kept in a tag: registering the trial later reopens its run."""
+        if trial_id not in self.trial_runs:
+            return
+        run_id = self.trial_runs[trial_id]
+        ended = int(time.time() * 1000)
+        how = "failed" if status == "FAILED" else ("stopped" if stopped else "finished")
+        self.client.set_tag(run_id, STATUS_TAG, how)
+        if stopped:
+            scheduler, step, planned = stopped
+            self.client.set_tag(run_id, STOPPED_BY_TAG, scheduler)
+            self.client.set_tag(run_id, STOPPED_AT_TAG, str(step))
+            self.client.set_tag(run_id, NOTE_TAG, f"**Stopped early** by the {scheduler.upper()} scheduler at step "
+                                                  f"{step} of {planned}: its metric lagged behind other trials' at "
+                                                  "that point. Its curves end there; it is not a failure.")
+        self.client.set_tag(run_id, TRAINED_UNTIL_TAG, str(ended))
+        self.client.set_terminated(run_id, status=status, end_time=ended)
+
+    def restore_trial_ends(self) -> None:
+        """Trial runs reopened after their training (registration logs the model into the run) end again when
+        their training did, so the UI's durations are training times, not the whole sweep."""
+        for run_id in self.trial_runs.values():
+            try:
+                run = self.client.get_run(run_id)
+            except TrackingOffline:  # the buffered end time is already right
+                return
+            ended = run.data.tags.get(TRAINED_UNTIL_TAG)
+            if ended and run.info.end_time != int(ended) and run.info.status != "RUNNING":
+                self.client.set_terminated(run_id, status=run.info.status, end_time=int(ended))
 
     def finish(self, status: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+        self.restore_trial_ends()
         for key, value in tags.items():
             self.client.set_tag(self.parent_run_id, key, value)
         if metrics:
@@ -324,6 +404,8 @@ def _as_uri(path: str) -> str:
     return path if "://" in path else Path(path).resolve().as_uri()
 
 
+# Reported at stage ends too, and also at every evaluation: points of a curve, not stage summaries.
+CURVE_AT_STAGE_END = {"val_loss", "masked_psnr", "masked_ssim"}
 _TUNE_BOOKKEEPING = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid",
                      "time_since_restore", "iterations_since_restore", "global_step", "cycle"}
 
