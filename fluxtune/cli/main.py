@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from fluxtune.cli.console import console, quiet_libraries
 from fluxtune.cli.errors import EXIT_FAILED, error_boundary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Plugin-based Ray Tune experiments for fine-tuning FLUX.1-Fill-dev.")
-# Lines naming files stay whole for grep and logs; tables get room when the output is a file or a pipe.
-console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
+VERBOSE_HELP = "show Ray worker logs and the INFO lines of Ray, Ray Data and MLflow"
 SET_HELP = "override a key of the file: --set base.stages.lora.steps=10 (repeatable; the value is YAML)"
 
 
@@ -45,7 +42,7 @@ def search(
     resume: bool = typer.Option(False, "--resume", help="continue the latest unfinished sweep of this name"),
     more: int = typer.Option(0, "--more", min=0, help="add N trials to the latest finished sweep of this name"),
     address: Optional[str] = typer.Option(None, help="existing Ray cluster (default: start a local one)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray worker logs"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Run a hyper-parameter search: Optuna samples, each trial trains on one Ray Train worker group."""
     if resume and more:
@@ -62,7 +59,7 @@ def run(
     spec: str = typer.Argument(..., help="experiment YAML: a search file's `base`, or a sweep's best.yaml"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     address: Optional[str] = typer.Option(None, help="existing Ray cluster (default: start a local one)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray worker logs"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Run one experiment (the file's `base`) without a search."""
     _run(spec, set_, address, verbose, single=True)
@@ -94,6 +91,7 @@ def _run(spec_path: str, overrides: list[str], address: str | None, verbose: boo
          resume: bool = False, more: int = 0) -> None:
     from fluxtune.cli.preflight import preflight
 
+    quiet_libraries(verbose)
     with error_boundary():
         checked = preflight(spec_path, overrides)
     spec = checked.spec.model_copy(update={"search": None}) if single else checked.spec
@@ -120,12 +118,16 @@ from fluxtune.cli.models import app as models_app  # noqa: E402
 app.add_typer(models_app, name="models")
 from fluxtune.cli.ui import ui  # noqa: E402
 app.command()(ui)
+from fluxtune.cli.dashboard import dashboard  # noqa: E402
+app.command()(dashboard)
 from fluxtune.cli.plan import plan  # noqa: E402
 app.command()(plan)
 
 
 def main() -> None:
     from fluxtune.plugins import plugin_manager
+
+    quiet_libraries()  # `-v` of run/search shows the libraries' chatter again
 
     try:  # a broken plugin is reported like bad input (one line, exit 2), before the command line is parsed
         with error_boundary():

@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fluxtune.search.names import column_labels, format_value
+
 
 def fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else ("—" if value is None else str(value))
@@ -46,7 +48,8 @@ class SweepProgress:
     def started(self, trial_id: str, name: str, config: dict[str, Any], planned: int) -> None:
         line = TrialLine(name, planned)
         self.running[trial_id] = line
-        sampled = ", ".join(f"{k}={fmt(v)}" for k, v in config.items())
+        labels = column_labels(config)
+        sampled = ", ".join(f"{labels[k]}={format_value(v)}" for k, v in config.items())
         self._event(f"[bold]{escape(name)}[/] started ({planned} steps){': ' + escape(sampled) if sampled else ''}")
         if self.live:
             bars = self._live()

@@ -1,0 +1,81 @@
+"""The CLI's one Console, and the quiet default for the libraries under it.
+
+Console: lines stay whole (grep, logs); into a file or a pipe it is wide, so tables keep one line per row instead
+of wrapping at 80 columns. Quiet: Ray, Ray Data, MLflow and friends print INFO lines and advice meant for their
+own users (database set-up, dataset plans, token auth, optional kernels, model registration, type hints); fluxtune
+says what matters itself. `-v` shows them again; Ray's own logs keep everything either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from typing import IO
+
+from rich.console import Console
+
+PIPE_WIDTH = 1000  # columns when not a terminal: a table row is never folded into several lines
+
+# logger → the level shown by default (`-v`: everything these libraries log by default)
+QUIET_LEVELS = {
+    "mlflow": logging.WARNING,  # "Creating initial MLflow database tables", "Updating database tables"
+    "alembic": logging.WARNING,  # the same migrations, line by line
+    "ray": logging.ERROR,  # token-auth advice, Tune's notes; errors still show
+    "ray.tune": logging.ERROR,
+    "ray.train": logging.ERROR,
+    "bitsandbytes": logging.ERROR,  # "Failed to load CPU gemm_4bit_forward from kernels-community"
+    "py.warnings": logging.ERROR,
+}
+# Lines libraries print straight to stderr (not through logging) that say nothing a fluxtune user acts on.
+QUIET_LINES = ("Successfully registered model ", "Created version ", "Registered model ")
+
+
+def make_console(file: IO[str] | None = None, stderr: bool = False) -> Console:
+    stream = file or (sys.stderr if stderr else sys.stdout)
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(file=file, stderr=stderr, soft_wrap=True, width=None if tty else PIPE_WIDTH)
+
+
+console = make_console()
+
+
+class _QuietStderr:
+    """stderr without QUIET_LINES (MLflow prints them with print(), so logging levels cannot hide them)."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+        self._dropped = False
+
+    def write(self, text: str) -> int:
+        dropped, self._dropped = self._dropped, text.startswith(QUIET_LINES)
+        if self._dropped or (dropped and text == "\n"):  # print() writes the line, then its newline
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Hide (or, `verbose`, show again) the libraries' chatter in this process and the Ray processes it starts."""
+    for name, level in QUIET_LEVELS.items():
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)
+    # MLflow sets its logger up when imported (later, and in Ray workers): it reads this; a user's value wins.
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    elif os.environ.get("MLFLOW_LOGGING_LEVEL") == "WARNING":
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO"
+    # Ray Data's console handler ("Starting execution of Dataset …", plans, progress-bar advice) exists once
+    # ray.data is imported: fluxtune.train.cluster.quiet_ray sets it when Ray starts.
+    if verbose:
+        if isinstance(sys.stderr, _QuietStderr):
+            sys.stderr = sys.stderr.stream
+        warnings.filterwarnings("default", module="mlflow")
+        return
+    if not isinstance(sys.stderr, _QuietStderr):
+        sys.stderr = _QuietStderr(sys.stderr)
+    warnings.filterwarnings("ignore", module="mlflow")  # e.g. pyfunc's "Add type hints to the `predict` method"
+    warnings.filterwarnings("ignore", message=".*[Tt]ype hint.*")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
