@@ -92,9 +92,10 @@ def test_a_server_counts_as_up_only_when_the_process_started_owns_the_port(other
         stop(ours)
 
 
-def _serve_then_signal(args: list[str], cwd: Path, env: dict[str, str], sig: signal.Signals, ready: str) -> None:
-    """Run `fluxtune ARGS` in its own session (like a terminal), wait for its URL, send `sig`: it must exit and
-    take its server with it."""
+def _serve_then_signal(args: list[str], cwd: Path, env: dict[str, str], sig: signal.Signals, ready: str,
+                       check=None) -> None:
+    """Run `fluxtune ARGS` in its own session (like a terminal), wait for its URL (then `check` it), send `sig`: it
+    must exit and take its server with it."""
     process = subprocess.Popen([str(FLUXTUNE), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     reader = LineReader(process.stdout)
@@ -102,6 +103,8 @@ def _serve_then_signal(args: list[str], cwd: Path, env: dict[str, str], sig: sig
         assert reader.wait_for(ready, process, timeout=180), reader.text()
         server = psutil.Process(process.pid).children()
         assert server, "no server process"
+        if check is not None:
+            check()
         os.kill(process.pid, sig)
         assert process.wait(timeout=60) == 0, reader.finish()
         gone, alive = psutil.wait_procs(server, timeout=30)
@@ -128,5 +131,12 @@ def test_the_dashboard_serves_the_sweeps_studies_and_sigterm_stops_it(tmp_path, 
     study = optuna.create_study(study_name="lora-rank-1", storage=f"sqlite:///{store / 'optuna.db'}")
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
     port = free_port()
+
+    def lists_the_study():
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=30) as response:
+            assert "lora-rank-1" in response.read().decode()
+
     _serve_then_signal(["dashboard", "--port", str(port), "--store", str(store)], tmp_path, cli_env,
-                       signal.SIGTERM, f"Optuna dashboard: http://127.0.0.1:{port}")
+                       signal.SIGTERM, f"Optuna dashboard: http://127.0.0.1:{port}", lists_the_study)
