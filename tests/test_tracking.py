@@ -131,6 +131,8 @@ def test_sample_grids_and_stage_checkpoints_reach_the_trial_run(uri, exp, tmp_pa
     # The starting weights' grid rides with the first report (step 40) but belongs to step 0.
     steps = tracker.log_samples("t1", encode_samples([(0, _png((0, 0, 255))), _png((255, 0, 0))]), 40)
     assert steps == [0, 40]
+    # A stage end can carry two grids (before and after merging the adapter): the stage's last one is kept.
+    assert tracker.log_samples("t1", encode_samples([_png((0, 255, 0)), _png((255, 255, 0))]), 44) == [44]
 
     checkpoint = tmp_path / "checkpoint_000"
     (checkpoint / "transformer").mkdir(parents=True)
@@ -145,10 +147,11 @@ def test_sample_grids_and_stage_checkpoints_reach_the_trial_run(uri, exp, tmp_pa
     listed = {a.path for a in c.list_artifacts(run)}
     assert {"stages", "loss_curves.png", "images"} <= listed and "samples" not in listed  # each image stored once
     pngs = sorted(a.path for a in c.list_artifacts(run, "images") if a.path.endswith(".png"))
-    assert len(pngs) == 2 and all(Path(p).name.startswith("samples+step+") for p in pngs)
+    assert len(pngs) == 3 and all(Path(p).name.startswith("samples+step+") for p in pngs)
     by_step = {int(Path(p).name.split("+")[2]): p for p in pngs}
     assert Image.open(c.download_artifacts(run, by_step[0], str(tmp_path))).getpixel((0, 0)) == (0, 0, 255)
     assert Image.open(c.download_artifacts(run, by_step[40], str(tmp_path))).getpixel((0, 0)) == (255, 0, 0)
+    assert Image.open(c.download_artifacts(run, by_step[44], str(tmp_path))).getpixel((0, 0)) == (255, 255, 0)
     assert [a.path for a in c.list_artifacts(run, "stages/cycle0-lora/adapter")] == [
         "stages/cycle0-lora/adapter/pytorch_lora_weights.safetensors"]
     assert tracker.stage_checkpoints("t1") == [(0, "lora", str(checkpoint))]  # what a resumed driver reads back

@@ -30,6 +30,7 @@ QUIET_LEVELS = {
 }
 # Lines libraries print straight to stderr (not through logging) that say nothing a fluxtune user acts on.
 QUIET_LINES = ("Successfully registered model ", "Created version ", "Registered model ")
+PYFUNC_HINTS = "ignore::UserWarning:mlflow.pyfunc.utils.data_validation"  # PYTHONWARNINGS form: child processes
 
 
 def make_console(file: IO[str] | None = None, stderr: bool = False) -> Console:
@@ -72,10 +73,14 @@ def quiet_libraries(verbose: bool = False) -> None:
     if verbose:
         if isinstance(sys.stderr, _QuietStderr):
             sys.stderr = sys.stderr.stream
+        os.environ["PYTHONWARNINGS"] = ",".join(w for w in os.environ.get("PYTHONWARNINGS", "").split(",")
+                                                if w and w != PYFUNC_HINTS)
         warnings.filterwarnings("default", module="mlflow")
         return
     if not isinstance(sys.stderr, _QuietStderr):
         sys.stderr = _QuietStderr(sys.stderr)
     warnings.filterwarnings("ignore", module="mlflow")  # e.g. pyfunc's "Add type hints to the `predict` method"
-    warnings.filterwarnings("ignore", message=".*[Tt]ype hint.*")
+    # ... which MLflow also emits in a Python process of its own while logging a model from code
+    if PYFUNC_HINTS not in os.environ.get("PYTHONWARNINGS", ""):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), PYFUNC_HINTS]))
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")

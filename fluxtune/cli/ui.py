@@ -25,5 +25,16 @@ def ui(
     store = (store or default_store_dir()).resolve()
     typer.echo(f"starting the MLflow UI on {store} ...")
     serve("the MLflow server", lambda: start_server(store, port, log_path=store / "server.log", host=host),
-          port, host, lambda url: [f"MLflow UI: {url}   (tracking URI for other shells: {url}; log: "
-                                   f"{store / 'server.log'}; Ctrl-C stops it)"])
+          port, host, lambda url: _ready_lines(url, store))
+
+
+def _ready_lines(url: str, store: Path) -> list[str]:
+    from fluxtune.tracking.server import experiment_links
+
+    lines = [f"MLflow UI: {url}   (tracking URI for other shells: {url}; log: {store / 'server.log'}; "
+             "Ctrl-C stops it)"]
+    links = experiment_links(url)
+    if links:
+        lines.append("training runs (sweeps with their trials) of the latest experiments:")
+        lines += [f"  {name}: {link}" for name, link in links]
+    return lines

@@ -268,20 +268,20 @@ class SweepTracker:
     # -- artifacts
     def log_samples(self, trial_id: str, encoded: str | None, step: int) -> list[int]:
         """Sample-image grids from the worker → the run's `samples` image series (the UI's image slider), each
-        at its own step, else the report's. Stored once by MLflow (`images/`, with a compressed preview).
-        Returns the steps logged."""
+        at its own step, else the report's, the last one of a step. Stored once by MLflow (`images/`, with a
+        compressed preview). Returns the steps logged."""
         import io
 
         from PIL import Image
 
         run_id = self.trial_runs[trial_id]
-        logged = []
-        for own_step, png in decode_samples(encoded):
-            at = step if own_step is None else own_step
+        # One grid per step: a stage end can carry two (the adapter's own evaluation before merging, then the
+        # merged model's, which is what the stage ends with); the UI shows one per step.
+        by_step = {step if own_step is None else own_step: png for own_step, png in decode_samples(encoded)}
+        for at, png in by_step.items():
             with Image.open(io.BytesIO(png)) as image:
                 self.client.log_image(run_id, image.copy(), key=IMAGE_KEY, step=at)
-            logged.append(at)
-        return logged
+        return list(by_step)
 
     def log_stage_summary(self, trial_id: str, result: dict[str, Any]) -> dict[str, Any]:
         """A stage-end result → one row of the trial's `stages.json` table (cycle, stage, global step, every

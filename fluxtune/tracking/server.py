@@ -20,7 +20,7 @@ from pathlib import Path
 from fluxtune.serving import HOST, PortInUse, free_port, start_process, stop, url_for, wait_ready
 
 __all__ = ["HOST", "PortInUse", "free_port", "start_server", "stop_server", "server_env", "uvicorn_command",
-           "mlflow_server_command"]
+           "mlflow_server_command", "runs_url", "experiment_links"]
 
 # The UI and tracking API only: no job runner (it needs extra packages and memory), no usage telemetry (no
 # network here; each attempt costs start-up time), one worker (≈0.5 GiB).
@@ -102,3 +102,29 @@ def _start(store_dir: Path, port: int, log_path: Path | None, timeout: float, ho
 
 def stop_server(process, timeout: float = 15.0) -> None:
     stop(process, timeout)
+
+
+# MLflow 3.17's UI opens every experiment in the view of a switch kept in the browser (default GenAI: traces, costs)
+# unless the link names one: links fluxtune prints open the training runs table.
+ML_VIEW = "workflowType=machine_learning"
+
+
+def runs_url(url: str, experiment_id: str) -> str:
+    """The experiment's training runs (sweeps with their trials nested) in the UI at `url`."""
+    return f"{url}/#/experiments/{experiment_id}/runs?{ML_VIEW}"
+
+
+def experiment_links(url: str, limit: int = 5) -> list[tuple[str, str]]:
+    """(name, runs URL) of the experiments last updated on the server at `url`, newest first; [] if it cannot say."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    query = urllib.parse.urlencode({"max_results": limit + 1, "order_by": "last_update_time DESC"})
+    try:
+        with urllib.request.urlopen(f"{url}/ajax-api/2.0/mlflow/experiments/search?{query}", timeout=10) as answer:
+            experiments = json.loads(answer.read()).get("experiments", [])
+    except (OSError, ValueError):
+        return []
+    named = [(e["name"], runs_url(url, e["experiment_id"])) for e in experiments if e["name"] != "Default"]
+    return named[:limit]

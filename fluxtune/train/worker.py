@@ -94,8 +94,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress, transformer, restarted = _resume(transformer.to(device), config.get("initial_checkpoint"))
     if restarted:
         reporter.marks = {RESUMED_FROM_KEY: progress.global_step}
-    elif rank == 0 and progress.global_step == 0:  # the starting weights: where the image slider opens
-        shared.samples.render(transformer, step=0)
+    elif rank == 0:  # the starting weights (step 0: where MLflow's image slider opens; or a reused stage's end)
+        shared.samples.render(transformer, step=progress.global_step)
     try:
         run_cycle(experiment, transformer, shared, progress)
     except TrialStopped:
