@@ -140,3 +140,18 @@ def test_the_dashboard_serves_the_sweeps_studies_and_sigterm_stops_it(tmp_path, 
 
     _serve_then_signal(["dashboard", "--port", str(port), "--store", str(store)], tmp_path, cli_env,
                        signal.SIGTERM, f"Optuna dashboard: http://127.0.0.1:{port}", lists_the_study)
+
+
+def test_a_server_ends_with_the_command_even_when_that_is_killed(tmp_path):
+    """SIGKILL leaves no chance to clean up: the server gets SIGTERM from the kernel when its parent dies."""
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time; from fluxtune.serving import start_process\n"
+        "child = start_process([sys.executable, '-c', 'import time; time.sleep(120)'], dict(os.environ))\n"
+        "print(child.pid, flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    server = psutil.Process(int(parent.stdout.readline()))
+    assert server.is_running()
+    parent.kill()
+    parent.wait()
+    gone, alive = psutil.wait_procs([server], timeout=30)
+    assert not alive
