@@ -30,7 +30,9 @@ QUIET_LEVELS = {
 }
 # Lines libraries print straight to stderr (not through logging) that say nothing a fluxtune user acts on.
 QUIET_LINES = ("Successfully registered model ", "Created version ", "Registered model ")
-PYFUNC_HINTS = "ignore::UserWarning:mlflow.pyfunc.utils.data_validation"  # PYTHONWARNINGS form: child processes
+# Warnings libraries emit inside their own `catch_warnings(); simplefilter("once")` (MLflow's pyfunc type-hint
+# advice), which no filter set here reaches: dropped where they are shown instead.
+QUIET_WARNINGS = ("Add type hints to the `predict` method",)
 
 
 def make_console(file: IO[str] | None = None, stderr: bool = False) -> Console:
@@ -59,6 +61,15 @@ class _QuietStderr:
         return getattr(self.stream, name)
 
 
+def _quiet_showwarning(show):
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if not any(text in str(message) for text in QUIET_WARNINGS):
+            show(message, category, filename, lineno, file, line)
+
+    showwarning.shown_by = show
+    return showwarning
+
+
 def quiet_libraries(verbose: bool = False) -> None:
     """Hide (or, `verbose`, show again) the libraries' chatter in this process and the Ray processes it starts."""
     for name, level in QUIET_LEVELS.items():
@@ -73,14 +84,13 @@ def quiet_libraries(verbose: bool = False) -> None:
     if verbose:
         if isinstance(sys.stderr, _QuietStderr):
             sys.stderr = sys.stderr.stream
-        os.environ["PYTHONWARNINGS"] = ",".join(w for w in os.environ.get("PYTHONWARNINGS", "").split(",")
-                                                if w and w != PYFUNC_HINTS)
+        warnings.showwarning = getattr(warnings.showwarning, "shown_by", warnings.showwarning)
         warnings.filterwarnings("default", module="mlflow")
         return
     if not isinstance(sys.stderr, _QuietStderr):
         sys.stderr = _QuietStderr(sys.stderr)
     warnings.filterwarnings("ignore", module="mlflow")  # e.g. pyfunc's "Add type hints to the `predict` method"
-    # ... which MLflow also emits in a Python process of its own while logging a model from code
-    if PYFUNC_HINTS not in os.environ.get("PYTHONWARNINGS", ""):
-        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), PYFUNC_HINTS]))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # download bars in a log file
+    if not hasattr(warnings.showwarning, "shown_by"):
+        warnings.showwarning = _quiet_showwarning(warnings.showwarning)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
