@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -138,3 +139,34 @@ def test_the_demo_tries_every_rank_it_lists():
     tried = {c["stages.lora.adapter.rank"] for c in sample_configs(search, base, search.num_samples)}
     assert tried == set(ranks)
     assert Path(REPO / "searches" / "lora_rank.yaml").read_text().count("num_samples") == 1
+
+
+def test_library_chatter_is_hidden_by_default_and_shown_with_verbose(monkeypatch):
+    import io
+    import logging
+    import sys
+    import warnings
+
+    from fluxtune.cli.console import quiet_libraries
+
+    stderr, shown = io.StringIO(), []
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    quiet_libraries()
+    try:
+        print("Successfully registered model 'flux-fill-lora'.", file=sys.stderr)  # MLflow prints these
+        print("error: something fluxtune says", file=sys.stderr)
+        with warnings.catch_warnings():  # MLflow's own "once" filter: only the display can drop it
+            warnings.simplefilter("once", UserWarning)
+            warnings.warn("\x1b[33mAdd type hints to the `predict` method to enable data validation")
+            warnings.warn("a warning worth reading")
+        assert stderr.getvalue() == "error: something fluxtune says\n"
+        assert shown == ["a warning worth reading"]
+        assert logging.getLogger("mlflow").level == logging.WARNING
+        assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"  # for MLflow imported later, and Ray workers
+    finally:
+        quiet_libraries(verbose=True)
+    assert sys.stderr is stderr and "MLFLOW_LOGGING_LEVEL" not in os.environ
+    assert logging.getLogger("mlflow").level == logging.NOTSET

@@ -61,6 +61,9 @@ class _QuietStderr:
         return getattr(self.stream, name)
 
 
+_OURS: dict[str, str] = {}  # environment variables quiet_libraries set (and `-v` takes back)
+
+
 def _quiet_showwarning(show):
     def showwarning(message, category, filename, lineno, file=None, line=None):
         if not any(text in str(message) for text in QUIET_WARNINGS):
@@ -75,10 +78,10 @@ def quiet_libraries(verbose: bool = False) -> None:
     for name, level in QUIET_LEVELS.items():
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)
     # MLflow sets its logger up when imported (later, and in Ray workers): it reads this; a user's value wins.
-    if not verbose:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    elif os.environ.get("MLFLOW_LOGGING_LEVEL") == "WARNING":
-        os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO"
+    if not verbose and "MLFLOW_LOGGING_LEVEL" not in os.environ:
+        os.environ["MLFLOW_LOGGING_LEVEL"] = _OURS["MLFLOW_LOGGING_LEVEL"] = "WARNING"
+    elif verbose and _OURS.pop("MLFLOW_LOGGING_LEVEL", None):
+        os.environ.pop("MLFLOW_LOGGING_LEVEL", None)
     # Ray Data's console handler ("Starting execution of Dataset …", plans, progress-bar advice) exists once
     # ray.data is imported: fluxtune.train.cluster.quiet_ray sets it when Ray starts.
     if verbose:
@@ -89,7 +92,7 @@ def quiet_libraries(verbose: bool = False) -> None:
         return
     if not isinstance(sys.stderr, _QuietStderr):
         sys.stderr = _QuietStderr(sys.stderr)
-    warnings.filterwarnings("ignore", module="mlflow")  # e.g. pyfunc's "Add type hints to the `predict` method"
+    warnings.filterwarnings("ignore", module="mlflow")  # deprecation and advice meant for MLflow's own users
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # download bars in a log file
     if not hasattr(warnings.showwarning, "shown_by"):
         warnings.showwarning = _quiet_showwarning(warnings.showwarning)
