@@ -149,8 +149,9 @@ def test_library_chatter_is_hidden_by_default_and_shown_with_verbose(monkeypatch
 
     from fluxtune.cli.console import quiet_libraries
 
-    stderr, shown = io.StringIO(), []
+    stderr, stdout, shown = io.StringIO(), io.StringIO(), []
     monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setattr(sys, "stdout", stdout)
     monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
     monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
     monkeypatch.setattr(warnings, "filters", list(warnings.filters))
@@ -158,15 +159,18 @@ def test_library_chatter_is_hidden_by_default_and_shown_with_verbose(monkeypatch
     try:
         print("Successfully registered model 'flux-fill-lora'.", file=sys.stderr)  # MLflow prints these
         print("error: something fluxtune says", file=sys.stderr)
+        print("\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started", file=sys.stdout)
+        print("r16-a96 started (100 steps)", file=sys.stdout)
         with warnings.catch_warnings():  # MLflow's own "once" filter: only the display can drop it
             warnings.simplefilter("once", UserWarning)
             warnings.warn("\x1b[33mAdd type hints to the `predict` method to enable data validation")
             warnings.warn("a warning worth reading")
         assert stderr.getvalue() == "error: something fluxtune says\n"
+        assert stdout.getvalue() == "r16-a96 started (100 steps)\n"
         assert shown == ["a warning worth reading"]
         assert logging.getLogger("mlflow").level == logging.WARNING
         assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING"  # for MLflow imported later, and Ray workers
     finally:
         quiet_libraries(verbose=True)
-    assert sys.stderr is stderr and "MLFLOW_LOGGING_LEVEL" not in os.environ
+    assert sys.stderr is stderr and sys.stdout is stdout and "MLFLOW_LOGGING_LEVEL" not in os.environ
     assert logging.getLogger("mlflow").level == logging.NOTSET

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from typing import IO
@@ -29,7 +30,8 @@ QUIET_LEVELS = {
     "py.warnings": logging.ERROR,
 }
 # Lines libraries print straight to stderr (not through logging) that say nothing a fluxtune user acts on.
-QUIET_LINES = ("Successfully registered model ", "Created version ", "Registered model ")
+QUIET_PRINTS = re.compile(r"(\x1b\[[0-9;]*m)*(\((raylet|autoscaler)[^)]*\)|Successfully registered model |"
+                          r"Created version |Registered model )")
 # Warnings libraries emit inside their own `catch_warnings(); simplefilter("once")` (MLflow's pyfunc type-hint
 # advice), which no filter set here reaches: dropped where they are shown instead.
 QUIET_WARNINGS = ("Add type hints to the `predict` method",)
@@ -44,15 +46,16 @@ def make_console(file: IO[str] | None = None, stderr: bool = False) -> Console:
 console = make_console()
 
 
-class _QuietStderr:
-    """stderr without QUIET_LINES (MLflow prints them with print(), so logging levels cannot hide them)."""
+class _QuietStream:
+    """stdout/stderr without the lines libraries print directly (MLflow's registration notes with print(), Ray's
+    raylet warnings forwarded to the driver's stdout), which no logging level reaches."""
 
     def __init__(self, stream: IO[str]):
         self.stream = stream
         self._dropped = False
 
     def write(self, text: str) -> int:
-        dropped, self._dropped = self._dropped, text.startswith(QUIET_LINES)
+        dropped, self._dropped = self._dropped, bool(QUIET_PRINTS.match(text))
         if self._dropped or (dropped and text == "\n"):  # print() writes the line, then its newline
             return len(text)
         return self.stream.write(text)
@@ -85,13 +88,17 @@ def quiet_libraries(verbose: bool = False) -> None:
     # Ray Data's console handler ("Starting execution of Dataset …", plans, progress-bar advice) exists once
     # ray.data is imported: fluxtune.train.cluster.quiet_ray sets it when Ray starts.
     if verbose:
-        if isinstance(sys.stderr, _QuietStderr):
+        if isinstance(sys.stderr, _QuietStream):
             sys.stderr = sys.stderr.stream
+        if isinstance(sys.stdout, _QuietStream):
+            sys.stdout = sys.stdout.stream
         warnings.showwarning = getattr(warnings.showwarning, "shown_by", warnings.showwarning)
         warnings.filterwarnings("default", module="mlflow")
         return
-    if not isinstance(sys.stderr, _QuietStderr):
-        sys.stderr = _QuietStderr(sys.stderr)
+    if not isinstance(sys.stderr, _QuietStream):
+        sys.stderr = _QuietStream(sys.stderr)
+    if not isinstance(sys.stdout, _QuietStream):
+        sys.stdout = _QuietStream(sys.stdout)  # Ray's raylet warnings (its logs keep them)
     warnings.filterwarnings("ignore", module="mlflow")  # deprecation and advice meant for MLflow's own users
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # download bars in a log file
     if not hasattr(warnings.showwarning, "shown_by"):
