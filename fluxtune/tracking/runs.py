@@ -23,6 +23,8 @@ from fluxtune.tracking.buffer import BufferedClient, TrackingOffline
 from fluxtune.tracking.redact import redact_params, redact_text
 from fluxtune.tracking.samples import decode_samples
 from fluxtune.tracking.store import client, ensure_experiment, server_uri
+from fluxtune.tracking.views import (curve_points, draw_loss_curves, stage_row, stopped_note, system_monitors,
+                                     system_sample)
 
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 SWEEP_TAG = "fluxtune.sweep_id"
@@ -36,7 +38,6 @@ TRAINED_UNTIL_TAG = "fluxtune.trained_until"  # ms: when training ended (the run
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 STAGES_TABLE = "stages.json"  # one row per finished stage (MLflow table artifact)
 IMAGE_KEY = "samples"  # the image series of sample grids
-CURVES = ("loss", "val_loss")  # drawn into loss_curves.png at the end of a trial
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -55,12 +56,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 
 def stage_label(cycle: int, stage: str) -> str:
     return f"cycle{cycle}-{stage}"
-
-
-def is_stage_summary(key: str) -> bool:
-    """`lora/cycle1/val_loss`, a value reported once at a stage's end: a row of the stages table, not a curve."""
-    parts = key.split("/")
-    return len(parts) == 3 and parts[1].startswith("cycle") and parts[1][5:].isdigit()
 
 
 class SweepTracker:
@@ -233,37 +228,12 @@ class SweepTracker:
         run_id = self.trial_runs[trial_id]
         series = {k: [tuple(p) for p in v] for k, v in json.loads(result.get(steps_json_key) or "{}").items()}
         step = int(result.get(step_key, 0))
-        scalars = {}
-        for key, value in result.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_training_metric(key):
-                if result.get("stage_end") and (is_stage_summary(key) or key not in CURVE_AT_STAGE_END):
-                    continue  # reported once per stage: the stages table has it (log_stage_summary)
-                scalars[key] = [(step, value)]
-        scalars.update({k: [(step, v)] for k, v in self._system_sample().items()})
-        for key, points in scalars.items():
+        if self._system is None:
+            self._system = system_monitors()
+        scalars = {**curve_points(result), **system_sample(self._system)}  # a stage's other numbers: its table row
+        for key, points in {k: [(step, v)] for k, v in scalars.items()}.items():
             series.setdefault(key, []).extend(points)
         self.log_metrics(run_id, series)
-
-    def _system_sample(self) -> dict[str, float]:
-        """CPU/memory (and GPU where a monitor loads) of the driver's node, sampled at each report."""
-        if self._system is None:
-            from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-
-            self._system = [CPUMonitor()]
-            try:
-                from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-
-                self._system.append(GPUMonitor())
-            except Exception:  # no NVIDIA driver here: GPU metrics are simply not available
-                pass
-        out: dict[str, float] = {}
-        for monitor in self._system:
-            try:
-                monitor.collect_metrics()
-                out.update({f"system/{k}": float(v) for k, v in monitor.aggregate_metrics().items()})
-            finally:
-                monitor.clear_metrics()
-        return out
 
     # -- artifacts
     def log_samples(self, trial_id: str, encoded: str | None, step: int) -> list[int]:
@@ -286,12 +256,7 @@ class SweepTracker:
     def log_stage_summary(self, trial_id: str, result: dict[str, Any]) -> dict[str, Any]:
         """A stage-end result → one row of the trial's `stages.json` table (cycle, stage, global step, every
         number the stage reported: speed, transition time, validation scores). Returns the row."""
-        row: dict[str, Any] = {"cycle": int(result.get("cycle", 0)), "stage": str(result.get("stage", "")),
-                               "global_step": int(result.get("global_step", 0))}
-        for key, value in result.items():
-            if (isinstance(value, (int, float)) and not isinstance(value, bool) and _is_training_metric(key)
-                    and not is_stage_summary(key) and not key.startswith("system/") and key not in row):
-                row[key] = float(value)
+        row = stage_row(result)
         self.client.log_table(self.trial_runs[trial_id], data={k: [v] for k, v in row.items()},
                               artifact_file=STAGES_TABLE)  # appends: a table artifact grows a row per stage
         return row
@@ -320,27 +285,7 @@ class SweepTracker:
             self._draw_loss_curves(self.trial_runs[trial_id], trial_id)
 
     def _draw_loss_curves(self, run_id: str, trial_id: str) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")  # the driver has no display
-        from matplotlib.figure import Figure
-
-        figure = Figure(figsize=(7, 4))
-        axes = figure.subplots()
-        drawn = 0
-        for key in CURVES:
-            history = sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.step)
-            if history:
-                axes.plot([m.step for m in history], [m.value for m in history], label=key,
-                          marker="o" if key.startswith("val") else None)
-                drawn += 1
-        if not drawn:
-            return
-        axes.set_xlabel("global step")
-        axes.set_yscale("log")
-        axes.legend()
-        axes.set_title(f"trial {trial_id}")
-        self.client.log_figure(run_id, figure, "loss_curves.png")
+        draw_loss_curves(self.client, run_id, f"trial {trial_id}")
 
     def stage_checkpoints(self, trial_id: str) -> list[tuple[int, str, str]]:
         """(cycle, stage, local path) of every stage checkpoint the trial's run references, oldest first: a
@@ -371,9 +316,7 @@ class SweepTracker:
             scheduler, step, planned = stopped
             self.client.set_tag(run_id, STOPPED_BY_TAG, scheduler)
             self.client.set_tag(run_id, STOPPED_AT_TAG, str(step))
-            self.client.set_tag(run_id, NOTE_TAG, f"**Stopped early** by the {scheduler.upper()} scheduler at step "
-                                                  f"{step} of {planned}: its metric lagged behind other trials' at "
-                                                  "that point. Its curves end there; it is not a failure.")
+            self.client.set_tag(run_id, NOTE_TAG, stopped_note(scheduler, step, planned))
         self.client.set_tag(run_id, TRAINED_UNTIL_TAG, str(ended))
         self.client.set_terminated(run_id, status=status, end_time=ended)
 
@@ -402,13 +345,3 @@ class SweepTracker:
 
 def _as_uri(path: str) -> str:
     return path if "://" in path else Path(path).resolve().as_uri()
-
-
-# Reported at stage ends too, and also at every evaluation: points of a curve, not stage summaries.
-CURVE_AT_STAGE_END = {"val_loss", "masked_psnr", "masked_ssim"}
-_TUNE_BOOKKEEPING = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid",
-                     "time_since_restore", "iterations_since_restore", "global_step", "cycle"}
-
-
-def _is_training_metric(key: str) -> bool:
-    return key not in _TUNE_BOOKKEEPING and not key.startswith(("config", "_"))
