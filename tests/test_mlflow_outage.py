@@ -179,7 +179,7 @@ def test_a_server_outage_mid_sweep_loses_nothing_and_training_goes_on(tmp_path, 
                      f"--- stderr\n{err.text()[-6000:]}")
     try:
         try:
-            assert out.wait_for(" step 5:", sweep, timeout=240), shown()  # the first trial's first metrics
+            assert out.wait_for(" step 5/", sweep, timeout=240), shown()  # the first trial's first metrics
             phases.append(("first metrics", round(time.monotonic() - began)))
             stop_server(servers[0])
             phases.append(("server stopped", round(time.monotonic() - began)))
@@ -202,7 +202,7 @@ def test_a_server_outage_mid_sweep_loses_nothing_and_training_goes_on(tmp_path, 
         assert len([w for w in warnings if "unreachable (" in w]) == 1, shown()  # warned once
         assert any("answers again: logged" in w for w in warnings), shown()
         assert "still unreachable" not in err.text()
-        finished = [line for line in out.lines if line.startswith("trial ") and " finished" in line]
+        finished = [line for line in out.lines if " finished: " in line]
         assert len(finished) == 2, shown()  # every trial trained to its end
         assert not list(work.glob(f"runs/*/{SPILL_NAME}"))  # everything was sent
 

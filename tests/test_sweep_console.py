@@ -59,7 +59,7 @@ def test_progress_in_a_log_file_is_plain_lines_with_a_status_after_each_trial():
     board.ended("t3", "failed", "boom")
     lines = out.getvalue().splitlines()
     assert "\x1b" not in out.getvalue()  # no cursor movement or colour codes in a file
-    assert lines[0] == "r16-a96 started (100 steps): rank=16"
+    assert lines[0] == "r16-a96 started (trial t1, 100 steps): rank=16"
     assert "  r16-a96 step 40/100: val_loss=1.03 (cycle 0 full ended)" in lines
     assert "r8-a96 stopped early: asha stopped it at step 60 of 100" in lines
     assert lines[-1] == ("trials of 3: 0 running, 1 finished, 1 stopped, 1 failed (3 done); "

@@ -50,7 +50,9 @@ class SweepProgress:
         self.running[trial_id] = line
         labels = column_labels(config)
         sampled = ", ".join(f"{labels[k]}={format_value(v)}" for k, v in config.items())
-        self._event(f"[bold]{escape(name)}[/] started ({planned} steps){': ' + escape(sampled) if sampled else ''}")
+        # the Tune trial id names its folders under runs/<sweep>/ (checkpoints, error files)
+        self._event(f"[bold]{escape(name)}[/] started (trial {escape(trial_id)}, {planned} steps)"
+                    f"{': ' + escape(sampled) if sampled else ''}")
         if self.live:
             bars = self._live()
             line.task = bars.add_task(name, total=planned, completed=0, metric="")
