@@ -57,8 +57,9 @@ def shots(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=30_000)  # the UI fetches after it renders; a loaded machine takes seconds
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `make test` installs Debian's chromium"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
@@ -125,6 +126,9 @@ def test_a_trials_image_series_starts_at_step_0_with_a_labelled_grid(page, ui, s
     image = page.locator("img[src*='samples%2Bstep%2B0%2B'], img[src*='samples+step+0+']").first
     expect(image).to_be_visible()  # the image card opens at step 0: a grid, not "No image logged at this step"
     expect(page.get_by_text("No image logged at this step")).to_have_count(0)
+    card = page.locator("div").filter(has=page.get_by_text("samples", exact=True)).filter(has=image).last
+    card.get_by_role("button").first.click()  # the card's full-screen view
+    expect(page.get_by_role("dialog")).to_be_visible()
     page.screenshot(path=str(shots / "image-card.png"))
 
     first = next(a.path for a in client.list_artifacts(run.info.run_id, "images")
@@ -137,7 +141,7 @@ def test_a_trials_image_series_starts_at_step_0_with_a_labelled_grid(page, ui, s
     expect(shown).to_be_visible()
     page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=shown.element_handle())
     page.screenshot(path=str(shots / "sample-grid-in-the-ui.png"))
-    grid = Image.open(client.download_artifacts(run.info.run_id, first, str(shots)))
+    grid = Image.open(client.download_artifacts(run.info.run_id, first, str(shots.parent)))
     grid.save(shots / "sample-grid.png")
     # a header row naming source | mask | prediction | target, then one row per validation example shown (≤ 4)
     assert grid.width == len(COLUMNS) * PANEL and (grid.height - LABEL_HEIGHT) % PANEL == 0
