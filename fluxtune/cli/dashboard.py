@@ -65,4 +65,5 @@ def dashboard(
                    "--store", err=True)
         raise typer.Exit(2)
     serve("optuna-dashboard", lambda: start_dashboard(study_db, port, host, log_path=store / "dashboard.log"),
-          port, host, lambda url: [f"Optuna dashboard: {url}   (studies in {study_db}; Ctrl-C stops it)"])
+          port, host, lambda url: [f"Optuna dashboard: {url}   (studies in {study_db}; Ctrl-C stops it)"],
+          starting=f"starting optuna-dashboard on {study_db} ...")

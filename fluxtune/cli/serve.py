@@ -24,12 +24,15 @@ def _raise(signum: int, frame: object) -> None:
 
 
 def serve(what: str, start: Callable[[], tuple[subprocess.Popen, str]], port: int, host: str,
-          ready_lines: Callable[[str], list[str]]) -> None:
-    """Start with `start()`, print `ready_lines(url)`, wait until a signal or the server's own end, stop it."""
+          ready_lines: Callable[[str], list[str]], starting: str = "") -> None:
+    """Print `starting`, start with `start()`, print `ready_lines(url)`, wait until a signal or the server's own
+    end, stop it."""
     from fluxtune.serving import PortInUse, port_in_use, stop
 
     if port_in_use(port, host):  # before anything starts: the usual case, and the clearest message
         _port_taken(port, host)
+    if starting:
+        typer.echo(starting)
     before = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP)}
     process = None
     try:

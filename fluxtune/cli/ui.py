@@ -23,9 +23,8 @@ def ui(
     from fluxtune.tracking.store import default_store_dir
 
     store = (store or default_store_dir()).resolve()
-    typer.echo(f"starting the MLflow UI on {store} ...")
     serve("the MLflow server", lambda: start_server(store, port, log_path=store / "server.log", host=host),
-          port, host, lambda url: _ready_lines(url, store))
+          port, host, lambda url: _ready_lines(url, store), starting=f"starting the MLflow UI on {store} ...")
 
 
 def _ready_lines(url: str, store: Path) -> list[str]:
