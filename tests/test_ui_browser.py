@@ -4,11 +4,13 @@ the link `fluxtune ui` prints opens the training runs with the trials nested und
 series starts at step 0 with a labelled grid; a stopped trial says so; the registered model has its `candidate`
 alias, and `champion` set in the UI is what `fluxtune models list` then reports; the dashboard shows the study.
 
-Screenshots of the runs view, a sample grid, the stopped trial and the dashboard are kept in the session's
-temporary folder (`ui-screenshots/`, path printed with -s) for a person to look at."""
+Screenshots of the runs view, a sample grid, the image card, the stopped trial and the dashboard are kept for a
+person to look at: in $FLUXTUNE_UI_SCREENSHOTS, else the session's temporary folder (`ui-screenshots/`, printed
+with -s; pytest removes old ones)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -49,8 +51,8 @@ def ui(store):
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.getbasetemp() / "ui-screenshots"
-    folder.mkdir(exist_ok=True)
+    folder = Path(os.environ.get("FLUXTUNE_UI_SCREENSHOTS") or tmp_path_factory.getbasetemp() / "ui-screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
     print(f"\nscreenshots: {folder}")
     return folder
 
