@@ -170,7 +170,7 @@ class SweepTracker:
             self._reopen(existing)
             return existing
         run = self.client.create_run(
-            self.experiment_id, run_name=self._unique_name(name or f"trial-{trial_id}"),
+            self.experiment_id, run_name=self._unique_name(redact_text(name or f"trial-{trial_id}")),
             tags={**redact_params(tags), "mlflow.parentRunId": self.parent_run_id, "fluxtune.kind": "trial",
                   TRIAL_TAG: trial_id},
         )
