@@ -203,12 +203,17 @@ def _last_exception_line(text: str) -> str:
     return ((inner or lines or ["see the error file"])[-1])[:300]
 
 
-def trial_failure_line(trial_id: str, failure: TrialFailure, kept: str | None) -> str:
-    """The one console line of a failed trial: which, where, what, and where the full error is."""
+def trial_failure_detail(failure: TrialFailure, kept: str | None) -> str:
+    """What follows "<trial> failed" on its console line: where, who, what, and where the full error is."""
     where = f" in {failure.site.where()}" if failure.site else ""
     by = f", raised by {failure.site.component}" if failure.site and failure.site.component else ""
     full = f" (full error: {kept})" if kept else ""
-    return f"trial {trial_id} failed{where}{by}: {failure.error}{full}"
+    return f"{where}{by}: {failure.error}{full}"
+
+
+def trial_failure_line(trial_id: str, failure: TrialFailure, kept: str | None) -> str:
+    """The one console line of a failed trial: which, where, what, and where the full error is."""
+    return f"trial {trial_id} failed{trial_failure_detail(failure, kept)}"
 
 
 def trial_error_text(trial: Any) -> str:

@@ -7,16 +7,17 @@ import sys
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from fluxtune.cli import errors
+from fluxtune.cli.console import console, quiet_libraries
 from fluxtune.cli.errors import EXIT_FAILED, error_boundary
 
 # Typer's pretty tracebacks are off: `main` turns every exception into one line (--debug: the traceback).
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plugin-based Ray Tune experiments for fine-tuning FLUX.1-Fill-dev.")
-# Lines naming files stay whole for grep and logs; tables get room when the output is a file or a pipe.
-console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+
+VERBOSE_HELP = "show Ray worker logs and the INFO lines of Ray, Ray Data and MLflow"
 
 
 def _show_version(value: bool) -> None:
@@ -67,7 +68,7 @@ def search(
     resume: bool = typer.Option(False, "--resume", help="continue the latest unfinished sweep of this name"),
     more: int = typer.Option(0, "--more", min=0, help="add N trials to the latest finished sweep of this name"),
     address: Optional[str] = typer.Option(None, help="existing Ray cluster (default: start a local one)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray worker logs"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Run a hyper-parameter search: Optuna samples, each trial trains on one Ray Train worker group."""
     if resume and more:
@@ -84,7 +85,7 @@ def run(
     spec: str = typer.Argument(..., help="experiment YAML: a search file's `base`, or a sweep's best.yaml"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     address: Optional[str] = typer.Option(None, help="existing Ray cluster (default: start a local one)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray worker logs"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Run one experiment (the file's `base`) without a search."""
     _run(spec, set_, address, verbose, single=True)
@@ -127,6 +128,7 @@ def _run(spec_path: str, overrides: list[str], address: str | None, verbose: boo
     from fluxtune.cli.preflight import preflight
     from fluxtune.tracking.redact import redact_text
 
+    quiet_libraries(verbose)
     with error_boundary():
         checked = preflight(spec_path, overrides)
     spec = checked.spec.model_copy(update={"search": None}) if single else checked.spec
@@ -153,6 +155,8 @@ from fluxtune.cli.models import app as models_app  # noqa: E402
 app.add_typer(models_app, name="models")
 from fluxtune.cli.ui import ui  # noqa: E402
 app.command()(ui)
+from fluxtune.cli.dashboard import dashboard  # noqa: E402
+app.command()(dashboard)
 from fluxtune.cli.plan import plan  # noqa: E402
 app.command()(plan)
 
@@ -200,6 +204,7 @@ def main() -> None:
     from typer._click import exceptions as click
 
     argv = sys.argv[1:]
+    quiet_libraries()  # `-v` of run/search shows the libraries' chatter again
     # Read before parsing, so an error while plugins load or options parse also honours it.
     errors.debug = bool(os.environ.get("FLUXTUNE_DEBUG")) or "--debug" in argv
     _load_plugins(argv)

@@ -27,7 +27,7 @@ _PATTERN_MESSAGES = {
 }
 TOP_LEVEL_KEYS = tuple(SearchFile.model_fields)
 INT_LIMIT = 2**63  # every count, seed and size fits a signed 64-bit integer; beyond it numpy and Optuna overflow
-PROBE_METRICS = ("masked_psnr",)  # reported only by evaluations that run the inpainting probe
+PROBE_METRICS = ("masked_psnr", "masked_ssim")  # reported only by evaluations that run the inpainting probe
 
 
 def _key(loc: tuple[Any, ...]) -> str:

@@ -180,9 +180,11 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
                              plugins=plugins, reuse_stages=search.reuse_stages, max_failures=search.max_failures)
     reg = registry()
     callbacks = [MlflowSweepCallback(tracker, plugins, lambda config: sample_experiment(base, config, reg),
-                                     trial_storage, sweep_folder=str(folder)),
+                                     trial_storage, scheduler=search.scheduler.type, sweep_folder=str(folder)),
                  StageCacheRecorder(settings), StopFinishedRuns(record.sweep_id),
-                 ConsoleProgress(search.metric, console, sweep_folder=str(folder))]
+                 ConsoleProgress(search.metric, console, search.mode, more or search.num_samples, search.scheduler.type,
+                                 lambda config: planned_steps(sample_experiment(base, config, reg)),
+                                 sweep_folder=str(folder))]
 
     if resume:
         tune_dir = storage.join(trial_storage, "tune", record.tune_runs[-1])

@@ -98,6 +98,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress, transformer, restarted = _resume(transformer.to(device), config.get("initial_checkpoint"))
     if restarted:
         reporter.marks = {RESUMED_FROM_KEY: progress.global_step}
+    elif rank == 0:  # the starting weights (step 0: where MLflow's image slider opens; or a reused stage's end)
+        shared.samples.render(transformer, step=progress.global_step)
     try:
         # A resumed transformer is fp32 (exact in itself); one read in bf16 keeps its exact values in its folder.
         run_cycle(experiment, transformer, shared, progress, weights_folder=model_weights_folder(experiment["model"]))
