@@ -8,12 +8,11 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from fluxtune.cli.console import console
 from fluxtune.cli.errors import error_boundary
 
 app = typer.Typer(no_args_is_help=True, help="Check, prepare (latent cache) and generate training data.")
-console = Console(soft_wrap=True)  # lines naming files must stay whole for grep and logs
 
 
 def _model_spec(model: str, seed: int) -> dict:
