@@ -9,14 +9,14 @@ import torch
 
 from fluxtune.context import Reporter, Shared
 from fluxtune.flux.encoded import EncodedSet, ValidationSet, encode_examples, encoded_from_columns
-from fluxtune.flux.model import FluxBundle, build_tiny_fill, load_flux
+from fluxtune.flux.model import FluxBundle, build_preset, load_flux
 from fluxtune.tracking.registered import registered_transformer
 
 VAL_NOISE_SEED_OFFSET = 7_919  # validation noise never shares a stream with training noise
 
 
 def load_bundle(model: dict[str, Any]) -> FluxBundle:
-    bundle = build_tiny_fill(seed=model.get("seed", 0)) if model.get("preset") == "tiny-fill" else load_flux(model["path"])
+    bundle = build_preset(model["preset"], seed=model.get("seed", 0)) if model.get("preset") else load_flux(model["path"])
     if model.get("adapter"):  # start from a registered version (downloaded by the driver)
         bundle.transformer = registered_transformer(model["adapter"], bundle.transformer)
     return bundle
@@ -26,8 +26,8 @@ def load_transformer(model: dict[str, Any]) -> Any:
     """Only the transformer: with a latent cache a worker needs neither the VAE nor the text encoders."""
     if model.get("adapter"):  # start from a registered version (downloaded by the driver)
         return load_bundle(model).transformer
-    if model.get("preset") == "tiny-fill":
-        return build_tiny_fill(seed=model.get("seed", 0)).transformer
+    if model.get("preset"):
+        return build_preset(model["preset"], seed=model.get("seed", 0), parts=("transformer",)).transformer
     from fluxtune.flux.model import FluxTransformer2DModel, check_fill_layout
 
     transformer = FluxTransformer2DModel.from_pretrained(model["path"], subfolder="transformer", local_files_only=True)
