@@ -35,11 +35,34 @@ def cases(smoke: bool) -> list[dict]:
     return out
 
 
-def run_case(case: dict, device, warmup: int, timed: int) -> dict:
+class Weights:
+    """Each preset's initial weights, made once (seeded, on the CPU in fp32: the slow part) and copied into a fresh
+    transformer in the case's dtype on the device for every case (DeepSpeed and peft change the module they get)."""
+
+    def __init__(self):
+        self.name, self.state = None, None
+
+    def transformer(self, name: str, dtype, device):
+        import torch
+        from diffusers import FluxTransformer2DModel
+
+        from fluxtune.flux.model import build_preset
+        from fluxtune.flux.presets import preset
+
+        if name != self.name:
+            self.name, self.state = None, None  # free the previous preset's weights first
+            self.state = build_preset(name, parts=("transformer",)).transformer.state_dict()
+            self.name = name
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(**preset(name).transformer)
+        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in self.state.items()}, assign=True)
+        return model.train()
+
+
+def run_case(case: dict, device, warmup: int, timed: int, weights: Weights) -> dict:
     import torch
 
     from fluxtune.config.load import load_search_text
-    from fluxtune.flux.model import build_preset
     from fluxtune.flux.presets import preset
     from fluxtune.plan import mfu, plan_stages
     from stage_runs import experiment_yaml, run_stage
@@ -51,7 +74,7 @@ def run_case(case: dict, device, warmup: int, timed: int) -> dict:
     cuda = device.type == "cuda"
     # the dtype policy: bf16 module under DeepSpeed bf16, frozen bf16 base for LoRA on GPU; fp32 on the CPU
     dtype = torch.bfloat16 if cuda else torch.float32
-    transformer = build_preset(case["preset"], dtype=dtype, device=device, parts=("transformer",)).transformer
+    transformer = weights.transformer(case["preset"], dtype, device)
     memory = Peak(cuda)
     transformer.register_forward_pre_hook(lambda module, args: memory.start())
     with memory:
@@ -126,12 +149,12 @@ def main() -> None:
     print(f"fluxtune GPU check on {name}, torch {torch.__version__}: {warmup} warm-up + {timed} timed steps per case")
     print(f"{'case':38} {'step s':>8} {'samples/s':>10} {'TFLOP':>8} {'MFU':>6} {'peak GiB':>9} {'plan GiB':>9} "
           f"{'plan/peak':>9}")
-    results, started = [], time.perf_counter()
+    results, started, weights = [], time.perf_counter(), Weights()
     for case in cases(args.smoke):
         label = f"{case['stage']}:{case['preset']}:{case['resolution']}px:b{case['batch']}"
         if args.only not in label:
             continue
-        result = run_case(case, device, warmup, timed)
+        result = run_case(case, device, warmup, timed, weights)
         results.append(result)
         print(f"{label:38} {result['step_s']:8.3f} {result['samples_per_s']:10.2f} {result['tflop_per_step']:8.2f} "
               f"{result['mfu'] * 100:5.1f}% {result['peak_gib']:9.3f} {result['plan_gib']:9.3f} "
