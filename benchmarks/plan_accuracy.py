@@ -137,6 +137,19 @@ def child(argument: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def predicted_forward(run: dict) -> float:
+    """The plan's bytes at the end of forward (activations at their largest), to compare with the forward phase."""
+    from fluxtune.flux.presets import preset
+    from fluxtune.plan import Workload
+    from fluxtune.plan.stages import full_stage_step, lora_stage_step
+
+    base, spec = experiment(run), preset(run["preset"])
+    stage = base["stages"][0]
+    work = Workload(base["data"]["resolution"], base["data"]["batch_size"], spec.t5_max_length)
+    build = lora_stage_step if stage["type"] == "lora" else full_stage_step
+    return build(stage, spec.transformer, 2 if run["stage"] == "ddp" else 1, work, "cpu")[0].forward_peak()
+
+
 def predicted(run: dict):
     from fluxtune.flux.presets import preset
     from fluxtune.plan import plan_stages
@@ -156,9 +169,12 @@ def print_run(result: dict) -> None:
     plan = predicted(run)
     result["plan"], result["plan_moment"] = plan.total * GiB, plan.moment
     cell = lambda key: f"{phases.get(key, 0) / GiB:7.3f}"  # noqa: E731
+    forward = predicted_forward(run)
+    result["plan_forward"] = forward
     print(f"{name(run):34} {result['params'] / 1e9:7.3f}B {result['peak'] / GiB:9.3f} {plan.total:9.3f} "
           f"{(plan.total * GiB / result['peak'] - 1) * 100:+6.1f}% {plan.moment[:8]:>8} {result['rss_peak'] / GiB:8.3f} "
-          f"{cell('forward')} {cell('backward')} {cell('step')} {result['seconds']:6.0f}", flush=True)
+          f"{cell('forward')} {forward / GiB:8.3f} {(forward / phases['forward'] - 1) * 100:+6.1f}% "
+          f"{cell('backward')} {cell('step')} {result['seconds']:6.0f}", flush=True)
 
 
 def print_blocks(rows: list[dict], smoke: bool) -> None:
@@ -191,7 +207,7 @@ def main() -> None:
         return
     saved = json.loads(args.replay.read_text()) if args.replay else None
     print(f"{'configuration':34} {'params':>8} {'measured':>9} {'plan':>9} {'error':>7} {'at':>8} {'RSS':>8} "
-          f"{'fwd':>7} {'bwd':>7} {'step':>7} {'s':>6}  (GiB; fwd/bwd/step: measured peak per phase)")
+          f"{'fwd':>7} {'fwd plan':>8} {'error':>7} {'bwd':>7} {'step':>7} {'s':>6}")
     results = []
     for result in (r for r in saved if "run" in r) if saved else (
             child(run) for run in configurations(args.smoke) if any(o in name(run) for o in args.only.split(","))):
@@ -200,6 +216,9 @@ def main() -> None:
     blocks = next((r["blocks"] for r in saved if "blocks" in r), None) if saved else None
     if blocks is None and not saved and not args.no_blocks and (not args.only or "blocks" in args.only.split(",")):
         blocks = child({"blocks": True, "smoke": args.smoke})
+    print("GiB per worker. measured: peak of live tensor bytes over the steps; plan: fluxtune.plan's peak and the "
+          "moment it names; fwd/bwd/step: the measured peak in each phase; fwd plan: the plan at the end of forward; "
+          "*: held out from fitting")
     if blocks:
         print_blocks(blocks, args.smoke)
         results.append({"blocks": blocks})

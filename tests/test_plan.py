@@ -168,6 +168,12 @@ def test_optimizer_states_per_parameter(optimizer, low, high):
     assert low <= step.static["optimizer"] / P <= high and optimizer in detail
 
 
+def test_under_zero_adafactor_cannot_factor_the_flat_partition():
+    stage = {"name": "f", "type": "full", "strategy": "deepspeed", "optimizer": {"type": "adafactor", "lr": 1e-4}}
+    step, _ = full_stage_step(stage, FLUX_FILL_DEV_TRANSFORMER, 8, AT_1024, "cuda")
+    assert step.static["optimizer"] == (4 + 4) * P / 8  # fp32 master + a full second moment, partitioned
+
+
 def test_what_the_planner_cannot_size_is_unknown_not_guessed():
     experiment = {"data": {"resolution": 512, "batch_size": 1}, "stages": [
         {"name": "ema", "type": "ema_full"},

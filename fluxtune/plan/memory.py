@@ -99,13 +99,17 @@ class Step:
         out = self.config.get("out_channels") or self.config["in_channels"]
         self.activations["head"] += (3 * self.d * width + 4 * out * 4) * image  # norm, modulation; fp32 loss terms
 
+    def forward_peak(self) -> float:
+        """Bytes at the end of forward: static state, every activation, the last block's temporaries."""
+        return (sum(self.static.values()) + sum(self.activations.values()) + self.forward_temporary
+                + self.held_gradients)
+
     def walk(self) -> tuple[float, str, dict[str, float]]:
         """(peak bytes, the moment it happens, what is alive then by kind)."""
         static = sum(self.static.values()) + sum(self.backward_buffers.values())
         remaining = sum(self.activations.values())
         done = self.held_gradients
-        forward = sum(self.static.values()) + remaining + self.forward_temporary + done
-        best = (forward, "forward", {"activations": remaining, "forward temporaries": self.forward_temporary,
+        best = (self.forward_peak(), "forward", {"activations": remaining, "forward temporaries": self.forward_temporary,
                                      "gradients": done})
         for name in reversed(segments(self.config)):
             # A part's backward starts with all its activations and none of its gradients, and ends the other way
@@ -155,12 +159,14 @@ def adapter_activations(step: Step, targets: list[str], rank: int, dropout: floa
         kept[segment] += per_token * tokens
 
 
-def optimizer_state_bytes(name: str, layers: list[Linear], trainable: int, params: dict[str, Any]) -> float:
-    """States of optimizer `name` over fp32 parameters; Adafactor factors matrices into a row and a column."""
+def optimizer_state_bytes(name: str, layers: list[Linear], trainable: int, params: dict[str, Any],
+                          flat: bool = False) -> float:
+    """States of optimizer `name` over fp32 parameters. Adafactor factors each matrix's second moment into a row and
+    a column (plus a full one for biases); over a flat 1-D partition (`flat`, DeepSpeed) it keeps a full one."""
     from fluxtune.plan import OPTIMIZER_STATE_BYTES
 
     if name == "adafactor":
-        factored = sum(4 * (layer.inputs + layer.outputs) + 4 * layer.outputs for layer in layers)
+        second_moment = 4.0 * trainable if flat else sum(4 * (layer.inputs + 2 * layer.outputs) for layer in layers)
         first_moment = 4 * trainable if params.get("beta1") is not None else 0
-        return float(factored + first_moment)
+        return float(second_moment + first_moment)
     return OPTIMIZER_STATE_BYTES[name] * trainable

@@ -26,9 +26,12 @@ def _compute_dtype(stage: dict[str, Any], device: str) -> str:
 
 
 def _step_temporary(optimizer: str, device: str, largest: float) -> float:
-    """An optimizer step's own temporaries: torch's fused AdamW (the GPU default) none; the single-tensor loop (CPU)
-    and other optimizers two fp32 temporaries of the largest tensor they update (AdamW: sqrt(v), then / bias)."""
-    return 0.0 if (optimizer == "adamw" and device == "cuda") else 8.0 * largest
+    """An optimizer step's own temporaries: torch's fused AdamW (the GPU default) and bitsandbytes' blockwise 8-bit
+    AdamW none; AdamW's single-tensor loop (CPU), Prodigy and Adafactor about two fp32 temporaries of the largest
+    tensor they update (AdamW: sqrt(v), then its division). Under DeepSpeed that tensor is the whole flat partition."""
+    if optimizer == "adamw8bit" or (optimizer == "adamw" and device == "cuda"):
+        return 0.0
+    return 8.0 * largest
 
 
 def full_stage_memory(stage: dict[str, Any], config: dict[str, Any], gpus: int, work: Any, device: str):
@@ -50,8 +53,9 @@ def full_stage_step(stage: dict[str, Any], config: dict[str, Any], gpus: int, wo
     params = parameter_count(config)
     largest = max(layer.inputs * layer.outputs for layer in layers)
     step = Step(config, {"image": work.image_tokens, "text": work.text_tokens}, work.batch, device)
-    states = optimizer_state_bytes(optimizer, layers, params, optimizer_params)
     if strategy == "deepspeed":
+        # ZeRO hands the optimizer one flat 1-D partition: Adafactor cannot factor it (a full second moment)
+        states = optimizer_state_bytes(optimizer, [], params, optimizer_params, flat=True)
         ds = stage.get("deepspeed") or {}
         zero, bf16, offload = int(ds.get("zero_stage", 2)), bool(ds.get("bf16", True)), bool(
             ds.get("offload_optimizer", False))
@@ -79,6 +83,7 @@ def full_stage_step(stage: dict[str, Any], config: dict[str, Any], gpus: int, wo
         detail = (f"DeepSpeed ZeRO-{zero}{' bf16' if bf16 else ''}{' + optimizer offload' if offload else ''}"
                   + (" (ZeRO-1/3: approximate)" if zero != 2 else ""))
     else:
+        states = optimizer_state_bytes(optimizer, layers, params, optimizer_params)
         dtype = _compute_dtype(stage, device)
         step.static["weights"] = 4.0 * params
         step.static["optimizer"] = states
