@@ -11,7 +11,7 @@ import torch
 from fluxtune.canonical import cast
 from fluxtune.context import Reporter, Shared
 from fluxtune.flux.encoded import EncodedSet, ValidationSet, encode_examples, encoded_from_columns
-from fluxtune.flux.model import FluxBundle, build_tiny_fill, load_flux
+from fluxtune.flux.model import FluxBundle, build_preset, load_flux
 from fluxtune.tracking.registered import registered_transformer
 
 VAL_NOISE_SEED_OFFSET = 7_919  # validation noise never shares a stream with training noise
@@ -22,8 +22,8 @@ def load_bundle(model: dict[str, Any], dtype: torch.dtype | None = None,
     """The model's parts; the transformer in `dtype` on `device` (default fp32, CPU), the rest fp32 on the CPU. A
     registered version's transformer stays fp32 (its merged weights exist nowhere else)."""
     registered = model.get("adapter")  # start from a registered version (downloaded by the driver)
-    if model.get("preset") == "tiny-fill":
-        bundle = build_tiny_fill(seed=model.get("seed", 0))
+    if model.get("preset"):
+        bundle = build_preset(model["preset"], seed=model.get("seed", 0))
     else:
         bundle = load_flux(model["path"], transformer_dtype=None if registered else dtype, transformer_device=device)
     if registered:  # merged in fp32 and kept so: the first stage saves those exact values before it rounds them
@@ -40,8 +40,9 @@ def load_transformer(model: dict[str, Any], dtype: torch.dtype | None = None,
     is built in fp32 and cast (its canonical weights are then its values in `dtype`)."""
     if model.get("adapter"):  # start from a registered version (downloaded by the driver)
         return load_bundle(model, dtype, device).transformer
-    if model.get("preset") == "tiny-fill":
-        return cast(build_tiny_fill(seed=model.get("seed", 0)).transformer, dtype, device)
+    if model.get("preset"):
+        return build_preset(model["preset"], seed=model.get("seed", 0), dtype=dtype, device=device,
+                            parts=("transformer",)).transformer
     from fluxtune.flux.model import FluxTransformer2DModel, check_fill_layout
 
     transformer = FluxTransformer2DModel.from_pretrained(model["path"], subfolder="transformer",

@@ -11,12 +11,13 @@ import typer
 
 from fluxtune.cli.console import console
 from fluxtune.cli.errors import error_boundary
+from fluxtune.flux.presets import PRESET_NAMES
 
 app = typer.Typer(no_args_is_help=True, help="Check, prepare (latent cache) and generate training data.")
 
 
 def _model_spec(model: str, seed: int) -> dict:
-    return {"preset": model, "seed": seed} if model == "tiny-fill" else {"path": model}
+    return {"preset": model, "seed": seed} if model in PRESET_NAMES else {"path": model}
 
 
 BUCKETS_HELP = "aspect-ratio buckets: 'auto' or sizes like 80x48,64x64,48x80 (as data.buckets)"
@@ -84,8 +85,8 @@ def _check_settings(resolution: int | None, mask_threshold: float) -> None:
 def prepare(
     jsonl: str = typer.Argument(..., help="dataset JSONL to encode"),
     resolution: int = typer.Option(64, help="square training resolution, a multiple of 16"),
-    model: str = typer.Option("tiny-fill", help="'tiny-fill' or a local FLUX.1-Fill-dev diffusers folder"),
-    seed: int = typer.Option(0, help="initialisation seed of the tiny-fill preset"),
+    model: str = typer.Option("tiny-fill", help=f"a preset ({', '.join(PRESET_NAMES)}) or a local FLUX.1-Fill-dev diffusers folder"),
+    seed: int = typer.Option(0, help="initialisation seed of a preset"),
     mask_threshold: float = typer.Option(0.5, help="mask grey level at or above which pixels are inpainted"),
     val_jsonl: Optional[str] = typer.Option(None, help="explicit validation JSONL (cached with the rows)"),
     skip: bool = typer.Option(False, "--skip", help="drop bad rows instead of failing (as on_bad_rows: skip)"),
@@ -108,7 +109,7 @@ def prepare(
             from fluxtune.config.errors import InputError
 
             raise InputError.single("<command line>", str(error)) from None
-        if model != "tiny-fill":  # a folder that is no FLUX.1-Fill fails here, not inside a Ray task
+        if model not in PRESET_NAMES:  # a folder that is no FLUX.1-Fill fails here, not inside a Ray task
             from fluxtune.config.errors import InputError
             from fluxtune.flux.layout import fill_transformer_config
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fluxtune.api import CallbackSpec, LossSpec, TimestepSamplerSpec
+from fluxtune.flux.presets import PRESET_NAMES
 
 SCHEMA_VERSION = 1
 # Names become folder names (runs/<name>, MLflow artifact folders), MLflow experiment and model names, and parts of
@@ -26,7 +27,8 @@ class Closed(BaseModel):
 
 
 class ModelSpec(Closed):
-    preset: Literal["tiny-fill"] | None = None
+    preset: Literal[PRESET_NAMES] | None = Field(None, description="a model built without a download: "
+                                                                    + ", ".join(PRESET_NAMES))
     path: str | None = None
     seed: int = Field(0, description="initialisation seed of a preset")
     guidance: float = Field(30.0, description="guidance embedding value (FluxFillPipeline's default is 30)")
@@ -39,7 +41,7 @@ class ModelSpec(Closed):
         if self.adapter is not None and self.preset is None and self.path is None:
             return self  # the registered version names its base
         if (self.preset is None) == (self.path is None):
-            raise ValueError("give exactly one of 'preset' (tiny-fill) or 'path' (a FLUX.1-Fill-dev folder)")
+            raise ValueError("give exactly one of 'preset' (e.g. tiny-fill) or 'path' (a FLUX.1-Fill-dev folder)")
         return self
 
 

@@ -108,14 +108,15 @@ def merge_adapter(ctx: Any, adapter: Any, model: Any) -> None:
     from fluxtune.canonical import FP32, LiveWeights, MergedWeights, assign, weights_dtype
 
     base_dtype = weights_dtype(model)
+    canonical = ctx.weights if ctx.weights is not None else LiveWeights(model)  # None: the live module's values
     if hasattr(adapter, "take_deltas"):
         deltas = adapter.take_deltas(model)  # the adapter layers are gone, the base untouched
-        merged = MergedWeights(ctx.weights, deltas)
+        merged = MergedWeights(canonical, deltas)
         assign(model, merged, base_dtype, names=list(deltas))
         ctx.trained_weights = LiveWeights(model) if base_dtype == FP32 else merged
     else:
         if base_dtype != FP32:
-            assign(model, ctx.weights, FP32)
+            assign(model, canonical, FP32)
         ctx.transformer = model = adapter.merge(model)
         ctx.trained_weights = LiveWeights(model)
     model.requires_grad_(True)  # every parameter trains in the next full stage

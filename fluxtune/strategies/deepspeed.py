@@ -148,7 +148,7 @@ def train_with_deepspeed(ctx: Any, stage_params: Any) -> dict[str, float]:
     config = deepspeed_config(ds, ctx.shared.batch_size, ctx.world_size, stage_params.max_grad_norm, micro_batches)
     engine_started = time.perf_counter()
     engine = start_engine(model, optimizer, config, ctx.device.type, ds.cpu_shm_allreduce)
-    if ds.bf16:
+    if ds.bf16 and ctx.weights is not None:  # None: the module's own values are the canonical ones
         load_masters(engine, ctx.weights)
     engine_start_s = time.perf_counter() - engine_started
     scheduler = lr_schedule(optimizer, stage_params, ctx.steps)

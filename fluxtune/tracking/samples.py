@@ -97,10 +97,10 @@ def flux_sigmas(steps: int, image_seq_len: int) -> list[float]:
 
 def load_vae(model: dict[str, Any]) -> Any:
     """The model's VAE alone (a latent-cache worker has no bundle)."""
-    if model.get("preset") == "tiny-fill":
-        from fluxtune.flux.model import build_tiny_fill
+    if model.get("preset"):
+        from fluxtune.flux.model import build_preset
 
-        return build_tiny_fill(seed=model.get("seed", 0)).vae
+        return build_preset(model["preset"], seed=model.get("seed", 0), parts=("vae",)).vae
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_pretrained(model["path"], subfolder="vae", local_files_only=True)
