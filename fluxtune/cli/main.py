@@ -126,7 +126,7 @@ def _dry_run(spec_path: str, overrides: list[str], n: int) -> None:
 def _run(spec_path: str, overrides: list[str], address: str | None, verbose: bool, single: bool = False,
          resume: bool = False, more: int = 0) -> None:
     from fluxtune.cli.preflight import preflight
-    from fluxtune.tracking.redact import redact_text
+    from fluxtune.redact import redact_text
 
     quiet_libraries(verbose)
     with error_boundary():
@@ -147,7 +147,9 @@ def _run(spec_path: str, overrides: list[str], address: str | None, verbose: boo
         raise typer.Exit(EXIT_FAILED)
 
 
-import fluxtune.cli.plugins  # noqa: E402,F401  (adds `fluxtune plugins` to `app`)
+from fluxtune.cli.plugins import list_plugins  # noqa: E402
+
+app.command("plugins")(list_plugins)
 from fluxtune.cli.data import app as data_app  # noqa: E402
 
 app.add_typer(data_app, name="data")

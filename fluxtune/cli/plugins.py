@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from fluxtune.cli.errors import error_boundary
-from fluxtune.cli.main import app, console
+from fluxtune.cli.console import console
 
 
 def describe(include_builtins: bool) -> list[dict[str, Any]]:
@@ -36,7 +36,6 @@ def describe(include_builtins: bool) -> list[dict[str, Any]]:
     return out
 
 
-@app.command("plugins")
 def list_plugins(
     all_: bool = typer.Option(False, "--all", help="include fluxtune's built-in plugins"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from fluxtune import storage
+from fluxtune.redact import redact_params, redact_text
 from fluxtune.tracking.buffer import BufferedClient, TrackingOffline
-from fluxtune.tracking.redact import redact_params, redact_text
 from fluxtune.tracking.samples import decode_samples
 from fluxtune.tracking.store import client, ensure_experiment, server_uri
 from fluxtune.tracking.views import (curve_points, draw_loss_curves, stage_row, stopped_note, system_monitors,

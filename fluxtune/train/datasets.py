@@ -75,13 +75,19 @@ def prepare_sweep_data(jsonl: str, base: dict[str, Any], cache_dir: str | os.Pat
     selection = select_rows(jsonl, base["data"])
     cache_dir = cache_dir if cache_dir is not None else base["data"].get("cache_dir")
     rows = cache_rows(selection)
-    found = [ensure_cache(rows, base["model"], preprocessing_of(data), cache_dir)
+    found = [ensure_cache(rows, base["model"], preprocessing_of(data), cache_dir, _start_local_ray)
              for data in data_variants(base["data"], space)]
     caches = [cache for cache, _ in found]
     source = str(caches[0].path) if len(caches) == 1 else write_cache_set(caches, cache_dir)
     return PreparedData(source=source, rows=caches[0].manifest["rows"], skipped_rows=len(selection.skipped),
                         cache_key=",".join(c.key for c in caches), cache_built=any(b for _, b in found),
                         build_s=sum(c.manifest["build_s"] for c in caches), caches=len(caches))
+
+
+def _start_local_ray() -> None:
+    from fluxtune.train.cluster import start_ray
+
+    start_ray(None, os.cpu_count() or 1)
 
 
 def build_datasets(source: str, data: dict[str, Any], seed: int, model: dict[str, Any] | None = None

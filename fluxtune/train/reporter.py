@@ -17,6 +17,9 @@ from fluxtune.tracking.samples import SAMPLES_KEY, encode_samples
 
 STEP_METRICS_KEY = "fluxtune_steps"  # JSON: {metric: [[step, value], ...]}, unpacked by the tracking callback
 NODE_KEY = "node"  # the Ray node id of rank 0, sent at stage ends: which machine of a cluster ran the trial
+RESUMED_FROM_KEY = "resumed_from_step"  # with every report of an attempt that restarted from its own checkpoint
+WORKER_FAILURES_KEY = "worker_failures"  # with every report after a worker failure: how many this Train run had
+LAST_FAILURE_KEY = "last_worker_failure"  # which rank failed and how (text)
 
 
 class RayReporter:
