@@ -65,6 +65,12 @@ def preprocessing_of(data: dict[str, Any]) -> Preprocessing:
                          buckets=None if buckets is None else tuple(buckets))
 
 
+def _start_local_ray() -> None:
+    from fluxtune.train.cluster import start_ray
+
+    start_ray(None, os.cpu_count() or 1)
+
+
 def prepare_sweep_data(jsonl: str, base: dict[str, Any], cache_dir: str | os.PathLike | None = None,
                        space: dict[str, Any] | None = None) -> PreparedData:
     """Check rows and find or build the latent cache, once per sweep, in the driver (never per trial).
@@ -82,12 +88,6 @@ def prepare_sweep_data(jsonl: str, base: dict[str, Any], cache_dir: str | os.Pat
     return PreparedData(source=source, rows=caches[0].manifest["rows"], skipped_rows=len(selection.skipped),
                         cache_key=",".join(c.key for c in caches), cache_built=any(b for _, b in found),
                         build_s=sum(c.manifest["build_s"] for c in caches), caches=len(caches))
-
-
-def _start_local_ray() -> None:
-    from fluxtune.train.cluster import start_ray
-
-    start_ray(None, os.cpu_count() or 1)
 
 
 def build_datasets(source: str, data: dict[str, Any], seed: int, model: dict[str, Any] | None = None
