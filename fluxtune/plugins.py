@@ -30,7 +30,6 @@ DEFAULT_PLUGINS = (
     "fluxtune.default_plugins.optimizers",
 )
 HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("register_"))
-_changes = 0  # how often the loaded plugin set changed: the registry (built from it) rebuilds on a new count
 
 
 @dataclass(frozen=True)
@@ -140,6 +139,9 @@ def build_plugin_manager() -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]
 def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
     """The process-wide plugin manager (built once)."""
     return build_plugin_manager()
+
+
+_changes = 0  # how often the loaded plugin set changed: the registry (built from it) rebuilds on a new count
 
 
 def changes() -> int:
