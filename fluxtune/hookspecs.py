@@ -106,6 +106,24 @@ def register_optimizers(register: Register) -> None:
 
 
 @hookspec
+def validate_experiment(experiment: dict[str, Any], model: dict[str, Any] | None) -> list[Any] | None:
+    """Check a resolved experiment against the model it will train, before anything runs.
+
+    When: in the CLI process, at `fluxtune validate`, `fluxtune search --dry-run` and before Ray starts for
+    `fluxtune search`/`run`: once for the base experiment and once per corner value of each searched key
+    (each choice; a range's low and high). Keep it cheap and import-light (no torch): `validate` runs it.
+    Arguments: `experiment`, the resolved experiment as a dict (every component's params with defaults filled;
+    `stages` a list of dicts with `name`, `type`, `steps` and the stage's params); `model`, the transformer's
+    diffusers config read without weights (`num_layers` double blocks, `num_single_layers`,
+    `num_attention_heads`, `attention_head_dim`, `in_channels`, …), or None when the experiment starts from a
+    registered version that does not name its base. Implementations may take only the arguments they need.
+    Returns: the problems found, each a message or a `(key, message)` pair whose `key` is a dotted path of the
+    experiment as in `search.space` (`stages.lora.adapter.blocks`), shown at that key's YAML line; None or an
+    empty list when all is well. Each problem is one line naming the plugin, and the command exits with 2.
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add sub-commands to the `fluxtune` CLI.
 
