@@ -357,7 +357,8 @@ def test_bad_input_is_refused_with_one_line_naming_the_culprit(case: Case, workd
     env = {**os.environ, **case.env, "PYTHONDONTWRITEBYTECODE": "1"}
     if case.site:
         case.site(tmp_path / "site")
-        env["PYTHONPATH"] = str(tmp_path / "site")
+        # the fake site first; a PYTHONPATH already set (a checkout tested with an editable install elsewhere) after
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path / "site"), os.environ.get("PYTHONPATH")) if p)
     before = snapshot(tmp_path)
 
     for command in case.commands:
