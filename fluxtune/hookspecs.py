@@ -9,7 +9,8 @@ called once per process (the CLI/driver and each Ray worker) when the registry i
 
 - `name`: what a YAML uses as `type:`; unique per kind (a duplicate is an error naming both plugins).
 - `factory(params)`: builds the component from its validated `params`, an instance of the `params` model.
-- `params`: a `fluxtune.Params` subclass (closed pydantic model) checked at `fluxtune validate` time.
+- `params`: a `fluxtune.Params` subclass (closed pydantic model) checked at `fluxtune validate` time; a plain
+  pydantic model is registered as a closed subclass of itself, so a misspelt key is an error, never ignored.
 - `replace=True`: deliberately take over a name another plugin (e.g. a built-in) registered first.
 
 Keep implementations cheap: import torch/diffusers inside the factory, not at module level, because they run
