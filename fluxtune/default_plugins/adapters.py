@@ -132,7 +132,8 @@ def register_adapters(register):
 
 @fluxtune.hookimpl
 def validate_experiment(experiment, model):
-    """LoRA targets name Linear layers of this model, at `fluxtune validate` already: listed from its config."""
+    """Adapter `targets` name Linear layers of this model, at `fluxtune validate` already (listed from its config):
+    any adapter's `targets` list, since peft-based ones (this LoRA, plugins' DoRA) all skip unknown names silently."""
     if model is None:  # a registered version that does not name its base: checked when the stage attaches
         return []
     from fluxtune.plan.inventory import linear_layers
@@ -141,7 +142,7 @@ def validate_experiment(experiment, model):
     problems = []
     for stage in experiment["stages"]:
         adapter = stage.get("adapter")
-        if isinstance(adapter, dict) and adapter.get("type") == "lora":
+        if isinstance(adapter, dict) and isinstance(adapter.get("targets"), list):
             try:
                 check_target_names(names, adapter["targets"])
             except ValueError as exc:
