@@ -194,7 +194,7 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
             except PathError as exc:
                 out.add(("search", "space", path), f"not a key of base: {exc}")
                 continue
-            for value in _corner_values(dist):
+            for value in dist.corners():
                 try:
                     sample_experiment(base, {path: value}, reg)
                 except InputError as exc:
@@ -276,12 +276,6 @@ def _check_conditions(path: str, dist: Any, searched: list[str], base: dict[str,
             get_path(base, key)
         except PathError as exc:
             out.add(("search", "space", path, "when", key), f"not a key of base or the space: {exc}")
-
-
-def _corner_values(dist: Any) -> list[Any]:
-    if dist.type == "categorical":
-        return list(dist.choices)
-    return [dist.low, dist.high]
 
 
 def sample_experiment(base: dict[str, Any], values: dict[str, Any], reg: Registry) -> dict[str, Any]:
