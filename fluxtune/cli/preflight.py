@@ -133,7 +133,7 @@ def _corner_experiments(spec: SearchFile, base: dict[str, Any]) -> Iterator[tupl
     from fluxtune.registry import registry
 
     for path, dist in (spec.search.space.items() if spec.search else ()):
-        for value in (list(dist.choices) if dist.type == "categorical" else [dist.low, dist.high]):
+        for value in dist.corners():
             yield path, value, sample_experiment(base, {path: value}, registry())
 
 
