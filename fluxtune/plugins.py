@@ -141,6 +141,19 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
     return build_plugin_manager()
 
 
+_changes = 0  # how often the loaded plugin set changed: the registry (built from it) rebuilds on a new count
+
+
+def changes() -> int:
+    """A count that moves whenever the loaded plugins change (reset, add_plugin, remove_plugin)."""
+    return _changes
+
+
+def _changed() -> None:
+    global _changes
+    _changes += 1
+
+
 def plugin_set() -> dict[str, str]:
     """name → 'distribution==version' of every loaded plugin: pinned by the driver, checked in workers."""
     _, infos = plugin_manager()
@@ -149,10 +162,8 @@ def plugin_set() -> dict[str, str]:
 
 def reset() -> None:
     """Forget the process-wide plugin manager and registry; the next use rebuilds both."""
-    from fluxtune.registry import registry
-
     plugin_manager.cache_clear()
-    registry.cache_clear()
+    _changed()
 
 
 def use_plugin_set(expected: dict[str, str] | None) -> None:
@@ -199,7 +210,7 @@ def add_plugin(plugin: Any, name: str, distribution: str = "<in-process>", versi
         raise InputError(problems)
     source = getattr(plugin, "__name__", None) or f"{type(plugin).__module__}.{type(plugin).__qualname__}"
     infos[name] = info = PluginInfo(name, distribution, version, builtin=False, source=source)
-    _forget_registry()
+    _changed()
     return info
 
 
@@ -208,13 +219,7 @@ def remove_plugin(name: str) -> None:
     if pm.has_plugin(name):
         pm.unregister(name=name)
     infos.pop(name, None)
-    _forget_registry()
-
-
-def _forget_registry() -> None:
-    from fluxtune.registry import registry
-
-    registry.cache_clear()
+    _changed()
 
 
 def command_names(pm: pluggy.PluginManager) -> dict[str, list[str]]:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Callable
 
 import pluggy
 from pydantic import BaseModel, ConfigDict
 
+from fluxtune import plugins
 from fluxtune.api import ComponentSpec, Params
 
 KINDS = {
@@ -193,9 +193,13 @@ def build_registry(pm: pluggy.PluginManager, infos: dict[str, Any] | None = None
     return registry
 
 
-@lru_cache(maxsize=1)
-def registry() -> Registry:
-    """The process-wide registry, built from the process-wide plugin manager."""
-    from fluxtune.plugins import plugin_manager
+_built: tuple[int, Registry] | None = None  # (plugins.changes() it was built at, the registry)
 
-    return build_registry(*plugin_manager())
+
+def registry() -> Registry:
+    """The process-wide registry, built from the process-wide plugin manager (again after plugins change)."""
+    global _built
+    changes = plugins.changes()
+    if _built is None or _built[0] != changes:
+        _built = (changes, build_registry(*plugins.plugin_manager()))
+    return _built[1]

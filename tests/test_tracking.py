@@ -96,12 +96,28 @@ def test_results_become_step_metrics_and_system_metrics(uri, exp):
     tracker = SweepTracker(uri, exp, "s-1")
     tracker.start(None, {}, {})
     run = tracker.start_trial("t1", {}, {})
-    tracker.log_result("t1", _result(4, {0: 1.0, 1: 0.9, 2: 0.8, 3: 0.7}), "global_step", "fluxtune_steps")
+    worker_node = {"system/cpu_utilization_percentage": 42.5, "system/system_memory_usage_megabytes": 1234.0}
+    tracker.log_result("t1", _result(4, {0: 1.0, 1: 0.9, 2: 0.8, 3: 0.7}, **worker_node), "global_step", "fluxtune_steps")
     c = tracker.client
     assert [(m.step, m.value) for m in c.get_metric_history(run, "loss")] == [(0, 1.0), (1, 0.9), (2, 0.8), (3, 0.7)]
     assert [(m.step, m.value) for m in c.get_metric_history(run, "val_loss")] == [(4, 0.25)]
     assert "training_iteration" not in c.get_run(run).data.metrics  # Tune bookkeeping stays out
-    assert 0 <= c.get_run(run).data.metrics["system/cpu_utilization_percentage"] <= 100
+    # The trial's node as its rank-0 worker sampled it, at the report's step; never the driver's own node.
+    assert [(m.step, m.value) for m in c.get_metric_history(run, "system/cpu_utilization_percentage")] == [(4, 42.5)]
+    tracker.log_result("t1", _result(8, {}, stage_end=True, **worker_node), "global_step", "fluxtune_steps")
+    assert [m.step for m in c.get_metric_history(run, "system/system_memory_usage_megabytes")] == [4, 8]
+    other = tracker.start_trial("t2", {}, {})
+    tracker.log_result("t2", _result(4, {0: 1.0}), "global_step", "fluxtune_steps")  # a report without a sample
+    assert not [k for k in c.get_run(other).data.metrics if k.startswith("system/")]
+
+
+def test_rank_0_reports_carry_a_system_sample_of_its_node():
+    from fluxtune.train.reporter import RayReporter
+
+    rank0, rank1 = RayReporter(rank=0), RayReporter(rank=1)
+    extras = rank0._extras()
+    assert 0 <= extras["system/cpu_utilization_percentage"] <= 100 and extras["system/system_memory_usage_megabytes"] > 0
+    assert rank1._extras() == {}  # Tune forwards rank 0's reports only
 
 
 def test_a_resumed_sweep_writes_to_the_same_runs_without_duplicates(uri, exp):

@@ -125,7 +125,7 @@ def _dry_run(spec_path: str, overrides: list[str], n: int) -> None:
 def _run(spec_path: str, overrides: list[str], address: str | None, verbose: bool, single: bool = False,
          resume: bool = False, more: int = 0) -> None:
     from fluxtune.cli.preflight import preflight
-    from fluxtune.tracking.redact import redact_text
+    from fluxtune.redact import redact_text
 
     quiet_libraries(verbose)
     with error_boundary():

@@ -225,7 +225,7 @@ def _number_problems(node: Any, loc: tuple[Any, ...], out: _Collector) -> None:
 
 def _name_problems(data: dict[str, Any], out: _Collector) -> None:
     """Names become folders, MLflow experiment/model/alias names and console lines: never a secret."""
-    from fluxtune.tracking.redact import secret_in
+    from fluxtune.redact import secret_in
 
     tracking = data.get("tracking") if isinstance(data.get("tracking"), dict) else {}
     base = data.get("base") if isinstance(data.get("base"), dict) else {}

@@ -8,12 +8,11 @@ from typing import Any
 import ray.train
 
 from fluxtune.plugins import use_plugin_set
-from fluxtune.train.reporter import RayReporter
+from fluxtune.train.reporter import RESUMED_FROM_KEY, RayReporter
 
 # torch, diffusers and the data path are imported inside the functions: Tune's trial actor and Train's controller
 # import this module only to find `train_loop_per_worker` (seconds of start-up per trial otherwise).
 
-RESUMED_FROM_KEY = "resumed_from_step"  # with every report of an attempt that restarted from its own checkpoint
 
 
 class MarkedReporter(RayReporter):
