@@ -21,6 +21,10 @@ from fluxtune.plan.inventory import (
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+# Optimizer state bytes per trainable parameter (fp32 parameters): torch AdamW exp_avg + exp_avg_sq; bitsandbytes
+# AdamW8bit two uint8 states + a fp32 absmax per 256 values; prodigyopt Prodigy exp_avg, exp_avg_sq, s and p0.
+# Adafactor (transformers) factors the second moment of a matrix into a row and a column vector: sized per layer.
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 256, "prodigy": 16.0}
 
 # Bytes one block keeps for its backward, per token (image + text) and hidden unit. Measured at real width on the
 # CPU (benchmarks/plan_accuracy.py, BENCHMARKS.md). "trained": full stage (weights and the time embedding need
@@ -165,8 +169,6 @@ def optimizer_state_bytes(name: str, layers: list[Linear], trainable: int, param
                           flat: bool = False) -> float:
     """States of optimizer `name` over fp32 parameters. Adafactor factors each matrix's second moment into a row and
     a column (plus a full one for biases); over a flat 1-D partition (`flat`, DeepSpeed) it keeps a full one."""
-    from fluxtune.plan import OPTIMIZER_STATE_BYTES
-
     if name == "adafactor":
         second_moment = 4.0 * trainable if flat else sum(4 * (layer.inputs + 2 * layer.outputs) for layer in layers)
         first_moment = 4 * trainable if params.get("beta1") is not None else 0
