@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from fluxtune.cli.console import console
 from fluxtune.cli.errors import error_boundary
 from fluxtune.cli.options import SetOption, SpecArgument
 
@@ -56,7 +56,6 @@ def plan(
     with error_boundary(show_snippets=True):
         _, base = load_search_file(spec, overrides=set_)
         config, label, text_tokens = transformer_config(base["model"])
-    console = Console()
     resolution, batch = base["data"]["resolution"], base["data"]["batch_size"]
     head = f"{resolution}² px, micro-batch {batch}/GPU, {gpus} × {gpu_mem:g} GiB"
     plans = plan_stages(base, config, gpus, text_tokens)

@@ -40,7 +40,7 @@ BLOCK_ACTIVATION_BYTES = {
 FORWARD_TEMPORARY_BYTES = {"float32": 28.0, "bfloat16": 16.0}
 BACKWARD_TEMPORARY_BYTES = {"float32": 12.0, "bfloat16": 6.0}
 # LoRA dropout keeps, beside the dropped copy of each adapter's input, what backward multiplies by: a bool mask per
-# value on GPU (the fused kernel), a float noise tensor of the input's dtype on the CPU.
+# value on GPU (the fused kernel), a float noise tensor of the input's dtype (the adapter's fp32) on the CPU.
 DROPOUT_KEEP_BYTES = {"cuda": 1, "cpu": 4}
 
 
@@ -138,22 +138,24 @@ class Step:
 
 def adapter_activations(step: Step, targets: list[str], rank: int, dropout: float, base_dtype: str,
                         checkpointing: bool) -> None:
-    """What peft's LoRA layers keep per token: the (dropped-out, fp32) input of lora_A and lora_A's output.
+    """What peft's LoRA layers keep per token: the (dropped-out) input of lora_A and lora_A's output.
 
-    With dropout every adapter keeps its own dropped copy and mask; without it adapters over an fp32 base share the
-    base's input tensor, and over a bf16 base each keeps its own fp32 cast of it. Inside a checkpointed block they
-    exist only while that block is recomputed.
+    peft casts each adapter's input to the adapter's fp32. Over a bf16 base the stage runs under bf16 autocast, so
+    lora_A and lora_B save bf16 casts of their inputs (the fp32 ones are freed); over an fp32 base they save the fp32
+    tensors. With dropout every adapter also keeps its mask; without it adapters over an fp32 base share the base's
+    input tensor. Inside a checkpointed block they exist only while that block is recomputed.
     """
     shared_inputs: set[tuple[str, int]] = set()
     for layer in step.layers():
         if not targeted(layer.path, targets):
             continue
         tokens = step.tokens[layer_tokens(layer.path)] * step.batch
-        per_token = rank * 4
+        saved = DTYPE_BYTES[base_dtype]  # what lora_A and lora_B save of their inputs (autocast over bf16)
+        per_token = rank * saved
         if dropout > 0:
-            per_token += layer.inputs * (4 + DROPOUT_KEEP_BYTES[step.device])
+            per_token += layer.inputs * (saved + DROPOUT_KEEP_BYTES[step.device])
         elif base_dtype != "float32":
-            per_token += layer.inputs * 4
+            per_token += layer.inputs * saved
         else:
             source = (segment_of(layer.path), layer.inputs, layer_tokens(layer.path))
             per_token += 0 if source in shared_inputs else layer.inputs * 4
