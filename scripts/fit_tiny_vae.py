@@ -1,4 +1,4 @@
-"""Fit the tiny-fill preset's VAE and write fluxtune/flux/weights/tiny_fill_vae.safetensors (seeded, CPU).
+"""Fit the tiny-fill preset's VAE and write fluxtune/flux/preset_weights/tiny_fill_vae.safetensors (seeded, CPU).
 
 The tiny-fill VAE is not random: it is fitted once, here, to reconstruct the kind of images fluxtune's generated
 sample data holds (gradients, palette discs and squares, grey holes) and shipped with the package, so every process

@@ -119,7 +119,7 @@ def _preset_vae(spec: presets.Preset) -> AutoencoderKL:
 
 
 def preset_weights_path(file_name: str) -> Path:
-    return Path(__file__).resolve().parent / "weights" / file_name
+    return Path(__file__).resolve().parent / "preset_weights" / file_name
 
 
 def build_tiny_fill(seed: int = 0) -> FluxBundle:

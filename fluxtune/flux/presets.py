@@ -99,7 +99,7 @@ TINY_FILL_VAE = {
     "use_quant_conv": False,  # FLUX.1's VAE has no quant convs either
     "use_post_quant_conv": False,
 }
-TINY_FILL_VAE_WEIGHTS = "tiny_fill_vae.safetensors"  # in fluxtune/flux/weights/
+TINY_FILL_VAE_WEIGHTS = "tiny_fill_vae.safetensors"  # in fluxtune/flux/preset_weights/
 # Of that file: checked on load (a stale or damaged file must not silently encode).
 TINY_FILL_VAE_SHA256 = "7561c00f41a337be4983ce02cadcceec7b1487d982d32268bea213a118f0a4d5"
 
@@ -170,7 +170,7 @@ class Preset:
     clip_text: dict[str, Any]
     t5_encoder: dict[str, Any]
     t5_max_length: int
-    vae_weights: str | None = None  # a file in fluxtune/flux/weights/ (None: random, seeded like the rest)
+    vae_weights: str | None = None  # a file in fluxtune/flux/preset_weights/ (None: random, seeded like the rest)
     vae_sha256: str | None = None
 
 
