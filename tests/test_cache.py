@@ -174,7 +174,7 @@ def test_trials_split_the_cache_like_preflight_and_refuse_another_resolution(bui
 
 @pytest.mark.timeout(180)
 def test_trials_read_the_cache_with_less_than_one_cpu_free(built):
-    """Train workers can hold every whole CPU; the data read must still run (FACTS: the hang)."""
+    """Train workers can hold every whole CPU; the data read must still run (else the trial hangs)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 

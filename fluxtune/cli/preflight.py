@@ -160,7 +160,7 @@ def plugin_problems(spec: SearchFile, base: dict[str, Any], where: _Located) -> 
 
 def check_outputs(spec_path: str, spec: SearchFile) -> None:
     """Where results go must take them: the storage folder is writable and a tracking server answers (the
-    storage and MLflow faults of issue 8). Writes nothing."""
+    storage and MLflow faults). Writes nothing."""
     from fluxtune.checkpoints import check_writable_folder
     from fluxtune.tracking.store import server_uri, unreachable
 

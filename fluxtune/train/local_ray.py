@@ -1,7 +1,7 @@
 """A local Ray cluster that never outlives the driver that started it, however the driver ends (SIGKILL too).
 
 `ray.init()` makes Ray's daemons children of the driver and they die with it only one level deep
-(PR_SET_PDEATHSIG): after a SIGKILLed driver the raylet's agents live on (FACTS.md). So the driver starts a
+(PR_SET_PDEATHSIG): after a SIGKILLed driver the raylet's agents live on. So the driver starts a
 *keeper* in a session of its own; the keeper runs `ray start --head`, and every Ray process (GCS, raylet,
 agents, workers) inherits the keeper's session id. The keeper then waits on a pipe whose only writer is the
 driver: the kernel closes it when the driver ends, for any reason, and the keeper kills its whole session.
