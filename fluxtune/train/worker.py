@@ -48,23 +48,16 @@ def _resume(transformer: Any, initial: str | None = None) -> tuple[Any, Any, boo
     return progress, resumed.to(transformer.device).train(), own is not None
 
 
-def _load_model_and_data(experiment: dict[str, Any], rank: int) -> tuple[Any, Any, Any]:
-    """The transformer and this worker's encoded shard: read from the latent cache when the trial has one
-    (no VAE, no text encoders loaded), else decoded images encoded here."""
-    from fluxtune.assemble import cached_encoded_set, encode_arrays, load_bundle, load_transformer
-    from fluxtune.train.datasets import collect
+def _load_model_and_data(experiment: dict[str, Any], config: dict[str, Any], rank: int, world_size: int
+                         ) -> tuple[Any, Any, Any]:
+    """The transformer (no VAE, no text encoders: the latent cache holds their work), this worker's training
+    stream and the bounded validation examples, read from the cache the driver prepared."""
+    from fluxtune.assemble import load_transformer
+    from fluxtune.train.datasets import trial_data
 
-    train_arrays = collect(ray.train.get_dataset_shard("train"))
-    val_arrays = collect(ray.train.get_dataset_shard("val"))
-    if not train_arrays or not val_arrays:
-        raise RuntimeError(f"worker {rank} got no {'training' if not train_arrays else 'validation'} examples")
-    if "x0" in train_arrays:
-        prompts = collect(ray.train.get_dataset_shard("prompts"))
-        resolution = experiment["data"]["resolution"]
-        return (load_transformer(experiment["model"]), cached_encoded_set(train_arrays, prompts, resolution),
-                cached_encoded_set(val_arrays, prompts, resolution))
-    bundle = load_bundle(experiment["model"])
-    return bundle.transformer, encode_arrays(bundle, train_arrays), encode_arrays(bundle, val_arrays)
+    train, val = trial_data(config["data_source"], experiment, rank, world_size,
+                            reader=config.get("data_reader", "stream"))
+    return load_transformer(experiment["model"]), train, val
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -85,7 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(experiment["seed"])
 
-    transformer, train, val = _load_model_and_data(experiment, rank)
+    transformer, train, val = _load_model_and_data(experiment, config, rank, world_size)
     reporter = MarkedReporter(rank, StopCheck(config.get("sweep_id"), config.get("trial_id"), rank, world_size))
     shared = build_shared(experiment, train, val, reporter, registry(), device, rank, world_size)
     if rank == 0:  # sample-image grids for MLflow at each evaluation
