@@ -14,7 +14,7 @@ import numpy as np
 from fluxtune.data.cache_format import DTYPES, prompts_table, rows_table, write_cache_folder
 from fluxtune.data.latent_cache import CACHE_FORMAT, Preprocessing
 
-TEXT_LENGTH, TEXT_WIDTH, POOLED = 3, 8, 5
+TEXT_LENGTH, TEXT_WIDTH, POOLED = 3, 32, 32  # the tiny model's joint and pooled widths: it can train on them
 
 
 def prompt_value(index: int) -> float:
