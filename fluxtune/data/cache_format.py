@@ -1,10 +1,11 @@
 """How tensors sit in the latent cache's Parquet files, written and read with plain pyarrow.
 
-Each tensor column is `list<fixed_size_list<dtype, width>>`: one list per row, each item one token's `width`
-channels (x0: 64, cond: 320, prompt_embeds: the text encoder's width), and pooled a plain `list<dtype>`. The
-width lives in the type, so a reader needs nothing else; rows of different sizes (aspect-ratio buckets) sit in
-one file. Tensors are stored in the cache's dtype (float16 by default: half the bytes, see BENCHMARKS.md for what
-it costs in validation loss) and upcast by the reader.
+Each tensor is one `binary` value per row: its raw bytes, row-major, in the cache's dtype. The column's field
+metadata says how to read them back: `dtype` and `shape`, with -1 for the leading size that varies from row to
+row (image tokens with aspect-ratio buckets), e.g. x0 `[-1, 64]`, cond `[-1, 320]`, prompt_embeds `[-1, 4096]`,
+pooled `[768]`. Raw bytes decode as fast as memory copies (nested Arrow lists cost a Parquet level per value:
+several times slower to read). Tensors are stored in float16 by default (half the bytes; see BENCHMARKS.md for
+what it costs in validation loss) and upcast by the reader.
 
 Row groups are small (ROW_GROUP_ROWS rows): a row group is the unit a training stream reads, shuffles and
 shards, so a small one keeps the rows a worker holds small. Only numpy and pyarrow: Ray Data tasks, trials and
@@ -13,6 +14,7 @@ tests use it alike.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -27,20 +29,27 @@ PROMPT_TENSORS = ("prompt_embeds", "pooled")
 LIGHT_COLUMNS = ("line", "split_key", "from_val_file", "prompt_index", "height", "width")
 
 
-def _tensor_array(rows: Sequence[np.ndarray], dtype: str, what: str) -> Any:
-    """Per-row [tokens, width] (or [width]) arrays as one Arrow list column, checked finite in `dtype`."""
+def _tensor_column(name: str, rows: Sequence[np.ndarray], dtype: str, what: str) -> tuple[Any, Any]:
+    """(field, array): per-row arrays of one trailing shape as raw `dtype` bytes, checked finite in `dtype`."""
     import pyarrow as pa
 
-    arrow_type = pa.float16() if dtype == "float16" else pa.float32()
-    flat = np.concatenate([np.asarray(r, dtype=np.float32).reshape(-1) for r in rows]).astype(dtype)
-    if not np.isfinite(flat).all():  # a float16 overflow (|x| > 65504) or a broken encoder: never cache it
+    rows = [np.ascontiguousarray(np.asarray(r, dtype=np.float32).astype(dtype)) for r in rows]
+    if not all(np.isfinite(r).all() for r in rows):  # a float16 overflow (|x| > 65504) or a broken encoder
         raise ValueError(f"{what} has values that are not finite in {dtype}")
-    values = pa.array(flat, type=arrow_type)
-    lengths = [int(np.asarray(r).shape[0]) for r in rows]
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    if np.asarray(rows[0]).ndim == 2:  # tokens × width: the width goes into the type
-        values = pa.FixedSizeListArray.from_arrays(values, int(np.asarray(rows[0]).shape[1]))
-    return pa.ListArray.from_arrays(offsets, values)
+    shapes = {r.shape for r in rows}
+    tails = {shape[1:] for shape in shapes}
+    if len(tails) != 1:
+        raise ValueError(f"{what}: rows of {name} differ beyond their first dimension: {sorted(shapes)}")
+    shape = list(shapes.pop()) if len(shapes) == 1 and rows[0].ndim == 1 else [-1, *tails.pop()]
+    field = pa.field(name, pa.binary(), metadata={"dtype": dtype, "shape": json.dumps(shape)})
+    return field, pa.array([r.tobytes() for r in rows], type=pa.binary())
+
+
+def _table(columns: dict[str, Any], tensors: dict[str, tuple[Any, Any]]) -> Any:
+    import pyarrow as pa
+
+    fields = [pa.field(name, array.type) for name, array in columns.items()] + [f for f, _ in tensors.values()]
+    return pa.Table.from_arrays([*columns.values(), *(a for _, a in tensors.values())], schema=pa.schema(fields))
 
 
 def rows_table(batch: Mapping[str, Any], dtype: str, resolution: int) -> Any:
@@ -58,9 +67,9 @@ def rows_table(batch: Mapping[str, Any], dtype: str, resolution: int) -> Any:
     for side in ("height", "width"):
         values = batch[side] if side in batch else np.full(count, resolution)
         columns[side] = pa.array(np.asarray(values, dtype=np.int64))
-    for name in ROW_TENSORS:
-        columns[name] = _tensor_array(list(batch[name]), dtype, f"{name} of lines {list(batch['line'])}")
-    return pa.table(columns)
+    lines = list(np.asarray(batch["line"]).tolist())
+    return _table(columns, {name: _tensor_column(name, list(batch[name]), dtype, f"{name} of lines {lines}")
+                            for name in ROW_TENSORS})
 
 
 def prompts_table(batch: Mapping[str, Any], dtype: str) -> Any:
@@ -71,29 +80,30 @@ def prompts_table(batch: Mapping[str, Any], dtype: str) -> Any:
         "prompt_index": pa.array(np.asarray(batch["prompt_index"], dtype=np.int64)),
         "prompt": pa.array([str(p) for p in batch["prompt"]], type=pa.string()),
     }
-    for name in PROMPT_TENSORS:
-        columns[name] = _tensor_array(list(batch[name]), dtype, f"{name} of prompts {list(batch['prompt_index'])}")
-    return pa.table(columns)
+    indices = list(np.asarray(batch["prompt_index"]).tolist())
+    return _table(columns, {name: _tensor_column(name, list(batch[name]), dtype, f"{name} of prompts {indices}")
+                            for name in PROMPT_TENSORS})
 
 
-def tensor_rows(column: Any) -> list[np.ndarray]:
-    """An Arrow tensor column (chunked or not) back as per-row numpy arrays in the stored dtype.
+def tensor_rows(table: Any, name: str, positions: Sequence[int] | None = None) -> list[np.ndarray]:
+    """Column `name` of a table read from the cache as per-row numpy arrays in the stored dtype: the rows at
+    `positions` (default all), in that order.
 
     Rows are copies, not views of the read buffer: a row kept in a shuffle buffer must not keep the rest of its
     row group alive."""
     import pyarrow as pa
 
-    chunks = column.chunks if hasattr(column, "chunks") else [column]
-    rows: list[np.ndarray] = []
-    for chunk in chunks:
-        offsets = chunk.offsets.to_numpy()
-        items = chunk.values  # the whole child array: `offsets` index into it
-        if pa.types.is_fixed_size_list(items.type):  # tokens × width
-            flat = items.flatten().to_numpy(zero_copy_only=False).reshape(-1, items.type.list_size)
-        else:
-            flat = items.to_numpy(zero_copy_only=False)
-        rows += [flat[offsets[i]:offsets[i + 1]].copy() for i in range(len(chunk))]
-    return rows
+    metadata = table.schema.field(name).metadata or {}
+    if b"dtype" not in metadata:
+        raise ValueError(f"column {name} is not a tensor column of a fluxtune latent cache (no dtype metadata)")
+    dtype, shape = np.dtype(metadata[b"dtype"].decode()), json.loads(metadata[b"shape"])
+    column = table.column(name).combine_chunks()
+    _, offsets, data = column.buffers()
+    wide = column.type.equals(pa.large_binary())  # what Ray Data writes when a write's column passes 2 GiB
+    offsets = np.frombuffer(offsets, np.int64 if wide else np.int32)[column.offset:column.offset + len(column) + 1]
+    data = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
+    chosen = range(len(column)) if positions is None else positions
+    return [data[offsets[i]:offsets[i + 1]].view(dtype).reshape(shape).copy() for i in chosen]
 
 
 def write_parquet(table: Any, path: str, row_group_rows: int = ROW_GROUP_ROWS) -> None:

@@ -56,8 +56,8 @@ class PromptTable:
         file, group = self._where[index]
         table = open_parquet(self._files[file]).read_row_group(
             group, columns=["prompt_index", "prompt_embeds", "pooled"])
-        rows = zip(table.column("prompt_index").to_pylist(), tensor_rows(table.column("prompt_embeds")),
-                   tensor_rows(table.column("pooled")))
+        rows = zip(table.column("prompt_index").to_pylist(), tensor_rows(table, "prompt_embeds"),
+                   tensor_rows(table, "pooled"))
         with self._lock:
             self.reads += 1
             wanted = None

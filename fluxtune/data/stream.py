@@ -46,9 +46,10 @@ class UnitReader:
                 self._open.popitem(last=False)
         self._open.move_to_end(file)
         table = self._open[file].read_row_group(group, columns=["prompt_index", "x0", "cond"])
-        table = table.take(self.index.row_offset[rows])  # only the rows asked for are converted and kept
-        return dict(zip(rows.tolist(), zip(tensor_rows(table.column("x0")), tensor_rows(table.column("cond")),
-                                           table.column("prompt_index").to_pylist())))
+        positions = self.index.row_offset[rows].tolist()  # only the rows asked for are copied out and kept
+        prompts = table.column("prompt_index").to_numpy()[positions].tolist()
+        return dict(zip(rows.tolist(), zip(tensor_rows(table, "x0", positions), tensor_rows(table, "cond", positions),
+                                           prompts)))
 
 
 @dataclass
