@@ -27,6 +27,18 @@ ROW_TENSORS = ("x0", "cond")
 PROMPT_TENSORS = ("prompt_embeds", "pooled")
 # What the index pass reads: everything but the tensors.
 LIGHT_COLUMNS = ("line", "split_key", "from_val_file", "prompt_index", "height", "width")
+PROMPT_LIGHT_COLUMNS = ("prompt_index", "prompt")
+
+
+def parquet_options(light: Sequence[str], tensors: Sequence[str]) -> dict[str, Any]:
+    """Parquet writer options: tensor columns uncompressed, without dictionary or statistics (float bytes do
+    not compress, and reading them back is then a plain copy: ≈4x less CPU per row group than snappy)."""
+    return {"compression": {**{name: "snappy" for name in light}, **{name: "none" for name in tensors}},
+            "use_dictionary": list(light), "write_statistics": list(light)}
+
+
+ROWS_OPTIONS = parquet_options(LIGHT_COLUMNS, ROW_TENSORS)
+PROMPTS_OPTIONS = parquet_options(PROMPT_LIGHT_COLUMNS, PROMPT_TENSORS)
 
 
 def _tensor_column(name: str, rows: Sequence[np.ndarray], dtype: str, what: str) -> tuple[Any, Any]:
@@ -119,7 +131,8 @@ def write_parquet(table: Any, path: str, row_group_rows: int = ROW_GROUP_ROWS) -
 
         os.makedirs(os.path.dirname(inner), exist_ok=True)
     with fs.open_output_stream(inner) as stream:
-        pq.write_table(table, stream, row_group_size=row_group_rows)
+        options = PROMPTS_OPTIONS if "prompt_embeds" in table.column_names else ROWS_OPTIONS
+        pq.write_table(table, stream, row_group_size=row_group_rows, **options)
 
 
 def write_cache_folder(folder: str, row_tables: list[Any], prompt_table: Any, manifest: dict[str, Any],

@@ -45,7 +45,8 @@ from typing import Any, Iterable
 
 from fluxtune import storage
 from fluxtune.data.buckets import check_buckets
-from fluxtune.data.cache_format import DTYPES, FILE_BYTES, PROMPT_GROUP_ROWS, ROW_GROUP_ROWS, prompts_table, rows_table
+from fluxtune.data.cache_format import (DTYPES, FILE_BYTES, PROMPT_GROUP_ROWS, PROMPTS_OPTIONS, ROW_GROUP_ROWS, ROWS_OPTIONS,
+                                        prompts_table, rows_table)
 from fluxtune.data.images import check_mask_threshold, check_resolution, is_uri, split_key
 from fluxtune.data.rows import Row
 from fluxtune.data.selection import Selection
@@ -390,9 +391,10 @@ def _encode(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preproce
                            .map_batches(PromptEncoder, **encoder)
                            .map_batches(partial(prompts_table, dtype=preprocessing.dtype), **tables))
     # Small row groups: a row group is what a training stream reads at a time (fluxtune.data.stream).
-    rows_dataset.write_parquet(_under(out, "rows"), row_group_size=ROW_GROUP_ROWS, min_bytes_per_file=FILE_BYTES)
+    rows_dataset.write_parquet(_under(out, "rows"), row_group_size=ROW_GROUP_ROWS, min_bytes_per_file=FILE_BYTES,
+                               **ROWS_OPTIONS)
     prompts_dataset.write_parquet(_under(out, "prompts"), row_group_size=PROMPT_GROUP_ROWS,
-                                  min_bytes_per_file=FILE_BYTES)
+                                  min_bytes_per_file=FILE_BYTES, **PROMPTS_OPTIONS)
     return {
         "format": CACHE_FORMAT, "key": key, "rows": len(rows),
         "val_file_rows": sum(r.from_val_file for r in rows), "prompts": len(prompts),

@@ -75,12 +75,12 @@ class PromptTable:
         while len(self._held) > self.capacity:
             self._held.popitem(last=False)
 
-    def stack(self, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """([n, L, D], [n, P]) for these prompt indices, in order."""
+    def rows(self, indices: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(prompt_embeds rows, pooled rows) for these prompt indices, in order (rows shared, not copied)."""
         found = {i: self.get(i) for i in dict.fromkeys(indices)}
-        return np.stack([found[i][0] for i in indices]), np.stack([found[i][1] for i in indices])
+        return [found[i][0] for i in indices], [found[i][1] for i in indices]
 
     def table(self, indices: list[int]) -> dict[str, np.ndarray]:
         """These prompts as a small prompt table (prompt_index 0..n-1 in the order given), for `EncodedSet`s."""
-        embeds, pooled = self.stack(indices)
-        return {"prompt_index": np.arange(len(indices)), "prompt_embeds": embeds, "pooled": pooled}
+        embeds, pooled = self.rows(indices)
+        return {"prompt_index": np.arange(len(indices)), "prompt_embeds": np.stack(embeds), "pooled": np.stack(pooled)}

@@ -123,21 +123,24 @@ class TrainingStream:
     def _assemble(self, ids: np.ndarray, rows: list[Row]) -> dict[str, torch.Tensor]:
         buckets = set(self.index.bucket[ids].tolist())
         assert len(buckets) == 1, "a batch must come from a single bucket"
-        embeds, pooled = self.prompts.stack([prompt for _, _, prompt in rows])
+        embeds, pooled = self.prompts.rows([prompt for _, _, prompt in rows])
         batch = {
-            "x0": self._tensor(np.stack([x0 for x0, _, _ in rows])),
-            "cond": self._tensor(np.stack([cond for _, cond, _ in rows])),
+            "x0": self._tensor([x0 for x0, _, _ in rows]),
+            "cond": self._tensor([cond for _, cond, _ in rows]),
             "prompt_embeds": self._tensor(embeds),
             "pooled": self._tensor(pooled),
         }
         height, width = self.index.sizes[buckets.pop()]
-        return {**batch, "mask": batch["cond"][..., 64:], **self._positions(height, width, embeds.shape[1])}
+        return {**batch, "mask": batch["cond"][..., 64:], **self._positions(height, width, embeds[0].shape[0])}
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
+    def _tensor(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """Rows in the stored dtype → one float32 batch on the device."""
         if self.device.type == "cuda":  # copy the stored dtype (half the bytes), upcast on the device
-            return tensor.pin_memory().to(self.device, non_blocking=True).float()
-        return tensor.float()
+            return torch.from_numpy(np.stack(arrays)).pin_memory().to(self.device, non_blocking=True).float()
+        out = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.float32)
+        for i, array in enumerate(arrays):  # stack and upcast in one pass
+            out[i].copy_(torch.from_numpy(array))
+        return out
 
     def _positions(self, height: int, width: int, text_length: int) -> dict[str, torch.Tensor]:
         key = (height, width, text_length, str(self.device))
