@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import threading
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -127,44 +128,89 @@ def run_trial(base: dict, cache: str, reader: str, session: int, storage: str, n
             "step_cpu_ms": 1000 * result.metrics["step_cpu_s"], "wall_s": time.perf_counter() - started}
 
 
-def in_process_steps_per_s(cache: str, base: dict, rounds: int, steps: int) -> dict[str, tuple[float, float]]:
+def random_examples(resolution: int, count: int):
+    """`count` examples of random tensors shaped like the tiny model's (no VAE, no text encoders: machines
+    without them, e.g. the GPU check)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fluxtune.flux import presets
+
+    generator = torch.Generator().manual_seed(0)
+    tokens, width = (resolution // 16) ** 2, presets.TINY_FILL_TRANSFORMER["joint_attention_dim"]
+    return SimpleNamespace(x0=torch.randn(count, tokens, 64, generator=generator),
+                           cond=torch.randn(count, tokens, 320, generator=generator),
+                           prompt_index=torch.zeros(count, dtype=torch.long),
+                           prompt_embeds=torch.randn(1, presets.TINY_T5_MAX_LENGTH, width, generator=generator),
+                           pooled=torch.randn(1, presets.TINY_FILL_TRANSFORMER["pooled_projection_dim"],
+                                              generator=generator))
+
+
+def in_process_steps_per_s(cache: str, base: dict, rounds: int, steps: int, device: str = "cpu"
+                           ) -> dict[str, tuple[float, float]]:
     """{reader: (median steps/s, median CPU ms per step)} of one model trained in this process, stream and memory
     alternating in short rounds. CPU time per step (the whole process: the stream's reading thread included) is
     the figure a loaded machine disturbs least."""
     import torch
 
-    from fluxtune.assemble import load_transformer
+    from fluxtune.flux import presets
     from fluxtune.flux.encoded import random_batches
     from fluxtune.flux.flow import flow_matching_loss
+    from fluxtune.flux.model import FluxTransformer2DModel
     from fluxtune.train.datasets import trial_data
 
-    torch.set_num_threads(1)  # what a 1-CPU Ray worker gets
+    if device == "cpu":
+        torch.set_num_threads(1)  # what a 1-CPU Ray worker gets
+    device = torch.device(device)
     stream, _ = trial_data(cache, base)
+    stream.to(device)
     memory, _ = trial_data(cache, base, reader="memory")
-    transformer = load_transformer(base["model"])
+    memory = memory.to(device)  # the in-memory path holds its tensors on the device
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(**presets.TINY_FILL_TRANSFORMER).to(device).train()
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-4)
     mse = lambda pred, target, batch: (pred - target).pow(2).mean()  # noqa: E731
 
     def rate(batches) -> tuple[float, float]:
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator(device=device).manual_seed(0)
         next(batches)  # the stream's first batch waits for its shuffle buffer: once per stage, not per step
         started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(steps):
             batch = next(batches)
-            noise = torch.randn(batch["x0"].shape, generator=generator)
-            t = torch.rand(batch["x0"].shape[0], generator=generator)
+            noise = torch.randn(batch["x0"].shape, generator=generator, device=device)
+            t = torch.rand(batch["x0"].shape[0], generator=generator, device=device)
             loss = flow_matching_loss(transformer, batch, noise, t, 30.0, mse)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return steps / (time.perf_counter() - started), 1000 * (time.process_time() - cpu_started) / steps
 
     rates: dict[str, list[tuple[float, float]]] = {"stream": [], "memory": []}
     for r in range(rounds):
         rates["stream"].append(rate(stream.batches(4, r)))
-        rates["memory"].append(rate(random_batches(memory, 4, torch.Generator().manual_seed(r))))
+        rates["memory"].append(rate(random_batches(memory, 4, torch.Generator(device=device).manual_seed(r))))
     return {reader: (statistics.median(x for x, _ in values), statistics.median(y for _, y in values))
             for reader, values in rates.items()}
+
+
+def same_batches_on(cache: str, base: dict, device: str, count: int = 3) -> bool:
+    """Whether the stream gives the same batches on `device` as on the CPU."""
+    import torch
+
+    from fluxtune.train.datasets import trial_data
+
+    here, _ = trial_data(cache, base)
+    there, _ = trial_data(cache, base)
+    there.to(torch.device(device))
+    for a, b in zip(list(islice(here.batches(4, 1), count)), list(islice(there.batches(4, 1), count))):
+        if set(a) != set(b) or not all(torch.equal(a[k], b[k].cpu()) for k in a):
+            return False
+        if b["x0"].device.type != torch.device(device).type:
+            return False
+    return True
 
 
 def main() -> None:
@@ -177,21 +223,43 @@ def main() -> None:
     parser.add_argument("--rows-per-file", type=int, default=1000)
     parser.add_argument("--step-rounds", type=int, default=20, help="in-process alternating rounds for steps/s")
     parser.add_argument("--round-steps", type=int, default=50)
+    parser.add_argument("--device", default="cpu", help="device of the in-process rounds (cuda: a GPU check)")
+    parser.add_argument("--no-trials", action="store_true", help="only the in-process rounds (no Ray needed)")
+    parser.add_argument("--random-rows", action="store_true",
+                        help="random tensors instead of encoded sample images (no VAE or text encoders needed)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     memory_sizes = [int(s) for s in args.memory_sizes.split(",") if s]
 
-    from fluxtune.config.load import load_search_text
-    from fluxtune.train.cluster import start_ray
+    if args.no_trials:  # no Ray, no registry: the experiment keys the data path reads
+        base = {"seed": 0, "model": {"preset": "tiny-fill", "seed": 0},
+                "data": {"resolution": args.resolution, "batch_size": 4, "val_fraction": 0.02}}
+    else:
+        from fluxtune.config.load import load_search_text
+        from fluxtune.train.cluster import start_ray
 
-    _, base = load_search_text(SPEC.format(resolution=args.resolution, steps=args.steps))
+        _, base = load_search_text(SPEC.format(resolution=args.resolution, steps=args.steps))
     work = tempfile.mkdtemp(prefix="fluxtune-scale-")
     try:
         generated = f"{work}/generated"
         started = time.perf_counter()
-        write_generated_cache(encoded_examples(args.resolution, 64, work), max(sizes), args.rows_per_file,
-                              args.resolution, generated)
-        print(f"generated {max(sizes)} rows in {time.perf_counter() - started:.0f} s")
+        examples = (random_examples if args.random_rows else
+                    lambda resolution, count: encoded_examples(resolution, count, work))(args.resolution, 64)
+        write_generated_cache(examples, max(sizes), args.rows_per_file, args.resolution, generated)
+        print(f"generated {max(sizes)} rows in {time.perf_counter() - started:.0f} s", flush=True)
+        smallest = min(sizes)
+        if args.no_trials:
+            cache = cache_of_size(generated, smallest, args.rows_per_file, f"{work}/cache-{smallest}")
+            if args.device != "cpu":
+                print(f"stream batches on {args.device} equal those on the CPU: "
+                      f"{same_batches_on(cache, base, args.device)}", flush=True)
+            rates = in_process_steps_per_s(cache, base, args.step_rounds, args.round_steps, args.device)
+            print(f"\n{smallest} rows at {args.resolution}x{args.resolution}, tiny model, batch 4, {args.device}, "
+                  f"{args.step_rounds} alternating rounds of {args.round_steps} steps (medians)")
+            for reader, (rate, cpu_ms) in rates.items():
+                print(f"| {reader} | {rate:.1f} steps/s | {cpu_ms:.2f} CPU ms per step |")
+            print(f"steps/s stream / memory: {rates['stream'][0] / rates['memory'][0]:.3f}")
+            return
         local = start_ray(None, 2)
         results: dict[tuple[int, str], list[dict]] = {}
         for size in sizes:
@@ -200,7 +268,6 @@ def main() -> None:
                 results.setdefault((size, reader), []).append(
                     run_trial(base, cache, reader, local.session, f"{work}/runs", f"{reader}-{size}"))
                 print(size, reader, results[(size, reader)][-1], flush=True)
-        smallest = min(sizes)
         for r in range(args.rounds - 1):  # more alternating rounds for steps/s at the smallest size
             for reader in ("stream", "memory"):
                 results[(smallest, reader)].append(run_trial(base, f"{work}/cache-{smallest}", reader, local.session,
