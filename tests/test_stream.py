@@ -62,6 +62,17 @@ def test_the_index_numbers_rows_by_line_and_splits_them_like_preflight(cache):
     assert first_rows == sorted(first_rows)  # units numbered by their first row: the same everywhere
 
 
+def test_trials_read_the_index_file_the_build_wrote_and_it_matches_a_scan_of_the_rows(cache):
+    from pathlib import Path
+
+    assert Path(cache, "index.parquet").is_file()
+    from_file = CacheIndex.read(f"{cache}/rows", VAL_FRACTION, 0, False, index_path=f"{cache}/index.parquet")
+    scanned = CacheIndex.read(f"{cache}/rows", VAL_FRACTION, 0, False)
+    for name in ("unit_file", "unit_group", "row_unit", "row_offset", "line", "is_val", "prompt_index", "bucket"):
+        assert np.array_equal(getattr(from_file, name), getattr(scanned, name)), name
+    assert from_file.files == scanned.files and from_file.sizes == scanned.sizes
+
+
 def test_the_same_seed_rank_and_world_give_the_same_batches_and_another_seed_others(cache):
     def lines(seed):
         return [lines_of(batch) for batch in islice(_stream(cache).batches(4, seed), 60)]

@@ -146,4 +146,7 @@ def write_cache_folder(folder: str, row_tables: list[Any], prompt_table: Any, ma
     for number, table in enumerate(row_tables):
         write_parquet(table, storage.join(folder, "rows", f"part-{number:05d}.parquet"), row_group_rows)
     write_parquet(prompt_table, storage.join(folder, "prompts", "part-00000.parquet"), PROMPT_GROUP_ROWS)
+    from fluxtune.data.cache_index import INDEX_FILE, write_index
+
+    write_index(storage.join(folder, "rows"), storage.join(folder, INDEX_FILE))
     storage.write_bytes(storage.join(folder, "manifest.json"), json.dumps(manifest, indent=1).encode())

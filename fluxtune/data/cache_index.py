@@ -1,9 +1,11 @@
 """The index of a latent cache: where each row is, which split side and bucket it has, in compact numpy arrays.
 
-Built by one pass over the light columns (line, split key, flags, prompt index, size; never the tensors), so
-a trial knows its whole plan before reading a single latent. Rows are numbered in (from_val_file, line) order,
-whatever order the cache build wrote them in; units (Parquet row groups) are numbered by their first row, so the
-same cache gives the same numbering everywhere.
+The cache build scans the light columns of its Parquet files once (line, split key, flags, prompt index, size;
+never the tensors) and writes them, with each row's file, row group and offset, to `index.parquet` beside
+`rows/`: a trial worker reads that one small file instead of a column chunk of every row group (one request per
+16 rows on S3). So a trial knows its whole plan before reading a single latent. Rows are numbered in
+(from_val_file, line) order, whatever order the build wrote them in; units (Parquet row groups) are numbered by
+their first row, so the same cache gives the same numbering everywhere.
 
 The split is decided here, exactly as before the cache existed: with a validation file its rows are the
 validation set, all of them and only them; else a seeded hash of each row's split key (`split_is_validation`).
@@ -11,6 +13,7 @@ validation set, all of them and only them; else a seeded hash of each row's spli
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +22,8 @@ import numpy as np
 from fluxtune import storage
 from fluxtune.data.cache_format import LIGHT_COLUMNS
 from fluxtune.data.images import split_is_validation
+
+INDEX_FILE = "index.parquet"
 
 
 def parquet_files(folder: str) -> list[str]:
@@ -35,6 +40,45 @@ def open_parquet(path: str) -> Any:
 
     fs, inner = storage.filesystem(path)
     return pq.ParquetFile(fs.open_input_file(inner))
+
+
+def scan_rows(rows_dir: str) -> Any:
+    """The index table of a cache's rows/: per row its file (name inside rows/), row group, offset in the row
+    group, and the light columns. Reads every row group's light column chunks: done once, by the cache build."""
+    import pyarrow as pa
+
+    tables = []
+    for path in parquet_files(rows_dir):
+        parquet = open_parquet(path)
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
+        if not sum(sizes):
+            continue
+        light = parquet.read(columns=list(LIGHT_COLUMNS))
+        place = {"file": pa.array([posixpath.basename(path)] * sum(sizes), pa.string()),
+                 "group": pa.array(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)),
+                 "offset": pa.array(np.concatenate([np.arange(s, dtype=np.int32) for s in sizes]))}
+        tables.append(pa.table({**place, **{name: light.column(name) for name in LIGHT_COLUMNS}}))
+    return pa.concat_tables(tables)
+
+
+def write_index(rows_dir: str, path: str) -> None:
+    """Scan rows/ and write the index table to `path` (a local path or a URI)."""
+    import pyarrow.parquet as pq
+
+    fs, inner = storage.filesystem(path)
+    with fs.open_output_stream(inner) as stream:
+        pq.write_table(scan_rows(rows_dir), stream)
+
+
+def read_index_table(rows_dir: str, index_path: str | None) -> Any:
+    """The index table from `index_path` when the cache has one, else scanned from rows/."""
+    import pyarrow.parquet as pq
+
+    if index_path is not None and storage.exists(index_path):
+        fs, inner = storage.filesystem(index_path)
+        with fs.open_input_file(inner) as file:
+            return pq.read_table(file)
+    return scan_rows(rows_dir)
 
 
 @dataclass(frozen=True)
@@ -62,26 +106,25 @@ class CacheIndex:
         return len(self.unit_file)
 
     @classmethod
-    def read(cls, rows_dir: str, val_fraction: float, seed: int, explicit_val: bool) -> "CacheIndex":
-        files = parquet_files(rows_dir)
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in LIGHT_COLUMNS if name != "split_key"}
-        parts.update(file=[], group=[], offset=[], is_val=[])
-        for number, path in enumerate(files):
-            parquet = open_parquet(path)
-            table = parquet.read(columns=list(LIGHT_COLUMNS))
-            for name in LIGHT_COLUMNS:
-                if name != "split_key":
-                    parts[name].append(table.column(name).to_numpy())
-            if explicit_val:  # a `val_jsonl` was given: its rows are the validation set, all of them and only them
-                parts["is_val"].append(parts["from_val_file"][-1].astype(bool))
-            else:  # per file, so the split keys (strings) of a million rows are never all held at once
-                parts["is_val"].append(np.array([split_is_validation(key, val_fraction, seed)
-                                                 for key in table.column("split_key").to_pylist()], dtype=bool))
-            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
-            parts["file"].append(np.full(sum(sizes), number, dtype=np.int32))
-            parts["group"].append(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
-            parts["offset"].append(np.concatenate([np.arange(s, dtype=np.int32) for s in sizes]))
-        columns = {name: np.concatenate(values) for name, values in parts.items()}
+    def read(cls, rows_dir: str, val_fraction: float, seed: int, explicit_val: bool,
+             index_path: str | None = None) -> "CacheIndex":
+        import pyarrow as pa
+
+        table = read_index_table(rows_dir, index_path)
+        files = table.column("file").combine_chunks()
+        files = files if pa.types.is_dictionary(files.type) else files.dictionary_encode()
+        names = files.dictionary.to_pylist()
+        file_names = sorted(names)  # files numbered by name, not by where the index lists them first
+        renumber_files = np.array([file_names.index(name) for name in names], dtype=np.int32)
+        columns = {name: table.column(name).to_numpy() for name in ("group", "offset", *LIGHT_COLUMNS)
+                   if name != "split_key"}
+        columns["file"] = renumber_files[files.indices.to_numpy()]
+        if explicit_val:  # a `val_jsonl` was given: its rows are the validation set, all of them and only them
+            columns["is_val"] = columns["from_val_file"].astype(bool)
+        else:
+            columns["is_val"] = np.array([split_is_validation(key, val_fraction, seed)
+                                          for key in table.column("split_key").to_pylist()], dtype=bool)
+        del table
 
         order = np.lexsort((columns["line"], columns["from_val_file"]))  # row ids: (from_val_file, line)
         columns = {name: values[order] for name, values in columns.items()}
@@ -98,8 +141,8 @@ class CacheIndex:
         pairs = list(zip(columns["height"].tolist(), columns["width"].tolist()))
         sizes = list(dict.fromkeys(pairs))
         position = {size: i for i, size in enumerate(sizes)}
-        return cls(files=files, unit_file=unit_file, unit_group=unit_group, row_unit=row_unit.astype(np.int32),
-                   row_offset=columns["offset"], line=columns["line"].astype(np.int64),
+        return cls(files=[storage.join(rows_dir, name) for name in file_names], unit_file=unit_file,
+                   unit_group=unit_group, row_unit=row_unit.astype(np.int32), row_offset=columns["offset"], line=columns["line"].astype(np.int64),
                    from_val_file=columns["from_val_file"].astype(bool), is_val=columns["is_val"],
                    prompt_index=columns["prompt_index"].astype(np.int64),
                    bucket=np.array([position[p] for p in pairs], dtype=np.int16), sizes=sizes)

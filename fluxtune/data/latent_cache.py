@@ -6,6 +6,7 @@ One cache folder, `<cache home>/latents/<key>/`:
                    (pixels: the row's bucket, or the resolution), x0 [seq, 64] packed target latents,
                    cond [seq, 320] packed masked-image latents ++ packed mask
     prompts/       Parquet: prompt_index, prompt, prompt_embeds [L, joint_dim], pooled [pooled_dim]; index 0 is ""
+    index.parquet  the light columns of rows/ with each row's file, row group and offset (`cache_index`)
     manifest.json  what was encoded with what; written last
 
 Tensors are stored in the preprocessing's dtype (float16 unless `data.cache_dtype: float32`) in the layout of
@@ -47,6 +48,7 @@ from fluxtune import storage
 from fluxtune.data.buckets import check_buckets
 from fluxtune.data.cache_format import (DTYPES, FILE_BYTES, PROMPT_GROUP_ROWS, PROMPTS_OPTIONS, ROW_GROUP_ROWS, ROWS_OPTIONS,
                                         prompts_table, rows_table)
+from fluxtune.data.cache_index import INDEX_FILE, write_index
 from fluxtune.data.images import check_mask_threshold, check_resolution, is_uri, split_key
 from fluxtune.data.rows import Row
 from fluxtune.data.selection import Selection
@@ -124,6 +126,10 @@ class LatentCache:
     @property
     def prompts_dir(self) -> str:
         return self._data("prompts")
+
+    @property
+    def index_path(self) -> str:
+        return self._data(INDEX_FILE)
 
     def _data(self, name: str) -> str:
         if isinstance(self.path, Path):
@@ -395,6 +401,7 @@ def _encode(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preproce
                                **ROWS_OPTIONS)
     prompts_dataset.write_parquet(_under(out, "prompts"), row_group_size=PROMPT_GROUP_ROWS,
                                   min_bytes_per_file=FILE_BYTES, **PROMPTS_OPTIONS)
+    write_index(_under(out, "rows"), _under(out, INDEX_FILE))  # what trials read instead of every row group
     return {
         "format": CACHE_FORMAT, "key": key, "rows": len(rows),
         "val_file_rows": sum(r.from_val_file for r in rows), "prompts": len(prompts),

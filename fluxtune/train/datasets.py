@@ -114,7 +114,7 @@ def trial_data(source: str, experiment: dict[str, Any], rank: int = 0, world_siz
     data = experiment["data"]
     cache = trial_cache(source, data, experiment["model"])
     index = CacheIndex.read(cache.rows_dir, data["val_fraction"], experiment["seed"],
-                            explicit_val=cache.manifest["val_file_rows"] > 0)
+                            explicit_val=cache.manifest["val_file_rows"] > 0, index_path=cache.index_path)
     prompts = PromptTable(cache.prompts_dir, data.get("prompt_cache", 128))
     validation = index.validation_rows(data.get("val_max_rows", 64))
     if not len(validation):
