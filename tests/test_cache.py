@@ -93,6 +93,7 @@ def test_cache_files_are_plain_parquet_in_small_row_groups(built):
     groups = [g for f in files for g in (pq.ParquetFile(f).metadata.row_group(i).num_rows
                                          for i in range(pq.ParquetFile(f).metadata.num_row_groups))]
     assert sum(groups) == 12 and max(groups) <= ROW_GROUP_ROWS
+    assert pq.read_table(cache.path / "index.parquet").num_rows == 12  # the light columns, for trials
     schema = pq.read_schema(files[0])  # raw bytes + how to read them: no Ray tensor extension types
     for name, width in (("x0", 64), ("cond", 320)):
         assert str(schema.field(name).type) == "binary"

@@ -72,6 +72,7 @@ def test_prepare_writes_the_cache_to_s3_manifest_last_and_trials_read_it(s3_env,
     data_prefix = f"latents/{key}/{manifest['data_prefix']}/"
     assert manifest["rows"] == 8 and any(k.startswith(data_prefix + "rows/") and k.endswith(".parquet")
                                          for k in keys)
+    assert data_prefix + "index.parquet" in keys  # what trials read instead of every row group
     assert not (session_cache / "latents" / key).exists()  # nothing went to the local default ($FLUXTUNE_CACHE)
 
     # ... found again by `fluxtune data prepare` (the key from the objects' size and mtime, nothing re-encoded) ...
