@@ -205,3 +205,28 @@ def test_a_trial_refuses_a_cache_built_for_other_data(cache):
         trial_data(cache, _experiment(cache_dtype="float16"))
     with pytest.raises(ValueError, match="is not a latent cache"):
         trial_data(f"{cache}/rows", _experiment())
+
+
+def test_a_stage_context_replays_its_stream_resumes_it_with_skip_and_shares_it_out_across_ranks(cache):
+    """What stages see through `ctx.batches()`: a restarted stage gets the same batches, `skip` resumes one
+    mid-stage, another cycle draws another stream, and the ranks of one stage draw disjoint rows."""
+    from pathlib import Path
+
+    from fluxtune.context import RunContext, Shared
+
+    def context(rank=0, world=1, cycle=0, name="full"):
+        shared = Shared(train=_stream(cache, rank, world), val=None, batch_size=4, guidance=30.0, loss_fn=None,
+                        timesteps=None, reporter=None, registry=None, device=torch.device("cpu"), rank=rank,
+                        world_size=world, seed=3)
+        return RunContext(shared=shared, name=name, cycle=cycle, steps=10, transformer=None,
+                          export_dir=Path("unused"), first_global_step=0, stream_seed=rank)
+
+    def lines(ctx, count=20, skip=0):
+        return [lines_of(batch) for batch in islice(ctx.batches(skip=skip), count)]
+
+    first = lines(context())
+    assert lines(context()) == first  # a restarted stage replays its stream from batch 0
+    assert lines(context(), count=12, skip=8) == first[8:]
+    assert lines(context(cycle=1)) != first and lines(context(name="lora")) != first
+    shares = [{line for batch in lines(context(rank, 2), count=10) for line in batch} for rank in range(2)]
+    assert not shares[0] & shares[1]  # different stream seeds per rank, one shared unit permutation
