@@ -1,4 +1,4 @@
-"""Stage checkpoints: the consolidated transformer (safetensors) + what the stage exported + progress.
+"""Stage checkpoints: the transformer's canonical fp32 weights (safetensors) + what the stage exported + progress.
 
 Written atomically: everything goes into `<name>.tmp-<random>`, `progress.json` (the completion marker) last, and
 the folder is then renamed to its final name. The marker lists every file with its size, so a reader also
@@ -17,7 +17,7 @@ import secrets
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from fluxtune import storage
 
@@ -54,17 +54,25 @@ class CheckpointSpaceError(OSError):
 
 
 def write_stage_checkpoint(out_dir: Path, transformer: Any, progress: Progress, stage: str,
-                           export_dir: Path | None, metrics: dict[str, float]) -> Path:
+                           export_dir: Path | None, metrics: dict[str, float],
+                           weights: Iterable[tuple[str, Any]] | None = None) -> Path:
+    """`weights`: the canonical fp32 tensors in `fluxtune.canonical.layout(transformer)` order, streamed one at a
+    time (a DeepSpeed gather, a merged LoRA); default the transformer's own values, which must then be fp32."""
+    from fluxtune.canonical import FP32, LiveWeights, layout, save_weights_folder, weights_dtype
+
+    if weights is None and weights_dtype(transformer) != FP32:
+        raise ValueError("a checkpoint of a bf16 transformer needs its canonical fp32 weights (weights=…)")
     out_dir = Path(out_dir)
     has_exports = export_dir is not None and export_dir.exists() and any(export_dir.iterdir())
-    needed = _state_bytes(transformer) + (_folder_bytes(export_dir) if has_exports else 0)
+    needed = _layout_bytes(layout(transformer)) + (_folder_bytes(export_dir) if has_exports else 0)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out_dir.parent).free
     if needed > free:  # refuse up front rather than fill the disk for other writers
         raise CheckpointSpaceError(out_dir, needed, free)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{secrets.token_hex(4)}")
     try:
-        transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        save_weights_folder(tmp / "transformer", transformer,
+                            weights if weights is not None else LiveWeights(transformer).tensors())
         if has_exports:
             shutil.copytree(export_dir, tmp / "exports")
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -153,8 +161,10 @@ def _out_of_space(exc: BaseException) -> bool:
     return found is not None and int(found.group(1)) in _OUT_OF_SPACE
 
 
-def _state_bytes(model: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+def _layout_bytes(entries: list[tuple[str, tuple[int, ...], Any]]) -> int:
+    from fluxtune.flux.weights import nbytes
+
+    return sum(nbytes(shape, dtype) for _, shape, dtype in entries)
 
 
 def _folder_bytes(folder: Path) -> int:

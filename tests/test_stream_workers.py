@@ -17,11 +17,11 @@ def _record_epoch(config: dict) -> None:
     import ray.train
 
     from fluxtune.data.stream_plan import Load
-    from fluxtune.train.worker import _load_model_and_data
+    from fluxtune.train.worker import _load_data
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    _, train, val = _load_model_and_data(config["experiment"], config, rank, world)
+    train, val = _load_data(config["experiment"], config, rank, world)
     plan = train.plan(4, 17)
     loads, count = len(plan.epoch(0)), 0
     for event in plan.events():  # batches before the next epoch's first read

@@ -31,6 +31,8 @@ from fluxtune.config.load import sample_experiment
 from fluxtune.config.paths import set_path
 from fluxtune.config.schedule import planned_steps
 from fluxtune.config.schema import SearchFile, SearchSpec
+from fluxtune import failures
+from fluxtune.failures import keep_errors_in, quiet_trial_tracebacks
 from fluxtune.plugins import plugin_set
 from fluxtune.registry import registry
 from fluxtune.search.best import stage_records, write_best_yaml
@@ -144,6 +146,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     else:
         record = SweepRecord.new(root, spec.name, fp)
     folder = Path(record.folder)
+    keep_errors_in(folder)  # an unexpected error from here on keeps its traceback in the sweep folder
     trial_storage = storage.join(shared_root, record.sweep_id) if shared_root else str(folder)
 
     local_ray = start_ray(address, local_cpus(base["workers"], base["cpus_per_worker"], search.max_concurrent), verbose)
@@ -177,8 +180,11 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
                              plugins=plugins, reuse_stages=search.reuse_stages, max_failures=search.max_failures)
     reg = registry()
     callbacks = [MlflowSweepCallback(tracker, plugins, lambda config: sample_experiment(base, config, reg),
-                                     trial_storage),
-                 StageCacheRecorder(settings), StopFinishedRuns(record.sweep_id), ConsoleProgress(search.metric, console)]
+                                     trial_storage, scheduler=search.scheduler.type, sweep_folder=str(folder)),
+                 StageCacheRecorder(settings), StopFinishedRuns(record.sweep_id),
+                 ConsoleProgress(search.metric, console, search.mode, more or search.num_samples, search.scheduler.type,
+                                 lambda config: planned_steps(sample_experiment(base, config, reg)),
+                                 sweep_folder=str(folder))]
 
     if resume:
         tune_dir = storage.join(trial_storage, "tune", record.tune_runs[-1])
@@ -203,6 +209,8 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     # Tune's per-trial result.json/progress.csv loggers are off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS): the results
     # come from memory and the driver's MLflow callback, so its "could not fetch metrics" warning is noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    if not verbose:  # a failed trial is one console line naming where its full error is kept, not Tune's traceback
+        quiet_trial_tracebacks()
     handler_before = signal.getsignal(signal.SIGINT)
     try:
         results = tuner.fit()
@@ -285,7 +293,8 @@ def _trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str
     used = storage.read_json(settings.used_record(trial_id))
     reused = int(used["global_step"]) if used else 0
     experiment = sample_experiment(base, config, registry())
-    return {"trial": trial_id, "config": config, "error": str(result.error or ""),
+    error = failures.redact_text(str(result.error or ""))[:2000]  # the full text is in errors/trial-<id>.txt
+    return {"trial": trial_id, "config": config, "error": error,
             metric: metrics.get(metric), "steps": int(metrics.get("global_step", 0)), "reused_steps": reused,
             "planned_steps": planned_steps(experiment)}
 

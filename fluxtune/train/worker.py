@@ -48,23 +48,32 @@ def _resume(transformer: Any, initial: str | None = None) -> tuple[Any, Any, boo
     return progress, resumed.to(transformer.device).train(), own is not None
 
 
-def _load_model_and_data(experiment: dict[str, Any], config: dict[str, Any], rank: int, world_size: int
-                         ) -> tuple[Any, Any, Any]:
-    """The transformer (no VAE, no text encoders: the latent cache holds their work), this worker's training
-    stream and the bounded validation examples, read from the cache the driver prepared."""
-    from fluxtune.assemble import load_transformer
+def _load_data(experiment: dict[str, Any], config: dict[str, Any], rank: int, world_size: int) -> tuple[Any, Any]:
+    """This worker's training stream and the bounded validation examples, read from the latent cache the driver
+    prepared (its folder or URI in `config`)."""
     from fluxtune.train.datasets import trial_data
 
-    train, val = trial_data(config["data_source"], experiment, rank, world_size,
-                            reader=config.get("data_reader", "stream"))
-    return load_transformer(experiment["model"]), train, val
+    return trial_data(config["data_source"], experiment, rank, world_size, reader=config.get("data_reader", "stream"))
+
+
+def _load_model_and_data(experiment: dict[str, Any], config: dict[str, Any], rank: int, world_size: int,
+                         device: Any) -> tuple[Any, Any, Any]:
+    """The transformer, in its first stage's dtype on `device` (no VAE, no text encoders: the latent cache holds
+    their work), and this worker's data."""
+    from fluxtune.assemble import load_transformer
+    from fluxtune.cycle import initial_weights_dtype
+    from fluxtune.registry import registry
+
+    train, val = _load_data(experiment, config, rank, world_size)
+    dtype = initial_weights_dtype(experiment, registry(), device.type)
+    return load_transformer(experiment["model"], dtype, device), train, val
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from fluxtune.assemble import build_shared
+    from fluxtune.assemble import build_shared, model_weights_folder
     from fluxtune.cycle import run_cycle
     from fluxtune.flux.inpaint import InpaintProbe
     from fluxtune.registry import registry
@@ -78,7 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(experiment["seed"])
 
-    transformer, train, val = _load_model_and_data(experiment, config, rank, world_size)
+    transformer, train, val = _load_model_and_data(experiment, config, rank, world_size, device)
     reporter = MarkedReporter(rank, StopCheck(config.get("sweep_id"), config.get("trial_id"), rank, world_size))
     shared = build_shared(experiment, train, val, reporter, registry(), device, rank, world_size)
     if rank == 0:  # sample-image grids for MLflow at each evaluation
@@ -87,7 +96,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress, transformer, restarted = _resume(transformer.to(device), config.get("initial_checkpoint"))
     if restarted:
         reporter.marks = {RESUMED_FROM_KEY: progress.global_step}
+    elif rank == 0:  # the starting weights (step 0: where MLflow's image slider opens; or a reused stage's end)
+        shared.samples.render(transformer, step=progress.global_step)
     try:
-        run_cycle(experiment, transformer, shared, progress)
+        # A resumed transformer is fp32 (exact in itself); one read in bf16 keeps its exact values in its folder.
+        run_cycle(experiment, transformer, shared, progress, weights_folder=model_weights_folder(experiment["model"]))
     except TrialStopped:
         return  # Tune stopped this trial (ASHA): end the run so its workers free their CPUs now
