@@ -237,12 +237,12 @@ def test_search_refuses_an_unwritable_storage_folder_before_ray_naming_the_key(c
 def test_the_console_names_why_a_trial_failed_not_only_where_its_traceback_is(tmp_path):
     import traceback
 
-    from fluxtune.search.callbacks import _last_line
+    from fluxtune.failures import TrialFailure
 
     try:
         raise CheckpointSpaceError(tmp_path / "checkpoint_000001", needed=3 << 20, free=1 << 20)
     except CheckpointSpaceError:
-        (tmp_path / "error.txt").write_text(traceback.format_exc() + "\n")
-    line = _last_line(str(tmp_path / "error.txt"))
+        text = traceback.format_exc()
+    line = TrialFailure.from_text(text).error
     assert line.startswith("fluxtune.checkpoints.CheckpointSpaceError") and "no space to write stage checkpoint" in line
-    assert _last_line(str(tmp_path / "missing.txt")) == "see the traceback"
+    assert TrialFailure.from_text("").error == "see the error file"

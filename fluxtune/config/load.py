@@ -27,7 +27,10 @@ _PATTERN_MESSAGES = {
 }
 TOP_LEVEL_KEYS = tuple(SearchFile.model_fields)
 INT_LIMIT = 2**63  # every count, seed and size fits a signed 64-bit integer; beyond it numpy and Optuna overflow
-PROBE_METRICS = ("masked_psnr", "masked_ssim")  # reported only by evaluations that run the inpainting probe
+PROBE_METRICS = ("masked_psnr", "masked_ssim")  # reported only by evaluations that run the validation preview
+# What every evaluation of every stage reports (fluxtune.context.evaluate): the only metrics a search can rank
+# trials on and a scheduler can compare at eval points; stage-end numbers of plugins are not reported there.
+EVALUATION_METRICS = ("val_loss", *PROBE_METRICS)
 
 
 def _key(loc: tuple[Any, ...]) -> str:
@@ -172,9 +175,12 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
         raise  # unreachable: the collector raised
     out.raise_if_any()
     base = normalise_experiment(spec.base, reg, out, ("base",))
-    if spec.search and spec.search.metric in PROBE_METRICS and base["sample_every"] != 1:
-        out.add(("base", "sample_every"), f"search.metric {spec.search.metric} is measured by the inpainting probe, "
-                                          "which then must run at every evaluation: use sample_every: 1")
+    if spec.search and spec.search.metric not in EVALUATION_METRICS:
+        out.add(("search", "metric"), f"{spec.search.metric!r} is not reported at evaluations; the stages report "
+                                      f"{', '.join(EVALUATION_METRICS)}")
+    elif spec.search and spec.search.metric in PROBE_METRICS and base["sample_every"] != 1:
+        out.add(("base", "sample_every"), f"search.metric {spec.search.metric} is measured by the validation "
+                                          "preview, which then must run at every evaluation: use sample_every: 1")
     if spec.search and spec.search.include:
         spec.search.space = {**_included_space(spec.search.include, reg, out), **spec.search.space}
     out.raise_if_any()

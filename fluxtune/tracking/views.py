@@ -8,7 +8,9 @@ from typing import Any
 
 CURVES = ("loss", "val_loss")  # drawn into loss_curves.png at the end of a trial
 # Reported at stage ends too, and also at every evaluation: points of a curve, not stage summaries.
-CURVE_AT_STAGE_END = {"val_loss", "masked_psnr", "masked_ssim"}
+# An attempt's facts (a restarted trial's step and its worker failures) ride on every report, also when its only
+# report after a restart is a stage end: the run's metrics, never only a table row.
+CURVE_AT_STAGE_END = {"val_loss", "masked_psnr", "masked_ssim", "resumed_from_step", "worker_failures"}
 _TUNE_BOOKKEEPING = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid",
                      "time_since_restore", "iterations_since_restore", "global_step", "cycle"}
 

@@ -27,7 +27,7 @@ class RayReporter:
         self._samples: list[tuple[int | None, bytes]] = []
 
     def attach_sample(self, png: bytes, step: int | None = None) -> None:
-        """A sample-image grid (fluxtune.tracking.samples): sent with the next report, at `step` or the report's."""
+        """A sample-image grid (fluxtune.flux.preview): sent with the next report, at `step` or the report's."""
         self._samples.append((step, png))
 
     def log(self, global_step: int, metrics: dict[str, Any]) -> None:
