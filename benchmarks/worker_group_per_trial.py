@@ -16,6 +16,7 @@ from fluxtune.config.load import load_search_text
 from fluxtune.data.sample import ensure_sample_dataset
 from fluxtune.plugins import plugin_set
 from fluxtune.train.cluster import local_cpus, start_ray
+from fluxtune.train.datasets import prepare_sweep_data
 from fluxtune.train.trial import TrialSettings, trainer_for
 
 SPEC = """
@@ -37,8 +38,9 @@ def main() -> None:
     _, base = load_search_text(SPEC.format(steps=args.steps))
     jsonl = str(ensure_sample_dataset())
     start_ray(None, local_cpus(1, 1.0, 1))
+    source = prepare_sweep_data(jsonl, base).source  # trials read the latent cache, as in a sweep
     storage = tempfile.mkdtemp(prefix="fluxtune-bench-")
-    settings = TrialSettings(sweep_id="bench", base=base, jsonl=jsonl, storage_path=storage, plugins=plugin_set())
+    settings = TrialSettings(sweep_id="bench", base=base, jsonl=source, storage_path=storage, plugins=plugin_set())
 
     one_group, per_stage, transitions = [], [], []
     for r in range(args.repeats):

@@ -97,7 +97,8 @@ class StageContext(Protocol):
     - `name`, `cycle`, `steps`: which stage this is and how many optimisation steps it runs.
     - `transformer`: the live (unwrapped) FluxTransformer2DModel; a stage may replace it (e.g. after merging).
     - `device`, `rank`, `world_size`: the worker's place in the group.
-    - `batches()`: an endless iterator of training batches (dicts of tensors on `device`).
+    - `batches(skip=0)`: an endless iterator of training batches (dicts of tensors on `device`), the same every
+      time the stage runs; `skip` starts at that batch (mid-stage resume) without reading the skipped ones.
     - `training_loss(model, batch, generator)`: the flow-matching loss of one batch (noise, timesteps, loss plugin).
     - `optimizer(params, lr, weight_decay=0, betas=(0.9, 0.999), eps=1e-8)`: the optimizer (AdamW) for them.
     - `distribute(module)`: wrap for data-parallel training across the group (identity for one worker).
@@ -120,7 +121,7 @@ class StageContext(Protocol):
     world_size: int
     export_dir: Path
 
-    def batches(self) -> Iterator[dict[str, Any]]: ...
+    def batches(self, skip: int = 0) -> Iterator[dict[str, Any]]: ...
     def training_loss(self, model: Any, batch: dict[str, Any], generator: Any = None) -> Any: ...
     def optimizer(self, params: Any, lr: float, weight_decay: float = 0.0, betas: Any = (0.9, 0.999),
                   eps: float = 1e-8) -> Any: ...

@@ -1,4 +1,7 @@
-"""Ray-free assembly of what a worker trains with: the model bundle, encoded data, losses, the Shared state."""
+"""Ray-free assembly of what a worker trains with: the model bundle, encoded data, losses, the Shared state.
+
+`build_shared` takes the training data as a TrainingStream (trials: `fluxtune.train.datasets.trial_data`) or an
+in-memory EncodedSet/BucketedSet (tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 
 from fluxtune.canonical import cast
 from fluxtune.context import Reporter, Shared
-from fluxtune.flux.encoded import EncodedSet, ValidationSet, encode_examples, encoded_from_columns
+from fluxtune.flux.encoded import EncodedSet, ValidationSet, encode_examples
 from fluxtune.flux.model import FluxBundle, build_preset, load_flux
 from fluxtune.registered_version import registered_transformer
 
@@ -67,17 +70,12 @@ def model_weights_folder(model: dict[str, Any]) -> str | None:
     return None
 
 
-def cached_encoded_set(rows: dict[str, np.ndarray], prompts: dict[str, np.ndarray], resolution: int) -> EncodedSet:
-    """Latent-cache columns (see `fluxtune.data.latent_cache`) as the in-memory training form."""
-    return encoded_from_columns(rows, prompts, resolution)
-
-
 def encode_arrays(bundle: FluxBundle, arrays: dict[str, np.ndarray]) -> EncodedSet:
     prompts = [p if isinstance(p, str) else None for p in arrays.get("prompt", [None] * len(arrays["image"]))]
     return encode_examples(bundle, arrays["image"], arrays["mask"], arrays["target"], prompts)
 
 
-def build_shared(experiment: dict[str, Any], train: EncodedSet, val: EncodedSet, reporter: Reporter,
+def build_shared(experiment: dict[str, Any], train: Any, val: EncodedSet, reporter: Reporter,
                  registry: Any, device: torch.device, rank: int = 0, world_size: int = 1) -> Shared:
     loss = experiment["loss"]
     timesteps = experiment["timesteps"]

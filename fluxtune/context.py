@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from fluxtune.callbacks import CallbackList
-from fluxtune.flux.encoded import EncodedSet, ValidationSet, random_batches
+from fluxtune.flux.encoded import BucketedSet, EncodedSet, ValidationSet, random_batches
 from fluxtune.flux.flow import flow_matching_loss
 
 
@@ -26,7 +27,7 @@ class Reporter(Protocol):
 class Shared:
     """What every stage of a trial shares (built once per worker)."""
 
-    train: EncodedSet
+    train: Any  # a TrainingStream (trials: streamed from the latent cache) or an EncodedSet/BucketedSet (in memory)
     val: ValidationSet
     batch_size: int
     guidance: float
@@ -81,8 +82,22 @@ class RunContext:
         return self.shared.world_size
 
     # -- data and loss
-    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        return random_batches(self.shared.train, self.shared.batch_size, self._generator)
+    def batches(self, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """This stage's endless batches on `device`, from batch `skip` on: the same ones every time the stage
+        runs (a restarted stage replays them; `skip` resumes one mid-stage without reading what it skips)."""
+        train = self.shared.train
+        if isinstance(train, (EncodedSet, BucketedSet)):  # held in memory: tests and benchmarks
+            batches = random_batches(train, self.shared.batch_size, self._generator)
+            for _ in range(skip):
+                next(batches)
+            return batches
+        return train.batches(self.shared.batch_size, self._data_seed(), skip)
+
+    def _data_seed(self) -> int:
+        # The same on every rank (the ranks of a stage share one permutation of the units and take disjoint
+        # shares of it), different for every stage of every cycle and every experiment seed.
+        text = f"{self.shared.seed}\0{self.cycle}\0{self.name}".encode()
+        return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
 
     def training_loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
         if self.first_step_at is None:

@@ -1,5 +1,5 @@
 """Aspect-ratio buckets: the assignment arithmetic, a latent cache of mixed-aspect images built with Ray Data, and
-training on it with every batch drawn from a single bucket."""
+training on it, streamed, with every batch drawn from a single bucket."""
 
 from __future__ import annotations
 
@@ -93,7 +93,8 @@ def test_config_rejects_bad_buckets_at_the_yaml_key(tmp_path):
 
 
 def test_buckets_off_keeps_the_preprocessing_identity_and_on_changes_the_key(tmp_path):
-    assert Preprocessing(64).identity() == {"resolution": 64, "mask_threshold": 0.5, "crop": "centre-square"}
+    assert Preprocessing(64).identity() == {"resolution": 64, "mask_threshold": 0.5, "crop": "centre-square",
+                                            "dtype": "float16"}
     jsonl = _write_mixed_dataset(tmp_path, 3)
     rows = cache_rows(select_rows(str(jsonl), {}))
     keys = {cache_key(rows, TINY, Preprocessing(64, buckets=b)) for b in (None, AUTO_64, AUTO_64[1:])}
@@ -128,32 +129,39 @@ def mixed(tmp_path_factory):
     start_ray(None, local_cpus(workers=1, cpus_per_worker=1.0, concurrent_trials=1))
     jsonl = _write_mixed_dataset(tmp_path_factory.mktemp("mixed"), 24)
     rows = cache_rows(select_rows(str(jsonl), {}))
-    cache, _ = ensure_cache(rows, TINY, Preprocessing(64, buckets=AUTO_64), tmp_path_factory.mktemp("home"))
+    # float32: this cache also shows the stored tensors are exactly what encoding in memory gives
+    cache, _ = ensure_cache(rows, TINY, Preprocessing(64, buckets=AUTO_64, dtype="float32"),
+                            tmp_path_factory.mktemp("home"))
     return jsonl, cache
 
 
-def _read_all(folder):
-    from fluxtune.train.datasets import collect, read_parquet_light
+def _read_all(cache):
+    """Every row in line order: the columns and prompt table `encoded_from_columns` takes."""
+    from fluxtune.data.cache_index import CacheIndex
+    from fluxtune.data.prompt_table import PromptTable
+    from fluxtune.data.stream import read_examples
 
-    return collect(read_parquet_light(folder).iterator())
+    index = CacheIndex.read(cache.rows_dir, 0.0, 0, explicit_val=False)
+    return read_examples(index, PromptTable(cache.prompts_dir, 16), np.arange(index.rows))
 
 
 def test_cache_rows_carry_their_bucket_and_hold_what_encoding_in_memory_gives(mixed):
-    from fluxtune.assemble import cached_encoded_set, encode_arrays, load_bundle
+    from fluxtune.assemble import encode_arrays, load_bundle
     from fluxtune.data.images import load_example
     from fluxtune.data.rows import read_rows
-    from fluxtune.flux.encoded import BucketedSet
+    from fluxtune.flux.encoded import BucketedSet, encoded_from_columns
 
     jsonl, cache = mixed
     assert cache.manifest["preprocessing"]["buckets"] == [list(b) for b in AUTO_64]
-    rows = _read_all(cache.rows_dir)
+    read = _read_all(cache)
+    rows = read["rows"]
     sizes = list(zip(rows["width"].tolist(), rows["height"].tolist()))
     expected = [[(80, 48), (48, 80), (64, 64)][i % 3] for i in range(24)]  # 96x64 → 80x48, 64x96 → 48x80
     assert sizes == expected
     for (width, height), x0, cond in zip(sizes, rows["x0"], rows["cond"]):
         assert x0.shape == ((height // 16) * (width // 16), 64) and cond.shape == (x0.shape[0], 320)
 
-    cached = cached_encoded_set(rows, _read_all(cache.prompts_dir), 64)
+    cached = encoded_from_columns(**read, resolution=64)
     assert isinstance(cached, BucketedSet) and [len(b) for b in cached.buckets] == [8, 8, 8]
     bundle = load_bundle(TINY)
     all_rows = read_rows(jsonl)
@@ -162,51 +170,55 @@ def test_cache_rows_carry_their_bucket_and_hold_what_encoding_in_memory_gives(mi
         examples = [load_example(r, 64, buckets=AUTO_64) for r in own]
         arrays = {name: np.stack([e[name] for e in examples]) for name in ("image", "mask", "target")}
         arrays["prompt"] = np.array([r.prompt or "" for r in own], dtype=object)
-        direct = encode_arrays(bundle, arrays)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the encoder actor (1 CPU): a convolution's float sums depend on the thread count
+        try:
+            direct = encode_arrays(bundle, arrays)
+        finally:
+            torch.set_num_threads(threads)
         got, want = bucket.batch(torch.arange(8)), direct.batch(torch.arange(8))
         for key in ("x0", "cond", "img_ids", "prompt_embeds", "pooled"):
             assert torch.equal(got[key], want[key]), (k, key)
 
 
 def test_training_on_mixed_aspects_draws_single_bucket_batches_and_learns(mixed):
-    from fluxtune.assemble import build_shared, cached_encoded_set, load_bundle
+    from fluxtune.assemble import build_shared, load_bundle
     from fluxtune.context import evaluate
     from fluxtune.cycle import run_cycle
-    from fluxtune.flux.encoded import BucketedSet, EncodedSet
     from fluxtune.registry import registry
     from fluxtune.testing import RecordingReporter, tiny_experiment
-    from fluxtune.train.datasets import build_datasets, collect
+    from fluxtune.train.datasets import trial_data
 
     _, cache = mixed
     experiment = tiny_experiment("""
-        data: {resolution: 64, buckets: auto, val_fraction: 0.25, batch_size: 4}
+        data: {resolution: 64, buckets: auto, val_fraction: 0.25, batch_size: 4, cache_dtype: float32}
         eval_every: 10
         stages: [{name: full, type: full, steps: 40, optimizer: {lr: 1.0e-3}}]
     """)
-    datasets = build_datasets(str(cache.path), experiment["data"], seed=0, model=experiment["model"])
-    prompts = collect(datasets["prompts"].iterator())
-    train = cached_encoded_set(collect(datasets["train"].iterator()), prompts, 64)
-    val = cached_encoded_set(collect(datasets["val"].iterator()), prompts, 64)
-    assert isinstance(train, BucketedSet) and len(train.buckets) == 3
+    stream, val = trial_data(str(cache.path), experiment)  # what a trial's worker reads
+    assert len(val.buckets) == 3
 
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, int]] = []
 
-    class Recording(EncodedSet):  # every batch the stage and the evaluation draw: (token count, img_ids rows)
-        def batch(self, index):
-            batch = super().batch(index)
-            seen.append((batch["x0"].shape[1], batch["img_ids"].shape[0]))
-            return batch
+    class Recording:  # the stream, noting every batch the stage draws: (tokens, img_ids rows, grid cells)
+        def to(self, device):
+            return self
 
-    train = BucketedSet([Recording(**vars(b)) for b in train.buckets])
+        def batches(self, batch_size, seed, skip=0):
+            for batch in stream.batches(batch_size, seed, skip):
+                seen.append((batch["x0"].shape[1], batch["img_ids"].shape[0],
+                             int(batch["height"]) * int(batch["width"])))
+                yield batch
+
     torch.manual_seed(0)
     bundle = load_bundle(experiment["model"])
     reporter = RecordingReporter()
-    shared = build_shared(experiment, train, val, reporter, registry(), torch.device("cpu"))
+    shared = build_shared(experiment, Recording(), val, reporter, registry(), torch.device("cpu"))
     before = evaluate(bundle.transformer, shared)["val_loss"]
     run_cycle(experiment, bundle.transformer, shared)
 
-    assert len(seen) >= 40 and all(tokens == ids for tokens, ids in seen)  # packing follows each bucket
-    assert {tokens for tokens, _ in seen} == {15, 16}  # 80x48 / 48x80 → 5·3 tokens, 64² → 16: all buckets trained
+    assert len(seen) == 40 and all(tokens == ids == cells for tokens, ids, cells in seen)  # packing follows buckets
+    assert {tokens for tokens, _, _ in seen} == {15, 16}  # 80x48 / 48x80 → 5·3 tokens, 64² → 16: all buckets trained
     losses = [m["loss"] for _, m in reporter.steps]
     after = reporter.stage_ends[-1][1]["val_loss"]
     assert all(math.isfinite(v) for v in losses) and after < 0.9 * before, (before, after)

@@ -1,5 +1,5 @@
-"""The latent cache: built once with Ray Data, exactly what in-memory encoding gives, keyed by content, never
-used half-written."""
+"""The latent cache: built once with Ray Data, what in-memory encoding gives (to float16 rounding), keyed by
+content, never used half-written; trials read it without Ray."""
 
 from __future__ import annotations
 
@@ -46,20 +46,26 @@ def built(ray_cluster, dataset, tmp_path_factory):
     return cache, built_now, rows, home
 
 
-def _read_all(folder: str) -> dict[str, np.ndarray]:
-    from fluxtune.train.datasets import collect, read_parquet_light
+def _read_all(cache, rows=None) -> dict[str, dict[str, np.ndarray]]:
+    """Every row of a cache (or these row ids), in line order, as `encoded_from_columns` takes them."""
+    from fluxtune.data.cache_index import CacheIndex
+    from fluxtune.data.prompt_table import PromptTable
+    from fluxtune.data.stream import read_examples
 
-    return collect(read_parquet_light(folder).iterator())
+    index = CacheIndex.read(cache.rows_dir, 0.0, 0, explicit_val=False)
+    rows = np.arange(index.rows) if rows is None else rows
+    return read_examples(index, PromptTable(cache.prompts_dir, 16), rows)
 
 
-def test_cache_holds_exactly_what_encoding_in_memory_gives(built, dataset):
-    from fluxtune.assemble import cached_encoded_set, encode_arrays, load_bundle
+def test_cache_holds_what_encoding_in_memory_gives_rounded_to_float16(built, dataset):
+    from fluxtune.assemble import encode_arrays, load_bundle
     from fluxtune.data.images import load_example
     from fluxtune.data.rows import read_rows
+    from fluxtune.flux.encoded import encoded_from_columns
 
     cache, built_now, _, _ = built
-    assert built_now and cache.manifest["rows"] == 12
-    cached = cached_encoded_set(_read_all(cache.rows_dir), _read_all(cache.prompts_dir), 32)
+    assert built_now and cache.manifest["rows"] == 12 and cache.manifest["dtype"] == "float16"
+    cached = encoded_from_columns(**_read_all(cache), resolution=32)
 
     rows = read_rows(dataset)  # file order, as the cached set is
     examples = [load_example(r, 32) for r in rows]
@@ -75,9 +81,28 @@ def test_cache_holds_exactly_what_encoding_in_memory_gives(built, dataset):
     everything = torch.arange(12)
     got, want = cached.batch(everything), direct.batch(everything)
     assert set(got) == set(want)
-    for key in want:
-        assert torch.equal(got[key], want[key]), key
+    for key in want:  # stored as float16, read back as float32: exactly the rounded values
+        expected = want[key].half().float() if want[key].is_floating_point() else want[key]
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], expected), key
+    assert torch.equal(got["mask"], want["mask"])  # 0/1: no rounding at all
     assert sum(r.prompt is not None for r in rows) == 2  # prompts and the empty prompt both went through
+
+
+def test_cache_files_are_plain_parquet_in_small_row_groups(built):
+    import pyarrow.parquet as pq
+
+    from fluxtune.data.cache_format import ROW_GROUP_ROWS
+
+    cache, *_ = built
+    files = sorted((cache.path / "rows").glob("*.parquet"))
+    groups = [g for f in files for g in (pq.ParquetFile(f).metadata.row_group(i).num_rows
+                                         for i in range(pq.ParquetFile(f).metadata.num_row_groups))]
+    assert sum(groups) == 12 and max(groups) <= ROW_GROUP_ROWS
+    assert pq.read_table(cache.path / "index.parquet").num_rows == 12  # the light columns, for trials
+    schema = pq.read_schema(files[0])  # raw bytes + how to read them: no Ray tensor extension types
+    for name, width in (("x0", 64), ("cond", 320)):
+        assert str(schema.field(name).type) == "binary"
+        assert schema.field(name).metadata == {b"dtype": b"float16", b"shape": f"[-1, {width}]".encode()}
 
 
 def test_second_request_reuses_the_cache_without_encoding(built, monkeypatch):
@@ -153,46 +178,29 @@ def test_a_crash_while_writing_leaves_nothing_under_the_final_name(ray_cluster, 
 
 
 def test_trials_split_the_cache_like_preflight_and_refuse_another_resolution(built, dataset):
+    import pyarrow.parquet as pq
+
     from fluxtune.data.images import split_is_validation
-    from fluxtune.train.datasets import build_datasets, collect
+    from fluxtune.train.datasets import trial_data
 
     cache, *_ = built
-    data = {"resolution": 32, "val_fraction": 0.25, "mask_threshold": 0.5}
-    datasets = build_datasets(str(cache.path), data, seed=5)
-    train = collect(datasets["train"].iterator())
-    val = collect(datasets["val"].iterator())
-    assert list(train["line"]) == sorted(train["line"])  # file order whatever Ray read first
-    assert sorted([*train["line"], *val["line"]]) == list(range(1, 13))
+    experiment = {"seed": 5, "model": TINY, "data": {"resolution": 32, "val_fraction": 0.25, "mask_threshold": 0.5}}
+    train, val = trial_data(str(cache.path), experiment)
+    lines = train.index.line
+    val_lines = lines[train.index.is_val].tolist()
     expected_val = [i + 1 for i in range(12) if split_is_validation(f"images/{i:04d}_target.png", 0.25, 5)]
-    assert list(val["line"]) == expected_val and 0 < len(expected_val) < 12
+    assert val_lines == expected_val and 0 < len(expected_val) < 12 and len(val) == len(expected_val)
+    assert sorted([*lines[train.index.training_rows()].tolist(), *val_lines]) == list(range(1, 13))
     prompts = {r.prompt for r in select_rows(str(dataset), {}).rows if r.prompt}
-    assert sorted(collect(datasets["prompts"].iterator())["prompt"]) == ["", *sorted(prompts)]
+    assert sorted(pq.read_table(cache.prompts_dir).column("prompt").to_pylist()) == ["", *sorted(prompts)]
 
     with pytest.raises(ValueError, match="resolution 32 \\(wanted 64\\).*matches none of them"):
-        build_datasets(str(cache.path), {**data, "resolution": 64}, seed=5)
-
-
-@pytest.mark.timeout(180)
-def test_trials_read_the_cache_with_less_than_one_cpu_free(built):
-    """Train workers can hold every whole CPU; the data read must still run (else the trial hangs)."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    from fluxtune.train.datasets import build_datasets, collect
-
-    cache, *_ = built
-    held = placement_group([{"CPU": ray.available_resources()["CPU"] - 0.5}])
-    ray.get(held.ready(), timeout=60)
-    try:
-        datasets = build_datasets(str(cache.path), {"resolution": 32, "val_fraction": 0.25}, seed=5)
-        assert len(collect(datasets["train"].iterator())["line"]) + len(collect(datasets["val"].iterator())["line"]) == 12
-    finally:
-        remove_placement_group(held)
+        trial_data(str(cache.path), {**experiment, "data": {**experiment["data"], "resolution": 64}})
 
 
 def test_a_sweep_searching_data_keys_gets_one_cache_per_choice_and_each_trial_reads_its_own(built, dataset):
     from fluxtune.config.schema import CategoricalDist
-    from fluxtune.train.datasets import build_datasets, collect, prepare_sweep_data
+    from fluxtune.train.datasets import prepare_sweep_data, trial_data
 
     cache, _, _, home = built
     base = {"data": {"resolution": 32, "mask_threshold": 0.5, "val_jsonl": None}, "model": TINY}
@@ -203,11 +211,11 @@ def test_a_sweep_searching_data_keys_gets_one_cache_per_choice_and_each_trial_re
     assert prepared.cache_key.split(",")[0] == cache.key  # the 32 px cache was already there: reused, not rebuilt
 
     for resolution, tokens in ((32, 4), (48, 9)):  # (R / 16)² tokens
-        datasets = build_datasets(prepared.source, {"resolution": resolution, "val_fraction": 0.25}, seed=5)
-        train = collect(datasets["train"].iterator())
-        assert train["x0"].shape[1:] == (tokens, 64)
+        experiment = {"seed": 5, "model": TINY, "data": {"resolution": resolution, "val_fraction": 0.25}}
+        train, _ = trial_data(prepared.source, experiment)
+        assert next(train.batches(2, 0))["x0"].shape[1:] == (tokens, 64)
     with pytest.raises(ValueError, match="did not prepare a cache for"):
-        build_datasets(prepared.source, {"resolution": 64, "val_fraction": 0.25}, seed=5)
+        trial_data(prepared.source, {"seed": 5, "model": TINY, "data": {"resolution": 64, "val_fraction": 0.25}})
     again = prepare_sweep_data(str(dataset), base, cache_dir=home, space=space)
     assert not again.cache_built and again.source == prepared.source  # same sweep, same set: nothing encoded
 

@@ -1,12 +1,15 @@
 """Data and latent caches on S3, against a real local S3 endpoint (moto's server over HTTP): the JSONL and images
-read the way Ray Data reads them (pyarrow, endpoint from AWS_ENDPOINT_URL), the cache written manifest-last."""
+read the way Ray Data reads them (pyarrow, endpoint from AWS_ENDPOINT_URL), the cache written manifest-last and
+streamed back by trials."""
 
 from __future__ import annotations
 
 import json
 
 import boto3
+import numpy as np
 import pytest
+import torch
 
 from conftest import run_cli
 from fluxtune.data.sample import write_sample_dataset
@@ -52,7 +55,7 @@ def test_data_check_reads_the_jsonl_and_images_from_s3(s3_env, cli_env, tmp_path
 def test_prepare_writes_the_cache_to_s3_manifest_last_and_trials_read_it(s3_env, cli_env, session_cache, tmp_path):
     from fluxtune.data.latent_cache import find_cache, open_cache
     from fluxtune.train.cluster import local_cpus, start_ray
-    from fluxtune.train.datasets import build_datasets, collect, prepare_sweep_data
+    from fluxtune.train.datasets import prepare_sweep_data, trial_data
 
     env, client = s3_env
     # Built here (one Ray for building and reading: Ray workers inherit the AWS_* variables set above) ...
@@ -69,6 +72,7 @@ def test_prepare_writes_the_cache_to_s3_manifest_last_and_trials_read_it(s3_env,
     data_prefix = f"latents/{key}/{manifest['data_prefix']}/"
     assert manifest["rows"] == 8 and any(k.startswith(data_prefix + "rows/") and k.endswith(".parquet")
                                          for k in keys)
+    assert data_prefix + "index.parquet" in keys  # what trials read instead of every row group
     assert not (session_cache / "latents" / key).exists()  # nothing went to the local default ($FLUXTUNE_CACHE)
 
     # ... found again by `fluxtune data prepare` (the key from the objects' size and mtime, nothing re-encoded) ...
@@ -78,11 +82,21 @@ def test_prepare_writes_the_cache_to_s3_manifest_last_and_trials_read_it(s3_env,
     assert f"8 rows; latent cache s3://cache/latents/{key} (reused)" in again.stdout
     assert _keys(client, "cache", "latents/") == keys
 
-    # ... and read by trials from S3: Ray Data tasks, pyarrow's S3 filesystem, the split at read time.
+    # ... and read by a trial's worker from S3: pyarrow's S3 filesystem, no Ray, the split at read time; two
+    # workers stream disjoint halves of the training rows and hold the same validation rows.
     uri = f"s3://cache/latents/{key}"
-    datasets = build_datasets(uri, {"resolution": 32, "val_fraction": 0.25}, seed=0)
-    lines = [*collect(datasets["train"].iterator())["line"], *collect(datasets["val"].iterator())["line"]]
-    assert sorted(lines) == list(range(1, 9))
+    experiment = {"seed": 0, "model": {"preset": "tiny-fill"}, "data": {"resolution": 32, "val_fraction": 0.25}}
+    shares = []
+    for rank in range(2):
+        stream, val = trial_data(uri, experiment, rank, 2)
+        index = stream.index
+        epoch = stream.plan(2, 0).epoch(0)
+        shares.append(set(index.line[np.concatenate([rows for _, rows in epoch])].tolist()))
+        batch = next(stream.batches(2, 0))
+        assert batch["x0"].shape[1:] == (4, 64) and batch["prompt_embeds"].dtype == torch.float32
+    val_lines = index.line[index.is_val].tolist()
+    assert not shares[0] & shares[1] and sorted([*shares[0], *shares[1], *val_lines]) == list(range(1, 9))
+    assert len(val) == len(val_lines) > 0
     assert open_cache(uri).key == key and find_cache(key, "s3://cache/latents") is not None
 
     # A prefix without its manifest (a build that died before the marker) is never used.

@@ -47,11 +47,16 @@ class PinnedNoise(RunContext):
         data, rank, world = self.shared.train, self.shared.rank, self.shared.world_size
         while True:  # the global batch of an update: this rank's micro-batches, in order
             for start in range(rank * MICRO, len(data["x0"]), world * MICRO):
-                yield {k: (v[start:start + MICRO] if k not in ("img_ids", "txt_ids") else v) for k, v in data.items()}
+                yield rows(data, start, start + MICRO)
 
     def training_loss(self, model, batch, generator=None):
         return flow_matching_loss(model, batch, batch["noise"], batch["t"], 30.0,
                                   lambda pred, target, _: (pred.float() - target.float()).pow(2).mean())
+
+
+def rows(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows start:stop of a batch; the positions and the 0-dim token grid (height, width) belong to the batch."""
+    return {k: v if k in ("img_ids", "txt_ids") or not v.dim() else v[start:stop] for k, v in batch.items()}
 
 
 def pinned_data(count: int) -> dict[str, torch.Tensor]:
@@ -182,8 +187,7 @@ def test_ddp_accumulation_on_two_workers_equals_one_process_with_the_whole_batch
     ctx = stage_context(data, updates)
     whole = {k: v for k, v in data.items()}
     per_update = accumulate * MICRO * world
-    batches = [{k: (v[u * per_update:(u + 1) * per_update] if k not in ("img_ids", "txt_ids") else v)
-                for k, v in whole.items()} for u in range(updates)]
+    batches = [rows(whole, u * per_update, (u + 1) * per_update) for u in range(updates)]
     ctx.batches = lambda: iter(batches)
     params = TrainingParams.model_validate({"optimizer": RECIPE, "max_grad_norm": None, "precision": "fp32"})
     train_steps(ctx, ctx.transformer, list(ctx.transformer.parameters()), params)

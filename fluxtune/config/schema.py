@@ -59,6 +59,14 @@ class DataSpec(Closed):
                           "resolution²); each row is cropped to the bucket nearest its aspect ratio")
     cache_dir: str | None = Field(None, description="latent cache home, a folder or a URI (s3://…); "
                                                     "default $FLUXTUNE_CACHE/latents")
+    cache_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="how the latent cache stores latents and prompt embeddings (read back as float32)")
+    shuffle_buffer: int = Field(256, ge=0, description="rows a worker shuffles among while streaming its training "
+                                                       "rows from the cache (memory: this many rows + 3 row groups)")
+    val_max_rows: int = Field(64, ge=1, description="validation examples: the first N validation rows, held by every "
+                                                    "worker with fixed noise")
+    prompt_cache: int = Field(128, ge=1, description="distinct prompt embeddings a worker holds (least recently "
+                                                     "used go; 4 MiB each at FLUX.1 size)")
 
     @field_validator("resolution")
     @classmethod

@@ -1,4 +1,6 @@
-"""Training data: the JSONL row format, its checks, image loading, and a generated sample dataset.
+"""Training data: the JSONL row format, its checks, image loading, a generated sample dataset, the latent cache
+and the stream trials read it with.
 
-Import-light on purpose (numpy and Pillow only): `fluxtune validate` checks data without torch or ray.
+Import-light on purpose (numpy and Pillow only; torch in `stream` alone): `fluxtune validate` checks data without
+torch or ray.
 """

@@ -2,11 +2,15 @@
 
 One cache folder, `<cache home>/latents/<key>/`:
 
-    rows/          Parquet (Ray Data): line, split_key, from_val_file, prompt_index,
-                   x0 [seq, 64] packed target latents, cond [seq, 320] packed masked-image latents ++ packed mask,
-                   and with aspect-ratio buckets height, width (pixels) of each row's bucket (seq follows them)
+    rows/          Parquet, row groups of 16 rows: line, split_key, from_val_file, prompt_index, height, width
+                   (pixels: the row's bucket, or the resolution), x0 [seq, 64] packed target latents,
+                   cond [seq, 320] packed masked-image latents ++ packed mask
     prompts/       Parquet: prompt_index, prompt, prompt_embeds [L, joint_dim], pooled [pooled_dim]; index 0 is ""
+    index.parquet  the light columns of rows/ with each row's file, row group and offset (`cache_index`)
     manifest.json  what was encoded with what; written last
+
+Tensors are stored in the preprocessing's dtype (float16 unless `data.cache_dtype: float32`) in the layout of
+`fluxtune.data.cache_format`; trials stream them (`fluxtune.data.stream`).
 
 The folder is built under a temporary name and renamed into place after its manifest is written, so a folder
 under its final name is always complete and a crash leaves only a `.tmp-` folder that nothing reads. A cache
@@ -42,16 +46,19 @@ from typing import Any, Callable, Iterable
 
 from fluxtune import storage
 from fluxtune.data.buckets import check_buckets
+from fluxtune.data.cache_format import (DTYPES, FILE_BYTES, PROMPT_GROUP_ROWS, PROMPTS_OPTIONS, ROW_GROUP_ROWS, ROWS_OPTIONS,
+                                        prompts_table, rows_table)
+from fluxtune.data.cache_index import INDEX_FILE, write_index
 from fluxtune.data.images import check_mask_threshold, check_resolution, is_uri, split_key
 from fluxtune.data.rows import Row
 from fluxtune.data.selection import Selection
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: plain Parquet tensors (cache_format), small row groups, height/width always, dtype
 BUCKET_CROP = "cover-nearest-bucket"  # resize to cover the bucket nearest the aspect ratio, centre-crop
 MANIFEST = "manifest.json"
 ENCODE_BATCH = 16  # rows per VAE call: large enough to amortise Python overhead, small enough for 1024² on a GPU
 # Source files whose changes change the encoded tensors.
-_ENCODING_CODE = ("flux/packing.py", "flux/encoded.py", "data/images.py", "data/buckets.py")
+_ENCODING_CODE = ("flux/packing.py", "flux/encoded.py", "data/images.py", "data/buckets.py", "data/cache_format.py")
 _PRESET_CODE = ("flux/presets.py", "flux/model.py")
 _LIBRARIES = ("torch", "diffusers", "transformers", "pillow", "numpy")
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -66,17 +73,20 @@ class Preprocessing:
     crop: str = "centre-square"  # resize the shorter side, centre-crop; image bicubic, mask bilinear then threshold
     # Aspect-ratio buckets as (width, height) sizes (`fluxtune.data.buckets`); None: every row centre-square.
     buckets: tuple[tuple[int, int], ...] | None = None
+    dtype: str = "float16"  # how the tensors are stored (read back as float32)
 
     def __post_init__(self) -> None:
         check_resolution(self.resolution)
         check_mask_threshold(self.mask_threshold)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"the cache dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.buckets is not None:
             sizes = tuple(tuple(size) for size in check_buckets(self.buckets, self.resolution))
             object.__setattr__(self, "buckets", sizes)
             object.__setattr__(self, "crop", BUCKET_CROP)
 
     def identity(self) -> dict[str, Any]:
-        """What goes into the cache key and manifest; without buckets exactly the fields it always had."""
+        """What goes into the cache key and manifest (buckets only when there are some)."""
         described = asdict(self)
         if self.buckets is None:
             del described["buckets"]
@@ -116,6 +126,10 @@ class LatentCache:
     @property
     def prompts_dir(self) -> str:
         return self._data("prompts")
+
+    @property
+    def index_path(self) -> str:
+        return self._data(INDEX_FILE)
 
     def _data(self, name: str) -> str:
         if isinstance(self.path, Path):
@@ -376,19 +390,32 @@ def _encode(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preproce
                **_encoder_resources()}
     decode = partial(load_examples_batch, resolution=preprocessing.resolution,
                      mask_threshold=preprocessing.mask_threshold, buckets=preprocessing.buckets)
+    tables = {"batch_format": "numpy", "batch_size": ENCODE_BATCH}
     with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60 (pinned below 2.61)
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
         rows_dataset = (ray.data.from_items(items)
                         .map_batches(decode, batch_size=ENCODE_BATCH, batch_format="numpy")
-                        .map_batches(LatentEncoder, **encoder))
+                        .map_batches(LatentEncoder, **encoder)
+                        .map_batches(partial(rows_table, dtype=preprocessing.dtype,
+                                             resolution=preprocessing.resolution), **tables))
         prompts_dataset = (ray.data.from_items([{"prompt_index": i, "prompt": p} for i, p in enumerate(prompts)])
-                           .map_batches(PromptEncoder, **encoder))
-    rows_dataset.write_parquet(storage.join(out, "rows") if is_uri(out) else os.path.join(out, "rows"))
-    prompts_dataset.write_parquet(storage.join(out, "prompts") if is_uri(out) else os.path.join(out, "prompts"))
+                           .map_batches(PromptEncoder, **encoder)
+                           .map_batches(partial(prompts_table, dtype=preprocessing.dtype), **tables))
+    # Small row groups: a row group is what a training stream reads at a time (fluxtune.data.stream).
+    rows_dataset.write_parquet(_under(out, "rows"), row_group_size=ROW_GROUP_ROWS, min_bytes_per_file=FILE_BYTES,
+                               **ROWS_OPTIONS)
+    prompts_dataset.write_parquet(_under(out, "prompts"), row_group_size=PROMPT_GROUP_ROWS,
+                                  min_bytes_per_file=FILE_BYTES, **PROMPTS_OPTIONS)
+    write_index(_under(out, "rows"), _under(out, INDEX_FILE))  # what trials read instead of every row group
     return {
         "format": CACHE_FORMAT, "key": key, "rows": len(rows),
         "val_file_rows": sum(r.from_val_file for r in rows), "prompts": len(prompts),
         "model": model_identity(model) | {"spec": {k: model.get(k) for k in ("preset", "path", "seed")}},
         "preprocessing": preprocessing.identity(), "vae_scale_factor": vae_scale_factor(model),
+        "dtype": preprocessing.dtype, "row_group_rows": ROW_GROUP_ROWS,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_s": round(time.perf_counter() - started, 3),
     }
+
+
+def _under(out: str, name: str) -> str:
+    return storage.join(out, name) if is_uri(out) else os.path.join(out, name)

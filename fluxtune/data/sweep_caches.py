@@ -1,8 +1,9 @@
 """Which latent caches a sweep needs: one per distinct preprocessing its trials can ask for, all built by the
 driver before the first trial.
 
-`data.resolution`, `data.mask_threshold` and `data.buckets` decide how images become latents, so a search over
-them is supported for categorical choices (one cache per combination, at most MAX_CACHES). A range over them,
+`data.resolution`, `data.mask_threshold`, `data.buckets` and `data.cache_dtype` decide how images become stored
+latents, so a search over them is supported for categorical choices (one cache per combination, at most
+MAX_CACHES). A range over them,
 or a search over the preset keys its VAE and text encoders come from, is refused before Ray starts. A searched
 `model.path` reads the base model's cache: the choices must share its VAE and text encoders (fine-tunes of
 FLUX.1-Fill-dev do).
@@ -15,7 +16,7 @@ import itertools
 import math
 from typing import Any
 
-PREPROCESSING_KEYS = ("data.resolution", "data.mask_threshold", "data.buckets")
+PREPROCESSING_KEYS = ("data.resolution", "data.mask_threshold", "data.buckets", "data.cache_dtype")
 ENCODER_KEYS = ("model.preset", "model.seed")
 MAX_CACHES = 8  # each one encodes the whole dataset again
 

@@ -5,6 +5,10 @@ Encoding happens once per dataset (the latent cache, `fluxtune.data.latent_cache
 or the VAE. Prompt embeddings are stored once per distinct prompt (T5 embeddings are 4 MB per row on the real
 model); index 0 of the prompt table is always the empty prompt.
 
+An `EncodedSet` holds its examples in memory: the bounded validation set, tests, and the in-memory comparison
+path of the benchmarks. Trials stream their training rows from the cache instead (`fluxtune.data.stream`);
+batches from either carry the same keys, `height`/`width` being the image-token grid.
+
 With aspect-ratio buckets the examples come in several sizes: a `BucketedSet` holds one `EncodedSet` per size,
 and every batch is drawn from a single one (one token count, one `img_ids`), for training and validation alike.
 """
@@ -19,6 +23,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
+from fluxtune.data.stream import grid_size
 from fluxtune.flux.model import FluxBundle, empty_prompt_embeds, encode_prompts
 from fluxtune.flux.packing import (
     fill_conditioning,
@@ -39,6 +44,12 @@ class EncodedSet:
     pooled: torch.Tensor  # [P, pooled_dim]
     img_ids: torch.Tensor  # [seq, 3]
     txt_ids: torch.Tensor  # [L, 3]
+    grid: tuple[int, int] = (0, 0)  # image-token rows × columns; found from img_ids when not given
+
+    def __post_init__(self) -> None:
+        if self.grid == (0, 0) and len(self.img_ids):
+            rows, columns = (int(v) + 1 for v in self.img_ids[-1, 1:].tolist())
+            self.grid = (rows, columns)
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -53,10 +64,11 @@ class EncodedSet:
             "pooled": self.pooled[p],
             "img_ids": self.img_ids,
             "txt_ids": self.txt_ids,
+            **grid_size(*self.grid),
         }
 
     def to(self, device: torch.device) -> "EncodedSet":
-        return replace(self, **{f: getattr(self, f).to(device) for f in self.__dataclass_fields__})
+        return replace(self, **{f: getattr(self, f).to(device) for f in self.__dataclass_fields__ if f != "grid"})
 
     @property
     def parts(self) -> list["EncodedSet"]:
@@ -152,9 +164,10 @@ def latent_scale(seq_len: int, height: int, width: int | None = None) -> int:
 
 def encoded_from_columns(rows: Mapping[str, np.ndarray], prompts: Mapping[str, np.ndarray],
                          resolution: int) -> EncodedSet | BucketedSet:
-    """An EncodedSet from latent-cache columns (x0, cond, prompt_index) and its prompt table (prompt_index,
-    prompt_embeds, pooled); no model needed. Rows keep the order given. Rows with `height`/`width` columns
-    (aspect-ratio buckets) give a BucketedSet: one EncodedSet per size, sizes in order of first appearance."""
+    """An EncodedSet from latent-cache columns (x0, cond, prompt_index, height, width) and its prompt table
+    (prompt_index, prompt_embeds, pooled); no model needed, values upcast to float32. Rows keep the order given.
+    Rows of several sizes (aspect-ratio buckets) give a BucketedSet: one EncodedSet per size, sizes in order of
+    first appearance."""
     order = np.argsort(prompts["prompt_index"])
     if not np.array_equal(np.asarray(prompts["prompt_index"])[order], np.arange(len(order))):
         raise ValueError("the prompt table must hold each index 0..P-1 exactly once")
@@ -176,6 +189,8 @@ def encoded_from_columns(rows: Mapping[str, np.ndarray], prompts: Mapping[str, n
         return one_size(slice(None), resolution, resolution)
     sizes = list(zip(np.asarray(rows["height"]).tolist(), np.asarray(rows["width"]).tolist()))
     distinct = list(dict.fromkeys(sizes))
+    if len(distinct) == 1:
+        return one_size(slice(None), *distinct[0])
     return BucketedSet([one_size(np.array([s == size for s in sizes]), *size) for size in distinct])
 
 

@@ -1,1 +1,1 @@
-"""Ray Train adapter: one worker group per trial runs `run_cycle` over Ray Data shards."""
+"""Ray Train adapter: one worker group per trial runs `run_cycle`, each worker streaming its share of the cache."""

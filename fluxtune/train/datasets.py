@@ -1,40 +1,27 @@
-"""Ray Data for trials: the latent cache built once per sweep, read by every trial from its Parquet files.
+"""A trial's data: the latent cache built once per sweep by the driver, streamed by every worker of every trial.
 
 The driver calls `prepare_sweep_data` before any trial starts: it checks the rows again (files may have changed
-since the CLI's preflight), applies the bad-rows policy and finds or builds the latent cache. Trials receive the
-cache folder and `build_datasets` reads it: the train/validation split is decided at read time from each row's
-split key, so trials with other seeds or validation fractions share one cache.
-
-`build_datasets` also accepts a JSONL path: then images are decoded in Ray Data and encoded in each worker
-("on the fly"), the path the benchmark compares against.
+since the CLI's preflight), applies the bad-rows policy and finds or builds the latent cache (Ray Data). Trials
+receive the cache folder (or a cache set) and each worker calls `trial_data`: the train/validation split is
+decided at read time from each row's split key, so trials with other seeds or validation fractions share one
+cache; training rows are streamed (`fluxtune.data.stream`), the validation set is a bounded set read once.
+No Ray here: a worker reads the cache with pyarrow, locally or from a URI.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from pathlib import Path
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
-import ray.data
 
-from fluxtune import storage
 from fluxtune.data.buckets import resolve_buckets
-from fluxtune.data.images import (DEFAULT_MASK_THRESHOLD, is_uri, load_examples_batch, split_is_validation, split_key,
-                                  stack_rows)
+from fluxtune.data.images import DEFAULT_MASK_THRESHOLD
 from fluxtune.data.latent_cache import (LatentCache, Preprocessing, cache_for, cache_rows, ensure_cache, is_cache_folder,
                                         is_cache_set, open_cache, write_cache_set)
+from fluxtune.data.selection import select_rows
 from fluxtune.data.sweep_caches import data_variants
-from fluxtune.data.selection import jsonl_folder, select_rows
-
-
-# CPUs each Ray Data read/filter task asks for. Train workers may hold every whole CPU (and a trial that Tune
-# stopped can hold its worker group's for a while): tasks that need a whole CPU then wait forever (FACTS: the
-# hang). Reading Parquet or decoding a few images is light; a quarter CPU lets it run beside them.
-READ_CPUS = 0.25
 
 
 @dataclass(frozen=True)
@@ -62,7 +49,7 @@ class PreparedData:
 def preprocessing_of(data: dict[str, Any]) -> Preprocessing:
     buckets = resolve_buckets(data.get("buckets"), data["resolution"])
     return Preprocessing(resolution=data["resolution"], mask_threshold=data.get("mask_threshold", DEFAULT_MASK_THRESHOLD),
-                         buckets=None if buckets is None else tuple(buckets))
+                         buckets=None if buckets is None else tuple(buckets), dtype=data.get("cache_dtype", "float16"))
 
 
 def _start_local_ray() -> None:
@@ -77,7 +64,7 @@ def prepare_sweep_data(jsonl: str, base: dict[str, Any], cache_dir: str | os.Pat
 
     The cache lives under `cache_dir`, else `data.cache_dir` (a folder or a URI), else the default home. When
     the search `space` varies preprocessing keys (categorical), one cache per combination, listed in a cache set
-    that trials receive as their source (`build_datasets` picks theirs)."""
+    that trials receive as their source (`trial_cache` picks theirs)."""
     selection = select_rows(jsonl, base["data"])
     cache_dir = cache_dir if cache_dir is not None else base["data"].get("cache_dir")
     rows = cache_rows(selection)
@@ -90,151 +77,62 @@ def prepare_sweep_data(jsonl: str, base: dict[str, Any], cache_dir: str | os.Pat
                         build_s=sum(c.manifest["build_s"] for c in caches), caches=len(caches))
 
 
-def build_datasets(source: str, data: dict[str, Any], seed: int, model: dict[str, Any] | None = None
-                   ) -> dict[str, ray.data.Dataset]:
-    """{"train", "val"} datasets (plus "prompts" for a cache): latents from a cache folder (or this trial's cache
-    of a cache set), else decoded arrays."""
+def trial_cache(source: str, data: dict[str, Any], model: dict[str, Any] | None = None) -> LatentCache:
+    """The latent cache a trial with this `data` reads: the source folder, or its own cache of a cache set;
+    ValueError when it was built for other data or another model."""
     if is_cache_set(source):
-        return _cached_datasets(open_cache(cache_for(source, preprocessing_of(data).identity())), data, seed, model)
-    if is_cache_folder(source):
-        return _cached_datasets(open_cache(source), data, seed, model)
-    return _decoded_datasets(source, data, seed)
+        source = cache_for(source, preprocessing_of(data).identity())
+    elif not is_cache_folder(source):
+        raise ValueError(f"{source} is not a latent cache: trials read the cache the driver prepares "
+                         "(fluxtune.train.datasets.prepare_sweep_data)")
+    cache = open_cache(source)
+    _check_cache_matches(cache, data, model)
+    return cache
 
 
 def _check_cache_matches(cache: LatentCache, data: dict[str, Any], model: dict[str, Any] | None) -> None:
     built = cache.manifest["preprocessing"]
     wanted = preprocessing_of(data).identity()
     if built != wanted:
-        shown = ", ".join(f"{k} {built.get(k)} (wanted {wanted.get(k)})" for k in ("resolution", "mask_threshold",
-                                                                                     "buckets")
-                          if built.get(k) != wanted.get(k))
+        shown = ", ".join(f"{k} {built.get(k)} (wanted {wanted.get(k)})"
+                          for k in ("resolution", "mask_threshold", "buckets", "dtype") if built.get(k) != wanted.get(k))
         raise ValueError(
             f"the latent cache {cache.path} was built with {shown}: a sweep builds caches once, before any trial, "
-            "for the base and the categorical choices of searched data.resolution, data.mask_threshold and "
-            "data.buckets; this trial's data matches none of them")
+            "for the base and the categorical choices of searched data.resolution, data.mask_threshold, "
+            "data.buckets and data.cache_dtype; this trial's data matches none of them")
     spec = cache.manifest["model"]["spec"]
     if model is not None and {k: model.get(k) for k in spec} != spec:
         raise ValueError(f"the latent cache {cache.path} was encoded with model {spec}, this trial uses "
                          f"{ {k: model.get(k) for k in spec} }: do not search over model keys")
 
 
-def _read_parquet_files(batch: dict[str, np.ndarray]) -> Any:
-    import pyarrow
-    import pyarrow.parquet
+def trial_data(source: str, experiment: dict[str, Any], rank: int = 0, world_size: int = 1,
+               reader: str = "stream") -> tuple[Any, Any]:
+    """(training data, validation examples) of one worker: a TrainingStream over this rank's share of the
+    training rows, and the first `data.val_max_rows` validation rows as an EncodedSet/BucketedSet (every rank
+    holds the same ones). `reader="memory"` loads this rank's training rows whole instead (an EncodedSet):
+    only for tests and the benchmark that compares the two."""
+    from fluxtune.data.cache_index import CacheIndex
+    from fluxtune.data.prompt_table import PromptTable
+    from fluxtune.data.stream import TrainingStream, read_examples
+    from fluxtune.flux.encoded import encoded_from_columns
 
-    return pyarrow.concat_tables([pyarrow.parquet.read_table(str(path)) for path in batch["path"]])
-
-
-def read_parquet_light(folder: str) -> ray.data.Dataset:
-    """The Parquet files of a folder as a dataset, read by tasks that ask for a quarter CPU.
-
-    `ray.data.read_parquet` in Ray 2.60 lists files in a task that always asks for one whole CPU
-    (`plan_list_files_op.py` passes no num_cpus), so it waits forever while Train workers hold every whole CPU.
-    The file list is known here; `from_items` builds its block in this process without a task.
-    """
-    paths = storage.list_files(folder, ".parquet") if is_uri(folder) else sorted(
-        str(p) for p in Path(folder).glob("*.parquet"))
-    if not paths:
-        raise ValueError(f"{folder} holds no Parquet files")
-    return ray.data.from_items([{"path": p} for p in paths]).map_batches(
-        _read_parquet_files, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
-
-
-def _is_validation(row: dict[str, Any], val_fraction: float, seed: int, explicit: bool) -> bool:
-    if explicit:  # a `val_jsonl` was given: its rows are the validation set, all of them and only them
-        return bool(row["from_val_file"])
-    return split_is_validation(str(row["split_key"]), val_fraction, seed)
-
-
-def _cached_datasets(cache: LatentCache, data: dict[str, Any], seed: int,
-                     model: dict[str, Any] | None) -> dict[str, ray.data.Dataset]:
-    _check_cache_matches(cache, data, model)
-    side = partial(_is_validation, val_fraction=data["val_fraction"], seed=seed,
-                   explicit=cache.manifest["val_file_rows"] > 0)
-    rows = read_parquet_light(cache.rows_dir)
-    with warnings.catch_warnings():  # "use expr": an expression cannot compute the split's hash
-        warnings.filterwarnings("ignore", message=".*instead of 'fn'", category=UserWarning)
-        train = rows.filter(lambda row: not side(row), num_cpus=READ_CPUS)
-        val = rows.filter(side, num_cpus=READ_CPUS)
-    return {"train": train, "val": val, "prompts": ray.data.from_items(_read_prompt_table(cache.prompts_dir))}
-
-
-def _read_prompt_table(folder: str) -> list[dict[str, Any]]:
-    """The prompt table read here, in one go: one row per distinct prompt, needed whole by every worker. A
-    `read_parquet` job per worker costs seconds of task start-up for a few rows, and `from_arrow` runs a
-    metadata task that needs a whole free CPU; `from_items` builds its blocks right here."""
-    import pyarrow.parquet
-
-    table = pyarrow.parquet.read_table(folder)
-    # Chunk by chunk: Ray's tensor extension arrays keep their shape only through their own to_numpy().
-    columns = {name: np.concatenate([chunk.to_numpy(zero_copy_only=False) for chunk in table.column(name).chunks])
-               for name in table.column_names}
-    return [{name: values[i] for name, values in columns.items()} for i in range(table.num_rows)]
-
-
-def _flatten(batch: dict[str, Any], folder: str, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    def resolve(path: str) -> str:
-        if is_uri(path) or os.path.isabs(path):
-            return path
-        return f"{folder}/{path}" if is_uri(folder) else os.path.join(folder, path)
-
-    user_input = batch["user_input"]
-    output = [resolve(str(o)) for o in batch["output"]]
-    prompts = batch.get("prompt")
-    return {
-        "image": np.array([resolve(u["image"]) for u in user_input], dtype=object),
-        "mask": np.array([resolve(u["mask"]) for u in user_input], dtype=object),
-        "output": np.array(output, dtype=object),
-        "prompt": np.array([p if isinstance(p, str) else "" for p in prompts] if prompts is not None
-                           else [""] * len(output), dtype=object),
-        # Split by the path relative to the JSONL: moving the dataset keeps every example on its side.
-        "is_val": np.array([split_is_validation(split_key(o, folder), val_fraction, seed) for o in output]),
-    }
-
-
-def _decoded_datasets(jsonl: str, data: dict[str, Any], seed: int) -> dict[str, ray.data.Dataset]:
-    """Rows read from the JSONL itself, images decoded in Ray Data (no cache); workers encode them."""
-    if data.get("buckets") is not None:
-        raise ValueError("aspect-ratio buckets (data.buckets) need the latent cache: pass a cache folder, "
-                         "not the JSONL")
-    decode = partial(load_examples_batch, resolution=data["resolution"],
-                     mask_threshold=data.get("mask_threshold", DEFAULT_MASK_THRESHOLD))
-    light = {"num_cpus": READ_CPUS}
-    rows = ray.data.read_json(jsonl, lines=True, **light).map_batches(
-        partial(_flatten, folder=jsonl_folder(jsonl), val_fraction=data["val_fraction"], seed=seed),
-        batch_format="numpy", **light)
-    if data.get("val_jsonl"):
-        val = _decoded_datasets(data["val_jsonl"], {**data, "val_jsonl": None, "val_fraction": 0.0}, seed)["train"]
-        return {"train": rows.map_batches(decode, batch_format="numpy", **light), "val": val}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*instead of 'fn'", category=UserWarning)
-        train = rows.filter(lambda r: not r["is_val"], **light).map_batches(decode, batch_format="numpy", **light)
-        val = rows.filter(lambda r: r["is_val"], **light).map_batches(decode, batch_format="numpy", **light)
-    return {"train": train, "val": val}
-
-
-def collect(shard: Any) -> dict[str, np.ndarray]:
-    """A worker's whole shard as arrays, every column (latents are small enough to hold; images are encoded
-    right after). Cached rows come back in file order, so a trial sees the same tensors in the same order
-    whichever order Ray Data read the Parquet files in."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-        for key, value in batch.items():
-            parts.setdefault(key, []).append(value)
-    if not parts:
-        return {}
-    arrays = {key: _concatenate_rows(values) for key, values in parts.items()}
-    if "line" in arrays:
-        order = np.lexsort((arrays["line"], arrays["from_val_file"]))
-        arrays = {key: value[order] for key, value in arrays.items()}
-    return arrays
-
-
-def _concatenate_rows(parts: list[np.ndarray]) -> np.ndarray:
-    """Batches of one column as one array. Rows of several sizes (aspect-ratio buckets: Ray Data gives a batch
-    either stacked, when its rows share a size, or as an object array) become a 1-D object array of rows."""
-    ragged = any(p.dtype == object and len(p) and isinstance(p[0], np.ndarray) for p in parts)
-    if not ragged and len({p.shape[1:] for p in parts}) == 1:
-        return np.concatenate(parts)
-    return stack_rows([row for part in parts for row in part])
-
+    data = experiment["data"]
+    cache = trial_cache(source, data, experiment["model"])
+    index = CacheIndex.read(cache.rows_dir, data["val_fraction"], experiment["seed"],
+                            explicit_val=cache.manifest["val_file_rows"] > 0, index_path=cache.index_path)
+    prompts = PromptTable(cache.prompts_dir, data.get("prompt_cache", 128))
+    validation = index.validation_rows(data.get("val_max_rows", 64))
+    if not len(validation):
+        raise ValueError(f"the latent cache {cache.path} has no validation rows for val_fraction "
+                         f"{data['val_fraction']} (seed {experiment['seed']}): raise data.val_fraction or give "
+                         "data.val_jsonl")
+    val = encoded_from_columns(**read_examples(index, prompts, validation), resolution=data["resolution"])
+    stream = TrainingStream(index, prompts, cache.manifest["vae_scale_factor"], rank, world_size,
+                            shuffle_buffer=data.get("shuffle_buffer", 256))
+    if reader == "stream":
+        return stream, val
+    if reader != "memory":
+        raise ValueError(f"unknown reader {reader!r}: stream or memory")
+    mine = np.sort(np.concatenate([rows for _, rows in stream.plan(1, 0).epoch(0)]))  # this rank's rows
+    return encoded_from_columns(**read_examples(index, prompts, mine), resolution=data["resolution"]), val

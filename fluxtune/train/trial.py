@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
-from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -16,7 +16,6 @@ from fluxtune.config.load import sample_experiment
 from fluxtune.config.stage_keys import data_identity, stage_keys
 from fluxtune.plugins import plugin_set, use_plugin_set
 from fluxtune.registry import registry
-from fluxtune.train.datasets import build_datasets
 from fluxtune.train.reporter import LAST_FAILURE_KEY, WORKER_FAILURES_KEY
 from fluxtune.train.worker import train_loop_per_worker
 
@@ -27,7 +26,7 @@ class TrialSettings:
 
     sweep_id: str
     base: dict[str, Any]  # the normalised base experiment
-    jsonl: str  # resolved data path (the generated sample set, or the user's file)
+    jsonl: str  # the latent cache (or cache set) prepared from the data file, which trials read
     storage_path: str
     plugins: dict[str, str]
     max_failures: int = 0  # Train restarts of a trial's workers (search.max_failures)
@@ -76,7 +75,10 @@ def record_stage(settings: TrialSettings, experiment: dict[str, Any], cycle: int
 
 
 def trainer_for(experiment: dict[str, Any], settings: TrialSettings, run_name: str,
-                initial_checkpoint: str | None = None, trial_id: str | None = None) -> TorchTrainer:
+                initial_checkpoint: str | None = None, trial_id: str | None = None,
+                data_reader: str = "stream") -> TorchTrainer:
+    """The trial's worker group. Workers read the latent cache `settings.jsonl` themselves (no Ray Data):
+    `data_reader="memory"` makes them load their rows whole, only for the benchmark comparing the two."""
     use_gpu = experiment["gpus_per_worker"] > 0
     resources = {"CPU": experiment["cpus_per_worker"]}
     if use_gpu:
@@ -86,11 +88,10 @@ def trainer_for(experiment: dict[str, Any], settings: TrialSettings, run_name: s
         # initial_checkpoint: a reused stage prefix; the worker prefers this run's own checkpoint (a restart).
         train_loop_config={"experiment": experiment, "plugins": settings.plugins,
                            "initial_checkpoint": initial_checkpoint,
-                           "sweep_id": settings.sweep_id, "trial_id": trial_id},
+                           "sweep_id": settings.sweep_id, "trial_id": trial_id,
+                           "data_source": settings.jsonl, "data_reader": data_reader},
         scaling_config=ScalingConfig(num_workers=experiment["workers"], use_gpu=use_gpu,
                                      resources_per_worker=resources),
-        datasets=build_datasets(settings.jsonl, experiment["data"], experiment["seed"]),
-        dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
             # Deterministic per trial: a restarted trial finds its own stage checkpoints, and only its own.
             name=run_name, storage_path=storage.join(settings.storage_path, "train"),

@@ -47,27 +47,25 @@ def _resume(transformer: Any, initial: str | None = None) -> tuple[Any, Any, boo
     return progress, resumed.to(transformer.device).train(), own is not None
 
 
-def _load_model_and_data(experiment: dict[str, Any], rank: int, device: Any) -> tuple[Any, Any, Any]:
-    """The transformer (in its first stage's dtype, on `device`) and this worker's encoded shard: read from the
-    latent cache when the trial has one (no VAE, no text encoders loaded), else decoded images encoded here."""
-    from fluxtune.assemble import cached_encoded_set, encode_arrays, load_bundle, load_transformer
+def _load_data(experiment: dict[str, Any], config: dict[str, Any], rank: int, world_size: int) -> tuple[Any, Any]:
+    """This worker's training stream and the bounded validation examples, read from the latent cache the driver
+    prepared (its folder or URI in `config`)."""
+    from fluxtune.train.datasets import trial_data
+
+    return trial_data(config["data_source"], experiment, rank, world_size, reader=config.get("data_reader", "stream"))
+
+
+def _load_model_and_data(experiment: dict[str, Any], config: dict[str, Any], rank: int, world_size: int,
+                         device: Any) -> tuple[Any, Any, Any]:
+    """The transformer, in its first stage's dtype on `device` (no VAE, no text encoders: the latent cache holds
+    their work), and this worker's data."""
+    from fluxtune.assemble import load_transformer
     from fluxtune.cycle import initial_weights_dtype
     from fluxtune.registry import registry
-    from fluxtune.train.datasets import collect
 
-    train_arrays = collect(ray.train.get_dataset_shard("train"))
-    val_arrays = collect(ray.train.get_dataset_shard("val"))
-    if not train_arrays or not val_arrays:
-        raise RuntimeError(f"worker {rank} got no {'training' if not train_arrays else 'validation'} examples")
+    train, val = _load_data(experiment, config, rank, world_size)
     dtype = initial_weights_dtype(experiment, registry(), device.type)
-    if "x0" in train_arrays:
-        prompts = collect(ray.train.get_dataset_shard("prompts"))
-        resolution = experiment["data"]["resolution"]
-        return (load_transformer(experiment["model"], dtype, device),
-                cached_encoded_set(train_arrays, prompts, resolution),
-                cached_encoded_set(val_arrays, prompts, resolution))
-    bundle = load_bundle(experiment["model"], dtype, device)
-    return bundle.transformer, encode_arrays(bundle, train_arrays), encode_arrays(bundle, val_arrays)
+    return load_transformer(experiment["model"], dtype, device), train, val
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -89,7 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_reliable_attention(device)
     torch.manual_seed(experiment["seed"])
 
-    transformer, train, val = _load_model_and_data(experiment, rank, device)
+    transformer, train, val = _load_model_and_data(experiment, config, rank, world_size, device)
     reporter = MarkedReporter(rank, StopCheck(config.get("sweep_id"), config.get("trial_id"), rank, world_size))
     shared = build_shared(experiment, train, val, reporter, registry(), device, rank, world_size)
     if rank == 0:  # at evaluations: a sample grid for MLflow and masked_psnr/masked_ssim, from one sampling
