@@ -1,14 +1,18 @@
 """Stage checkpoints: the consolidated transformer (safetensors) + what the stage exported + progress.
 
 Written atomically: everything goes into `<name>.tmp-<random>`, `progress.json` (the completion marker) last, and
-the folder is then renamed to its final name. The marker lists every file with its size, so a reader also
-rejects a folder that someone else copied half-way (Ray Train copies a reported checkpoint file by file into
-storage, in no particular order): `read_checkpoint_record` is the one check every reader uses.
+the folder is then renamed to its final name. The marker lists every file with its size and sha256, taken by the
+writer, so a reader rejects a folder that someone else copied half-way (Ray Train copies a reported checkpoint
+file by file into storage, in no particular order): `read_checkpoint_record` is the one check every reader uses.
+What is about to be used (resumed, reused, registered) is also hashed again: `usable_checkpoint`, one warning
+naming the file that differs. A sweep prunes the transformer weights nobody needs any more (`prune_weights`):
+the marker records it, and readers treat a pruned checkpoint's weights as absent without a warning.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +26,9 @@ from typing import Any
 from fluxtune import storage
 
 PROGRESS = "progress.json"
+HASH = "sha256"
+WEIGHTS = "transformer"  # the part of a checkpoint that is GBs; exports (adapters) are MBs
+_CHUNK = 8 << 20
 _OUT_OF_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 # safetensors (Rust) reports I/O failures as "… I/O error: No space left on device (os error 28)"
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
@@ -67,7 +74,7 @@ def write_stage_checkpoint(out_dir: Path, transformer: Any, progress: Progress, 
         transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         if has_exports:
             shutil.copytree(export_dir, tmp / "exports")
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = _describe_files(tmp)
         record = {**asdict(progress), "finished_stage": stage, "metrics": metrics, "files": files}
         _write_atomically(tmp / PROGRESS, json.dumps(record, indent=1))
         os.replace(tmp, out_dir)
@@ -81,21 +88,23 @@ def write_stage_checkpoint(out_dir: Path, transformer: Any, progress: Progress, 
 
 def read_checkpoint_record(checkpoint_dir: Path | str) -> dict[str, Any] | None:
     """The completion record of a finished checkpoint folder (a local path or a storage URI); None, with a
-    warning, for anything incomplete: no marker, an unreadable one, a listed file missing or of another size."""
+    warning, for anything incomplete: no marker, an unreadable one, a listed file missing or of another size.
+    Pruned files are not looked for (`record["pruned"]` lists them)."""
     import pyarrow.fs as pafs
 
     fs, folder = storage.filesystem(str(checkpoint_dir))
     try:
         with fs.open_input_stream(f"{folder}/{PROGRESS}") as stream:
             record = json.loads(stream.read())
+        expected = {name: _size(entry) for name, entry in record.get("files", {}).items()
+                    if name not in set(record.get("pruned", []))}
     except FileNotFoundError:
         if fs.get_file_info(folder).type == pafs.FileType.Directory:
             log.warning("skipping incomplete stage checkpoint %s: no %s", checkpoint_dir, PROGRESS)
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
         log.warning("skipping stage checkpoint %s: unreadable %s (%s)", checkpoint_dir, PROGRESS, exc)
         return None
-    expected = record.get("files", {})  # checkpoints written before the file list: the marker alone
     infos = fs.get_file_info([f"{folder}/{name}" for name in expected])  # one listing call on object stores
     for (name, size), info in zip(expected.items(), infos):
         if info.type != pafs.FileType.File or info.size != size:
@@ -104,6 +113,89 @@ def read_checkpoint_record(checkpoint_dir: Path | str) -> dict[str, Any] | None:
                         name, found, size)
             return None
     return record
+
+
+def weights_pruned(record: dict[str, Any]) -> bool:
+    return any(name.startswith(WEIGHTS + "/") for name in record.get("pruned", []))
+
+
+def verify_checkpoint(checkpoint_dir: Path | str, record: dict[str, Any], parts: tuple[str, ...] = (),
+                      problems: list[str] | None = None) -> bool:
+    """Hash every listed file (under `parts`, else all) again and compare with the writer's hash. A mismatch
+    is one warning naming the file (also appended to `problems`), and False: the checkpoint must not be used.
+    Reads every byte once."""
+    pruned = set(record.get("pruned", []))
+    for name, entry in record.get("files", {}).items():
+        if name in pruned or (parts and not name.startswith(tuple(p + "/" for p in parts))):
+            continue
+        expected = entry.get(HASH) if isinstance(entry, dict) else None
+        if expected is None:  # written before checkpoints carried hashes: sizes were checked, nothing more to do
+            continue
+        path = storage.join(str(checkpoint_dir), name)
+        try:
+            actual = file_hash(path)
+        except OSError as exc:
+            return _refuse(problems, f"refusing stage checkpoint {checkpoint_dir}: cannot read {name} ({exc}); it is "
+                                     "not used")
+        if actual != expected:
+            return _refuse(problems, f"refusing stage checkpoint {checkpoint_dir}: {name} does not match the {HASH} "
+                                     f"in its {PROGRESS} (changed or corrupted since it was written); it is not used")
+    return True
+
+
+def usable_checkpoint(checkpoint_dir: Path | str, parts: tuple[str, ...] = (WEIGHTS,),
+                      problems: list[str] | None = None) -> dict[str, Any] | None:
+    """The record of a checkpoint whose `parts` are complete, not pruned, and hash as written; else None.
+    What resume, stage reuse and registration call before they touch a checkpoint."""
+    record = read_checkpoint_record(checkpoint_dir)
+    if record is None:
+        return None
+    if WEIGHTS in parts and weights_pruned(record):
+        log.debug("stage checkpoint %s: weights pruned (not needed by the sweep any more)", checkpoint_dir)
+        return None
+    return record if verify_checkpoint(checkpoint_dir, record, parts, problems) else None
+
+
+def _refuse(problems: list[str] | None, message: str) -> bool:
+    log.warning("%s", message)
+    if problems is not None:
+        problems.append(message)
+    return False
+
+
+def file_hash(path: str) -> str:
+    """sha256 of a local file or a storage URI, read in chunks (never whole in memory)."""
+    if not storage.is_uri(path):
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, HASH).hexdigest()
+    fs, inner = storage.filesystem(path)
+    digest = hashlib.new(HASH)
+    with fs.open_input_stream(inner) as stream:
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prune_weights(checkpoint_dir: Path | str) -> int:
+    """Delete a finished checkpoint's transformer weights, keeping its marker (now listing them as pruned) and
+    exports. The marker is rewritten first, so a crash in between leaves weights nobody reads, never a marker
+    that promises missing weights. Returns the bytes freed (0 when already pruned or not a checkpoint)."""
+    folder = str(checkpoint_dir)
+    record = read_checkpoint_record(folder)
+    if record is None:
+        return 0
+    weights = sorted(n for n in record.get("files", {}) if n.startswith(WEIGHTS + "/"))
+    todo = [n for n in weights if n not in set(record.get("pruned", []))]
+    if not todo:
+        return 0
+    record["pruned"] = sorted(set(record.get("pruned", [])) | set(weights))
+    storage.write_bytes(storage.join(folder, PROGRESS), json.dumps(record, indent=1).encode())
+    fs, inner = storage.filesystem(folder)
+    try:
+        fs.delete_dir(f"{inner}/{WEIGHTS}")
+    except FileNotFoundError:  # a crash after the marker was rewritten: nothing left to delete
+        return 0
+    return sum(_size(record["files"][name]) for name in todo)
 
 
 def read_progress(checkpoint_dir: Path) -> Progress | None:
@@ -144,6 +236,17 @@ def _write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(part, path)
+
+
+def _describe_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file's size and hash, taken by the writer right after writing (the bytes are still in the page
+    cache, so this costs a hash, not a second read from disk)."""
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, HASH: file_hash(str(p))}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _size(entry: Any) -> int:
+    return int(entry["size"]) if isinstance(entry, dict) else int(entry)  # older markers: the size alone
 
 
 def _out_of_space(exc: BaseException) -> bool:

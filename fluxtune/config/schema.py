@@ -243,6 +243,12 @@ class TrackingSpec(Closed):
     upload_checkpoints: bool = Field(False, description="also upload full transformers (GBs) to MLflow; else by URI")
 
 
+class CheckpointsSpec(Closed):
+    keep: Literal["needed", "all"] = Field(
+        "needed", description="needed: prune the transformer weights that resume, stage reuse and registration no "
+                              "longer need, as the sweep goes; all: keep every stage checkpoint whole")
+
+
 class SearchFile(Closed):
     version: Literal[1] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -250,3 +256,4 @@ class SearchFile(Closed):
     search: SearchSpec | None = None
     tracking: TrackingSpec = TrackingSpec()
     storage_path: str | None = Field(None, description="Ray storage for trial checkpoints; default ./runs")
+    checkpoints: CheckpointsSpec = CheckpointsSpec()

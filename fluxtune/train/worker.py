@@ -31,21 +31,23 @@ class MarkedReporter(RayReporter):
 def _resume(transformer: Any, initial: str | None = None) -> tuple[Any, Any, bool]:
     """The latest stage checkpoint of this trial's run, if a previous attempt left one; True when it did."""
     # This run's own checkpoint (a restart: a retried worker group or a resumed sweep) first, else a reused
-    # identical stage prefix (stage reuse).
-    from fluxtune.checkpoints import Progress, read_progress
+    # identical stage prefix (stage reuse). Each is used only when complete and its weights hash as written.
+    from fluxtune.checkpoints import Progress, usable_checkpoint
 
     own = ray.train.get_checkpoint()
-    checkpoint = own or (ray.train.Checkpoint(initial) if initial else None)
-    if checkpoint is None:
-        return Progress(), transformer, False
-    from diffusers import FluxTransformer2DModel
+    for checkpoint, restarted in ((own, True), (ray.train.Checkpoint(initial) if initial else None, False)):
+        if checkpoint is None:
+            continue
+        from diffusers import FluxTransformer2DModel
 
-    with checkpoint.as_directory() as folder:
-        progress = read_progress(folder)
-        if progress is None:  # incomplete: never resume from it
-            return Progress(), transformer, False
-        resumed = FluxTransformer2DModel.from_pretrained(os.path.join(folder, "transformer"))
-    return progress, resumed.to(transformer.device).train(), own is not None
+        with checkpoint.as_directory() as folder:
+            record = usable_checkpoint(folder)  # incomplete, pruned or corrupted: never resume from it
+            if record is None:
+                continue
+            progress = Progress(record["cycle"], record["stage_index"], record["global_step"])
+            resumed = FluxTransformer2DModel.from_pretrained(os.path.join(folder, "transformer"))
+        return progress, resumed.to(transformer.device).train(), restarted
+    return Progress(), transformer, False
 
 
 def _load_model_and_data(experiment: dict[str, Any], rank: int) -> tuple[Any, Any, Any]:

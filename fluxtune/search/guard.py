@@ -1,0 +1,87 @@
+"""What stops trials or the sweep itself, so that nothing untrustworthy is learnt from or published.
+
+- A trial whose searched metric is not finite (NaN, ±inf: it diverged) is stopped at that report and fails:
+  it is never best, and its Optuna trial ends FAIL (Ray's `OptunaSearch` would leave it RUNNING, and tells an
+  errored trial COMPLETE with its last value: `FiniteOptunaSearch` reports both as FAIL).
+- A store that takes no more writes (disk full, quota, file-size limit, read-only) fails the trial that hit it
+  and stops the sweep, resumable, instead of failing every later trial in turn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from fluxtune.search.publish import is_finite
+
+STORAGE_FAULTS = ("no space to write stage checkpoint", "cannot write stage checkpoint", "No space left on device",
+                  "Disk quota exceeded", "File too large", "Read-only file system")
+
+
+def not_finite_reason(result: dict[str, Any], metric: str) -> str | None:
+    value = result.get(metric)
+    if value is None or is_finite(value):
+        return None
+    return f"{metric} is {value} at step {result.get('global_step', '?')}: not finite (the trial diverged)"
+
+
+def storage_fault(text: str) -> str | None:
+    """The line of an error text that says the store is full or read-only, if one does."""
+    for line in reversed(text.splitlines()):
+        if any(marker in line for marker in STORAGE_FAULTS):
+            return line.strip()
+    return None
+
+
+class SweepGuard(tune.Stopper):
+    """Tune's stopper for the sweep: a trial at its first non-finite metric, every trial after a storage fault."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.fault: str | None = None  # set by the driver's writers and `StorageFaultWatch`
+        self.diverged: dict[str, str] = {}  # trial id → why it was stopped
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        reason = not_finite_reason(result, self.metric)
+        if reason is not None:
+            self.diverged.setdefault(trial_id, reason)
+        return reason is not None
+
+    def stop_all(self) -> bool:
+        return self.fault is not None
+
+    def note_fault(self, line: str) -> None:
+        self.fault = self.fault or line
+
+
+class StorageFaultWatch(tune.Callback):
+    """A trial that failed on a full or read-only store stops the sweep (see `SweepGuard`)."""
+
+    def __init__(self, guard: SweepGuard):
+        self.guard = guard
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        try:
+            with open(trial.error_file or "", errors="replace") as handle:
+                fault = storage_fault(handle.read())
+        except OSError:
+            return
+        if fault is not None:
+            self.guard.note_fault(fault)
+
+
+class FiniteOptunaSearch(OptunaSearch):
+    """Optuna learns only from finite values; an errored or diverged trial ends FAIL."""
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if is_finite(result.get(self.metric)):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        value = (result or {}).get(self.metric)
+        if error or (value is not None and not is_finite(value)):
+            super().on_trial_complete(trial_id, None, error=True)  # no value + error: Ray tells FAIL
+        else:
+            super().on_trial_complete(trial_id, result, error=False)
