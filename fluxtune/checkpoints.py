@@ -30,8 +30,8 @@ HASH = "sha256"
 WEIGHTS = "transformer"  # the part of a checkpoint that is GBs; exports (adapters) are MBs
 _CHUNK = 8 << 20
 _OUT_OF_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-# safetensors (Rust) reports I/O failures as "… I/O error: No space left on device (os error 28)"
-_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+_ANY_ERRNO = re.compile(r"(?:\(os error |\[errno )(\d+)", re.IGNORECASE)
 log = logging.getLogger("fluxtune.checkpoints")
 
 
@@ -53,18 +53,58 @@ class Progress:
 class CheckpointSpaceError(OSError):
     """The disk (or a file-size limit) ran out while writing a checkpoint; nothing half-written is left."""
 
-    def __init__(self, folder: Path, needed: int, free: int, cause: str = ""):
+    def __init__(self, folder: Path | str, needed: int, free: int, cause: str = ""):
         self.folder, self.needed, self.free = folder, needed, free
         why = f" ({cause})" if cause else ""
+        self.cause = cause
         super().__init__(errno.ENOSPC, f"no space to write stage checkpoint {folder}{why}: it needs about "
                                        f"{_mib(needed)}, {_mib(free)} free there; earlier checkpoints are untouched")
+
+    def __reduce__(self):  # Ray pickles a worker's error for the driver
+        return type(self), (self.folder, self.needed, self.free, self.cause)
+
+
+class CheckpointReadOnlyError(OSError):
+    """The checkpoint store refuses writes (read-only filesystem, no permission); nothing half-written is left."""
+
+    def __init__(self, folder: Path | str, cause: str):
+        self.folder = folder
+        self.cause = cause
+        super().__init__(errno.EROFS, f"cannot write stage checkpoint {folder} ({cause}): the store is read-only; "
+                                      "earlier checkpoints are untouched")
+
+    def __reduce__(self):
+        return type(self), (self.folder, self.cause)
+
+
+def check_room(destination: str | None, needed: int) -> None:
+    """Refuse up front (CheckpointSpaceError) when the local folder `destination` cannot take `needed` bytes
+    more, so that a copy into it never starts only to be cut short. URIs (object stores) are not checked."""
+    if destination is None or storage.is_uri(destination):
+        return
+    free = shutil.disk_usage(_existing_parent(Path(destination))).free
+    if needed > free:
+        raise CheckpointSpaceError(destination, needed, free)
+
+
+def store_error(exc: BaseException, destination: str, needed: int) -> OSError | None:
+    """The error to report when writing a checkpoint into `destination` failed with `exc`: the clear
+    out-of-space or read-only one, or None for anything else."""
+    if isinstance(exc, (CheckpointSpaceError, CheckpointReadOnlyError)):
+        return exc
+    if _out_of_space(exc):
+        free = 0 if storage.is_uri(destination) else shutil.disk_usage(_existing_parent(Path(destination))).free
+        return CheckpointSpaceError(destination, needed, free, _first_line(exc))
+    if _read_only(exc):
+        return CheckpointReadOnlyError(destination, _first_line(exc))
+    return None
 
 
 def write_stage_checkpoint(out_dir: Path, transformer: Any, progress: Progress, stage: str,
                            export_dir: Path | None, metrics: dict[str, float]) -> Path:
     out_dir = Path(out_dir)
     has_exports = export_dir is not None and export_dir.exists() and any(export_dir.iterdir())
-    needed = _state_bytes(transformer) + (_folder_bytes(export_dir) if has_exports else 0)
+    needed = state_bytes(transformer) + (folder_bytes(export_dir) if has_exports else 0)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out_dir.parent).free
     if needed > free:  # refuse up front rather than fill the disk for other writers
@@ -250,17 +290,30 @@ def _size(entry: Any) -> int:
 
 
 def _out_of_space(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
-        return exc.errno in _OUT_OF_SPACE
-    found = _RUST_OS_ERROR.search(str(exc))
-    return found is not None and int(found.group(1)) in _OUT_OF_SPACE
+    return _errno_in(exc, _OUT_OF_SPACE)
 
 
-def _state_bytes(model: Any) -> int:
+def _read_only(exc: BaseException) -> bool:
+    return _errno_in(exc, _READ_ONLY)
+
+
+def _errno_in(exc: BaseException, codes: set[int]) -> bool:
+    # pyarrow reports "[Errno 28] Error writing bytes … [errno 28] No space left on device"; safetensors (Rust)
+    # "… (os error 28)"
+    if isinstance(exc, OSError) and exc.errno in codes:
+        return True
+    return any(int(code) in codes for code in _ANY_ERRNO.findall(str(exc)))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def state_bytes(model: Any) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def _folder_bytes(folder: Path) -> int:
+def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 

@@ -234,6 +234,27 @@ def test_a_marker_written_before_hashes_is_still_read_by_its_sizes(transformer, 
     assert usable_checkpoint(folder) is None
 
 
+def test_a_store_that_fills_up_or_turns_read_only_is_named_plainly_and_survives_pickling(tmp_path):
+    """What a trial reports when Ray's copy of its checkpoint into storage fails (the error crosses processes)."""
+    import pickle
+
+    from fluxtune.checkpoints import CheckpointReadOnlyError, check_room, store_error
+
+    full = store_error(OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device"),
+                       str(tmp_path), 3 << 20)
+    assert isinstance(full, CheckpointSpaceError)
+    assert f"no space to write stage checkpoint {tmp_path} ([Errno 28] Error writing bytes" in str(full)
+    read_only = store_error(OSError(f"[Errno 30] Read-only file system: '{tmp_path}/x'"), str(tmp_path), 1)
+    assert isinstance(read_only, CheckpointReadOnlyError) and "the store is read-only" in str(read_only)
+    for error in (full, read_only):
+        assert str(pickle.loads(pickle.dumps(error))) == str(error)
+    assert store_error(ValueError("something else"), str(tmp_path), 1) is None
+    with pytest.raises(CheckpointSpaceError, match=f"no space to write stage checkpoint {tmp_path}: it needs"):
+        check_room(str(tmp_path), shutil.disk_usage(tmp_path).free + (1 << 30))
+    check_room(str(tmp_path), 1)  # room enough: nothing to say
+    check_room("s3://bucket/runs", 1 << 60)  # object stores are not measured
+
+
 def test_a_full_disk_leaves_earlier_checkpoints_untouched_and_names_the_folder_and_sizes(transformer, tmp_path):
     """A real full filesystem: a 2 MiB tmpfs (needs mount rights, which root in a container usually has)."""
     disk = tmp_path / "disk"

@@ -1,15 +1,16 @@
 """What stops trials or the sweep itself, so that nothing untrustworthy is learnt from or published.
 
 - A trial whose searched metric is not finite (NaN, ±inf: it diverged) is stopped at that report and fails:
-  it is never best, and its Optuna trial ends FAIL (Ray's `OptunaSearch` would leave it RUNNING, and tells an
-  errored trial COMPLETE with its last value: `FiniteOptunaSearch` reports both as FAIL).
+  it is never best, and its Optuna trial ends FAIL (see `FiniteOptunaSearch`).
 - A store that takes no more writes (disk full, quota, file-size limit, read-only) fails the trial that hit it
   and stops the sweep, resumable, instead of failing every later trial in turn.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -73,7 +74,10 @@ class StorageFaultWatch(tune.Callback):
 
 
 class FiniteOptunaSearch(OptunaSearch):
-    """Optuna learns only from finite values; an errored or diverged trial ends FAIL."""
+    """Optuna learns only from finite values. A diverged trial ends FAIL at once. An errored trial stays
+    RUNNING in the study while the sweep may still resume it (`--resume` continues errored trials): the end of
+    a finished sweep fails what is left (`fluxtune.search.space.fail_abandoned`). Ray's own OptunaSearch would
+    tell an errored trial COMPLETE with its last value, and leave a NaN one RUNNING."""
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if is_finite(result.get(self.metric)):
@@ -81,7 +85,40 @@ class FiniteOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         value = (result or {}).get(self.metric)
-        if error or (value is not None and not is_finite(value)):
+        if error:
+            return  # resumable: see the class docstring
+        if value is not None and not is_finite(value):
             super().on_trial_complete(trial_id, None, error=True)  # no value + error: Ray tells FAIL
         else:
             super().on_trial_complete(trial_id, result, error=False)
+
+
+TUNE_STATE_LOGGER = "ray.tune.execution.experiment_state"
+
+
+class _TuneStateSaveFailed(logging.Filter):
+    """Tune logs a failed save of its own state (a traceback) and carries on: to us it is a storage fault."""
+
+    def __init__(self, guard: SweepGuard, where: str):
+        super().__init__()
+        self.guard, self.where = guard, where
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Saving experiment state to storage"):
+            return True
+        cause = record.exc_info[1] if record.exc_info else None
+        self.guard.note_fault(storage_fault(str(cause)) or f"cannot save the sweep's Tune state under {self.where}: "
+                                                          f"{cause}")
+        return False
+
+
+@contextmanager
+def tune_state_faults(guard: SweepGuard, where: str) -> Iterator[None]:
+    """While Tune runs: a failed save of Tune's state stops the sweep (see SweepGuard) instead of a traceback."""
+    logger = logging.getLogger(TUNE_STATE_LOGGER)
+    watch = _TuneStateSaveFailed(guard, where)
+    logger.addFilter(watch)
+    try:
+        yield
+    finally:
+        logger.removeFilter(watch)

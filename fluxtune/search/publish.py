@@ -47,9 +47,9 @@ class Release:
         return self.final if self.final.has_adapter else None
 
     @property
-    def checkpoints(self) -> list[str]:
-        """What registering it needs: the final stage (its adapter) and the base's weights."""
-        return [c.checkpoint for c in (self.final, self.base) if c is not None]
+    def weights(self) -> list[str]:
+        """The checkpoint whose transformer weights registering it needs (the adapter is an export: never pruned)."""
+        return [self.base.checkpoint] if self.base is not None else []
 
 
 def release_of(trial: str, stages: list[StageCheckpoint]) -> Release | None:

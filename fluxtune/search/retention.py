@@ -120,9 +120,10 @@ class CheckpointKeeper(tune.Callback):
         return out
 
     def _release(self, trial_id: str) -> list[str]:
+        """The checkpoints whose weights the trial's release needs (`fluxtune.search.publish.Release`)."""
         if trial_id not in self.releases:
             release = release_for(self.settings.storage_path, self.settings.sweep_id, trial_id)
-            self.releases[trial_id] = release.checkpoints if release else []
+            self.releases[trial_id] = release.weights if release else []
         return self.releases[trial_id]
 
     def _own(self, trial_id: str) -> list[StageCheckpoint]:
@@ -182,6 +183,28 @@ def remove_incomplete(root: str) -> int:
             finally:
                 quiet.level = level
     return removed
+
+
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints (written in place)
+
+
+def repair_cut_short(root: str, warn: Callable[[str], None]) -> None:
+    """Before resuming: remove checkpoint copies cut short, and Ray Train checkpoint lists that a full store cut
+    short (Ray writes that file in place and cannot start the run from a broken one): that trial then starts
+    again from its first stage (or a reused prefix), with a warning saying so."""
+    import json
+
+    remove_incomplete(root)
+    for run in storage.list_folders(storage.join(root, "train")):
+        snapshot = storage.join(run, TRAIN_SNAPSHOT)
+        if not storage.exists(snapshot):
+            continue
+        try:
+            json.loads(storage.read_bytes(snapshot))
+        except ValueError:
+            storage.remove(snapshot)
+            warn(f"Ray Train's list of checkpoints {snapshot} was cut short (the store ran out of space): that "
+                 "trial starts again from its first stage")
 
 
 def disk_use(root: str) -> tuple[int, int]:

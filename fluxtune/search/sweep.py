@@ -35,12 +35,13 @@ from fluxtune.config.schema import SearchFile, SearchSpec
 from fluxtune.plugins import plugin_set
 from fluxtune.registry import registry
 from fluxtune.search.callbacks import StopFinishedRuns, ConsoleProgress, MlflowSweepCallback
-from fluxtune.search.guard import FiniteOptunaSearch, StorageFaultWatch, SweepGuard, not_finite_reason, storage_fault
+from fluxtune.search.guard import (FiniteOptunaSearch, StorageFaultWatch, SweepGuard, not_finite_reason,
+                                   storage_fault, tune_state_faults)
 from fluxtune.search.locks import Locks, lock_stores, lock_sweep
 from fluxtune.search.publish import mark_failed, publish_sweep
 from fluxtune.search.record import SweepRecord, fingerprint
-from fluxtune.search.retention import CheckpointKeeper, disk_use, remove_incomplete
-from fluxtune.search.space import (DefineByRun, max_total_steps, optuna_sampler, optuna_storage,
+from fluxtune.search.retention import CheckpointKeeper, disk_use, remove_incomplete, repair_cut_short
+from fluxtune.search.space import (DefineByRun, fail_abandoned, max_total_steps, optuna_sampler, optuna_storage,
                                    optuna_storage_url, study_summary)
 from fluxtune.tracking.registry import resolve_registered_model
 from fluxtune.tracking.runs import SweepTracker
@@ -200,7 +201,8 @@ def _run_locked(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: s
     callbacks = [MlflowSweepCallback(tracker, plugins, experiment_of, trial_storage), keeper,
                  StorageFaultWatch(guard), StopFinishedRuns(record.sweep_id), ConsoleProgress(search.metric, console)]
 
-    if resume:
+    if resume:  # what a store that filled up (or a crash) cut short goes first
+        repair_cut_short(trial_storage, warn)
         tune_dir = storage.join(trial_storage, "tune", record.tune_runs[-1])
         tuner = tune.Tuner.restore(tune_dir, trainable(settings), resume_unfinished=True, resume_errored=True)
         # The pickled callbacks hold the old process's tracker and console: use this process's.
@@ -226,15 +228,16 @@ def _run_locked(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: s
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     handler_before = signal.getsignal(signal.SIGINT)
     try:
-        results = tuner.fit()
+        with tune_state_faults(guard, trial_storage):
+            results = tuner.fit()
         for result in results:
             row = _trial_row(result, search.metric, settings, base, guard)
             if row is not None:
                 record.trials[row["trial"]] = row
-    except Exception as exc:  # Tune itself failed: a store that takes no more writes is a fault, not a bug
+    except Exception:  # Tune failed after a storage fault (e.g. reading what it could not write): not a bug
         import traceback
 
-        fault = storage_fault(traceback.format_exc())
+        fault = guard.fault or storage_fault(traceback.format_exc())
         if fault is None:
             _mark_interrupted(record, tracker, console)
             raise
@@ -259,6 +262,8 @@ def _run_locked(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: s
     try:
         record.save()
         if search.space and record.trials:
+            if not interrupted:  # nothing resumes an errored trial of a finished sweep
+                fail_abandoned(record.optuna_storage, record.sweep_id)
             outcome.study_counts = study_summary(record.optuna_storage, record.sweep_id)
         if interrupted:
             console.print("nothing is registered and no best.yaml is written until the sweep completes "

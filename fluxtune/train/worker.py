@@ -46,8 +46,24 @@ def _resume(transformer: Any, initial: str | None = None) -> tuple[Any, Any, boo
                 continue
             progress = Progress(record["cycle"], record["stage_index"], record["global_step"])
             resumed = FluxTransformer2DModel.from_pretrained(os.path.join(folder, "transformer"))
+        _check_room_for_a_checkpoint(resumed)
         return progress, resumed.to(transformer.device).train(), restarted
+    _check_room_for_a_checkpoint(transformer)
     return Progress(), transformer, False
+
+
+def _check_room_for_a_checkpoint(transformer: Any) -> None:
+    """A store that cannot take one more stage checkpoint fails the attempt now, not after a stage of training
+    (a retried attempt on a full disk then ends in seconds, with the same line)."""
+    from fluxtune.checkpoints import check_room, state_bytes
+    from fluxtune.train.reporter import run_folder
+
+    try:
+        rank = ray.train.get_context().get_world_rank()
+    except Exception:  # outside a Train run (tests): nothing to write into
+        return
+    if rank == 0:  # rank 0 writes the checkpoints
+        check_room(run_folder(), state_bytes(transformer))
 
 
 def _load_model_and_data(experiment: dict[str, Any], rank: int) -> tuple[Any, Any, Any]:
