@@ -153,8 +153,16 @@ class Store:
             subprocess.run(["umount", "-l", str(self.folder)], check=False)
 
 
+def arrive(gates: Gates, n: int, process: subprocess.Popen, lines) -> None:
+    """A worker waits at gate `n`, at a lora stage start; the sweep's output if it never comes."""
+    try:
+        assert gates.arrival(n, process)["stage"] == "lora"
+    except AssertionError as failed:
+        raise AssertionError(f"{failed}\n{lines.text()[-6000:]}") from None
+
+
 def sweep_record(runs: Path) -> dict:
-    [path] = [p for p in runs.glob("lora-rank-*/sweep.json")]
+    [path] = [p for p in runs.glob("lora-rank-2*/sweep.json")]  # not the corrupt ones the test adds
     return json.loads(path.read_text())
 
 
@@ -181,7 +189,7 @@ def left_behind(sweep: Path) -> list[str]:
     from fluxtune.checkpoints import read_checkpoint_record
 
     junk = [str(p) for p in sweep.rglob("*") if ".tmp" in p.name or p.name.endswith(".part")]
-    junk += [str(c) for c in sweep.glob("train/*/checkpoint_*") if read_checkpoint_record(c) is None]
+    junk += [str(c) for c in sweep.glob("train/*/checkpoint_*") if c.is_dir() and read_checkpoint_record(c) is None]
     return junk
 
 
@@ -205,9 +213,9 @@ def test_nan_corruption_full_store_and_registration_by_reference(tmp_path, cli_e
 def _three_runs(work: Path, env: dict, gates: Gates, store: Store, runs: Path) -> None:
     # 1. Trial 1 diverges; trial 2 reuses trial 1's full stage, which changes on disk while trial 2 trains.
     sweep, lines = start(work, env)
-    assert gates.arrival(1, sweep)["stage"] == "lora"
+    arrive(gates, 1, sweep, lines)
     gates.open(1)
-    assert gates.arrival(2, sweep)["stage"] == "lora"
+    arrive(gates, 2, sweep, lines)
     first = sweep_record(runs)
     [shared] = [json.loads(p.read_text())["checkpoint"] for p in runs.glob("*/stage_cache/*.json")]
     flipped = Path(shared) / WEIGHTS
@@ -242,7 +250,7 @@ def _three_runs(work: Path, env: dict, gates: Gates, store: Store, runs: Path) -
     (runs / "other-tool").mkdir()
     (runs / "other-tool" / "sweep.json").write_text('{"name": "lora-rank", "owner": "someone else"}')
     extended, lines = start(work, env, "--more", "1")
-    assert gates.arrival(3, extended)["stage"] == "lora"
+    arrive(gates, 3, extended, lines)
     store.fill()
     gates.open(3)
     extended.wait(timeout=300)
@@ -264,7 +272,7 @@ def _three_runs(work: Path, env: dict, gates: Gates, store: Store, runs: Path) -
     # 3. Room again: --resume finishes the third trial, registers it by reference, and it loads.
     store.free()
     resumed, lines = start(work, env, "--resume")
-    assert gates.arrival(4, resumed)["stage"] == "lora"
+    arrive(gates, 4, resumed, lines)
     gates.open(4)
     out = finish(resumed, lines)
     record = sweep_record(runs)

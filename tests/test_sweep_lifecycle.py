@@ -196,3 +196,20 @@ def test_retention_keeps_what_resume_and_registration_need_and_prunes_the_rest(t
     c0, c1 = stage_end(everything, c, 0, "full", 1.0), stage_end(everything, c, 1, "lora", 0.9)
     everything.on_trial_complete(0, [], c)
     assert has_weights(c0) and has_weights(c1) and everything.finish(finished=True) == 0
+
+
+def test_a_trial_finished_by_resume_after_an_error_reaches_optuna(tmp_path):
+    """Ray's ConcurrencyLimiter drops the completion of a trial it saw error (the reason for ResumableLimiter)."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from fluxtune.search.guard import FiniteOptunaSearch, ResumableLimiter
+
+    for limiter, expected in ((ConcurrencyLimiter, "RUNNING"), (ResumableLimiter, "COMPLETE")):
+        folder = tmp_path / limiter.__name__
+        folder.mkdir()
+        searcher = limiter(_searcher(FiniteOptunaSearch, folder), max_concurrent=1)
+        searcher.set_search_properties("val_loss", "min", {})
+        [trial] = _study_trials(searcher, 1)
+        searcher.on_trial_complete(trial, {"val_loss": 0.3}, error=True)  # the store filled up
+        searcher.on_trial_complete(trial, {"val_loss": 0.2})  # --resume finished it
+        assert _states(folder) == [expected]

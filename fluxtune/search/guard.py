@@ -9,10 +9,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from ray import tune
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from fluxtune.search.publish import is_finite
@@ -37,12 +41,19 @@ def storage_fault(text: str) -> str | None:
 
 
 class SweepGuard(tune.Stopper):
-    """Tune's stopper for the sweep: a trial at its first non-finite metric, every trial after a storage fault."""
+    """Tune's stopper for the sweep: a trial at its first non-finite metric. After a storage fault it ends the
+    whole run the way Ctrl+C does (Tune's SIGUSR1: its state saved with the running trials still running, so
+    `--resume` continues them), not with `stop_all`, which would mark them finished for good."""
 
     def __init__(self, metric: str):
         self.metric = metric
         self.fault: str | None = None  # set by the driver's writers and `StorageFaultWatch`
         self.diverged: dict[str, str] = {}  # trial id → why it was stopped
+        self.tune_running = False  # Tune's SIGUSR1 handler is installed (see `tune_state_faults`)
+        self.signalled = False
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled with Tune's state: a restored sweep starts clean
+        return {**self.__dict__, "fault": None, "tune_running": False, "signalled": False}
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         reason = not_finite_reason(result, self.metric)
@@ -51,10 +62,15 @@ class SweepGuard(tune.Stopper):
         return reason is not None
 
     def stop_all(self) -> bool:
-        return self.fault is not None
+        return self.fault is not None and not self.signalled  # no signal handler to end it the better way
 
     def note_fault(self, line: str) -> None:
+        first = self.fault is None
         self.fault = self.fault or line
+        handler = signal.getsignal(signal.SIGUSR1) if self.tune_running else None
+        if first and callable(handler):  # never the default action (that would end the process)
+            self.signalled = True
+            os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own "stop and save the state" (as on Ctrl+C)
 
 
 class StorageFaultWatch(tune.Callback):
@@ -93,6 +109,17 @@ class FiniteOptunaSearch(OptunaSearch):
             super().on_trial_complete(trial_id, result, error=False)
 
 
+class ResumableLimiter(ConcurrencyLimiter):
+    """Ray's ConcurrencyLimiter forgets a trial once it errored, so when `--resume` finishes that trial its
+    result never reaches Optuna (which then fails it at the end): forward such a completion to the searcher."""
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self.live_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        else:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+
 TUNE_STATE_LOGGER = "ray.tune.execution.experiment_state"
 
 
@@ -118,7 +145,10 @@ def tune_state_faults(guard: SweepGuard, where: str) -> Iterator[None]:
     logger = logging.getLogger(TUNE_STATE_LOGGER)
     watch = _TuneStateSaveFailed(guard, where)
     logger.addFilter(watch)
+    # Tune installs its SIGUSR1 handler when it runs in the main thread (it always does, whatever the env says)
+    guard.tune_running = hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread()
     try:
         yield
     finally:
+        guard.tune_running = False
         logger.removeFilter(watch)

@@ -110,6 +110,14 @@ class SweepRecord:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.path, json.dumps(asdict(self), indent=1, default=str))
 
+    def save_quietly(self) -> None:
+        """After a storage fault: a record that cannot be saved still says `running` on disk, which `--resume`
+        continues as well."""
+        try:
+            self.save()
+        except OSError:
+            pass
+
 
 def write_atomically(path: Path, text: str) -> None:
     """Readers see the old file or the new one, never half of either; nothing is left behind on failure."""

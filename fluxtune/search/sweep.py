@@ -22,7 +22,6 @@ from typing import Any
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
-from ray.tune.search import ConcurrencyLimiter
 from rich.console import Console
 from rich.markup import escape
 
@@ -35,8 +34,8 @@ from fluxtune.config.schema import SearchFile, SearchSpec
 from fluxtune.plugins import plugin_set
 from fluxtune.registry import registry
 from fluxtune.search.callbacks import StopFinishedRuns, ConsoleProgress, MlflowSweepCallback
-from fluxtune.search.guard import (FiniteOptunaSearch, StorageFaultWatch, SweepGuard, not_finite_reason,
-                                   storage_fault, tune_state_faults)
+from fluxtune.search.guard import (FiniteOptunaSearch, ResumableLimiter, StorageFaultWatch, SweepGuard,
+                                   not_finite_reason, storage_fault, tune_state_faults)
 from fluxtune.search.locks import Locks, lock_stores, lock_sweep
 from fluxtune.search.publish import mark_failed, publish_sweep
 from fluxtune.search.record import SweepRecord, fingerprint
@@ -120,7 +119,7 @@ def _searcher(search: SearchSpec, base: dict[str, Any], storage_url: str, study:
     optuna = FiniteOptunaSearch(space=DefineByRun(search.space, base), metric=search.metric, mode=search.mode,
                                 sampler=optuna_sampler(search, seed_offset=earlier_trials), study_name=study,
                                 storage=optuna_storage(storage_url))
-    return ConcurrencyLimiter(optuna, max_concurrent=search.max_concurrent)
+    return ResumableLimiter(optuna, max_concurrent=search.max_concurrent)
 
 
 def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str | None = None,
@@ -239,12 +238,12 @@ def _run_locked(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: s
 
         fault = guard.fault or storage_fault(traceback.format_exc())
         if fault is None:
-            _mark_interrupted(record, tracker, console)
+            _mark_interrupted(record, tracker)
             raise
         guard.note_fault(fault)
         results = None
     except BaseException:  # Ctrl+C twice: the record must still say the sweep can be resumed
-        _mark_interrupted(record, tracker, console)
+        _mark_interrupted(record, tracker)
         raise
     # Tune returns normally after Ctrl+C (it saves its state first): unfinished or missing trials tell.
     interrupted = (_interrupted_by_user(handler_before) or guard.fault is not None or results is None
@@ -277,11 +276,11 @@ def _run_locked(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: s
             outcome.best_yaml, outcome.model_name = published.best_yaml, published.model_name
             outcome.model_version = published.model_version
         keeper.finish(finished=not interrupted)
-        remove_incomplete(trial_storage)
     except OSError as exc:  # the store filled up (or turned read-only) after the trials
         guard.note_fault(storage_fault(str(exc)) or f"cannot write to {record.folder}: {exc}")
         outcome.fault, outcome.interrupted, record.status = guard.fault, True, "interrupted"
-        _save_quietly(record)
+        record.save_quietly()
+    remove_incomplete(trial_storage)  # copies a full store cut short: no trial runs any more
     if outcome.fault:
         console.print(f"[red]the sweep stopped[/]: {escape(outcome.fault)}. Nothing half-written was kept; free space "
                       "(or make the store writable), then continue with `fluxtune search FILE --resume`")
@@ -292,20 +291,12 @@ def _run_locked(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: s
     return outcome
 
 
-def _mark_interrupted(record: SweepRecord, tracker: SweepTracker, console: Console) -> None:
+def _mark_interrupted(record: SweepRecord, tracker: SweepTracker) -> None:
     record.status = "interrupted"
-    _save_quietly(record)
+    record.save_quietly()
     try:
         tracker.finish("KILLED", {}, {})
     except Exception:  # the original error is what matters
-        pass
-
-
-def _save_quietly(record: SweepRecord) -> None:
-    """A record that cannot be saved still says `running` on disk, which `--resume` also continues."""
-    try:
-        record.save()
-    except OSError:
         pass
 
 
