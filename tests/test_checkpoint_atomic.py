@@ -370,3 +370,30 @@ def test_the_console_names_why_a_trial_failed_not_only_where_its_traceback_is(tm
     line = _last_line(str(tmp_path / "error.txt"))
     assert line.startswith("fluxtune.checkpoints.CheckpointSpaceError") and "no space to write stage checkpoint" in line
     assert _last_line(str(tmp_path / "missing.txt")) == "see the traceback"
+
+
+def test_hashes_pruning_and_disk_use_work_the_same_on_s3(transformer, tmp_path, s3_endpoint):
+    """A cluster's checkpoints live behind a URI: verification, refusal and pruning go through the same calls."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    from conftest import s3_bucket
+    from fluxtune import storage
+    from fluxtune.search.retention import disk_use
+
+    local = _write(tmp_path / "checkpoint_000000", transformer)
+    root = s3_bucket(f"fluxtune-{uuid.uuid4().hex[:8]}") + "/runs"
+    fs, inner = storage.filesystem(root)
+    pafs.copy_files(str(local), f"{inner}/checkpoint_000000", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    remote = storage.join(root, "checkpoint_000000")
+    assert usable_checkpoint(remote) == read_checkpoint_record(local)
+    assert disk_use(root) == (sum(p.stat().st_size for p in local.rglob("*") if p.is_file()), 1)
+    _flip_a_byte(local / SAFETENSORS)
+    storage.write_bytes(storage.join(remote, SAFETENSORS), (local / SAFETENSORS).read_bytes())
+    problems: list[str] = []
+    assert usable_checkpoint(remote, problems=problems) is None and f"{SAFETENSORS} does not match" in problems[0]
+    assert prune_weights(remote) > 0 and disk_use(root)[1] == 0
+    assert SAFETENSORS in read_checkpoint_record(remote)["pruned"] and usable_checkpoint(remote) is None
+    assert usable_checkpoint(remote, parts=("exports/adapter",)) is not None

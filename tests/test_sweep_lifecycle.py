@@ -213,3 +213,24 @@ def test_a_trial_finished_by_resume_after_an_error_reaches_optuna(tmp_path):
         searcher.on_trial_complete(trial, {"val_loss": 0.3}, error=True)  # the store filled up
         searcher.on_trial_complete(trial, {"val_loss": 0.2})  # --resume finished it
         assert _states(folder) == [expected]
+
+
+def test_before_a_resume_copies_and_ray_train_lists_a_full_store_cut_short_are_removed(transformer, tmp_path):
+    from fluxtune.checkpoints import Progress, write_stage_checkpoint
+    from fluxtune.search.retention import repair_cut_short
+
+    run = tmp_path / "train" / "s-t1"
+    whole = write_stage_checkpoint(run / "checkpoint_000000", transformer, Progress(0, 1, 2), "full", None, {})
+    cut = run / "checkpoint_000001"  # Ray's copy into storage, cut short: no marker
+    (cut / "transformer").mkdir(parents=True)
+    (cut / "transformer" / "config.json").write_text("{")
+    (run / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_results": [')
+    (tmp_path / "train" / "s-t2").mkdir()
+    (tmp_path / "train" / "s-t2" / "checkpoint_manager_snapshot.json").write_text("{}")
+    warnings: list[str] = []
+    repair_cut_short(str(tmp_path), warnings.append)
+    assert whole.exists() and not cut.exists()
+    assert not (run / "checkpoint_manager_snapshot.json").exists()
+    assert (tmp_path / "train" / "s-t2" / "checkpoint_manager_snapshot.json").exists()  # readable: kept
+    assert warnings == [f"Ray Train's list of checkpoints {run / 'checkpoint_manager_snapshot.json'} was cut short "
+                        "(the store ran out of space): that trial starts again from its first stage"]
