@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FLUXTUNE, LineReader, run_cli
+from conftest import FLUXTUNE, REPO, LineReader, run_cli
 from test_bad_inputs import fake_install
 from fluxtune.train.local_ray import session_pids
 
@@ -93,13 +93,14 @@ class Gates:
         self.folder = folder
         folder.mkdir()
 
-    def arrival(self, n: int, process: subprocess.Popen, timeout: float = 300) -> dict:
+    def arrival(self, n: int, process: subprocess.Popen, timeout: float = 300, lines: LineReader | None = None) -> dict:
         """Wait until a worker waits at gate `n`; returns what it announced (stage, pid)."""
         path = self.folder / f"waiting-{n}.json"
         deadline = time.monotonic() + timeout
+        output = (lambda: lines.text()[-6000:]) if lines is not None else (lambda: "")
         while not path.exists():
-            assert process.poll() is None, f"the sweep ended (exit {process.returncode}) before gate {n}"
-            assert time.monotonic() < deadline, f"no worker reached gate {n} within {timeout:.0f} s"
+            assert process.poll() is None, f"the sweep ended (exit {process.returncode}) before gate {n}\n{output()}"
+            assert time.monotonic() < deadline, f"no worker reached gate {n} within {timeout:.0f} s\n{output()}"
             time.sleep(0.1)
         time.sleep(0.05)  # written, not half-written
         return json.loads(path.read_text())
@@ -158,11 +159,26 @@ def wait_for_no_ray(session: dict, within_s: float = 120) -> list[int]:
     return left
 
 
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_sweep_outlives_its_test():
+    """A failed assertion leaves the sweep it was watching waiting at a gate: end it with the test."""
+    yield
+    while _started:
+        process = _started.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+
+
 def start(workdir: Path, env: dict[str, str], *args: str) -> tuple[subprocess.Popen, LineReader]:
     # SIGINT restored to its default: a test run from a background shell inherits it ignored (Ctrl+C test)
     process = subprocess.Popen([str(FLUXTUNE), "search", "sweep.yaml", *args], cwd=workdir, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _started.append(process)
     return process, LineReader(process.stdout)
 
 
@@ -198,24 +214,24 @@ def test_worker_kill_driver_kill_resume_and_more(tmp_path, cli_env):
     fake_install(site, "fluxtune-gate", "gate", GATE_PLUGIN)
     gates = Gates(tmp_path / "gates")
     (work / "sweep.yaml").write_text(SWEEP.format(gates=gates.folder))
-    env = {**cli_env, "COLUMNS": "400", "PYTHONPATH": str(site)}
+    env = {**cli_env, "COLUMNS": "400", "PYTHONPATH": f"{REPO}{os.pathsep}{site}"}  # this checkout first
 
     # 1. A Train worker killed in trial 1's LoRA stage: Train restarts the group from the full stage's checkpoint.
     sweep, lines = start(work, env)
-    first_arrival = gates.arrival(1, sweep)
+    first_arrival = gates.arrival(1, sweep, lines=lines)
     assert first_arrival["stage"] == "lora"
     # Train takes a report from a worker asynchronously: wait until the full stage's checkpoint is registered
     assert lines.wait_for("cycle 0 full (stage end)", sweep, timeout=60), lines.text()[-3000:]
     os.kill(first_arrival["pid"], signal.SIGKILL)
-    assert gates.arrival(2, sweep)["stage"] == "lora"  # the retried worker group, at the same stage
+    assert gates.arrival(2, sweep, lines=lines)["stage"] == "lora"  # the retried worker group, at the same stage
     gates.open(2)
-    assert gates.arrival(3, sweep)["stage"] == "polish"
+    assert gates.arrival(3, sweep, lines=lines)["stage"] == "polish"
     gates.open(3)
 
     # 2. The driver SIGKILLed while trial 2 (which reused trial 1's full stage) waits at its polish stage.
-    assert gates.arrival(4, sweep)["stage"] == "lora"
+    assert gates.arrival(4, sweep, lines=lines)["stage"] == "lora"
     gates.open(4)
-    assert gates.arrival(5, sweep)["stage"] == "polish"
+    assert gates.arrival(5, sweep, lines=lines)["stage"] == "polish"
     # trial 2's lora stage end has reached the driver too (trial 1's was the first such line)
     assert lines.wait_for("cycle 0 lora (stage end)", sweep, timeout=60, count=2), lines.text()[-3000:]
     killed = record(work)
@@ -238,7 +254,7 @@ def test_worker_kill_driver_kill_resume_and_more(tmp_path, cli_env):
 
     # 3. --resume, Ctrl+C while the interrupted trial is in the middle (at its polish stage): nothing is published.
     resumed, lines = start(work, env, "--resume")
-    assert gates.arrival(6, resumed)["stage"] == "polish"
+    assert gates.arrival(6, resumed, lines=lines)["stage"] == "polish"
     again = run_cli(["search", "sweep.yaml", "--resume"], cwd=work, env=env, timeout=120)
     assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
     [line] = [text for text in again.stderr.splitlines() if text.startswith("error:")]
@@ -260,7 +276,7 @@ def test_worker_kill_driver_kill_resume_and_more(tmp_path, cli_env):
     # --resume again: the finished trial never runs again; the interrupted one trains only its polish stage; the
     # true best is registered.
     resumed, lines = start(work, env, "--resume")
-    assert gates.arrival(7, resumed)["stage"] == "polish"
+    assert gates.arrival(7, resumed, lines=lines)["stage"] == "polish"
     gates.open(7)
     out = finish(resumed, lines)
     assert f"sweep {sweep_id} resumed" in out
@@ -293,7 +309,7 @@ def test_worker_kill_driver_kill_resume_and_more(tmp_path, cli_env):
     # 4. --more 1: a third trial on the same study (the sampler saw the first two), reusing the full stage.
     extended, lines = start(work, env, "--more", "1")
     for n in (8, 9):
-        gates.arrival(n, extended)
+        gates.arrival(n, extended, lines=lines)
         gates.open(n)
     out = finish(extended, lines)
     final = record(work)

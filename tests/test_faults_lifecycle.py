@@ -26,7 +26,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from test_bad_inputs import fake_install
-from test_faults import Gates, finish, start
+from test_faults import Gates, finish, no_sweep_outlives_its_test, start  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -153,14 +153,6 @@ class Store:
             subprocess.run(["umount", "-l", str(self.folder)], check=False)
 
 
-def arrive(gates: Gates, n: int, process: subprocess.Popen, lines) -> None:
-    """A worker waits at gate `n`, at a lora stage start; the sweep's output if it never comes."""
-    try:
-        assert gates.arrival(n, process)["stage"] == "lora"
-    except AssertionError as failed:
-        raise AssertionError(f"{failed}\n{lines.text()[-6000:]}") from None
-
-
 def sweep_record(runs: Path) -> dict:
     [path] = [p for p in runs.glob("lora-rank-2*/sweep.json")]  # not the corrupt ones the test adds
     return json.loads(path.read_text())
@@ -213,9 +205,9 @@ def test_nan_corruption_full_store_and_registration_by_reference(tmp_path, cli_e
 def _three_runs(work: Path, env: dict, gates: Gates, store: Store, runs: Path) -> None:
     # 1. Trial 1 diverges; trial 2 reuses trial 1's full stage, which changes on disk while trial 2 trains.
     sweep, lines = start(work, env)
-    arrive(gates, 1, sweep, lines)
+    assert gates.arrival(1, sweep, lines=lines)["stage"] == "lora"
     gates.open(1)
-    arrive(gates, 2, sweep, lines)
+    assert gates.arrival(2, sweep, lines=lines)["stage"] == "lora"
     first = sweep_record(runs)
     [shared] = [json.loads(p.read_text())["checkpoint"] for p in runs.glob("*/stage_cache/*.json")]
     flipped = Path(shared) / WEIGHTS
@@ -250,7 +242,7 @@ def _three_runs(work: Path, env: dict, gates: Gates, store: Store, runs: Path) -
     (runs / "other-tool").mkdir()
     (runs / "other-tool" / "sweep.json").write_text('{"name": "lora-rank", "owner": "someone else"}')
     extended, lines = start(work, env, "--more", "1")
-    arrive(gates, 3, extended, lines)
+    assert gates.arrival(3, extended, lines=lines)["stage"] == "lora"
     store.fill()
     gates.open(3)
     extended.wait(timeout=300)
@@ -272,7 +264,7 @@ def _three_runs(work: Path, env: dict, gates: Gates, store: Store, runs: Path) -
     # 3. Room again: --resume finishes the third trial, registers it by reference, and it loads.
     store.free()
     resumed, lines = start(work, env, "--resume")
-    arrive(gates, 4, resumed, lines)
+    assert gates.arrival(4, resumed, lines=lines)["stage"] == "lora"
     gates.open(4)
     out = finish(resumed, lines)
     record = sweep_record(runs)
