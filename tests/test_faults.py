@@ -190,7 +190,7 @@ def registered(workdir: Path) -> dict[str, str]:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if not client.search_registered_models():
         return {}
-    return {v.version: v.tags["trial"] for v in client.search_model_versions("name='chain'")}
+    return {str(v.version): v.tags["trial"] for v in client.search_model_versions("name='chain'")}
 
 
 def candidate(workdir: Path) -> str:
