@@ -154,7 +154,7 @@ def main() -> None:
     start_ray(None, num_cpus=THREADS + 1)  # a spare CPU, as in a trial
     bare = {"full": [], "lora": []}  # (steps/s, CPU s per step) per repeat
     staged = {"full": [], "lora": []}
-    handover, engine, consolidate = [], [], []
+    handover, engine = [], []
     with tempfile.TemporaryDirectory() as storage:
         for _ in range(args.repeats):
             for name, value in bare_loop(arrays, args.steps).items():
@@ -164,7 +164,6 @@ def main() -> None:
                 staged[end["stage"]].append((end["steps_per_s"], end["step_cpu_s"]))
             handover.append(ends[1]["transition_s"])
             engine += [e["engine_start_s"] for e in ends if "engine_start_s" in e]
-            consolidate += [e["consolidate_s"] for e in ends if "consolidate_s" in e]
     ray.shutdown()
     print(f"\n{args.steps} steps per stage, batch 4 at 64² on tiny-fill, {THREADS} threads, best of {args.repeats}; "
           f"full stage strategy: {strategy}")
@@ -176,8 +175,8 @@ def main() -> None:
         print(f"{name:<6} {b:>13.1f} {s:>14.1f} {s / b:>6.3f} {bc * 1e3:>17.1f} {sc * 1e3:>18.1f} {bc / sc:>6.3f}")
     print("ratios: stage throughput / bare throughput (CPU: bare CPU per step / stage CPU per step)")
     if engine:
-        print(f"DeepSpeed engine start (import + initialize, inside the full stage before its first step): "
-              f"best {min(engine):.2f} s; consolidation to a plain fp32 model: best {min(consolidate):.3f} s")
+        print(f"DeepSpeed engine start (import + initialize + exact fp32 masters, inside the full stage before its "
+              f"first step): best {min(engine):.2f} s")
     print(f"hand-over full → lora inside the trial: best {min(handover):.3f} s, "
           f"median {float(np.median(handover)):.3f} s (all: {', '.join(f'{h:.3f}' for h in handover)})")
 

@@ -2,37 +2,69 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import torch
 
+from fluxtune.canonical import cast
 from fluxtune.context import Reporter, Shared
 from fluxtune.flux.encoded import EncodedSet, ValidationSet, encode_examples, encoded_from_columns
-from fluxtune.flux.model import FluxBundle, build_tiny_fill, load_flux
+from fluxtune.flux.model import FluxBundle, build_preset, load_flux
 from fluxtune.tracking.registered import registered_transformer
 
 VAL_NOISE_SEED_OFFSET = 7_919  # validation noise never shares a stream with training noise
 
 
-def load_bundle(model: dict[str, Any]) -> FluxBundle:
-    bundle = build_tiny_fill(seed=model.get("seed", 0)) if model.get("preset") == "tiny-fill" else load_flux(model["path"])
-    if model.get("adapter"):  # start from a registered version (downloaded by the driver)
-        bundle.transformer = registered_transformer(model["adapter"], bundle.transformer)
+def load_bundle(model: dict[str, Any], dtype: torch.dtype | None = None,
+                device: torch.device | None = None) -> FluxBundle:
+    """The model's parts; the transformer in `dtype` on `device` (default fp32, CPU), the rest fp32 on the CPU. A
+    registered version's transformer stays fp32 (its merged weights exist nowhere else)."""
+    registered = model.get("adapter")  # start from a registered version (downloaded by the driver)
+    if model.get("preset"):
+        bundle = build_preset(model["preset"], seed=model.get("seed", 0))
+    else:
+        bundle = load_flux(model["path"], transformer_dtype=None if registered else dtype, transformer_device=device)
+    if registered:  # merged in fp32 and kept so: the first stage saves those exact values before it rounds them
+        bundle.transformer = registered_transformer(registered, bundle.transformer).to(device)
+        return bundle
+    bundle.transformer = cast(bundle.transformer, dtype, device)
     return bundle
 
 
-def load_transformer(model: dict[str, Any]) -> Any:
-    """Only the transformer: with a latent cache a worker needs neither the VAE nor the text encoders."""
+def load_transformer(model: dict[str, Any], dtype: torch.dtype | None = None,
+                     device: torch.device | None = None) -> Any:
+    """Only the transformer (with a latent cache a worker needs neither the VAE nor the text encoders), read
+    straight into `dtype` on `device`: no full-precision host copy of a 12 B model per worker. The tiny preset
+    is built in fp32 and cast (its canonical weights are then its values in `dtype`)."""
     if model.get("adapter"):  # start from a registered version (downloaded by the driver)
-        return load_bundle(model).transformer
-    if model.get("preset") == "tiny-fill":
-        return build_tiny_fill(seed=model.get("seed", 0)).transformer
+        return load_bundle(model, dtype, device).transformer
+    if model.get("preset"):
+        return build_preset(model["preset"], seed=model.get("seed", 0), dtype=dtype, device=device,
+                            parts=("transformer",)).transformer
     from fluxtune.flux.model import FluxTransformer2DModel, check_fill_layout
 
-    transformer = FluxTransformer2DModel.from_pretrained(model["path"], subfolder="transformer", local_files_only=True)
+    transformer = FluxTransformer2DModel.from_pretrained(model["path"], subfolder="transformer",
+                                                         local_files_only=True, **direct_load(dtype, device))
     check_fill_layout(transformer.config, where=f"{model['path']}/transformer")
     return transformer
+
+
+def direct_load(dtype: torch.dtype | None, device: torch.device | None) -> dict[str, Any]:
+    """from_pretrained arguments that read each tensor into `dtype` on `device` (a CUDA device directly)."""
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "low_cpu_mem_usage": True}
+    if device is not None and device.type == "cuda":
+        kwargs["device_map"] = {"": device}
+    return kwargs
+
+
+def model_weights_folder(model: dict[str, Any]) -> str | None:
+    """The folder the transformer's weights are read from (its exact values, whatever dtype it was loaded in);
+    None for a preset or a registered version (built in memory)."""
+    if model.get("path") and not model.get("adapter"):
+        return os.path.join(model["path"], "transformer")
+    return None
 
 
 def cached_encoded_set(rows: dict[str, np.ndarray], prompts: dict[str, np.ndarray], resolution: int) -> EncodedSet:

@@ -1,4 +1,4 @@
-"""Stage checkpoints: the consolidated transformer (safetensors) + what the stage exported + progress.
+"""Stage checkpoints: the transformer's canonical fp32 weights (safetensors) + what the stage exported + progress.
 
 Written atomically: everything goes into `<name>.tmp-<random>`, `progress.json` (the completion marker) last, and
 the folder is then renamed to its final name. The marker lists every file with its size and sha256, taken by the
@@ -21,7 +21,7 @@ import secrets
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from fluxtune import storage
 
@@ -101,7 +101,14 @@ def store_error(exc: BaseException, destination: str, needed: int) -> OSError | 
 
 
 def write_stage_checkpoint(out_dir: Path, transformer: Any, progress: Progress, stage: str,
-                           export_dir: Path | None, metrics: dict[str, float]) -> Path:
+                           export_dir: Path | None, metrics: dict[str, float],
+                           weights: Iterable[tuple[str, Any]] | None = None) -> Path:
+    """`weights`: the canonical fp32 tensors in `fluxtune.canonical.layout(transformer)` order, streamed one at a
+    time (a DeepSpeed gather, a merged LoRA); default the transformer's own values, which must then be fp32."""
+    from fluxtune.canonical import FP32, LiveWeights, layout, save_weights_folder, weights_dtype
+
+    if weights is None and weights_dtype(transformer) != FP32:
+        raise ValueError("a checkpoint of a bf16 transformer needs its canonical fp32 weights (weights=…)")
     out_dir = Path(out_dir)
     has_exports = export_dir is not None and export_dir.exists() and any(export_dir.iterdir())
     needed = state_bytes(transformer) + (folder_bytes(export_dir) if has_exports else 0)
@@ -111,7 +118,8 @@ def write_stage_checkpoint(out_dir: Path, transformer: Any, progress: Progress, 
         raise CheckpointSpaceError(out_dir, needed, free)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{secrets.token_hex(4)}")
     try:
-        transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        save_weights_folder(tmp / "transformer", transformer,
+                            weights if weights is not None else LiveWeights(transformer).tensors())
         if has_exports:
             shutil.copytree(export_dir, tmp / "exports")
         files = _describe_files(tmp)
@@ -327,7 +335,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def state_bytes(model: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """What a checkpoint of `model` holds: its canonical fp32 weights, whatever dtype it trains in."""
+    from fluxtune.canonical import layout
+    from fluxtune.flux.weights import nbytes
+
+    return sum(nbytes(shape, dtype) for _, shape, dtype in layout(model))
 
 
 def folder_bytes(folder: Path) -> int:

@@ -57,6 +57,11 @@ class RunContext:
     first_global_step: int
     stream_seed: int
     callbacks: CallbackList = field(default_factory=CallbackList)  # base.callbacks; step_end from log()
+    # The canonical fp32 weights the stage starts from (fluxtune.canonical); None: the live module, fp32.
+    weights: Any = None
+    # Set by a stage whose result is not simply its live fp32 module (a DeepSpeed engine's masters, a LoRA delta
+    # merged into a bf16 base): where the stage checkpoint reads the trained fp32 weights from.
+    trained_weights: Any = None
     first_step_at: float | None = field(default=None, init=False)  # stage transition timing
     last_step_at: float | None = field(default=None, init=False)
     _generator: torch.Generator = field(init=False)
@@ -91,8 +96,16 @@ class RunContext:
         return flow_matching_loss(model, batch, noise, t, self.shared.guidance, self.shared.loss_fn)
 
     # -- optimisation helpers
-    def optimizer(self, params: Any, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    def optimizer(self, params: Any, type: str = "adamw", **settings: Any):
+        """A registered optimizer over `params`, e.g. `ctx.optimizer(params, lr=1e-4)` (AdamW) or
+        `ctx.optimizer(params, type="prodigy")`; settings are validated by that optimizer's params model."""
+        return self.build_optimizer(params, {"type": type, **settings})
+
+    def build_optimizer(self, params: Any, spec: dict[str, Any], device: torch.device | None = None,
+                        sharded: bool = False):
+        """`device`: where its states live (default the worker's); `sharded`: each rank steps a ZeRO slice."""
+        make = self.shared.registry.get("optimizer", spec.get("type", "adamw")).build(spec)
+        return make(params, device=device or self.device, sharded=sharded)
 
     def distribute(self, module: Any) -> Any:
         if self.world_size == 1:
@@ -147,14 +160,17 @@ def evaluate(transformer: Any, shared: Shared, stage_end: bool = False) -> dict[
     was_training = transformer.training
     transformer.eval()
     total, count = 0.0, 0
-    for batch, noise, t in val.batches(shared.batch_size):  # one image size per batch (aspect-ratio buckets)
-        loss = flow_matching_loss(transformer, batch, noise, t, shared.guidance, _mse)
-        total += float(loss) * len(t)
-        count += len(t)
-    transformer.train(was_training)
-    if shared.samples is not None and with_samples:
-        shared.samples.render(transformer)  # rides to MLflow with the next report
-    metrics = {"val_loss": total / max(count, 1)}
-    if shared.probe is not None and with_samples and isinstance(transformer, torch.nn.Module):
-        metrics.update(shared.probe(transformer))  # an engine's view (mid-stage DeepSpeed) is scored at the end
+    # bf16 weights (a DeepSpeed module, a LoRA stage's base) take fp32 inputs under bf16 autocast, as in training.
+    bf16 = any(p.dtype == torch.bfloat16 for p in transformer.parameters())
+    with torch.autocast(device_type=shared.device.type, dtype=torch.bfloat16, enabled=bf16):
+        for batch, noise, t in val.batches(shared.batch_size):  # one image size per batch (aspect-ratio buckets)
+            loss = flow_matching_loss(transformer, batch, noise, t, shared.guidance, _mse)
+            total += float(loss) * len(t)
+            count += len(t)
+        transformer.train(was_training)
+        if shared.samples is not None and with_samples:
+            shared.samples.render(transformer)  # rides to MLflow with the next report
+        metrics = {"val_loss": total / max(count, 1)}
+        if shared.probe is not None and with_samples:
+            metrics.update(shared.probe(transformer))
     return metrics

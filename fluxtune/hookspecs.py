@@ -92,6 +92,20 @@ def register_search_spaces(register: Register) -> None:
 
 
 @hookspec
+def register_optimizers(register: Register) -> None:
+    """Register optimizers, used by `optimizer: {type: …}` in a built-in stage (default `adamw`).
+
+    When: once per process, when the registry is built. Arguments: `register(name, factory, params=..., ...)`.
+    `factory(params)` returns `make(parameters, device, sharded) -> torch.optim.Optimizer`, called once per
+    stage run in every worker: `device` is where the optimizer states live (the CPU under DeepSpeed optimizer
+    offload), `sharded` is true when each rank steps only its ZeRO slice of the parameters (statistics over all
+    parameters must then be all-reduced). Plugin stages build one with `ctx.optimizer(params, type=…, …)`.
+    A `params` model with the class attribute `requires_cuda = True` is refused by `fluxtune validate` for an
+    experiment that runs on CPU (`gpus_per_worker: 0`).
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add sub-commands to the `fluxtune` CLI.
 

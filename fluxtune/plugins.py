@@ -27,6 +27,7 @@ DEFAULT_PLUGINS = (
     "fluxtune.default_plugins.losses",
     "fluxtune.default_plugins.timesteps",
     "fluxtune.default_plugins.callbacks",
+    "fluxtune.default_plugins.optimizers",
 )
 HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("register_"))
 

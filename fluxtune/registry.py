@@ -24,6 +24,7 @@ KINDS = {
     "timestep_sampler": "register_timestep_samplers",
     "callback": "register_callbacks",
     "search_space": "register_search_spaces",
+    "optimizer": "register_optimizers",
 }
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")  # usable as a YAML `type:` and in a search path
 

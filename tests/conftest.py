@@ -129,6 +129,16 @@ def reference_sweep(tmp_path_factory, examples_site):
     return run_reference(tmp_path_factory.mktemp("reference"), examples_site, FLUXTUNE)
 
 
+@pytest.fixture(scope="session")
+def asha_sweep(tmp_path_factory, session_cache):
+    """A small real sweep in which ASHA stops a trial (see tests/asha.py); tests read it, or copy its store."""
+    from asha import run_asha
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env.update(FLUXTUNE_CACHE=str(session_cache), PYTHONUNBUFFERED="1")
+    return run_asha(tmp_path_factory.mktemp("asha"), FLUXTUNE, env)
+
+
 class LineReader:
     """A subprocess's output lines as they come; `wait_for` blocks until one matches (or the process ends)."""
 

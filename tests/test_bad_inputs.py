@@ -124,6 +124,28 @@ def model_folder(in_channels: int, out_channels: int | None = None) -> Callable[
     return data
 
 
+def all_black_mask(folder: Path) -> None:
+    write_dataset(folder)
+    Image.new("L", (32, 32), 0).save(folder / "black.png")
+    bad_row(lambda r: {**r, "user_input": {"image": "image.png", "mask": "black.png"}})(folder)
+
+
+def hole_outside_the_crop(folder: Path) -> None:
+    """A wide image whose mask marks only its left edge: the centre-square crop at 32 px cuts the hole away."""
+    write_dataset(folder)
+    Image.new("RGB", (96, 32)).save(folder / "wide.png")
+    hole = Image.new("L", (96, 32), 0)
+    hole.paste(255, (0, 0, 16, 32))
+    hole.save(folder / "edge_mask.png")
+    bad_row(lambda r: {"user_input": {"image": "wide.png", "mask": "edge_mask.png"}, "output": "wide.png"})(folder)
+
+
+def billion_laughs(text: str) -> str:
+    lines = ['lol0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"lol{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    return text + "\n".join(lines) + "\n"
+
+
 def plugin(dist: str, entry: str, code: str) -> Callable[[Path], None]:
     return lambda site: fake_install(site, dist, entry, code)
 
@@ -153,6 +175,16 @@ CASES = [
          sub("  cycles: 1", "  cycles: !!python/object/apply:os.system [echo]"), mark="cycles"),
     Case("yaml-not-a-mapping", SPEC, lambda text: "- just\n- a list\n"),
     Case("yaml-empty-file", f"{SPEC}:", lambda text: ""),
+    Case("yaml-latin-1-comment", f"{SPEC}:{{line}}:8: not UTF-8 text: byte 0xe9",
+         lambda text: text.replace("  cycles: 1", "  # caf\xe9\n  cycles: 1").encode("latin-1"), mark="# caf"),
+    Case("yaml-binary", f"{SPEC}: binary file", lambda text: b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff"),
+    Case("yaml-control-character", f"{SPEC}:1:10: character", sub("name: bad-inputs", "name: bad\x07inputs")),
+    Case("yaml-billion-laughs", (f"{SPEC}:{{line}}", "expands to more than 100,000 values"), billion_laughs,
+         mark="lol4:"),
+    Case("yaml-nested-too-deep", f"{SPEC}:", lambda text: text + "deep: " + "[" * 3000 + "]" * 3000 + "\n"),
+    Case("yaml-too-large", f"{SPEC}: larger than 1024 KiB", lambda text: text + "#" * (1 << 20) + "\n"),
+    Case("not-a-spec-file", f"{SPEC}: not a fluxtune search or experiment file",
+         lambda text: "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"),
     Case("spec-file-missing", "nowhere.yaml: file not found", commands=(("validate", "nowhere.yaml"),
                                                                                ("search", "nowhere.yaml"))),
     # unknown keys, wrong types, out of range
@@ -176,6 +208,42 @@ CASES = [
     Case("model-preset-and-path", f"{SPEC}:{{line}}: base.model: give exactly one of",
          sub("  cycles: 1", "  model: {preset: tiny-fill, path: /m}\n  cycles: 1"), mark="model:"),
     Case("bad-set-value", "--set base.cycels=2: base.cycels: unknown key", args=("--set", "base.cycels=2")),
+    Case("set-key-missing-from-the-file", "--set base.dataa.jsonl=x: base.dataa: unknown key",
+         args=("--set", "base.dataa.jsonl=x")),
+    Case("set-top-level-typo", ("--set data.jsonl=x: 'data' is not a top-level key", "did you mean base.data.jsonl?"),
+         args=("--set", "data.jsonl=x")),
+    Case("set-new-search-path", "--set search.space.no.such.path={type: int, low: 1, high: 2}: "
+         "search.space.no.such.path: not a key of base",
+         args=("--set", "search.space.no.such.path={type: int, low: 1, high: 2}")),
+    Case("set-value-not-yaml", "--set base.cycles=[1: the value is not valid YAML", args=("--set", "base.cycles=[1")),
+    Case("set-without-value", "--set base.cycles: expected KEY.PATH=VALUE", args=("--set", "base.cycles")),
+    Case("set-into-a-value", "--set base.cycles.x=1: cannot set base.cycles.x: base.cycles is a value",
+         args=("--set", "base.cycles.x=1")),
+    Case("set-non-finite", "--set base.seed=.nan: base.seed: nan is not a finite number",
+         args=("--set", "base.seed=.nan")),
+    # numbers and names
+    Case("infinite-search-bound",
+         f"{SPEC}:{{line}}: search.space.stages.lora.optimizer.lr.high: inf is not a finite number",
+         sub("    stages.lora.adapter.rank:",
+             "    stages.lora.optimizer.lr: {type: float, low: 1.0e-5, high: .inf, log: true}\n"
+             "    stages.lora.adapter.rank:"), mark="optimizer.lr"),
+    Case("search-range-overflows", f"{SPEC}:{{line}}: search.space.model.guidance: low, high and step must be finite",
+         lambda text: text + "    model.guidance: {type: float, low: -1.0e308, high: 1.0e308}\n", mark="guidance"),
+    Case("integer-beyond-64-bits", f"{SPEC}:{{line}}: base.seed: integer out of range",
+         sub("  cycles: 1", "  seed: 123456789012345678901234567890\n  cycles: 1"), mark="seed"),
+    Case("experiment-name-is-a-path", f"{SPEC}:{{line}}: tracking.experiment: must be 1-100 letters",
+         lambda text: text + "tracking: {experiment: ../../outside}\n", mark="tracking"),
+    Case("model-name-is-a-path", "--set tracking.register_as=a/b: tracking.register_as: must be 1-100 letters",
+         args=("--set", "tracking.register_as=a/b")),
+    Case("stage-name-with-a-dot", f"{SPEC}:{{line}}: base.stages[0].name: must be 1-64 letters",
+         sub("{name: full, type: full", "{name: full.1, type: full"), mark="full.1"),
+    Case("alias-reserved", "--set tracking.alias=latest: tracking.alias: 'latest' is reserved",
+         args=("--set", "tracking.alias=latest")),
+    Case("secret-in-alias", "--set tracking.alias=***: tracking.alias: must not hold the value of $HF_TOKEN",
+         args=("--set", "tracking.alias=hf_notreal0123456789"), env={"HF_TOKEN": "hf_notreal0123456789"}),
+    Case("secret-in-experiment-name", f"{SPEC}:{{line}}: tracking.experiment: must not hold the value of $HF_TOKEN",
+         lambda text: text + "tracking: {experiment: run-hf_notreal0123456789}\n", mark="tracking",
+         env={"HF_TOKEN": "hf_notreal0123456789"}),
     # the search space
     Case("empty-choices", f"{SPEC}:{{line}}: search.space.stages.lora.adapter.rank.choices:",
          sub("choices: [4, 8]", "choices: []"), mark="choices"),
@@ -206,7 +274,9 @@ CASES = [
          sub("  cycles: 1", "  schedule: {each: [lroa]}\n  cycles: 1"), mark="lroa"),
     # data (caught in preflight, before Ray)
     Case("jsonl-missing", f"{SPEC}:{{line}}: base.data.jsonl: data file 'data.jsonl' does not exist",
-         data=lambda folder: None, mark="jsonl", commands=SEARCH),
+         data=lambda folder: None, mark="jsonl", commands=(("validate",), ("search",), ("search", "--dry-run", SPEC))),
+    Case("val-jsonl-missing", f"{SPEC}:{{line}}: base.data.val_jsonl: data file 'val.jsonl' does not exist",
+         sub("val_fraction: 0.5}", "val_jsonl: val.jsonl}"), mark="val_jsonl"),
     Case("jsonl-malformed", "data.jsonl:3: invalid JSON",
          data=bad_row(lambda r: json.dumps(r)[:-9]), commands=(("search",), ("data", "check", "data.jsonl"))),
     Case("jsonl-not-an-object", "data.jsonl:3: expected a JSON object, got array", data=bad_row(lambda r: [r]),
@@ -216,6 +286,13 @@ CASES = [
     Case("image-missing", "data.jsonl:3: 'output' file not found",
          data=bad_row(lambda r: {**r, "output": "gone.png"}), commands=(("search",), ("data", "check", "data.jsonl"))),
     Case("image-undecodable", "data.jsonl:3: 'output' is not a readable image", data=undecodable, commands=SEARCH),
+    Case("image-file-uri-missing", "data.jsonl:3: 'output' file not found: file:///nowhere/gone.png",
+         data=bad_row(lambda r: {**r, "output": "file:///nowhere/gone.png"}),
+         commands=(("search",), ("data", "check", "data.jsonl"))),
+    Case("mask-all-black", "data.jsonl:3: 'user_input.mask' is empty: no pixel at or above mask_threshold 0.5",
+         data=all_black_mask, commands=(("search",), ("data", "check", "data.jsonl"))),
+    Case("mask-hole-outside-the-crop", "data.jsonl:3: 'user_input.mask' is empty after the training crop to 32x32",
+         data=hole_outside_the_crop, commands=(("search",), ("data", "check", "data.jsonl", "--resolution", "32"))),
     Case("mask-size-mismatch", "data.jsonl:3: sizes disagree: image 32x32, mask 48x48, output 32x32",
          data=mask_of_size, commands=(("search",), ("data", "check", "data.jsonl"))),
     Case("dataset-empty", "data.jsonl: contains no examples",
@@ -267,7 +344,11 @@ def workdir(tmp_path, monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_refused_with_one_line_naming_the_culprit(case: Case, workdir, tmp_path, monkeypatch, capsys):
     text = case.edit(GOOD)
-    (workdir / SPEC).write_text(text)
+    if isinstance(text, bytes):  # not UTF-8, or binary
+        (workdir / SPEC).write_bytes(text)
+        text = text.decode("latin-1")
+    else:
+        (workdir / SPEC).write_text(text)
     (case.data or write_dataset)(workdir)
     culprits = (case.culprit,) if isinstance(case.culprit, str) else case.culprit
     if case.mark:
@@ -285,6 +366,8 @@ def test_bad_input_is_refused_with_one_line_naming_the_culprit(case: Case, workd
             result = run_cli(args, workdir, env, timeout=120)
             code, err = result.returncode, result.stderr
         else:
+            for name, value in case.env.items():
+                monkeypatch.setenv(name, value)
             code, err = run_in_process(args, monkeypatch, capsys)
         shown = f"fluxtune {' '.join(args)} →\n{err}"
         assert code == 2, shown
@@ -294,9 +377,9 @@ def test_bad_input_is_refused_with_one_line_naming_the_culprit(case: Case, workd
         assert len(errors) == 1, shown  # each case has one problem
         without_column = re.sub(rf"^error: ({re.escape(SPEC)}:\d+):\d+:", r"error: \1:", errors[0])
         assert all(c in errors[0] or c in without_column for c in culprits), shown
-        # besides the error line, only `validate`'s indented snippet of the offending YAML line
-        assert all(line.startswith("error: ") or (line.startswith("    ") and command == ("validate",))
-                   for line in lines), shown
+        # besides the error line, only the indented snippet of the offending YAML line (validate, --dry-run)
+        shows_snippets = command == ("validate",) or "--dry-run" in command
+        assert all(line.startswith("error: ") or (line.startswith("    ") and shows_snippets) for line in lines), shown
     assert snapshot(tmp_path) == before  # no runs/, no mlflow/, no latent cache, nothing half-written
 
 

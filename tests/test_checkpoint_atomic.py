@@ -358,18 +358,21 @@ def test_search_refuses_an_unwritable_storage_folder_before_ray_naming_the_key(c
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no mlflow/, no sweep folder
 
 
-def test_the_console_names_why_a_trial_failed_not_only_where_its_traceback_is(tmp_path):
+def test_the_console_names_why_a_trial_failed_not_only_where_its_traceback_is():
     import traceback
 
-    from fluxtune.search.callbacks import _last_line
+    from fluxtune.failures import TrialFailure, trial_failure_line
 
     try:
-        raise CheckpointSpaceError(tmp_path / "checkpoint_000001", needed=3 << 20, free=1 << 20)
-    except CheckpointSpaceError:
-        (tmp_path / "error.txt").write_text(traceback.format_exc() + "\n")
-    line = _last_line(str(tmp_path / "error.txt"))
-    assert line.startswith("fluxtune.checkpoints.CheckpointSpaceError") and "no space to write stage checkpoint" in line
-    assert _last_line(str(tmp_path / "missing.txt")) == "see the traceback"
+        raise CheckpointSpaceError(Path("runs/s/train/t/checkpoint_000001"), needed=3 << 20, free=1 << 20)
+    except CheckpointSpaceError:  # Ray adds its wrapper's line after the worker's traceback
+        text = traceback.format_exc() + "\nray.exceptions.RayTaskError(CheckpointSpaceError): ray::_Inner.train()\n"
+    failure = TrialFailure.from_text(text)
+    line = trial_failure_line("t", failure, "runs/s/errors/trial-t.txt")
+    assert failure.error.startswith("fluxtune.checkpoints.CheckpointSpaceError: ")
+    assert "no space to write stage checkpoint runs/s/train/t/checkpoint_000001" in failure.error
+    assert line.endswith("(full error: runs/s/errors/trial-t.txt)") and "needs about 3.0 MiB" in line
+    assert TrialFailure.from_text("").error == "see the error file"
 
 
 def test_hashes_pruning_and_disk_use_work_the_same_on_s3(transformer, tmp_path, s3_endpoint):

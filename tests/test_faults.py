@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -221,7 +222,7 @@ def test_worker_kill_driver_kill_resume_and_more(tmp_path, cli_env):
     first_arrival = gates.arrival(1, sweep, lines=lines)
     assert first_arrival["stage"] == "lora"
     # Train takes a report from a worker asynchronously: wait until the full stage's checkpoint is registered
-    assert lines.wait_for("cycle 0 full (stage end)", sweep, timeout=60), lines.text()[-3000:]
+    assert lines.wait_for("cycle 0 full ended)", sweep, timeout=60), lines.text()[-3000:]
     os.kill(first_arrival["pid"], signal.SIGKILL)
     assert gates.arrival(2, sweep, lines=lines)["stage"] == "lora"  # the retried worker group, at the same stage
     gates.open(2)
@@ -233,15 +234,16 @@ def test_worker_kill_driver_kill_resume_and_more(tmp_path, cli_env):
     gates.open(4)
     assert gates.arrival(5, sweep, lines=lines)["stage"] == "polish"
     # trial 2's lora stage end has reached the driver too (trial 1's was the first such line)
-    assert lines.wait_for("cycle 0 lora (stage end)", sweep, timeout=60, count=2), lines.text()[-3000:]
+    assert lines.wait_for("cycle 0 lora ended)", sweep, timeout=60, count=2), lines.text()[-3000:]
     killed = record(work)
     sweep_id = killed["sweep_id"]
     os.kill(sweep.pid, signal.SIGKILL)
     sweep.wait(timeout=60)
     output = lines.finish()
     assert f"retried from step {FULL} after a worker failure (rank 0: " in output, output[-4000:]
-    [first] = [line.split()[1] for line in output.splitlines() if line.startswith("trial ") and " finished" in line]
-    [second] = {line.split()[1] for line in output.splitlines() if line.startswith("trial ")} - {first}
+    started = dict(re.findall(r"^(\S+) started \(trial (\w+),", output, re.M))  # trial name → Tune trial id
+    [first] = [started[line.split()[0]] for line in output.splitlines() if " finished: " in line]
+    [second] = set(started.values()) - {first}
 
     assert killed["status"] == "running" and len(killed["ray_sessions"]) == 1
     assert wait_for_no_ray(killed["ray_sessions"][0]) == [], "Ray processes outlived the killed driver"

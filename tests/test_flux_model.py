@@ -1,4 +1,4 @@
-"""fluxtune.flux.model: the tiny-fill preset, local loading/saving, prompt encoding."""
+"""fluxtune.flux.model: presets (tiny-fill, the real-width proxies), local loading/saving, prompt encoding."""
 
 import json
 import re
@@ -9,8 +9,10 @@ from diffusers import FluxFillPipeline, FluxTransformer2DModel
 
 from fluxtune.flux import presets
 from fluxtune.flux.model import (
+    build_preset,
     build_tiny_fill,
     check_fill_layout,
+    empty_transformer,
     empty_prompt_embeds,
     encode_prompts,
     load_flux,
@@ -199,3 +201,44 @@ def test_fill_pipeline_runs_two_steps_on_the_tiny_bundle(bundle):
     ).images
     assert images.shape == (1, 3, 64, 64)
     assert torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("name, double, single, billions", [("proxy-fill", 1, 1, 0.547), ("proxy-fill-4", 2, 2, 1.028),
+                                                             ("proxy-fill-8", 4, 4, 1.991)])
+def test_proxies_have_flux_fill_devs_widths(name, double, single, billions):
+    transformer = empty_transformer({"preset": name})  # meta device: no memory
+    config = transformer.config
+    assert (config.num_layers, config.num_single_layers) == (double, single)
+    for key in ("in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
+                "pooled_projection_dim", "guidance_embeds", "axes_dims_rope"):
+        assert config[key] == presets.FLUX_FILL_DEV_TRANSFORMER[key], key
+    assert sum(p.numel() for p in transformer.parameters()) / 1e9 == pytest.approx(billions, abs=0.001)
+
+
+def test_proxy_vae_is_flux1s_architecture_and_text_has_the_real_widths():
+    bundle = build_preset("proxy-fill", parts=("vae", "text"))
+    assert bundle.transformer is None
+    assert {k: bundle.vae.config[k] for k in presets.FLUX_VAE} == presets.FLUX_VAE
+    assert sum(p.numel() for p in bundle.vae.parameters()) == 83_819_683  # FLUX.1's VAE
+    prompt_embeds, pooled = encode_prompts(bundle, ["a red door"])
+    assert prompt_embeds.shape == (1, 512, 4096) and pooled.shape == (1, 768)
+    assert sum(p.numel() for p in bundle.text_encoder_2.parameters()) < 5_000_000  # narrow: one small layer
+
+
+def test_a_preset_built_in_bf16_or_in_parts_has_the_same_weights():
+    whole = build_preset("tiny-fill", seed=3)
+    half = build_preset("tiny-fill", seed=3, dtype=torch.bfloat16, device="cpu", parts=("transformer",))
+    assert half.vae is None and half.text_encoder is None
+    assert all(p.dtype == torch.bfloat16 for p in half.transformer.parameters()) and half.transformer.training
+    for (name, a), b in zip(whole.transformer.state_dict().items(), half.transformer.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+    alone = build_preset("tiny-fill", seed=3, parts=("text",))
+    for a, b in zip(whole.text_encoder_2.parameters(), alone.text_encoder_2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_unknown_preset_or_part_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown model preset 'tiny'; presets: tiny-fill, proxy-fill, proxy-fill-4"):
+        build_preset("tiny")
+    with pytest.raises(ValueError, match="unknown preset parts"):
+        build_preset("tiny-fill", parts=("unet",))

@@ -19,9 +19,10 @@ def documented() -> set[str]:
     return set(re.findall(r"^### (\w+)\s*$", DOCS.read_text(), flags=re.M))
 
 
-def test_the_hookspecs_are_the_seven_of_the_plugin_contract():
+def test_the_hookspecs_are_the_eight_of_the_plugin_contract():
     assert hook_names() == {"register_stages", "register_adapters", "register_losses", "register_timestep_samplers",
-                            "register_callbacks", "register_search_spaces", "register_commands"}
+                            "register_callbacks", "register_search_spaces", "register_optimizers",
+                            "register_commands"}
 
 
 def test_every_hook_has_a_section_in_the_docs():

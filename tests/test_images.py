@@ -130,6 +130,99 @@ def test_batch_loader_accepts_lists_and_empty_batches(sample_rows):
     assert empty["image"].shape == (0, 3, 16, 16) and empty["mask"].shape == (0, 1, 16, 16)
 
 
+# --- pixels read as their author meant them --------------------------------------------------------------------
+
+
+def test_a_16_bit_grey_image_keeps_its_grey_level(tmp_path):
+    grey16 = Image.fromarray(np.full((16, 16), 30000, dtype=np.uint16))  # 46 % grey, stored as 16 bits (mode I;16)
+    assert grey16.mode == "I;16"
+    row = _row(tmp_path, grey16, Image.new("L", (16, 16), 255))
+
+    image = load_example(row, 16)["image"]
+
+    assert np.allclose(image, 30000 / 65535 * 2 - 1, atol=1 / 127.5)  # not clipped to white (+1)
+
+
+@pytest.mark.parametrize("dtype, one", [(np.uint8, 1), (np.uint16, 1)], ids=["8-bit", "16-bit"])
+def test_a_mask_of_zeros_and_ones_marks_its_ones(tmp_path, dtype, one):
+    labels = np.zeros((16, 16), dtype=dtype)
+    labels[4:12, 4:12] = one  # a label map: 1 = inpaint (on screen: nearly black)
+    row = _row(tmp_path, Image.new("RGB", (16, 16)), Image.fromarray(labels))
+
+    mask = load_example(row, 16)["mask"][0]
+
+    assert np.array_equal(mask, (labels == 1).astype(np.float32))
+
+
+def test_a_mask_drawn_only_in_alpha_marks_its_transparent_hole(tmp_path):
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)  # black everywhere: the hole exists only as transparency
+    rgba[..., 3] = 255
+    rgba[4:12, 2:6, 3] = 0
+    row = _row(tmp_path, Image.new("RGB", (16, 16)), Image.fromarray(rgba, "RGBA"))
+
+    mask = load_example(row, 16)["mask"][0]
+
+    expected = np.zeros((16, 16), dtype=np.float32)
+    expected[4:12, 2:6] = 1
+    assert np.array_equal(mask, expected)
+
+
+def test_alpha_is_ignored_when_the_colour_draws_the_mask(tmp_path):
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[:, 8:, :3] = 255  # white right half = inpaint
+    rgba[..., 3] = np.arange(16, dtype=np.uint8)[None, :] * 16  # a fade in alpha that means nothing here
+    row = _row(tmp_path, Image.new("RGB", (16, 16)), Image.fromarray(rgba, "RGBA"))
+
+    mask = load_example(row, 16)["mask"][0]
+
+    assert mask[:, :8].sum() == 0 and mask[:, 8:].all()
+
+
+def _exif_rotated(pixels: np.ndarray, orientation: int) -> tuple[Image.Image, bytes]:
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    return image, exif.tobytes()
+
+
+def test_exif_orientation_is_applied_to_image_mask_and_target(tmp_path):
+    # A phone stores a tall 16x32 picture sideways (32x16) with orientation 6: "rotate 90° clockwise to view".
+    upright = np.zeros((32, 16, 3), dtype=np.uint8)
+    upright[:16] = (255, 0, 0)  # red top half, as the viewer sees it
+    sideways = np.ascontiguousarray(np.rot90(upright, k=1))  # what the file stores
+    for name in ("i", "t"):
+        image, exif = _exif_rotated(sideways, 6)
+        image.save(tmp_path / f"{name}.png", exif=exif)
+    mask_upright = np.zeros((32, 16), dtype=np.uint8)
+    mask_upright[:16] = 255  # drawn on the upright picture, saved without EXIF
+    Image.fromarray(mask_upright).save(tmp_path / "m.png")
+    row = Row(1, str(tmp_path / "i.png"), str(tmp_path / "m.png"), str(tmp_path / "t.png"), None)
+
+    assert read_rows_from(tmp_path, row) == 1  # sizes agree as a viewer shows them (16x32)
+    example = load_example(row, 16)  # centre square of the upright 16x32: rows 8..24
+
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    Image.fromarray(mask_upright).save(tmp_path / "mask_upright.png")
+    reference = load_example(Row(1, str(tmp_path / "upright.png"), str(tmp_path / "mask_upright.png"),
+                                 str(tmp_path / "upright.png"), None), 16)
+    for key in ("image", "mask", "target"):
+        assert np.array_equal(example[key], reference[key]), key
+    assert example["mask"][0, :8].all() and not example["mask"][0, 8:].any()  # top half of the crop: the hole
+    assert np.allclose(example["image"][:, :8].mean(axis=(1, 2)), [1, -1, -1])  # red on top, as seen
+
+
+def read_rows_from(folder, row: Row) -> int:
+    import json
+
+    from fluxtune.data.rows import check_rows
+
+    jsonl = folder / "rotated.jsonl"
+    jsonl.write_text(json.dumps({"user_input": {"image": row.image, "mask": row.mask}, "output": row.output}) + "\n")
+    rows, problems = check_rows(jsonl)
+    assert problems == []
+    return len(rows)
+
+
 # --- validation split ----------------------------------------------------------------------------------------
 
 

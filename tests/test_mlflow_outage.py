@@ -86,7 +86,7 @@ def test_writes_during_an_outage_are_kept_reported_and_sent_by_the_next_driver(t
         assert trial_two.info.status == "FINISHED" and trial_two.data.params["cycles"] == "1"
         assert [m.step for m in client.get_metric_history(trial_two.info.run_id, "loss")] == [0, 1]
         artifacts = {a.path for a in client.list_artifacts(trial_two.info.run_id)}
-        assert {"loss_curves.png", "samples"} <= artifacts
+        assert {"loss_curves.png", "images"} <= artifacts
         assert client.get_run(parent).info.status == "FINISHED"
         assert client.get_run(parent).data.metrics["best_val_loss"] == 0.25
     finally:
@@ -179,7 +179,7 @@ def test_a_server_outage_mid_sweep_loses_nothing_and_training_goes_on(tmp_path, 
                      f"--- stderr\n{err.text()[-6000:]}")
     try:
         try:
-            assert out.wait_for(" step 5:", sweep, timeout=240), shown()  # the first trial's first metrics
+            assert out.wait_for(" step 5/", sweep, timeout=240), shown()  # the first trial's first metrics
             phases.append(("first metrics", round(time.monotonic() - began)))
             stop_server(servers[0])
             phases.append(("server stopped", round(time.monotonic() - began)))
@@ -202,7 +202,7 @@ def test_a_server_outage_mid_sweep_loses_nothing_and_training_goes_on(tmp_path, 
         assert len([w for w in warnings if "unreachable (" in w]) == 1, shown()  # warned once
         assert any("answers again: logged" in w for w in warnings), shown()
         assert "still unreachable" not in err.text()
-        finished = [line for line in out.lines if line.startswith("trial ") and " finished" in line]
+        finished = [line for line in out.lines if " finished: " in line]
         assert len(finished) == 2, shown()  # every trial trained to its end
         assert not list(work.glob(f"runs/*/{SPILL_NAME}"))  # everything was sent
 

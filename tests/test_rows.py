@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxtune.data.rows import DataError, Row, check_rows, read_rows
+from fluxtune.data.rows import DataError, MaskRule, Row, check_rows, read_rows
 
 
 def _save(path, size=(8, 8), mode="RGB", colour=0):
@@ -149,15 +149,19 @@ def test_a_directory_is_not_a_jsonl_file(tmp_path):
         read_rows(tmp_path)
 
 
-def test_uris_are_passed_through_unchecked(good_files):
+def test_remote_uris_are_passed_through_unchecked_but_file_uris_are_local_files(good_files):
+    target = f"file://{good_files / 'a_target.png'}"
     jsonl = _write_jsonl(
         good_files / "data.jsonl",
-        [_record(image="s3://bucket/a.png", mask="gs://bucket/a_mask.png", output="file:///nowhere/t.png")],
+        [_record(image="s3://bucket/a.png", mask="gs://bucket/a_mask.png", output=target),
+         _record(output="file:///nowhere/t.png")],
     )
 
-    (row,) = read_rows(jsonl)
+    rows, problems = check_rows(jsonl)
 
-    assert (row.image, row.mask, row.output) == ("s3://bucket/a.png", "gs://bucket/a_mask.png", "file:///nowhere/t.png")
+    assert [(row.image, row.mask, row.output) for row in rows] == [
+        ("s3://bucket/a.png", "gs://bucket/a_mask.png", target)]
+    assert problems == [f"{jsonl}:2: 'output' file not found: file:///nowhere/t.png"]
 
 
 def test_local_files_are_still_checked_beside_uris(good_files):
@@ -190,7 +194,7 @@ def test_check_rows_returns_good_rows_and_problems_for_skip_mode(good_files):
         lambda path: Image.new("RGB", (8, 8), (255, 255, 255)).save(path),  # RGB, channels equal
         lambda path: Image.new("RGBA", (8, 8), (250, 255, 252, 0)).save(path),  # small JPEG-like drift; alpha ignored
         lambda path: Image.new("1", (8, 8), 1).save(path),
-        lambda path: Image.new("P", (8, 8), 0).save(path),
+        lambda path: Image.new("L", (8, 8), 255).convert("P").save(path),
         lambda path: Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(path),  # 16-bit PNG
     ],
     ids=["rgb-gray", "rgba-near-gray", "bilevel", "palette", "16-bit"],
@@ -221,3 +225,31 @@ def test_data_error_survives_pickling_between_processes():
 def test_data_error_summary_pluralises():
     assert str(DataError(["f:1: a", "f:2: b"])).splitlines()[0] == "f:1: a (and 1 more problem)"
     assert DataError(["f:1: a", "f:2: b", "f:3: c"]).problems == ["f:1: a", "f:2: b", "f:3: c"]
+
+
+def test_a_mask_with_nothing_to_inpaint_is_a_bad_row(good_files):
+    _save(good_files / "black.png", mode="L", colour=0)
+    _save(good_files / "dim.png", mode="L", colour=120)  # below the 0.5 threshold everywhere
+    jsonl = _write_jsonl(good_files / "data.jsonl", [_record(), _record(mask="black.png"), _record(mask="dim.png")])
+
+    rows, problems = check_rows(jsonl)
+
+    assert [row.line for row in rows] == [1]
+    assert [p.split(": ")[0] for p in problems] == [f"{jsonl}:2", f"{jsonl}:3"]
+    assert all("'user_input.mask' is empty: no pixel at or above mask_threshold 0.5" in p for p in problems)
+    assert len(check_rows(jsonl, masks=MaskRule(threshold=0.4))[0]) == 2  # 120/255 = 0.47 inpaints at 0.4
+
+
+def test_a_mask_whose_hole_the_training_crop_cuts_away_is_a_bad_row_at_that_resolution(good_files):
+    Image.new("RGB", (96, 32)).save(good_files / "wide.png")
+    edge = Image.new("L", (96, 32), 0)
+    edge.paste(255, (0, 0, 16, 32))  # the left edge only: the centre square (x 32..64) misses it
+    edge.save(good_files / "edge.png")
+    jsonl = _write_jsonl(good_files / "data.jsonl", [_record("wide.png", "edge.png", "wide.png")])
+
+    assert check_rows(jsonl)[1] == []  # without a resolution only the whole mask counts
+    _, problems = check_rows(jsonl, masks=MaskRule(resolution=32))
+    assert problems == [f"{jsonl}:1: 'user_input.mask' is empty after the training crop to 32x32: its hole lies "
+                        f"outside the crop or is too small: {good_files / 'edge.png'}"]
+    # with aspect-ratio buckets the wide image keeps its sides, and the hole
+    assert check_rows(jsonl, masks=MaskRule(resolution=32, buckets=((48, 16), (32, 32))))[1] == []

@@ -106,7 +106,7 @@ def test_the_ui_binds_loopback_unless_told_otherwise(tmp_path, cli_env):
 def _server_started_by(args: list[str], cwd: Path, env: dict[str, str]) -> list[str]:
     import psutil
 
-    from fluxtune.tracking.server import free_port
+    from fluxtune.tracking.server import APP, free_port
 
     ui = subprocess.Popen([str(FLUXTUNE), *args, "--port", str(free_port()), "--store", str(cwd / "store")],
                           cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -120,7 +120,7 @@ def _server_started_by(args: list[str], cwd: Path, env: dict[str, str]) -> list[
                     command = child.cmdline()
                 except psutil.Error:  # gone between listing and reading
                     continue
-                if command[1:4] == ["-m", "mlflow", "server"]:
+                if command[1:4] == ["-m", "mlflow", "server"] or command[1:4] == ["-m", "uvicorn", APP]:
                     server = child
                     return command
         raise AssertionError(f"`fluxtune {' '.join(args)}` exited {ui.returncode} before starting a server")

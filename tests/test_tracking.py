@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fluxtune.tracking.runs import CHECKPOINT_TAG, SweepTracker, flatten
-from fluxtune.tracking.samples import SAMPLES_KEY, SampleGrids, decode_samples, encode_samples, flux_sigmas
+from fluxtune.tracking.runs import CHECKPOINT_TAG, NOTE_TAG, STAGES_TABLE, SweepTracker, flatten
+from fluxtune.tracking.samples import (LABEL_HEIGHT, SAMPLES_KEY, SampleGrids, decode_samples, encode_samples,
+                                       flux_sigmas)
 from fluxtune.tracking.store import tracking_uri
 
 
@@ -61,6 +63,33 @@ def test_a_sweep_is_a_parent_run_with_one_child_per_trial(uri, exp, tmp_path):
     assert c.get_run(parent).data.tags["fluxtune.plugin.fluxtune"] == "builtin"
     assert [a.path for a in c.list_artifacts(parent)] == ["sweep.yaml"]
     assert c.get_experiment(tracker.experiment_id).name == exp
+    # The UI opens the experiment as model training (runs table), not in its GenAI view.
+    assert c.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_experiment_made_before_gets_the_training_kind_but_a_kind_chosen_in_the_ui_stays(uri, exp):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    old = c.create_experiment(exp)
+    SweepTracker(uri, exp, "s-1")
+    assert c.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    c.set_experiment_tag(old, "mlflow.experimentKind", "genai_development")
+    SweepTracker(uri, exp, "s-2")
+    assert c.get_experiment(old).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_trial_runs_are_named_by_their_values_and_names_stay_unique_in_the_sweep(uri, exp):
+    tracker = SweepTracker(uri, exp, "s-1")
+    tracker.start(None, {}, {})
+    first = tracker.start_trial("t1", {}, {}, name="r16-a96")
+    second = tracker.start_trial("t2", {}, {}, name="r16-a96")
+    c = tracker.client
+    assert [c.get_run(r).info.run_name for r in (first, second)] == ["r16-a96", "r16-a96-2"]
+    # A resumed sweep's new driver knows the names its earlier trials took.
+    again = SweepTracker(uri, exp, "s-1")
+    again.start(None, {}, {})
+    assert c.get_run(again.start_trial("t3", {}, {}, name="r16-a96")).info.run_name == "r16-a96-3"
 
 
 def test_results_become_step_metrics_and_system_metrics(uri, exp):
@@ -99,8 +128,11 @@ def test_sample_grids_and_stage_checkpoints_reach_the_trial_run(uri, exp, tmp_pa
     tracker = SweepTracker(uri, exp, "s-1")
     tracker.start(None, {}, {})
     run = tracker.start_trial("t1", {}, {})
-    paths = tracker.log_samples("t1", encode_samples([_png((255, 0, 0)), _png((0, 255, 0))]), 40)
-    assert paths == ["samples/step-000040.png", "samples/step-000040-1.png"]
+    # The starting weights' grid rides with the first report (step 40) but belongs to step 0.
+    steps = tracker.log_samples("t1", encode_samples([(0, _png((0, 0, 255))), _png((255, 0, 0))]), 40)
+    assert steps == [0, 40]
+    # A stage end can carry two grids (before and after merging the adapter): the stage's last one is kept.
+    assert tracker.log_samples("t1", encode_samples([_png((0, 255, 0)), _png((255, 255, 0))]), 44) == [44]
 
     checkpoint = tmp_path / "checkpoint_000"
     (checkpoint / "transformer").mkdir(parents=True)
@@ -113,9 +145,13 @@ def test_sample_grids_and_stage_checkpoints_reach_the_trial_run(uri, exp, tmp_pa
 
     c = tracker.client
     listed = {a.path for a in c.list_artifacts(run)}
-    assert {"samples", "stages", "loss_curves.png", "images"} <= listed
-    red = Image.open(c.download_artifacts(run, "samples/step-000040.png", str(tmp_path)))
-    assert red.getpixel((0, 0)) == (255, 0, 0)
+    assert {"stages", "loss_curves.png", "images"} <= listed and "samples" not in listed  # each image stored once
+    pngs = sorted(a.path for a in c.list_artifacts(run, "images") if a.path.endswith(".png"))
+    assert len(pngs) == 3 and all(Path(p).name.startswith("samples+step+") for p in pngs)
+    by_step = {int(Path(p).name.split("+")[2]): p for p in pngs}
+    assert Image.open(c.download_artifacts(run, by_step[0], str(tmp_path))).getpixel((0, 0)) == (0, 0, 255)
+    assert Image.open(c.download_artifacts(run, by_step[40], str(tmp_path))).getpixel((0, 0)) == (255, 0, 0)
+    assert Image.open(c.download_artifacts(run, by_step[44], str(tmp_path))).getpixel((0, 0)) == (255, 255, 0)
     assert [a.path for a in c.list_artifacts(run, "stages/cycle0-lora/adapter")] == [
         "stages/cycle0-lora/adapter/pytorch_lora_weights.safetensors"]
     assert tracker.stage_checkpoints("t1") == [(0, "lora", str(checkpoint))]  # what a resumed driver reads back
@@ -138,16 +174,23 @@ def test_sample_grids_are_rendered_from_encoded_validation_examples():
     mask = np.zeros((3, 1, 64, 48), "float32")
     mask[:, :, 16:40, 8:24] = 1
     val = ValidationSet.build(encode_examples(bundle, image, mask, image, [None, "a cat", None]), seed=1)
-    delivered: list[bytes] = []
-    grids = SampleGrids.for_worker({"preset": "tiny-fill", "seed": 0, "guidance": 30.0}, val, delivered.append)
+    delivered: list[tuple[bytes, int | None]] = []
+    grids = SampleGrids.for_worker({"preset": "tiny-fill", "seed": 0, "guidance": 30.0}, val,
+                                   lambda png, step: delivered.append((png, step)))
     transformer = bundle.transformer.train()
     png = grids.render(transformer)
-    assert delivered == [png] and transformer.training  # train mode restored
+    assert delivered == [(png, None)] and transformer.training  # train mode restored
+    assert grids.render(transformer, step=0) == png and delivered[-1] == (png, 0)  # same weights, same grid
     grid = Image.open(io.BytesIO(png))
-    assert grid.size == (4 * 48, 3 * 64)  # source | mask | prediction | target, one row per example
-    assert decode_samples(json.loads(json.dumps({SAMPLES_KEY: encode_samples([png])}))[SAMPLES_KEY]) == [png]
+    # A header naming the columns, then source | mask | prediction | target, one row per example; 64x48 images
+    # are enlarged 2x (whole pixels) to reach the 96 px a person can read.
+    assert grid.size == (4 * 96, LABEL_HEIGHT + 3 * 128)
+    header = np.asarray(grid)[:LABEL_HEIGHT]
+    assert all(header[:, x * 96:(x + 1) * 96].max() > 127 for x in range(4))  # a label over every column
+    assert decode_samples(json.loads(json.dumps({SAMPLES_KEY: encode_samples([png])}))[SAMPLES_KEY]) == [(None, png)]
     # The mask panel is the exact pixel mask, unpacked from its 256 packed channels.
-    assert np.array_equal(np.asarray(grid)[:64, 48:96, 0] > 127, mask[0, 0] > 0.5)
+    mask_panel = np.asarray(grid)[LABEL_HEIGHT:LABEL_HEIGHT + 128:2, 96:192:2, 0]
+    assert np.array_equal(mask_panel > 127, mask[0, 0] > 0.5)
     # The prediction depends on the weights.
     with torch.no_grad():
         for p in transformer.parameters():
@@ -170,3 +213,52 @@ def test_flux_sigmas_match_the_pipeline_scheduler():
 def test_flatten_keys_stages_by_name_like_search_paths():
     tree = {"cycles": 2, "stages": [{"name": "full", "steps": 3}, {"name": "lora", "adapter": {"rank": 8}}]}
     assert flatten(tree) == {"cycles": "2", "stages.full.steps": "3", "stages.lora.adapter.rank": "8"}
+
+
+def test_stage_ends_fill_a_table_instead_of_single_dot_metrics(uri, exp):
+    tracker = SweepTracker(uri, exp, "s-1")
+    tracker.start(None, {}, {})
+    run = tracker.start_trial("t1", {}, {})
+    for cycle, stage, step in ((0, "full", 4), (0, "lora", 8)):
+        end = _result(step, {step - 1: 0.5}, stage_end=True, cycle=cycle, stage=stage, steps_per_s=10.0 * step,
+                      transition_s=0.5, **{f"{stage}/cycle{cycle}/val_loss": 1.0 / step})
+        tracker.log_result("t1", end, "global_step", "fluxtune_steps")
+        tracker.log_stage_summary("t1", end)
+    c = tracker.client
+    metrics = c.get_run(run).data.metrics
+    assert "val_loss" in metrics and "loss" in metrics  # curves: points at every evaluation and step
+    assert not {"steps_per_s", "transition_s", "full/cycle0/val_loss"} & set(metrics)  # one number per stage
+    table = json.loads(Path(c.download_artifacts(run, STAGES_TABLE)).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [(r["cycle"], r["stage"], r["global_step"], r["steps_per_s"]) for r in rows] == [
+        (0, "full", 4, 40.0), (0, "lora", 8, 80.0)]
+    assert rows[1]["val_loss"] == pytest.approx(1 / 8)
+    assert {"path": STAGES_TABLE, "type": "table"} in json.loads(c.get_run(run).data.tags["mlflow.loggedArtifacts"])
+
+
+def test_a_stopped_trial_says_so_and_every_trial_ends_when_its_training_did(uri, exp):
+    import mlflow
+
+    tracker = SweepTracker(uri, exp, "s-1")
+    tracker.start(None, {}, {})
+    stopped, finished = tracker.start_trial("t1", {}, {}), tracker.start_trial("t2", {}, {})
+    tracker.end_trial("t1", "FINISHED", ("asha", 40, 100))
+    tracker.end_trial("t2", "FINISHED")
+    c = tracker.client
+    tags = c.get_run(stopped).data.tags
+    assert (tags["fluxtune.status"], tags["fluxtune.stopped_by"], tags["fluxtune.stopped_at_step"]) == (
+        "stopped", "asha", "40")
+    assert "ASHA" in tags[NOTE_TAG] and "step 40 of 100" in tags[NOTE_TAG]  # the run's description in the UI
+    assert c.get_run(finished).data.tags["fluxtune.status"] == "finished"
+    assert NOTE_TAG not in c.get_run(finished).data.tags
+    trained_until = c.get_run(finished).info.end_time
+
+    # Registration logs the model into the best trial's run later: that reopens and re-ends it ...
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=finished):
+        mlflow.log_param("registered", "yes")
+    assert c.get_run(finished).info.end_time > trained_until
+    # ... and the sweep's end puts the training's end time back.
+    tracker.finish("FINISHED", {}, {})
+    assert c.get_run(finished).info.end_time == trained_until
+    assert c.get_run(finished).info.status == "FINISHED"

@@ -8,16 +8,16 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from fluxtune.cli.console import console
 from fluxtune.cli.errors import error_boundary
+from fluxtune.flux.presets import PRESET_NAMES
 
 app = typer.Typer(no_args_is_help=True, help="Check, prepare (latent cache) and generate training data.")
-console = Console(soft_wrap=True)  # lines naming files must stay whole for grep and logs
 
 
 def _model_spec(model: str, seed: int) -> dict:
-    return {"preset": model, "seed": seed} if model == "tiny-fill" else {"path": model}
+    return {"preset": model, "seed": seed} if model in PRESET_NAMES else {"path": model}
 
 
 BUCKETS_HELP = "aspect-ratio buckets: 'auto' or sizes like 80x48,64x64,48x80 (as data.buckets)"
@@ -43,18 +43,23 @@ def check(
     jsonl: str = typer.Argument(..., help="dataset JSONL (rows: user_input.image, user_input.mask, output)"),
     skip: bool = typer.Option(False, "--skip", help="report bad rows but succeed when some rows are good"),
     buckets: Optional[str] = typer.Option(None, help=BUCKETS_HELP + "; prints how many rows go to each"),
-    resolution: int = typer.Option(64, help="training resolution the buckets are sized for"),
+    resolution: Optional[int] = typer.Option(None, help="training resolution (as data.resolution): masks whose "
+                                                        "hole the training crop cuts away are bad rows; buckets are "
+                                                        "sized for it (default 64)"),
+    mask_threshold: float = typer.Option(0.5, help="mask grey level at or above which pixels are inpainted"),
 ) -> None:
     """Check every row (JSON, keys, files, decoding, sizes, masks) and report all problems with line numbers."""
     from fluxtune.data.selection import select_rows
 
     with error_boundary():
-        sizes = _buckets_option(buckets, resolution)
-        selection = select_rows(jsonl, {"on_bad_rows": "skip" if skip else "fail"})
+        _check_settings(resolution, mask_threshold)
+        sizes = _buckets_option(buckets, resolution or 64)
+        selection = select_rows(jsonl, {"on_bad_rows": "skip" if skip else "fail", "resolution": resolution,
+                                        "buckets": sizes, "mask_threshold": mask_threshold})
     for problem in selection.skipped:
         typer.echo(f"skipped: {problem}", err=True)
     skipped = f", {len(selection.skipped)} problems in skipped rows" if selection.skipped else ""
-    console.print(f"{jsonl}: {len(selection.rows)} good rows{skipped}")
+    console.print(f"{jsonl}: {len(selection.rows)} good rows{skipped}", markup=False, highlight=False)
     if sizes:
         from fluxtune.data.buckets import bucket_histogram, format_size
         from fluxtune.data.images import image_size
@@ -64,12 +69,24 @@ def check(
             console.print(f"  bucket {format_size(size)}: {count} rows")
 
 
+def _check_settings(resolution: int | None, mask_threshold: float) -> None:
+    from fluxtune.config.errors import InputError
+    from fluxtune.data.images import check_mask_threshold, check_resolution
+
+    try:
+        if resolution is not None:
+            check_resolution(resolution)
+        check_mask_threshold(mask_threshold)
+    except ValueError as error:
+        raise InputError.single("<command line>", str(error)) from None
+
+
 @app.command()
 def prepare(
     jsonl: str = typer.Argument(..., help="dataset JSONL to encode"),
     resolution: int = typer.Option(64, help="square training resolution, a multiple of 16"),
-    model: str = typer.Option("tiny-fill", help="'tiny-fill' or a local FLUX.1-Fill-dev diffusers folder"),
-    seed: int = typer.Option(0, help="initialisation seed of the tiny-fill preset"),
+    model: str = typer.Option("tiny-fill", help=f"a preset ({', '.join(PRESET_NAMES)}) or a local FLUX.1-Fill-dev diffusers folder"),
+    seed: int = typer.Option(0, help="initialisation seed of a preset"),
     mask_threshold: float = typer.Option(0.5, help="mask grey level at or above which pixels are inpainted"),
     val_jsonl: Optional[str] = typer.Option(None, help="explicit validation JSONL (cached with the rows)"),
     skip: bool = typer.Option(False, "--skip", help="drop bad rows instead of failing (as on_bad_rows: skip)"),
@@ -92,7 +109,7 @@ def prepare(
             from fluxtune.config.errors import InputError
 
             raise InputError.single("<command line>", str(error)) from None
-        if model != "tiny-fill":  # a folder that is no FLUX.1-Fill fails here, not inside a Ray task
+        if model not in PRESET_NAMES:  # a folder that is no FLUX.1-Fill fails here, not inside a Ray task
             from fluxtune.config.errors import InputError
             from fluxtune.flux.layout import fill_transformer_config
 

@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
+import os
 import sys
-
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from fluxtune.cli import errors
+from fluxtune.cli.console import console, quiet_libraries
 from fluxtune.cli.errors import EXIT_FAILED, error_boundary
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Typer's pretty tracebacks are off: `main` turns every exception into one line (--debug: the traceback).
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plugin-based Ray Tune experiments for fine-tuning FLUX.1-Fill-dev.")
-# Lines naming files stay whole for grep and logs; tables get room when the output is a file or a pipe.
-console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+
+VERBOSE_HELP = "show Ray worker logs and the INFO lines of Ray, Ray Data and MLflow"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from fluxtune import __version__
+
+        typer.echo(f"fluxtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                 help="print the version and exit"),
+    debug: bool = typer.Option(False, "--debug", help="print the full traceback of an unexpected error "
+                                                      "(default: one line, the traceback saved to a file)"),
+) -> None:
+    errors.debug = errors.debug or debug
 
 
 SET_HELP = "override a key of the file: --set base.stages.lora.steps=10 (repeatable; the value is YAML)"
@@ -26,14 +47,16 @@ def validate(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Check a YAML file (schema, component names and params, search paths) without running anything."""
+    from fluxtune.cli.preflight import check_spec_files
     from fluxtune.config.load import load_search_file
     from fluxtune.config.schedule import describe, planned_steps
 
     with error_boundary(show_snippets=True):
         parsed, base = load_search_file(spec, overrides=set_)
+        check_spec_files(spec, set_, parsed, base)
     space = len(parsed.search.space) if parsed.search else 0
-    console.print(f"{spec}: ok ({len(base['stages'])} stages × {base['cycles']} cycles, "
-                  f"{planned_steps(base)} steps: {describe(base)}; {space} searched keys)")
+    console.print(f"{spec}: ok ({len(base['stages'])} stages × {base['cycles']} cycles, {planned_steps(base)} steps: "
+                  f"{_short(describe(base))}; {space} searched keys)", markup=False)
 
 
 @app.command()
@@ -41,11 +64,11 @@ def search(
     spec: str = typer.Argument(..., help="search YAML, e.g. searches/lora_rank.yaml"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and print sampled configurations; train nothing"),
-    samples: int = typer.Option(3, help="with --dry-run: how many configurations to show"),
+    samples: int = typer.Option(3, min=1, max=1000, help="with --dry-run: how many configurations to show"),
     resume: bool = typer.Option(False, "--resume", help="continue the latest unfinished sweep of this name"),
     more: int = typer.Option(0, "--more", min=0, help="add N trials to the latest finished sweep of this name"),
     address: Optional[str] = typer.Option(None, help="existing Ray cluster (default: start a local one)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray worker logs"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Run a hyper-parameter search: Optuna samples, each trial trains on one Ray Train worker group."""
     if resume and more:
@@ -62,10 +85,15 @@ def run(
     spec: str = typer.Argument(..., help="experiment YAML: a search file's `base`, or a sweep's best.yaml"),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     address: Optional[str] = typer.Option(None, help="existing Ray cluster (default: start a local one)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray worker logs"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Run one experiment (the file's `base`) without a search."""
     _run(spec, set_, address, verbose, single=True)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    """A schedule of thousands of cycles is described by its start, not in half a megabyte."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _dry_run(spec_path: str, overrides: list[str], n: int) -> None:
@@ -74,30 +102,37 @@ def _dry_run(spec_path: str, overrides: list[str], n: int) -> None:
     from fluxtune.registry import registry
     from fluxtune.search.space import grid_size, sample_configs
 
+    from fluxtune.cli.preflight import check_spec_files
+
     with error_boundary(show_snippets=True):
         parsed, base = load_search_file(spec_path, overrides=overrides)
+        check_spec_files(spec_path, overrides, parsed, base)
         if not parsed.search or not parsed.search.space:
             console.print(f"{spec_path}: ok; no search space: `fluxtune run` trains the base "
-                          f"({planned_steps(base)} steps: {describe(base)})")
+                          f"({planned_steps(base)} steps: {_short(describe(base))})", markup=False)
             return
         search_spec = parsed.search
         extra = f", grid of {grid_size(search_spec)}" if search_spec.sampler.type == "grid" else ""
         console.print(f"{spec_path}: ok; {search_spec.sampler.type} sampler, {search_spec.scheduler.type} "
-                      f"scheduler, {search_spec.num_samples} trials{extra}. First {n} sampled configurations:")
+                      f"scheduler, {search_spec.num_samples} trials{extra}. First {n} sampled configurations:",
+                      markup=False)
         for i, values in enumerate(sample_configs(search_spec, base, n)):
             experiment = sample_experiment(base, values, registry())
-            console.print(f"  [{i}] " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
-            console.print(f"      {planned_steps(experiment)} steps: {describe(experiment)}")
+            sampled = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            console.print(_short(f"  [{i}] {sampled}", 1000), markup=False)
+            console.print(f"      {planned_steps(experiment)} steps: {_short(describe(experiment))}", markup=False)
 
 
 def _run(spec_path: str, overrides: list[str], address: str | None, verbose: bool, single: bool = False,
          resume: bool = False, more: int = 0) -> None:
     from fluxtune.cli.preflight import preflight
+    from fluxtune.tracking.redact import redact_text
 
+    quiet_libraries(verbose)
     with error_boundary():
         checked = preflight(spec_path, overrides)
     spec = checked.spec.model_copy(update={"search": None}) if single else checked.spec
-    console.print(f"{spec_path}: {checked.rows} rows from {checked.jsonl}")
+    console.print(redact_text(f"{spec_path}: {checked.rows} rows from {checked.jsonl}"), markup=False)
 
     from fluxtune.cli.summary import print_summary
     from fluxtune.search.sweep import run_sweep
@@ -122,20 +157,77 @@ from fluxtune.cli.models import app as models_app  # noqa: E402
 app.add_typer(models_app, name="models")
 from fluxtune.cli.ui import ui  # noqa: E402
 app.command()(ui)
+from fluxtune.cli.dashboard import dashboard  # noqa: E402
+app.command()(dashboard)
 from fluxtune.cli.plan import plan  # noqa: E402
 app.command()(plan)
 
 
-def main() -> None:
+def _command_name(argv: list[str]) -> str:
+    """`data check` from `fluxtune --debug data check x.jsonl`: the words before the first argument."""
+    words = [a for a in argv if not a.startswith("-")]
+    groups = {"data", "models"}
+    return " ".join(words[:2] if words and words[0] in groups else words[:1])
+
+
+def _wants_help_only(argv: list[str]) -> bool:
+    return not argv or any(a in ("--help", "-h", "--version") for a in argv)
+
+
+def _load_plugins(argv: list[str]) -> None:
+    """Plugins add commands before the command line is parsed. A broken one is bad input (one line naming it,
+    exit 2), except for `--help` and `--version`, which still answer (with a warning) so the user can see
+    what is installed and how to disable it."""
     from fluxtune.plugins import plugin_manager
 
-    try:  # a broken plugin is reported like bad input (one line, exit 2), before the command line is parsed
-        with error_boundary():
-            pm, _ = plugin_manager()
-            pm.hook.register_commands(cli=app)
-    except typer.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    app()
+    try:
+        pm, _ = plugin_manager()
+        for impl in pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(cli=app)
+            except Exception as exc:  # noqa: BLE001 - a plugin's bug is named, not shown as a traceback
+                from fluxtune.config.errors import InputError
+                from fluxtune.failures import exception_line
+
+                raise InputError.single(f"plugin {impl.plugin_name!r}", f"register_commands failed: "
+                                        f"{exception_line(exc)}; disable it with "
+                                        f"FLUXTUNE_DISABLE_PLUGINS={impl.plugin_name}") from exc
+    except Exception as exc:  # noqa: BLE001 - every plugin failure is the user's installation
+        if _wants_help_only(argv):
+            errors.report_input_error(exc, prefix="warning")
+            return
+        raise SystemExit(errors.handle(exc, _command_name(argv))) from None
+
+
+def main() -> None:
+    """The console script: plugins, then the command, every exception mapped to its one line and exit code."""
+    # Typer 0.29 vendors click: its exception classes are reachable only there (tests/test_cli_errors.py fails
+    # if that moves, since usage errors would then print Typer's boxed panels again).
+    from typer._click import exceptions as click
+
+    argv = sys.argv[1:]
+    quiet_libraries()  # `-v` of run/search shows the libraries' chatter again
+    # Read before parsing, so an error while plugins load or options parse also honours it.
+    errors.debug = bool(os.environ.get("FLUXTUNE_DEBUG")) or "--debug" in argv
+    _load_plugins(argv)
+    try:
+        code = app(standalone_mode=False, prog_name="fluxtune")  # usage errors come here, shown as one line
+    except click.NoArgsIsHelpError as exc:
+        exc.show()
+        code = 0
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "fluxtune"
+        code = errors.report_usage_error(exc.format_message(), command)
+    except click.ClickException as exc:  # e.g. a file option that cannot be opened
+        errors.report_input_error(exc)
+        code = exc.exit_code
+    except typer.Abort:
+        code = errors.handle(KeyboardInterrupt(), "")
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the boundary: nothing leaves as a traceback
+        code = errors.handle(exc, _command_name(argv))
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from fluxtune.cli.console import console
 from fluxtune.cli.errors import error_boundary
 
 app = typer.Typer(no_args_is_help=True, help="Registered models: list versions, promote one by alias.")
-console = Console(soft_wrap=True)  # lines naming files must stay whole for grep and logs
 URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow)"
 
 
@@ -19,6 +19,7 @@ URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow)"
 def list_versions(
     name: Optional[str] = typer.Argument(None, help="registered model (default: every model)"),
     uri: Optional[str] = typer.Option(None, "--tracking-uri", help=URI_HELP),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable: one object per model with its versions"),
 ) -> None:
     """Versions with their aliases, metrics and lineage (sweep, trial, cycle, stage)."""
     from fluxtune.tracking.registry import registered_names, versions
@@ -27,19 +28,23 @@ def list_versions(
     uri = tracking_uri(uri)
     with error_boundary():
         names = [name] if name else registered_names(uri)
-        if not names:
-            console.print(f"no registered models at {uri}")
-            return
-        for model_name in names:
-            table = Table(title=f"{model_name}  ({uri})")
-            for column in ("version", "aliases", "metrics", "sweep", "trial", "stage"):
-                table.add_column(column, overflow="fold")
-            for v in versions(uri, model_name):
-                tags = v["tags"]
-                metrics = ", ".join(f"{k}={val}" for k, val in sorted(v["metrics"].items()))
-                table.add_row(v["version"], ", ".join(v["aliases"]), metrics, tags.get("sweep", ""),
-                              tags.get("trial", ""), f"cycle{tags.get('cycle', '?')}-{tags.get('stage', '?')}")
-            console.print(table)
+        listed = {model_name: versions(uri, model_name) for model_name in names}
+    if as_json:
+        typer.echo(json.dumps([{"name": n, "tracking_uri": uri, "versions": v} for n, v in listed.items()], indent=2))
+        return
+    if not listed:
+        console.print(f"no registered models at {uri}")
+        return
+    for model_name, model_versions in listed.items():
+        table = Table(title=f"{model_name}  ({uri})", title_justify="left")
+        for column in ("version", "aliases", "metrics", "sweep", "trial", "stage"):
+            table.add_column(column, no_wrap=True)  # one line per version, also when piped (grep, logs)
+        for v in model_versions:
+            tags = v["tags"]
+            metrics = ", ".join(f"{k}={val}" for k, val in sorted(v["metrics"].items()))
+            table.add_row(v["version"], ", ".join(v["aliases"]), metrics, tags.get("sweep", ""),
+                          tags.get("trial", ""), f"cycle{tags.get('cycle', '?')}-{tags.get('stage', '?')}")
+        console.print(table)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""`fluxtune plan FILE --gpus N --gpu-mem GB`: memory per GPU of each stage, and whether it fits. No torch."""
+"""`fluxtune plan FILE --gpus N --gpu-mem GB`: each stage's peak memory per GPU, whether it fits, its FLOPs. No torch."""
 
 from __future__ import annotations
 
@@ -8,21 +8,31 @@ from rich.table import Table
 
 from fluxtune.cli.errors import error_boundary
 
+SET_HELP = "override a key of the file: --set base.data.resolution=1024 (repeatable; the value is YAML)"
+
 
 def _table(title: str, plans, gpu_mem: float) -> Table:
-    largest = max(plan.total for plan in plans)
-    unit, scale = ("GiB", 1.0) if largest >= 0.1 else ("MiB", 1024.0)  # the tiny model's sizes are KiB-MiB
+    known = [plan.total for plan in plans if plan.peak_gib is not None]
+    unit, scale = ("GiB", 1.0) if not known or max(known) >= 0.1 else ("MiB", 1024.0)  # tiny-fill: KiB-MiB
     table = Table(title=f"{title} ({unit} per GPU)", title_justify="left", caption_justify="left",
                   caption="\n".join(f"{plan.name}: {plan.detail}" for plan in plans))
-    for column in ("stage", "weights", "grads", "optim.", "LoRA", "activ.", "total", "fits"):
-        table.add_column(column, justify="left" if column == "stage" else "right")
+    for column in ("stage", "weights", "optim.", "LoRA", "grads", "activ.", "temp.", "peak", "at", "fits",
+                   "TFLOP/step"):
+        table.add_column(column, justify="left" if column in ("stage", "at") else "right")
     for plan in plans:
+        if plan.peak_gib is None:
+            table.add_row(plan.name, *["-"] * 5, "", "unknown", "", "?",
+                          f"{plan.flops / 1e12:.1f}" if plan.flops else "-")
+            continue
         p = plan.parts
-        cell = lambda key: f"{p[key] * scale:.2f}" if key in p else "-"  # noqa: E731
+        cell = lambda *keys: f"{sum(p.get(k, 0.0) for k in keys) * scale:.2f}" if any(k in p for k in keys) \
+            else "-"  # noqa: E731
         offload = f" (+{plan.offloaded_gib * scale:.1f} CPU)" if plan.offloaded_gib else ""
-        table.add_row(plan.name, cell("weights"), cell("gradients"), cell("optimizer") + offload,
-                      cell("lora states"), cell("activations"), f"{plan.total * scale:.2f}",
-                      "[green]yes[/]" if plan.fits(gpu_mem) else "[red]no[/]")
+        table.add_row(plan.name, cell("weights"), cell("optimizer") + offload, cell("adapter"),
+                      cell("gradients", "gradient buffers", "fp32 gradients"), cell("activations"),
+                      cell("step temporaries", "forward temporaries"), f"{plan.total * scale:.2f}", plan.moment,
+                      "[green]yes[/]" if plan.fits(gpu_mem) else "[red]no[/]",
+                      f"{plan.flops / 1e12:.1f}" if plan.flops else "-")
     return table
 
 
@@ -34,24 +44,30 @@ def plan(
     spec: str = typer.Argument(..., help="search or experiment YAML"),
     gpus: int = typer.Option(..., "--gpus", min=1, help="GPUs (workers) per trial"),
     gpu_mem: float = typer.Option(..., "--gpu-mem", min=1.0, help="memory per GPU in GB (GiB)"),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     reference: bool = typer.Option(True, help="also show FLUX.1-Fill-dev (11.9 B) with the same stages"),
 ) -> None:
-    """Estimate each stage's memory per GPU (weights, gradients, optimizer, LoRA, activations) and say if it fits."""
+    """Each stage's peak memory per GPU (weights, optimizer, LoRA, gradients, activations), whether it fits, and its
+    training FLOPs per step (for MFU: achieved FLOP/s ÷ 989 TFLOP/s)."""
     from fluxtune.config.load import load_search_file
     from fluxtune.flux import presets
-    from fluxtune.plan import DEFAULT_TEXT_TOKENS, RESERVE_GIB, parameter_count, plan_stages, transformer_config
+    from fluxtune.plan import RESERVE_GIB, parameter_count, plan_stages, transformer_config
 
     with error_boundary(show_snippets=True):
-        _, base = load_search_file(spec)
+        _, base = load_search_file(spec, overrides=set_)
         config, label, text_tokens = transformer_config(base["model"])
     console = Console()
     resolution, batch = base["data"]["resolution"], base["data"]["batch_size"]
-    head = f"{resolution}² px, batch {batch}/GPU, {gpus} × {gpu_mem:g} GiB"
-    console.print(_table(f"{label}: {_count(parameter_count(config))} params, {head}",
-                         plan_stages(base, config, gpus, text_tokens), gpu_mem))
+    head = f"{resolution}² px, micro-batch {batch}/GPU, {gpus} × {gpu_mem:g} GiB"
+    plans = plan_stages(base, config, gpus, text_tokens)
+    console.print(_table(f"{label}: {_count(parameter_count(config))} params, {head}", plans, gpu_mem))
     if reference and base["model"].get("preset"):
         real = presets.FLUX_FILL_DEV_TRANSFORMER
         console.print(_table(f"FLUX.1-Fill-dev: {_count(parameter_count(real))} params, {head}",
-                             plan_stages(base, real, gpus, DEFAULT_TEXT_TOKENS), gpu_mem))
-    console.print(f"fits = total + {RESERVE_GIB:g} GiB reserve (CUDA context, allocator) ≤ --gpu-mem. Activations are "
-                  "an estimate calibrated on FLUX.1-Fill-dev; weights/gradients/optimizer follow ZeRO exactly.")
+                             plan_stages(base, real, gpus, presets.FLUX_TEXT_TOKENS), gpu_mem))
+    console.print(f"peak: the highest moment of a training step (at: forward, backward or optimizer step); fits = "
+                  f"peak + {RESERVE_GIB:g} GiB reserve (CUDA context, allocator) ≤ --gpu-mem. Activations per block "
+                  "are measured at real width (BENCHMARKS.md); parameter counts and ZeRO partitions are exact.")
+    unknown = [plan for plan in plans if plan.peak_gib is None]
+    for stage in unknown:
+        console.print(f"[yellow]{stage.name}: unknown[/] ({stage.detail})")

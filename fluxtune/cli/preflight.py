@@ -41,17 +41,54 @@ def _data_problem(spec_path: str, key: str, message: str) -> InputError:
     return _Located(spec_path).error(tuple(key.split(".")), message)
 
 
+def check_spec_files(spec_path: str, overrides: list[str] | tuple[str, ...], spec: SearchFile,
+                     base: dict[str, Any]) -> None:
+    """`check_input_files` for a spec already loaded (what `validate` and `--dry-run` add to validation)."""
+    check_input_files(spec, base, _Located(spec_path, overrides))
+
+
 def resolve_jsonl(spec_path: str, data: dict[str, Any], seed: int) -> str:
     if data["jsonl"] == "sample":
         from fluxtune.data.sample import ensure_sample_dataset
 
         return str(ensure_sample_dataset(n=data["sample_size"], resolution=max(data["resolution"], 32), seed=seed))
     path = data["jsonl"]
-    from fluxtune.data.images import is_uri
+    return path if storage.is_uri(path) else os.path.abspath(path)
 
-    if not is_uri(path) and not os.path.exists(path):
-        raise _data_problem(spec_path, "base.data.jsonl", f"data file {path!r} does not exist")
-    return path if is_uri(path) else os.path.abspath(path)
+
+def _missing_file(path: Any) -> str | None:
+    """Why a local data file cannot be read (None: it can, or it is a URI, checked when it is read)."""
+    if not isinstance(path, str) or storage.is_uri(path) and not path.startswith("file://"):
+        return None
+    local = path.removeprefix("file://")
+    if not os.path.exists(local):
+        return "does not exist"
+    if not os.path.isfile(local):
+        return "is not a file"
+    return None
+
+
+def check_input_files(spec: SearchFile, base: dict[str, Any], where: _Located) -> None:
+    """The files a spec names exist: data.jsonl and val_jsonl (also searched choices), and model folders are
+    FLUX.1-Fill (JSON configs only). Cheap and import-light: `validate` and `--dry-run` run it too."""
+    problems = []
+    data = base["data"]
+    for key in ("jsonl", "val_jsonl"):
+        path = data.get(key)
+        why = None if path in (None, "sample") else _missing_file(path)
+        if why:
+            problems.append(where.problem(("base", "data", key), f"data file {path!r} {why}"))
+        searched = spec.search.space.get(f"data.{key}") if spec.search else None
+        for choice in getattr(searched, "choices", None) or []:
+            why = None if choice in (None, "sample") else _missing_file(choice)
+            if why:
+                problems.append(where.problem(("search", "space", f"data.{key}"), f"data file {choice!r} {why}"))
+    try:
+        check_model_folders(spec, base, where)
+    except InputError as exc:
+        problems += exc.problems
+    if problems:
+        raise InputError(problems)
 
 
 def check_model_folders(spec: SearchFile, base: dict[str, Any], where: _Located) -> None:
@@ -126,7 +163,7 @@ def preflight(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Ch
 
     spec, base = load_search_file(spec_path, overrides=overrides)
     where = _Located(spec_path, overrides)
-    check_model_folders(spec, base, where)  # cheap (JSON only): before the rows are decoded
+    check_input_files(spec, base, where)  # cheap (JSON only): before the rows are decoded
     data = base["data"]
     jsonl = resolve_jsonl(spec_path, data, base["seed"])
     selection = select_rows(jsonl, data)

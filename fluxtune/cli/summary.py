@@ -7,30 +7,47 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fluxtune.search.names import column_labels, format_value, unique_names
+
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else ("—" if value is None else str(value))
 
 
-def _status(trial: dict[str, Any]) -> str:
+def trial_status(trial: dict[str, Any]) -> str:
+    """finished / stopped early at step N / failed, as the trial's MLflow run says too."""
     if trial["error"]:
-        return "error"
+        return "failed"
     if trial.get("steps", 0) < trial.get("planned_steps", 0):
-        return "stopped early"
-    return "done"
+        return f"stopped early at step {trial['steps']}"
+    return "finished"
+
+
+def trials_table(outcome: Any, metric: str) -> Table:
+    """One row per trial: its name (as in MLflow), the searched values, the metric, steps and how it ended."""
+    keys = list(dict.fromkeys(k for t in outcome.trials for k in (t["config"] or {})))
+    labels = column_labels(keys)
+    names = unique_names([(t["trial"], t["config"] or {}) for t in outcome.trials])
+    table = Table(title=f"sweep {outcome.sweep_id}", title_justify="left")
+    table.add_column("trial", no_wrap=True)
+    for key in keys:
+        table.add_column(labels[key], justify="right", no_wrap=True)
+    table.add_column(metric, justify="right", no_wrap=True)
+    table.add_column("steps", justify="right", no_wrap=True)
+    table.add_column("reused", justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for t in outcome.trials:
+        best = " ★" if t["trial"] == outcome.best_trial else ""
+        status = trial_status(t)
+        style = "red" if status == "failed" else ("yellow" if status.startswith("stopped") else None)
+        table.add_row(names[t["trial"]] + best, *[format_value((t["config"] or {}).get(k, "—")) for k in keys],
+                      _fmt(t[metric]), f"{t.get('steps', 0)}/{t.get('planned_steps', '?')}",
+                      str(t.get("reused_steps") or ""), status, style=style)
+    return table
 
 
 def print_summary(console: Console, outcome: Any, metric: str) -> None:
-    table = Table(title=f"sweep {outcome.sweep_id}")
-    keys = sorted({k for t in outcome.trials for k in (t["config"] or {})})
-    for column in ["trial", *(k.removeprefix("stages.") for k in keys), metric, "steps", "reused", "status"]:
-        table.add_column(column, overflow="fold")
-    for t in outcome.trials:
-        best = " ★" if t["trial"] == outcome.best_trial else ""
-        steps = f"{t.get('steps', 0)}/{t.get('planned_steps', '?')}"
-        table.add_row(str(t["trial"]) + best, *[_fmt((t["config"] or {}).get(k)) for k in keys], _fmt(t[metric]),
-                      steps, str(t.get("reused_steps") or ""), _status(t))
-    console.print(table)
+    console.print(trials_table(outcome, metric))
     reused = sum(t.get("reused_steps", 0) for t in outcome.trials)
     console.print(f"training steps: {outcome.trained_steps} run" + (f", {reused} reused from identical stages"
                                                                     if reused else ""))
@@ -41,7 +58,8 @@ def print_summary(console: Console, outcome: Any, metric: str) -> None:
             console.print("[red]no trial finished[/]")
         print_disk_use(console, outcome)
         return
-    console.print(f"best trial [bold]{outcome.best_trial}[/]: {metric}={_fmt(outcome.best_metric)}")
+    best_name = unique_names([(t["trial"], t["config"] or {}) for t in outcome.trials]).get(outcome.best_trial)
+    console.print(f"best trial [bold]{best_name}[/] ({outcome.best_trial}): {metric}={_fmt(outcome.best_metric)}")
     for key, value in outcome.best_config.items():
         console.print(f"  {key}: {_fmt(value)}")
     console.print(f"best configuration: {outcome.best_yaml}  (fluxtune run {outcome.best_yaml})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,21 @@ from fluxtune.config.errors import InputError, Problem
 from fluxtune.config.overrides import apply_overrides
 from fluxtune.config.paths import PathError, get_path, set_path, stage_loc
 from fluxtune.config.schedule import schedule_problems
-from fluxtune.config.schema import Experiment, SearchFile
+from fluxtune.config.schema import ALIAS, NAME, STAGE_NAME, Experiment, SearchFile
 from fluxtune.config.yaml_source import YamlSource, load_yaml, parse_yaml
 from fluxtune.registry import Registry, UnknownComponent
 
 _DIST_TAGS = {"float", "int", "categorical"}
-PROBE_METRICS = ("masked_psnr",)  # reported only by evaluations that run the inpainting probe
+_PATTERN_MESSAGES = {
+    NAME: "must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit (it becomes a folder "
+          "and an MLflow name)",
+    STAGE_NAME: "must be 1-64 letters, digits, '_' or '-', starting with a letter or digit (it is one part of "
+                "search paths such as stages.NAME.steps)",
+    ALIAS: "must be 1-100 letters, digits, '_' or '-' (an MLflow alias)",
+}
+TOP_LEVEL_KEYS = tuple(SearchFile.model_fields)
+INT_LIMIT = 2**63  # every count, seed and size fits a signed 64-bit integer; beyond it numpy and Optuna overflow
+PROBE_METRICS = ("masked_psnr", "masked_ssim")  # reported only by evaluations that run the inpainting probe
 
 
 def _key(loc: tuple[Any, ...]) -> str:
@@ -31,8 +41,11 @@ class _Collector:
     def __init__(self, source: YamlSource):
         self.source = source
         self.problems: list[Problem] = []
+        self.seen: set[tuple[Any, ...]] = set()
+        self.cuda_only: list[tuple[tuple[Any, ...], str]] = []  # components whose params say requires_cuda
 
     def add(self, loc: tuple[Any, ...], message: str) -> None:
+        self.seen.add(loc)
         overridden = self.source.override_for(loc)
         if overridden is not None:  # the value came from the command line, not the file
             self.problems.append(Problem(overridden, message, _key(loc)))
@@ -41,15 +54,21 @@ class _Collector:
         self.problems.append(Problem(self.source.path, message, _key(loc), line, col, self.source.snippet(line)))
 
     def add_validation(self, prefix: tuple[Any, ...], error: ValidationError) -> None:
+        earlier = set(self.seen)  # a non-finite number or a secret in a name, found before the schema ran
         for err in error.errors():
             loc = tuple(err["loc"])
             # pydantic puts the union tag into the location of a discriminated union member: drop it.
             loc = tuple(p for i, p in enumerate(loc) if not (p in _DIST_TAGS and i > 0 and loc[:2] == ("search", "space")))
+            where = prefix + loc
+            if where in self.seen or (where and any(seen[:len(where)] == where for seen in earlier)):
+                continue  # already said, at this key or inside it (`high: .inf`, not also "the range")
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 message = "unknown key"
             elif err["type"] == "missing":
                 message = "required key is missing"
+            elif err["type"] == "string_pattern_mismatch":
+                message = _PATTERN_MESSAGES.get(err.get("ctx", {}).get("pattern"), message)
             self.add(prefix + loc, message)
 
     def raise_if_any(self) -> None:
@@ -87,6 +106,8 @@ def _normalise(value: Any, loc: tuple[Any, ...], reg: Registry, out: _Collector)
         except ValidationError as exc:
             out.add_validation(loc, exc)
             return value.model_dump()
+        if getattr(entry.params, "requires_cuda", False):
+            out.cuda_only.append((loc + ("type",), f"{value.kind} {value.type!r}"))
         return {"type": value.type, **_check_components(params, loc, reg, out)}
     if isinstance(value, BaseModel):
         return _check_components(value, loc, reg, out)
@@ -99,6 +120,7 @@ def _normalise(value: Any, loc: tuple[Any, ...], reg: Registry, out: _Collector)
 
 def normalise_experiment(exp: Experiment, reg: Registry, out: _Collector, loc: tuple[Any, ...]) -> dict[str, Any]:
     """The experiment as a plain dict with every component's defaults filled in (what search paths address)."""
+    out.cuda_only = []
     tree = _check_components(exp, loc, reg, out)
     stages = []
     for i, stage in enumerate(exp.stages):
@@ -120,6 +142,9 @@ def normalise_experiment(exp: Experiment, reg: Registry, out: _Collector, loc: t
     tree["stages"] = stages
     for where, message in schedule_problems(tree):
         out.add(loc + where, message)
+    if exp.gpus_per_worker == 0:
+        for where, what in out.cuda_only:
+            out.add(where, f"{what} runs on CUDA GPUs only; this experiment runs on CPU (gpus_per_worker: 0)")
     return tree
 
 
@@ -133,12 +158,19 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
     if not isinstance(data, dict):
         out.add((), "the file must be a mapping with at least 'name' and 'base'")
         out.raise_if_any()
+    if not any(key in TOP_LEVEL_KEYS for key in data):  # e.g. `fluxtune validate /etc/passwd`: say so, echo nothing
+        out.add((), f"not a fluxtune search or experiment file: none of its {len(data)} top-level keys is one of "
+                    f"{', '.join(TOP_LEVEL_KEYS)}")
+        out.raise_if_any()
+    _number_problems(data, (), out)
+    _name_problems(data, out)
     try:
         spec = SearchFile.model_validate(data)
     except ValidationError as exc:
         out.add_validation((), exc)
         out.raise_if_any()
         raise  # unreachable: the collector raised
+    out.raise_if_any()
     base = normalise_experiment(spec.base, reg, out, ("base",))
     if spec.search and spec.search.metric in PROBE_METRICS and base["sample_every"] != 1:
         out.add(("base", "sample_every"), f"search.metric {spec.search.metric} is measured by the inpainting probe, "
@@ -168,6 +200,37 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
             out.add(("search", "space", path), message)
     out.raise_if_any()
     return spec, base
+
+
+def _number_problems(node: Any, loc: tuple[Any, ...], out: _Collector) -> None:
+    """`.inf`, `.nan` and integers beyond 64 bits mean nothing in a config; refused wherever they are (a float
+    field would take them, and a sampler or a learning rate would then overflow or poison a run)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _number_problems(value, loc + (key,), out)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _number_problems(value, loc + (i,), out)
+    elif isinstance(node, float) and not math.isfinite(node):
+        out.add(loc, f"{node} is not a finite number")
+    elif isinstance(node, int) and not isinstance(node, bool) and abs(node) >= INT_LIMIT:
+        out.add(loc, "integer out of range (beyond 64 bits)")
+
+
+def _name_problems(data: dict[str, Any], out: _Collector) -> None:
+    """Names become folders, MLflow experiment/model/alias names and console lines: never a secret."""
+    from fluxtune.tracking.redact import secret_in
+
+    tracking = data.get("tracking") if isinstance(data.get("tracking"), dict) else {}
+    base = data.get("base") if isinstance(data.get("base"), dict) else {}
+    names = [(("name",), data.get("name"))]
+    names += [(("tracking", key), tracking.get(key)) for key in ("experiment", "register_as", "alias")]
+    stages = base.get("stages") if isinstance(base.get("stages"), list) else []
+    names += [(("base", "stages", i, "name"), s.get("name")) for i, s in enumerate(stages) if isinstance(s, dict)]
+    for loc, value in names:
+        what = secret_in(value) if isinstance(value, str) else None
+        if what:
+            out.add(loc, f"must not hold {what} (a name reaches folder names, MLflow and the console)")
 
 
 def _included_space(names: list[str], reg: Registry, out: _Collector) -> dict[str, Any]:

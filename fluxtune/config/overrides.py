@@ -2,28 +2,37 @@
 
 Paths address the file (`base.stages.lora.steps=10`, `search.num_samples=2`); list items are addressed by
 their `name` (stages) or index, and a dotted key such as a search-space path is matched whole
-(`search.space.stages.lora.adapter.rank.choices=[4,8]`). Values are YAML (`[4, 8]`, `true`, `1e-4`).
+(`search.space.stages.lora.adapter.rank.choices=[4,8]`; a new search-space key is everything after
+`search.space.`). Values are YAML (`[4, 8]`, `true`, `1e-4`), read with the same limits as a file.
+Every problem names the `--set` it came from; a key the file lacks is created, so validation reports it there.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from fluxtune.config.errors import InputError, Problem
-from fluxtune.config.yaml_source import YamlSource
+from fluxtune.config.yaml_source import YamlSource, parse_yaml, plain
+
+MAX_OVERRIDE = 10_000  # characters of one --set; a value is a number, a name or a short list
+_SEARCH_SPACE = ["search", "space"]
 
 
 def _parse_value(text: str, flag: str) -> Any:
+    if len(text) > MAX_OVERRIDE:
+        raise InputError([Problem(flag[:80] + "…", f"longer than {MAX_OVERRIDE:,} characters")])
     try:
-        return YAML(typ="safe", pure=True).load(text)
-    except Exception as exc:
-        raise InputError([Problem(flag, f"the value is not valid YAML: {str(exc).splitlines()[0]}")]) from None
+        tree = parse_yaml(f"value: {text}", flag).tree
+    except InputError as exc:
+        raise InputError([Problem(flag, f"the value is not valid YAML: {exc.problems[0].message}")]) from None
+    if not isinstance(tree, dict) or list(tree) != ["value"]:  # e.g. a newline and `b: 2` in the value
+        raise InputError([Problem(flag, "the value is not one YAML value")])
+    return plain(tree["value"])
 
 
-def _child(node: Any, parts: list[str]) -> tuple[Any, int]:
+def _child(node: Any, parts: list[str], loc: list[Any]) -> tuple[Any, int]:
     """The key/index in `node` that the next path parts name, and how many parts it used."""
     if isinstance(node, list):
         for i, item in enumerate(node):
@@ -31,46 +40,75 @@ def _child(node: Any, parts: list[str]) -> tuple[Any, int]:
                 return i, 1
         if parts[0].isdigit() and int(parts[0]) < len(node):
             return int(parts[0]), 1
-        raise KeyError(f"no list item named {parts[0]!r}")
+        names = [str(item.get("name")) for item in node if isinstance(item, dict) and "name" in item]
+        listed = f" (names: {', '.join(names)})" if names else f" (indices 0-{len(node) - 1})" if node else ""
+        raise KeyError(f"no list item named {parts[0]!r}{listed}")
     for used in range(len(parts), 0, -1):  # the longest dotted key first: search-space keys contain dots
         key = ".".join(parts[:used])
         if key in node:
             return key, used
+    if loc == _SEARCH_SPACE:  # a new search-space key is the whole rest of the path
+        return ".".join(parts), len(parts)
     return parts[0], 1
+
+
+def _top_level_problem(path: str, flag: str) -> Problem | None:
+    """A path whose first key is not a key of a search file (`--set data.jsonl=…` meant `base.data.jsonl`)."""
+    from fluxtune.config.schema import Experiment, SearchFile
+
+    first = path.split(".")[0]
+    if first in SearchFile.model_fields:
+        return None
+    hint = f"; did you mean base.{path}?" if first in Experiment.model_fields else ""
+    keys = ", ".join(SearchFile.model_fields)
+    return Problem(flag, f"{first!r} is not a top-level key of the file ({keys}){hint}")
 
 
 def apply_overrides(source: YamlSource, overrides: list[str] | tuple[str, ...]) -> YamlSource:
     """The source with every override written into its tree; problems name the `--set` they came from."""
     problems: list[Problem] = []
+    if not isinstance(source.tree, dict) and overrides:
+        raise InputError([Problem(f"--set {overrides[0]}", "the file is not a mapping: nothing to set")])
     for text in overrides:
         flag = f"--set {text}"
         path, sep, raw = text.partition("=")
-        if not sep or not path.strip():
+        path = path.strip()
+        parts = path.split(".")
+        if not sep or not path or any(not part.strip() for part in parts):
             problems.append(Problem(flag, "expected KEY.PATH=VALUE"))
+            continue
+        top = _top_level_problem(path, flag)
+        if top is not None:
+            problems.append(top)
             continue
         try:
             value = _parse_value(raw, flag)
         except InputError as exc:
             problems.extend(exc.problems)
             continue
-        parts, node, loc = path.strip().split("."), source.tree, []
+        node, loc, created = source.tree, [], None
         try:
             while True:
-                key, used = _child(node, parts)
+                key, used = _child(node, parts, loc)
                 loc.append(key)
                 parts = parts[used:]
                 if not parts:
                     break
                 if isinstance(node, dict) and key not in node:
                     node[key] = CommentedMap()
+                    created = created or tuple(loc)
                 node = node[key]
                 if not isinstance(node, (dict, list)):
                     raise KeyError(f"{'.'.join(map(str, loc))} is a value, not a mapping")
         except KeyError as exc:
-            problems.append(Problem(flag, f"cannot set {path.strip()}: {exc.args[0]}"))
+            problems.append(Problem(flag, f"cannot set {path}: {exc.args[0]}"))
             continue
+        if isinstance(node, dict) and key not in node:
+            created = created or tuple(loc)
         node[key] = value
         source.overrides[tuple(loc)] = flag
+        if created is not None:  # a problem at a key the file lacked is this flag's, not the file's
+            source.overrides[created] = flag
     if problems:
         raise InputError(problems)
     return source

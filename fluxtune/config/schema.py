@@ -6,13 +6,20 @@ component's own `Params` model from the registry, in `fluxtune.config.load`.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fluxtune.api import CallbackSpec, LossSpec, TimestepSamplerSpec
+from fluxtune.flux.presets import PRESET_NAMES
 
 SCHEMA_VERSION = 1
+# Names become folder names (runs/<name>, MLflow artifact folders), MLflow experiment and model names, and parts of
+# dotted search paths: letters, digits, '_', '.', '-', starting with a letter or digit (no '/', no '..' path).
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+STAGE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # no '.': a stage name is one part of `stages.NAME.key`
+ALIAS = r"^[A-Za-z0-9_-]{1,100}$"  # what MLflow accepts as an alias
 
 
 class Closed(BaseModel):
@@ -20,7 +27,8 @@ class Closed(BaseModel):
 
 
 class ModelSpec(Closed):
-    preset: Literal["tiny-fill"] | None = None
+    preset: Literal[PRESET_NAMES] | None = Field(None, description="a model built without a download: "
+                                                                    + ", ".join(PRESET_NAMES))
     path: str | None = None
     seed: int = Field(0, description="initialisation seed of a preset")
     guidance: float = Field(30.0, description="guidance embedding value (FluxFillPipeline's default is 30)")
@@ -33,7 +41,7 @@ class ModelSpec(Closed):
         if self.adapter is not None and self.preset is None and self.path is None:
             return self  # the registered version names its base
         if (self.preset is None) == (self.path is None):
-            raise ValueError("give exactly one of 'preset' (tiny-fill) or 'path' (a FLUX.1-Fill-dev folder)")
+            raise ValueError("give exactly one of 'preset' (e.g. tiny-fill) or 'path' (a FLUX.1-Fill-dev folder)")
         return self
 
 
@@ -73,7 +81,7 @@ class StageSpec(BaseModel):
     """A stage of the cycle; keys other than name/type/steps are the stage plugin's params."""
 
     model_config = ConfigDict(extra="allow")
-    name: str
+    name: str = Field(pattern=STAGE_NAME)
     type: str
     steps: int = Field(ge=1)
 
@@ -193,9 +201,16 @@ class CategoricalDist(_Dist):
     choices: list[bool | int | float | str | None] = Field(min_length=1)
 
 
+MAX_GRID_POINTS = 1e12
+
+
 def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
+    if not all(math.isfinite(v) for v in (low, high, high - low, step or 0.0)):
+        raise ValueError("low, high and step must be finite numbers, and high - low too (a sampler draws in it)")
     if low > high:
         raise ValueError(f"low ({low}) must not exceed high ({high})")
+    if step is not None and (high - low) / step > MAX_GRID_POINTS:  # Optuna's decimal arithmetic gives up beyond
+        raise ValueError(f"step {step} cuts [{low}, {high}] into more than {MAX_GRID_POINTS:.0e} values")
     if log and low <= 0:
         raise ValueError("a log distribution needs low > 0")
     if log and step is not None:
@@ -236,11 +251,19 @@ class SearchSpec(Closed):
 
 class TrackingSpec(Closed):
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or ./mlflow")
-    experiment: str | None = Field(None, description="MLflow experiment; default the search name")
-    register_as: str | None = Field(None, description="registered model name for the best trial's adapter")
-    alias: str = "candidate"
+    experiment: str | None = Field(None, pattern=NAME, description="MLflow experiment; default the search name")
+    register_as: str | None = Field(None, pattern=NAME,
+                                    description="registered model name for the best trial's adapter")
+    alias: str = Field("candidate", pattern=ALIAS)
     register_top: int = Field(1, ge=1, description="register the best N trials; only the best gets `alias`")
     upload_checkpoints: bool = Field(False, description="also upload full transformers (GBs) to MLflow; else by URI")
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v.lower() == "latest" or (v[:1] in "vV" and v[1:].isdigit()):
+            raise ValueError(f"{v!r} is reserved by MLflow (latest, v1, v2, …): choose another alias")
+        return v
 
 
 class CheckpointsSpec(Closed):
@@ -251,7 +274,7 @@ class CheckpointsSpec(Closed):
 
 class SearchFile(Closed):
     version: Literal[1] = SCHEMA_VERSION
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME)
     base: Experiment
     search: SearchSpec | None = None
     tracking: TrackingSpec = TrackingSpec()

@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fluxtune.data.buckets import cover_crop_box, nearest_bucket
 from fluxtune.storage import is_uri
@@ -46,38 +46,110 @@ def open_image(path: str) -> Image.Image:
     return Image.open(path)
 
 
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that turn the picture by 90 degrees: width and height swap
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as a viewer shows the image: after its EXIF orientation (from the header)."""
+    width, height = image.size
+    try:
+        turned = image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED
+    except Exception:  # a malformed EXIF block: Pillow's viewers ignore it too
+        turned = False
+    return (height, width) if turned else (width, height)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: its EXIF orientation applied (phones store pictures sideways)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block: keep the pixels as stored, like a viewer that ignores it
+        return image
+
+
 def image_size(path: str) -> tuple[int, int]:
-    """(width, height) from the header only (for a URI, the object is fetched)."""
+    """(width, height) from the header only, as a viewer shows it (for a URI, the object is fetched)."""
     with open_image(path) as image:
-        return image.size
+        return oriented_size(image)
+
+
+def _wide_as_unit(image: Image.Image) -> np.ndarray | None:
+    """A 16-bit, 32-bit integer or float single-channel image as float32 in [0, 1]; None for other modes.
+
+    Pillow's own convert("L"/"RGB") clips these at 255, so a 16-bit PNG would turn all white.
+    """
+    mode = image.mode
+    if mode.startswith("I;16"):
+        return np.asarray(image, dtype=np.float32) / 65535.0
+    if mode not in ("I", "F"):
+        return None
+    # 32-bit modes carry no range: 16-bit PNGs may open as "I", hand-made arrays as 0..1 or 0..255.
+    values = np.asarray(image, dtype=np.float32)
+    top = float(values.max(initial=0.0))
+    scale = 1.0 if mode == "F" and top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+    return np.clip(values / scale, 0.0, 1.0)
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """An upright 8-bit RGB image of what the file shows (16-bit grey scaled, not clipped)."""
+    image = upright(image)
+    unit = _wide_as_unit(image)
+    if unit is not None:
+        image = Image.fromarray(np.round(unit * 255.0).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def _alpha_hole(mask: Image.Image) -> np.ndarray | None:
+    """A mask drawn in transparency only (uniform colour, varying alpha): 1 where transparent, the hole, as in
+    image editors' and OpenAI's edit masks. None when the colour varies or alpha does not."""
+    if mask.mode == "P" and "transparency" in mask.info:
+        mask = mask.convert("RGBA")
+    if mask.mode not in ("RGBA", "LA", "La", "RGBa", "PA"):
+        return None
+    bands = np.asarray(mask.convert("RGBA"), dtype=np.float32) / 255.0
+    colour, alpha = bands[..., :3], bands[..., 3]
+    colour_varies = float(np.ptp(colour, axis=(0, 1)).max(initial=0.0)) > MASK_CHANNEL_TOLERANCE
+    if colour_varies or float(np.ptp(alpha)) <= MASK_CHANNEL_TOLERANCE:
+        return None
+    return 1.0 - alpha
 
 
 def mask_as_gray(mask: Image.Image) -> np.ndarray:
-    """A mask image as float32 HxW in [0, 1]; raises ValueError when it is really a colour image.
+    """A mask image as float32 HxW in [0, 1] (1 = inpaint), read as its author meant it:
 
-    Alpha is ignored, like Pillow's own convert("L"). Colour masks are accepted only when their channels agree,
-    because averaging red and green into "half inpaint" would silently train on the wrong region.
+    - white = inpaint in grey or colour images whose channels agree (a colour image is refused: averaging red
+      and green into "half inpaint" would silently train on the wrong region);
+    - a mask of only 0 and 1 (a label map saved as an 8- or 16-bit image) is 0/1, not "almost black";
+    - 16-bit and float masks are scaled to their range;
+    - a mask whose colour is uniform and whose alpha varies marks the hole by transparency;
+    - EXIF orientation is applied, as for the image and the target.
     """
-    mode = mask.mode
-    if mode == "1":
+    mask = upright(mask)
+    hole = _alpha_hole(mask)
+    if hole is not None:
+        return hole
+    if mask.mode == "1":
         return np.asarray(mask, dtype=np.float32)
-    if mode in ("L", "LA", "La"):
-        return np.asarray(mask.getchannel(0), dtype=np.float32) / 255.0
-    if mode.startswith("I;16"):
-        return np.asarray(mask, dtype=np.float32) / 65535.0
-    if mode in ("I", "F"):
-        # 32-bit modes carry no range: 16-bit PNGs often open as "I", hand-made arrays as 0..1 or 0..255.
-        values = np.asarray(mask, dtype=np.float32)
-        top = float(values.max(initial=0.0))
-        scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
-        return np.clip(values / scale, 0.0, 1.0)
-    rgb = np.asarray(mask.convert("RGB"), dtype=np.float32) / 255.0
+    unit = _wide_as_unit(mask)
+    if unit is not None:
+        raw = np.asarray(mask)
+        if mask.mode != "F" and int(raw.max(initial=0)) == 1:  # a 0/1 label map
+            return raw.astype(np.float32)
+        return unit
+    if mask.mode in ("L", "LA", "La"):
+        raw = np.asarray(mask.getchannel(0))
+        return raw.astype(np.float32) if int(raw.max(initial=0)) == 1 else raw.astype(np.float32) / 255.0
+    raw = np.asarray(mask.convert("RGB"))
+    rgb = raw.astype(np.float32) / 255.0
     spread = float((rgb.max(axis=2) - rgb.min(axis=2)).max(initial=0.0))
     if spread > MASK_CHANNEL_TOLERANCE:
         raise ValueError(
             f"mask is a colour image (channels differ by up to {round(spread * 255)}/255); "
             "save it as grayscale: white = inpaint, black = keep"
         )
+    if int(raw.max(initial=0)) == 1:  # a 0/1 label map saved in colour or a palette
+        return raw.astype(np.float32).mean(axis=2)
     return rgb.mean(axis=2)
 
 
@@ -98,15 +170,16 @@ def _crop(size: tuple[int, int], resolution: int, bucket: tuple[int, int] | None
 
 
 def _rgb_chw(image: Image.Image, resolution: int, bucket: tuple[int, int] | None = None) -> np.ndarray:
-    image = image.convert("RGB")
+    image = as_rgb(image)
     out_size, box = _crop(image.size, resolution, bucket)
     resized = image.resize(out_size, Image.Resampling.BICUBIC, box=box)
     pixels = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def _binary_mask(mask: Image.Image, resolution: int, threshold: float,
-                 bucket: tuple[int, int] | None = None) -> np.ndarray:
+def binary_mask(mask: Image.Image, resolution: int, threshold: float,
+                bucket: tuple[int, int] | None = None) -> np.ndarray:
+    """The mask as trained: grey (see `mask_as_gray`), cropped like the image, binarised; float32 1xHxW."""
     gray = Image.fromarray(mask_as_gray(mask))  # float "F" image, so resampling keeps full precision
     out_size, box = _crop(gray.size, resolution, bucket)
     resized = gray.resize(out_size, Image.Resampling.BILINEAR, box=box)
@@ -126,10 +199,10 @@ def load_triplet(image_path: str, mask_path: str, target_path: str, resolution: 
     check_resolution(resolution)
     check_mask_threshold(mask_threshold)
     with open_image(image_path) as image, open_image(mask_path) as mask, open_image(target_path) as target:
-        bucket = nearest_bucket(image.size, buckets) if buckets else None
+        bucket = nearest_bucket(oriented_size(image), buckets) if buckets else None
         return {
             "image": _rgb_chw(image, resolution, bucket),
-            "mask": _binary_mask(mask, resolution, mask_threshold, bucket),
+            "mask": binary_mask(mask, resolution, mask_threshold, bucket),
             "target": _rgb_chw(target, resolution, bucket),
         }
 

@@ -246,7 +246,9 @@ def open_cache(folder: str | os.PathLike) -> LatentCache:
 def vae_scale_factor(model: dict[str, Any]) -> int:
     """Pixels per latent cell, from the VAE config (as `fluxtune.flux.packing.vae_scale_factor`), no weights read."""
     if model.get("preset"):
-        from fluxtune.flux.presets import TINY_FILL_VAE as config
+        from fluxtune.flux.presets import preset
+
+        config = preset(model["preset"]).vae
     else:
         config = json.loads((Path(model["path"]) / "vae" / "config.json").read_text())
     return 2 ** (len(config["block_out_channels"]) - 1)

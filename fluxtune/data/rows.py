@@ -14,9 +14,20 @@ from pathlib import Path
 
 from PIL import Image
 
-from fluxtune.data.images import is_uri, mask_as_gray
+from fluxtune.data.images import (DEFAULT_MASK_THRESHOLD, binary_mask, is_uri, mask_as_gray, oriented_size,
+                                  upright)
 
 PATH_KEYS = ("user_input.image", "user_input.mask", "output")
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """How masks are read for training: the grey level that means "inpaint", and, when known, the crop (the
+    training resolution and buckets), so a mask whose hole the crop cuts away is a bad row too."""
+
+    threshold: float = DEFAULT_MASK_THRESHOLD
+    resolution: int | None = None
+    buckets: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,15 +62,16 @@ class DataError(Exception):
         return "\n".join([self.summary, *(f"  {problem}" for problem in self.problems)])
 
 
-def read_rows(jsonl_path: str | os.PathLike, check_files: bool = True) -> list[Row]:
+def read_rows(jsonl_path: str | os.PathLike, check_files: bool = True, masks: MaskRule = MaskRule()) -> list[Row]:
     """All rows of the file, or one DataError listing every problem found."""
-    rows, problems = check_rows(jsonl_path, check_files=check_files)
+    rows, problems = check_rows(jsonl_path, check_files=check_files, masks=masks)
     if problems:
         raise DataError(problems)
     return rows
 
 
-def check_rows(jsonl_path: str | os.PathLike, check_files: bool = True) -> tuple[list[Row], list[str]]:
+def check_rows(jsonl_path: str | os.PathLike, check_files: bool = True,
+               masks: MaskRule = MaskRule()) -> tuple[list[Row], list[str]]:
     """The good rows and the problems, for callers that skip bad rows instead of failing.
 
     A skipping caller should still fail when no row survives.
@@ -82,7 +94,7 @@ def check_rows(jsonl_path: str | os.PathLike, check_files: bool = True) -> tuple
         if not line_bytes.strip():
             continue  # blank lines (a trailing newline, spacing) are not examples
         seen_any = True
-        row, row_problems = _check_line(line_bytes, number, folder, check_files)
+        row, row_problems = _check_line(line_bytes, number, folder, check_files, masks)
         problems.extend(f"{shown}:{number}: {message}" for message in row_problems)
         if row is not None and not row_problems:
             rows.append(row)
@@ -104,7 +116,8 @@ def _json_type(value: object) -> str:
     return names.get(type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
-def _check_line(line_bytes: bytes, number: int, folder: str, check_files: bool) -> tuple[Row | None, list[str]]:
+def _check_line(line_bytes: bytes, number: int, folder: str, check_files: bool,
+                masks: MaskRule) -> tuple[Row | None, list[str]]:
     try:
         record = json.loads(line_bytes.decode("utf-8"))
     except UnicodeDecodeError:
@@ -142,7 +155,7 @@ def _check_line(line_bytes: bytes, number: int, folder: str, check_files: bool) 
         return None, problems
 
     if check_files:
-        problems.extend(_check_files(paths))
+        problems.extend(_check_files(paths, masks))
     row = Row(
         line=number,
         image=paths["user_input.image"],
@@ -161,27 +174,61 @@ def _resolve(path: str, folder: str) -> str:
     return os.path.normpath(os.path.join(folder, path))  # join keeps absolute paths as given
 
 
-def _check_files(paths: dict[str, str]) -> list[str]:
-    """Existence, full decoding (a truncated file has a fine header) and size agreement; masks must be grey."""
+def _local(path: str) -> str | None:
+    """The local file behind a path or a `file://` URI; None for remote URIs (checked when they are read)."""
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    return None if is_uri(path) else path
+
+
+def _check_files(paths: dict[str, str], masks: MaskRule) -> list[str]:
+    """Existence, full decoding (a truncated file has a fine header), size agreement as a viewer shows them
+    (EXIF orientation applied), and a mask that is grey and marks something to inpaint."""
     problems: list[str] = []
     sizes: dict[str, tuple[int, int]] = {}
+    mask_image: Image.Image | None = None
     for key, path in paths.items():
-        if is_uri(path):
+        local = _local(path)
+        if local is None:
             continue  # remote files are read later by Ray Data / fsspec; checking here would need credentials
-        if not os.path.isfile(path):
+        if not os.path.isfile(local):
             problems.append(f"'{key}' file not found: {path}")
             continue
         try:
-            with Image.open(path) as image:
-                sizes[key] = image.size
+            with Image.open(local) as image:
+                sizes[key] = oriented_size(image)
                 image.load()  # decodes every pixel: what training will do, so it fails here instead
                 if key == "user_input.mask":
-                    mask_as_gray(image)
+                    mask_image = upright(image)
+                    mask_as_gray(mask_image)
+                else:
+                    image.convert("RGB")  # modes Pillow cannot turn into RGB (e.g. LAB) fail here, not in training
         except ValueError as error:
-            problems.append(f"'{key}' is not a usable mask: {path}: {error}")
+            what = "is not a usable mask" if key == "user_input.mask" else "is not a usable image"
+            problems.append(f"'{key}' {what}: {path}: {error}")
         except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # SyntaxError: some broken headers
             problems.append(f"'{key}' is not a readable image: {path}: {error}")
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{key.rpartition('.')[2]} {w}x{h}" for key, (w, h) in sizes.items())
         problems.append(f"sizes disagree: {listed}")
+    elif mask_image is not None and not problems:
+        empty = _empty_mask(mask_image, masks, sizes.get("user_input.image") or mask_image.size)
+        if empty:
+            problems.append(f"'user_input.mask' {empty}: {paths['user_input.mask']}")
     return problems
+
+
+def _empty_mask(mask: Image.Image, masks: MaskRule, size: tuple[int, int]) -> str | None:
+    """Why a mask gives nothing to learn (no pixel to inpaint, or none left after the training crop), or None."""
+    if not (mask_as_gray(mask) >= masks.threshold).any():
+        return (f"is empty: no pixel at or above mask_threshold {masks.threshold:g}, so there is nothing to inpaint "
+                "(white = inpaint)")
+    if masks.resolution is None:
+        return None
+    from fluxtune.data.buckets import nearest_bucket
+
+    bucket = nearest_bucket(size, masks.buckets) if masks.buckets else None
+    if not binary_mask(mask, masks.resolution, masks.threshold, bucket).any():
+        shown = f"{bucket[0]}x{bucket[1]}" if bucket else f"{masks.resolution}x{masks.resolution}"
+        return f"is empty after the training crop to {shown}: its hole lies outside the crop or is too small"
+    return None

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fluxtune.data.images import is_uri, split_is_validation, split_key
-from fluxtune.data.rows import DataError, Row, check_rows
+from fluxtune.data.rows import DataError, MaskRule, Row, check_rows
 
 ON_BAD_ROWS = ("fail", "skip")
 
@@ -42,10 +42,21 @@ def jsonl_folder(jsonl: str) -> str:
     return jsonl.rsplit("/", 1)[0] if is_uri(jsonl) else os.path.dirname(os.path.abspath(jsonl))
 
 
-def _checked(jsonl: str, on_bad_rows: str) -> tuple[list[Row], list[str]]:
+def mask_rule(data: dict[str, Any]) -> MaskRule:
+    """How a run's `data` settings read masks: threshold, and the crop when the resolution is known."""
+    from fluxtune.data.buckets import resolve_buckets
+    from fluxtune.data.images import DEFAULT_MASK_THRESHOLD
+
+    resolution = data.get("resolution")
+    buckets = resolve_buckets(data.get("buckets"), resolution) if resolution and data.get("buckets") else None
+    return MaskRule(threshold=data.get("mask_threshold") or DEFAULT_MASK_THRESHOLD, resolution=resolution,
+                    buckets=tuple(tuple(b) for b in buckets) if buckets else None)
+
+
+def _checked(jsonl: str, on_bad_rows: str, masks: MaskRule) -> tuple[list[Row], list[str]]:
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
-    rows, problems = check_rows(jsonl)
+    rows, problems = check_rows(jsonl, masks=masks)
     if problems and (on_bad_rows == "fail" or not rows):
         raise DataError(problems)  # skipping still needs at least one good row
     return rows, problems
@@ -54,10 +65,11 @@ def _checked(jsonl: str, on_bad_rows: str) -> tuple[list[Row], list[str]]:
 def select_rows(jsonl: str, data: dict[str, Any]) -> Selection:
     """Check the data files of a run's `data` config; DataError lists every problem when the policy is "fail"."""
     policy = data.get("on_bad_rows", "fail")
-    rows, skipped = _checked(jsonl, policy)
+    masks = mask_rule(data)
+    rows, skipped = _checked(jsonl, policy, masks)
     selection = Selection(jsonl=jsonl, rows=rows, skipped=skipped)
     if data.get("val_jsonl"):
         selection.val_jsonl = data["val_jsonl"]
-        selection.val_rows, val_skipped = _checked(data["val_jsonl"], policy)
+        selection.val_rows, val_skipped = _checked(data["val_jsonl"], policy, masks)
         selection.skipped += val_skipped
     return selection

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import Field
 
@@ -69,10 +69,11 @@ class LoraAdapter:
 
         out_dir = Path(out_dir)
         state = get_peft_model_state_dict(transformer)
-        # Without the metadata diffusers reloads alpha 96 as the rank (scale 1.0 instead of 1.5).
+        # Without the metadata diffusers reloads alpha 96 as the rank (scale 1.0 instead of 1.5). Dropout is a
+        # training device: with it in the metadata, load_lora_weights would inject layers that drop at inference.
         FluxFillPipeline.save_lora_weights(
             out_dir, transformer_lora_layers=state,
-            transformer_lora_adapter_metadata=self.config().to_dict(),
+            transformer_lora_adapter_metadata={**self.config().to_dict(), "lora_dropout": 0.0},
         )
         (out_dir / "fluxtune_adapter.json").write_text(json.dumps({"type": "lora", **self.params.model_dump()}))
         self.export_kohya(transformer, state, out_dir / KOHYA_FILE)
@@ -91,6 +92,27 @@ class LoraAdapter:
             "ss_network_module": "networks.lora_flux", "ss_network_dim": str(self.params.rank),
             "ss_network_alpha": str(self.params.alpha), "ss_base_model_version": "flux1",
         })
+
+    def take_deltas(self, transformer: Any) -> dict[str, Callable[[], Any]]:
+        """Remove the adapter from `transformer` (base weights untouched) and return, per base weight name, a
+        function computing the fp32 delta merging adds to it: (B @ A) · alpha/rank, peft's own formula. The
+        factors are kept (small); each full-size delta exists only while it is being added."""
+        from peft.tuners.lora import LoraLayer
+
+        factors = {}
+        for name, module in transformer.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                if module.fan_in_fan_out or module.use_dora.get("default"):
+                    raise ValueError(f"{name}: only plain LoRA on Linear layers merges by delta")
+                factors[f"{name}.weight"] = (module.lora_B["default"].weight.detach().float().clone(),
+                                             module.lora_A["default"].weight.detach().float().clone(),
+                                             module.scaling["default"])
+        transformer.unload_lora()
+
+        def delta(b: Any, a: Any, scaling: float) -> Callable[[], Any]:
+            return lambda: (b @ a) * scaling
+
+        return {name: delta(*f) for name, f in factors.items()}
 
     def merge(self, transformer: Any) -> Any:
         transformer.fuse_lora()

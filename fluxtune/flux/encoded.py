@@ -185,10 +185,10 @@ def _encoding_device() -> torch.device:
 
 def load_vae(model: Mapping[str, Any]) -> Any:
     """The frozen VAE of a `model:` config, without the transformer or text encoders (they can be 20 GB)."""
-    if model.get("preset") == "tiny-fill":
-        from fluxtune.flux.model import build_tiny_fill
+    if model.get("preset"):
+        from fluxtune.flux.model import build_preset
 
-        return build_tiny_fill(seed=model.get("seed", 0)).vae
+        return build_preset(model["preset"], seed=model.get("seed", 0), parts=("vae",)).vae
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(os.fspath(model["path"]), subfolder="vae", local_files_only=True)
@@ -197,10 +197,10 @@ def load_vae(model: Mapping[str, Any]) -> Any:
 
 def load_text_bundle(model: Mapping[str, Any]) -> FluxBundle:
     """A FluxBundle with only the text encoders and tokenizers loaded (what `encode_prompts` needs)."""
-    if model.get("preset") == "tiny-fill":
-        from fluxtune.flux.model import build_tiny_fill
+    if model.get("preset"):
+        from fluxtune.flux.model import build_preset
 
-        return build_tiny_fill(seed=model.get("seed", 0))
+        return build_preset(model["preset"], seed=model.get("seed", 0), parts=("text",))
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     path, local = os.fspath(model["path"]), {"local_files_only": True}

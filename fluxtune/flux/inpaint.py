@@ -52,6 +52,49 @@ def masked_psnr(result: np.ndarray, target: np.ndarray, mask: np.ndarray) -> flo
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
+SSIM_WINDOW = 7  # px; a uniform window with the sample covariance, as scikit-image's default SSIM
+
+
+def _window_mean(image: np.ndarray, size: int = SSIM_WINDOW) -> np.ndarray:
+    """Mean over the size×size window around each pixel (edges reflected), through a summed-area table."""
+    half = size // 2
+    padded = np.pad(image, ((half, half), (half, half)) + ((0, 0),) * (image.ndim - 2), mode="reflect")
+    table = np.cumsum(np.cumsum(padded, axis=0), axis=1)
+    table = np.pad(table, ((1, 0), (1, 0)) + ((0, 0),) * (image.ndim - 2))
+    height, width = image.shape[:2]
+    total = (table[size:size + height, size:size + width] - table[:height, size:size + width]
+             - table[size:size + height, :width] + table[:height, :width])
+    return total / (size * size)
+
+
+def ssim_map(result: np.ndarray, target: np.ndarray, size: int = SSIM_WINDOW) -> np.ndarray:
+    """Per-pixel SSIM of two HxWx3 uint8 images (8-bit range, K1 0.01, K2 0.03), averaged over channels."""
+    x, y = result.astype(np.float64), target.astype(np.float64)
+    c1, c2 = (0.01 * 255.0) ** 2, (0.03 * 255.0) ** 2
+    mx, my = _window_mean(x, size), _window_mean(y, size)
+    n = size * size
+    unbias = n / (n - 1)
+    vx = (_window_mean(x * x, size) - mx * mx) * unbias
+    vy = (_window_mean(y * y, size) - my * my) * unbias
+    cxy = (_window_mean(x * y, size) - mx * my) * unbias
+    ssim = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return ssim.mean(axis=2) if ssim.ndim == 3 else ssim
+
+
+def masked_ssim(result: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
+    """SSIM (structure, contrast and brightness; 1 = identical) averaged over the pixels inside the mask: the
+    windows see the surroundings too, as a person judging how well the fill blends in does. PSNR counts only
+    pixel errors; a blurry fill scores better there than it looks, and worse here."""
+    inside = mask.astype(bool)
+    if not inside.any():
+        raise ValueError("the mask is empty: nothing to score")
+    side = min(result.shape[:2])
+    size = min(SSIM_WINDOW, side if side % 2 else side - 1)  # tiny images: the largest odd window that fits
+    if size < 3:
+        raise ValueError(f"image of {result.shape[1]}x{result.shape[0]} px is too small for SSIM")
+    return float(ssim_map(result, target, size)[inside].mean())
+
+
 def unpack_pixel_mask(packed: torch.Tensor, height: int, width: int, vae_scale_factor: int = 8) -> torch.Tensor:
     """Inverse of `fluxtune.flux.packing.pack_mask`: [B, seq, 256] → [B, 1, H, W]."""
     from fluxtune.flux.packing import unpack_latents
@@ -104,7 +147,7 @@ def decode_to_uint8(vae: Any, packed: torch.Tensor, height: int, width: int) -> 
 
 
 class InpaintProbe:
-    """A short inpainting of a few held-out examples, scored by PSNR inside their masks (`masked_psnr`).
+    """A short inpainting of a few held-out examples, scored inside their masks: `masked_psnr` and `masked_ssim`.
 
     Works on the encoded validation examples (so also with the latent cache): FluxFillPipeline's sampling loop
     (`sample_fill_latents`, checked against the pipeline in tests) from fixed noise, decoded by the VAE, compared
@@ -146,5 +189,8 @@ class InpaintProbe:
         finally:
             transformer.train(was_training)
         results = decode_to_uint8(self.vae, latents, self.height, self.width)
-        scores = [masked_psnr(r, t, m) for r, t, m in zip(results, self.targets, self.masks) if m.any()]
-        return {"masked_psnr": float(np.mean(scores))} if scores else {}
+        scored = [(r, t, m) for r, t, m in zip(results, self.targets, self.masks) if m.any()]  # empty: nothing to score
+        if not scored:
+            return {}
+        return {"masked_psnr": float(np.mean([masked_psnr(*example) for example in scored])),
+                "masked_ssim": float(np.mean([masked_ssim(*example) for example in scored]))}

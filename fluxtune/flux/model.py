@@ -1,13 +1,16 @@
-"""Getting a FLUX.1-Fill model: the tiny random preset, a local diffusers folder, saving one, encoding prompts.
+"""Getting a FLUX.1-Fill model: a preset (built here), a local diffusers folder, saving one, encoding prompts.
 
 Everything here works offline: nothing is ever fetched from a hub.
 """
 
+import hashlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from safetensors.torch import load_file
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -23,10 +26,11 @@ from fluxtune.flux.layout import FILL_IN_CHANNELS, FILL_OUT_CHANNELS, check_fill
 
 @dataclass
 class FluxBundle:
-    """The parts of a FLUX.1-Fill pipeline. Text parts are None when a folder ships without them."""
+    """The parts of a FLUX.1-Fill pipeline. Text parts are None when a folder ships without them; any part is None
+    when it was not asked for (`build_preset(parts=...)`, the latent encoders)."""
 
-    transformer: FluxTransformer2DModel
-    vae: AutoencoderKL
+    transformer: FluxTransformer2DModel | None
+    vae: AutoencoderKL | None
     text_encoder: CLIPTextModel | None
     text_encoder_2: T5EncoderModel | None
     tokenizer: CLIPTokenizer | None
@@ -43,38 +47,74 @@ def _freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-def _tiny_tokenizers() -> tuple[CLIPTokenizer, T5TokenizerFast]:
+def _tiny_tokenizers(t5_max_length: int = presets.TINY_T5_MAX_LENGTH) -> tuple[CLIPTokenizer, T5TokenizerFast]:
     """The real tokenizer classes over in-memory vocabularies (see presets), so nothing is downloaded."""
     clip = CLIPTokenizer(
         vocab=presets.tiny_clip_vocab(), merges=[], model_max_length=presets.TINY_CLIP_MAX_LENGTH
     )
-    t5 = T5TokenizerFast(vocab=presets.tiny_t5_vocab(), extra_ids=0, model_max_length=presets.TINY_T5_MAX_LENGTH)
+    t5 = T5TokenizerFast(vocab=presets.tiny_t5_vocab(), extra_ids=0, model_max_length=t5_max_length)
     return clip, t5
 
 
-def build_tiny_fill(seed: int = 0) -> FluxBundle:
-    """A randomly initialised FLUX.1-Fill with the real channel layout, tiny enough for CPU tests.
+PRESET_PARTS = ("transformer", "vae", "text")
 
-    The same seed gives identical weights; the global RNG state is left untouched. Transformer in train mode.
+
+def build_preset(name: str, seed: int = 0, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                 parts: tuple[str, ...] = PRESET_PARTS) -> FluxBundle:
+    """A preset's FluxBundle (see `presets.PRESETS`): `parts` of transformer, vae, text (others are None).
+
+    Weights are initialised on the CPU in fp32 from `seed` (each part from its own seeded stream, so building
+    only some parts gives the same weights), then cast to `dtype` and moved to `device` one tensor at a time: every
+    process, whatever its device or dtype, gets the same values (rounded to its dtype). A VAE with shipped weights
+    loads them instead. The global RNG state is left untouched. Transformer in train mode, the rest frozen.
     """
-    check_fill_layout(presets.TINY_FILL_TRANSFORMER, where="the tiny-fill preset")
-    tokenizer, tokenizer_2 = _tiny_tokenizers()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(**presets.TINY_FILL_TRANSFORMER)
-        vae = AutoencoderKL(**presets.TINY_FILL_VAE)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**presets.TINY_CLIP_TEXT))
-        text_encoder_2 = T5EncoderModel(T5Config(**presets.TINY_T5_ENCODER))
-    return FluxBundle(
-        transformer=transformer.train(),
-        vae=_freeze(vae),
-        text_encoder=_freeze(text_encoder),
-        text_encoder_2=_freeze(text_encoder_2),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        scheduler=FlowMatchEulerDiscreteScheduler(**presets.FLUX_SCHEDULER),
-        source=f"preset:tiny-fill(seed={seed})",
-    )
+    spec = presets.preset(name)
+    unknown = set(parts) - set(PRESET_PARTS)
+    if unknown:
+        raise ValueError(f"unknown preset parts {sorted(unknown)}; parts: {', '.join(PRESET_PARTS)}")
+    check_fill_layout(spec.transformer, where=f"the {name} preset")
+
+    def seeded(build):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = build()
+        return module.to(device=device, dtype=dtype)
+
+    bundle = FluxBundle(transformer=None, vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                        tokenizer_2=None, scheduler=FlowMatchEulerDiscreteScheduler(**presets.FLUX_SCHEDULER),
+                        source=f"preset:{name}(seed={seed})")
+    if "transformer" in parts:
+        bundle.transformer = seeded(lambda: FluxTransformer2DModel(**spec.transformer)).train()
+    if "vae" in parts:
+        bundle.vae = _freeze(seeded(lambda: _preset_vae(spec)))
+    if "text" in parts:
+        bundle.tokenizer, bundle.tokenizer_2 = _tiny_tokenizers(spec.t5_max_length)
+        bundle.text_encoder = _freeze(seeded(lambda: CLIPTextModel(CLIPTextConfig(**spec.clip_text))))
+        bundle.text_encoder_2 = _freeze(seeded(lambda: T5EncoderModel(T5Config(**spec.t5_encoder))))
+    return bundle
+
+
+def _preset_vae(spec: presets.Preset) -> AutoencoderKL:
+    """The preset's AutoencoderKL: random (seeded by the caller), or its shipped weights, checked by hash first."""
+    if spec.vae_weights is None:
+        return AutoencoderKL(**spec.vae)
+    path = preset_weights_path(spec.vae_weights)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != spec.vae_sha256:
+        raise ValueError(f"{path} has sha256 {digest}, expected {spec.vae_sha256} for the {spec.name} VAE")
+    with torch.device("meta"):
+        vae = AutoencoderKL(**spec.vae)
+    vae.load_state_dict(load_file(path), strict=True, assign=True)
+    return vae
+
+
+def preset_weights_path(file_name: str) -> Path:
+    return Path(__file__).resolve().parent / "weights" / file_name
+
+
+def build_tiny_fill(seed: int = 0) -> FluxBundle:
+    """The `tiny-fill` preset in fp32 on the CPU (the default model of tests and the demo)."""
+    return build_preset("tiny-fill", seed=seed)
 
 
 def empty_transformer(model: dict) -> FluxTransformer2DModel:
@@ -82,19 +122,22 @@ def empty_transformer(model: dict) -> FluxTransformer2DModel:
 
     Cheap even for the real 12 B model, so names (LoRA targets) are checked before Ray starts.
     """
-    if model.get("preset") == "tiny-fill":
-        config = presets.TINY_FILL_TRANSFORMER
+    if model.get("preset"):
+        config = presets.preset(model["preset"]).transformer
     else:
         config = fill_transformer_config(model["path"])
     with torch.device("meta"):
         return FluxTransformer2DModel.from_config(config)
 
 
-def load_flux(path: str, torch_dtype: torch.dtype | None = None) -> FluxBundle:
+def load_flux(path: str, torch_dtype: torch.dtype | None = None, transformer_dtype: torch.dtype | None = None,
+              transformer_device: torch.device | None = None) -> FluxBundle:
     """Load a local diffusers-layout FLUX.1-Fill folder (transformer/ and vae/ required, text parts optional).
 
     The transformer's config is checked before any weights are read, so a wrong folder fails in milliseconds.
-    Models come back as `from_pretrained` leaves them: in eval mode (call `.train()` before training).
+    `transformer_dtype`/`transformer_device` read the transformer straight into its training dtype and device
+    (default `torch_dtype`, the CPU). Models come back as `from_pretrained` leaves them: in eval mode (call
+    `.train()` before training).
     """
     path = os.fspath(path)
     fill_transformer_config(path)
@@ -103,8 +146,10 @@ def load_flux(path: str, torch_dtype: torch.dtype | None = None) -> FluxBundle:
         return os.path.isdir(os.path.join(path, subfolder))
 
     local = {"local_files_only": True}
+    placement = {"device_map": {"": transformer_device}} if getattr(transformer_device, "type", None) == "cuda" else {}
     transformer = FluxTransformer2DModel.from_pretrained(
-        path, subfolder="transformer", torch_dtype=torch_dtype, **local
+        path, subfolder="transformer", torch_dtype=transformer_dtype or torch_dtype, low_cpu_mem_usage=True,
+        **placement, **local
     )
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype, **local)
     text_encoder = text_encoder_2 = tokenizer = tokenizer_2 = None

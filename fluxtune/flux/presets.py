@@ -1,13 +1,24 @@
-"""Config dicts for the FLUX.1-Fill models: the real one (for planning) and the tiny random `tiny-fill` preset.
+"""The models fluxtune can build without a download (presets), and the real FLUX.1-Fill-dev config for planning.
 
-Plain data, no heavy imports: the config layer and memory planners may read these without loading torch.
+Plain data, no heavy imports: the config layer and the memory planner read these without loading torch.
+A preset is one `Preset` entry in `PRESETS`; every other module asks `preset(name)` for its parts.
+
+* `tiny-fill`: the real Fill channel layout around 1 double + 1 single block of width 32 (≈92 k parameters) and a
+  small VAE with fixed, fitted weights shipped in the package (it encodes and decodes images: sample grids are
+  legible). The default: every test and the demo run on it.
+* `proxy-fill`, `proxy-fill-4`, `proxy-fill-8`: FLUX.1-Fill-dev's real widths (3072 = 24 heads × 128, text 4096 and
+  pooled 768, RoPE [16, 56, 56]) with 2, 4 or 8 blocks (half double, half single: ≈0.54, 1.0, 2.0 B parameters)
+  and FLUX.1's real VAE architecture, all randomly initialised; text encoders with the real output widths but one
+  narrow layer. For measuring step time, memory and MFU at real width without the 24 GB checkpoint.
 """
 
-# Names accepted as `model: {preset: ...}`; the config layer validates against this without importing torch.
-PRESET_NAMES = ("tiny-fill",)
+from __future__ import annotations
 
-# The real FLUX.1-Fill-dev transformer (transformer/config.json), ≈11.9 B parameters. Used only for memory
-# planning and layout checks; nothing here builds it.
+from dataclasses import dataclass
+from typing import Any
+
+# The real FLUX.1-Fill-dev transformer (transformer/config.json), ≈11.9 B parameters. Used for memory planning,
+# layout checks and as the template of the proxies; nothing builds it whole.
 FLUX_FILL_DEV_TRANSFORMER = {
     "patch_size": 1,
     "in_channels": 384,  # 64 noisy + 64 masked-image + 256 mask channels, all packed 2x2
@@ -22,8 +33,29 @@ FLUX_FILL_DEV_TRANSFORMER = {
     "axes_dims_rope": [16, 56, 56],
 }
 FLUX_FILL_DEV_TRANSFORMER_PARAMS = 11_902_391_360
+FLUX_TEXT_TOKENS = 512  # FLUX.1-dev's T5 sequence length (max_sequence_length)
 
-# FLUX.1's scheduler/scheduler_config.json; the tiny preset uses the same, so timestep shifting matches.
+# FLUX.1's vae/config.json (AutoencoderKL, ≈84 M parameters): the proxies build it with random weights.
+FLUX_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+    "force_upcast": True,
+}
+
+# FLUX.1's scheduler/scheduler_config.json; every preset uses it, so timestep shifting matches.
 FLUX_SCHEDULER = {
     "num_train_timesteps": 1000,
     "shift": 3.0,
@@ -49,7 +81,8 @@ TINY_FILL_TRANSFORMER = {
     "axes_dims_rope": [4, 4, 8],  # must sum to attention_head_dim
 }
 
-# Four blocks keep the real 8x downscale and 16 latent channels; 8 channels per block keep it ≈27 k params.
+# Four blocks keep the real 8x downscale and 16 latent channels; narrow blocks keep it small and fast. Its weights
+# are not random: they are fitted to reconstruct images (scripts/fit_tiny_vae.py) and shipped with the package.
 # shift/scaling factors are FLUX.1's, so the latent normalisation code path is the real one.
 TINY_FILL_VAE = {
     "in_channels": 3,
@@ -66,6 +99,8 @@ TINY_FILL_VAE = {
     "use_quant_conv": False,  # FLUX.1's VAE has no quant convs either
     "use_post_quant_conv": False,
 }
+TINY_FILL_VAE_WEIGHTS = "tiny_fill_vae.safetensors"  # in fluxtune/flux/weights/
+TINY_FILL_VAE_SHA256 = ""  # of that file: checked on load (a stale or damaged file must not silently encode)
 
 # The tiny tokenizers know printable ASCII only (anything else becomes the unknown token): enough to
 # exercise the real tokenizer classes without any downloaded vocabulary.
@@ -116,3 +151,53 @@ TINY_T5_ENCODER = {
     "pad_token_id": 0,
     "eos_token_id": 1,
 }
+
+# The proxies' text encoders: the real output widths (T5 4096 per token, CLIP pooled 768) from one narrow layer,
+# and FLUX.1-dev's 512 T5 tokens, so the transformer sees real-shaped conditioning.
+PROXY_CLIP_TEXT = {**TINY_CLIP_TEXT, "hidden_size": 768, "projection_dim": 768, "num_attention_heads": 2}
+PROXY_T5_ENCODER = {**TINY_T5_ENCODER, "d_model": 4096}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything needed to build one preset's FluxBundle: the configs of its parts and where fixed weights live."""
+
+    name: str
+    doc: str
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+    clip_text: dict[str, Any]
+    t5_encoder: dict[str, Any]
+    t5_max_length: int
+    vae_weights: str | None = None  # a file in fluxtune/flux/weights/ (None: random, seeded like the rest)
+    vae_sha256: str | None = None
+
+
+def _proxy(blocks: int) -> Preset:
+    double = single = blocks // 2
+    return Preset(
+        name="proxy-fill" if blocks == 2 else f"proxy-fill-{blocks}",
+        doc=f"FLUX.1-Fill-dev's widths, {double} double + {single} single blocks, real VAE architecture; random",
+        transformer={**FLUX_FILL_DEV_TRANSFORMER, "num_layers": double, "num_single_layers": single},
+        vae=FLUX_VAE, clip_text=PROXY_CLIP_TEXT, t5_encoder=PROXY_T5_ENCODER, t5_max_length=FLUX_TEXT_TOKENS,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p for p in (
+        Preset("tiny-fill", "the real Fill layout at width 32 (≈92 k params) with a fitted, shipped tiny VAE",
+               TINY_FILL_TRANSFORMER, TINY_FILL_VAE, TINY_CLIP_TEXT, TINY_T5_ENCODER, TINY_T5_MAX_LENGTH,
+               vae_weights=None, vae_sha256=None),
+        _proxy(2), _proxy(4), _proxy(8),
+    )
+}
+# Names accepted as `model: {preset: ...}`; the config layer validates against this without importing torch.
+PRESET_NAMES = tuple(PRESETS)
+
+
+def preset(name: str) -> Preset:
+    """The preset called `name`; ValueError naming the known ones otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESET_NAMES)}") from None

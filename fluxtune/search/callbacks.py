@@ -1,4 +1,4 @@
-"""Tune callbacks in the driver: MLflow records every trial; the console shows progress."""
+"""Tune callbacks in the driver: MLflow records every trial; the console shows progress; stopped runs end."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from ray.tune import Callback
 from rich.console import Console
 from rich.markup import escape
 
-from fluxtune import storage
+from fluxtune import failures, storage
+from fluxtune.config.schedule import planned_steps
+from fluxtune.search.guard import not_finite_reason
+from fluxtune.search.names import trial_name
+from fluxtune.search.progress import SweepProgress, fmt
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.samples import SAMPLES_KEY
 from fluxtune.train.reporter import NODE_KEY, STEP_METRICS_KEY
@@ -35,20 +39,41 @@ class TrialLog:
     last: dict[str, Any] = field(default_factory=dict)
     status: str = "RUNNING"
     worker_failures: int = 0  # as counted by this Train run (fluxtune.train.trial.FailureCountingReport)
+    stopped: "Stopped | None" = None
+
+
+@dataclass
+class Stopped:
+    """A trial a scheduler ended early: by which, at which global step, of how many planned."""
+
+    scheduler: str
+    step: int
+    planned: int
+
+
+def stopped_early(result: dict, scheduler: str, planned: int) -> Stopped | None:
+    """Tune marks the result a scheduler stops a trial on as `done` before callbacks see it; a trial that runs to
+    its end returns instead, and its closing result reaches no callback."""
+    step = int(result.get("global_step", 0))
+    return Stopped(scheduler, step, planned) if result.get("done") and step < planned else None
 
 
 class MlflowSweepCallback(Callback):
-    """Child run per trial: params once, per-step metrics, sample grids, stage artifacts, loss curves, status.
+    """Child run per trial: params once, per-step metrics, sample grids, stage table and artifacts, loss curves,
+    how it ended (stopped early by which scheduler, at which step).
 
     A restored sweep gets a fresh callback: trials it has not seen start are looked up (by trial id) on the
     first result, so a resumed trial keeps its run.
     """
 
-    def __init__(self, tracker: SweepTracker, plugins: dict[str, str], trial_params, trial_storage: str = ""):
+    def __init__(self, tracker: SweepTracker, plugins: dict[str, str], trial_params, trial_storage: str = "",
+                 scheduler: str = "fifo", sweep_folder: str = ""):
         self.tracker = tracker
+        self.sweep_folder = sweep_folder  # where a failed trial's error is kept (errors/trial-<id>.txt)
         self.trial_storage = trial_storage  # a URI storage: Ray reports checkpoint paths without the scheme
         self.plugins = plugins
         self.trial_params = trial_params  # config → the full experiment dict of that trial
+        self.scheduler = scheduler
         self.trials: dict[str, TrialLog] = {}
 
     def _ensure(self, trial: Any) -> TrialLog:
@@ -56,7 +81,7 @@ class MlflowSweepCallback(Callback):
             params = self.trial_params(trial.config)
             tags = {f"fluxtune.plugin.{k}": v for k, v in self.plugins.items()}
             tags.update({f"fluxtune.sampled.{k}": str(v) for k, v in trial.config.items()})
-            self.tracker.start_trial(trial.trial_id, params, tags)
+            self.tracker.start_trial(trial.trial_id, params, tags, name=trial_name(trial.config))
             earlier = [StageRecord(stage, cycle, path) for cycle, stage, path in self.tracker.stage_checkpoints(trial.trial_id)]
             self.trials[trial.trial_id] = TrialLog(params=params, stages=earlier)
         return self.trials[trial.trial_id]
@@ -70,8 +95,11 @@ class MlflowSweepCallback(Callback):
         if result.get(SAMPLES_KEY):
             self.tracker.log_samples(trial.trial_id, result[SAMPLES_KEY], int(result.get("global_step", 0)))
         log.last = {k: v for k, v in result.items() if k not in (STEP_METRICS_KEY, SAMPLES_KEY)}
+        log.stopped = stopped_early(result, self.scheduler, planned_steps(log.params))
         if int(result.get(WORKER_FAILURES_KEY, 0)) > log.worker_failures:
             self._note_retry(trial.trial_id, log, result)
+        if result.get("stage_end"):
+            self.tracker.log_stage_summary(trial.trial_id, result)
         if result.get("stage_end") and result.get(CHECKPOINT_KEY):
             record = StageRecord(result["stage"], int(result["cycle"]),
                                  storage.qualify(result[CHECKPOINT_KEY], self.trial_storage))
@@ -92,14 +120,24 @@ class MlflowSweepCallback(Callback):
     def _end(self, trial: Any, status: str) -> None:
         if trial.trial_id not in self.tracker.trial_runs:
             return
-        self._ensure(trial).status = status
+        log = self._ensure(trial)
+        log.status = status
         self.tracker.log_loss_curves(trial.trial_id)
-        self.tracker.end_trial(trial.trial_id, status)
+        stopped = log.stopped if status == "FINISHED" else None
+        self.tracker.end_trial(trial.trial_id, status,
+                               (stopped.scheduler, stopped.step, stopped.planned) if stopped else None)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.tracker.trial_runs.get(trial.trial_id)
+        if run_id is not None:  # the full error on the trial's run: an artifact, and its one line as a tag
+            failure, kept = failures.keep_trial_failure(trial, self.sweep_folder)
+            if kept is not None:
+                self.tracker.client.log_artifact(run_id, str(kept), "error")
+            line = failures.trial_failure_line(trial.trial_id, failure, None)
+            self.tracker.client.set_tag(run_id, "fluxtune.error", failures.redact_text(line)[:5000])
         self._end(trial, "FAILED")
 
 
@@ -124,53 +162,78 @@ class StopFinishedRuns(Callback):
 
 
 class ConsoleProgress(Callback):
-    """One line per report and per finished trial, instead of Tune's wide tables."""
+    """The sweep's progress on the console (fluxtune.search.progress), instead of Tune's wide tables."""
 
-    def __init__(self, metric: str, console: Console):
-        self.metric = metric
+    def __init__(self, metric: str, console: Console, mode: str = "min", total: int | None = None,
+                 scheduler: str = "fifo", planned=None, sweep_folder: str = ""):
+        self.metric, self.mode, self.total, self.scheduler = metric, mode, total, scheduler
+        self.sweep_folder = sweep_folder  # where a failed trial's error is kept (errors/trial-<id>.txt)
+        self.planned = planned  # config → the trial's planned global steps
         self.console = console
+        self._setup()
+
+    def _setup(self) -> None:
+        self.board = SweepProgress(self.console, self.metric, self.mode, self.total)
         self.failures: dict[str, int] = {}  # trial → worker failures seen
+        self.names: set[str] = set()
+        self.stopped: dict[str, Stopped] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"metric": self.metric}  # Tune pickles callbacks; a Console holds locks and streams
+        # Tune pickles callbacks; a Console holds locks and streams
+        return {k: getattr(self, k) for k in ("metric", "mode", "total", "scheduler", "sweep_folder")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.metric, self.console, self.failures = state["metric"], Console(), {}
+        self.__dict__.update(state, console=Console(), planned=None)
+        self._setup()
+
+    def _planned(self, trial: Any) -> int:
+        return int(self.planned(trial.config)) if self.planned else 0
+
+    def _name(self, trial: Any) -> str:
+        name, n = trial_name(trial.config), 1
+        unique = name
+        while unique in self.names:  # as the MLflow run names: -2, -3 … for a repeated configuration
+            n += 1
+            unique = f"{name}-{n}"
+        self.names.add(unique)
+        return unique
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        sampled = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
-        self.console.print(f"[bold]trial {trial.trial_id}[/] started: {sampled}")
+        self.board.started(trial.trial_id, self._name(trial), trial.config, self._planned(trial))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        where = f"cycle {result.get('cycle', '?')} {result.get('stage', '')}".rstrip()
-        done = " (stage end)" if result.get("stage_end") else ""
+        if trial.trial_id not in self.board.running:  # a resumed sweep's trial that started before the restart
+            self.on_trial_start(iteration, trials, trial)
         if result.get(WORKER_FAILURES_KEY, 0) > self.failures.get(trial.trial_id, 0):
             self.failures[trial.trial_id] = result[WORKER_FAILURES_KEY]
-            self.console.print(f"[yellow]trial {trial.trial_id} retried[/] from step {result.get(RESUMED_FROM_KEY, 0)}"
-                               f" after a worker failure ({escape(str(result.get(LAST_FAILURE_KEY)))})")
-        self.console.print(f"  trial {trial.trial_id} step {result.get('global_step')}: "
-                           f"{self.metric}={_fmt(result.get(self.metric))} {where if done else ''}{done}")
+            self.board.retried(trial.trial_id, result.get(RESUMED_FROM_KEY, 0), str(result.get(LAST_FAILURE_KEY)))
+        value = result.get(self.metric)
+        where = f"cycle {result.get('cycle', '?')} {result.get('stage', '')}".rstrip()
+        self.board.result(trial.trial_id, int(result.get("global_step", 0)),
+                          float(value) if isinstance(value, (int, float)) else None, where,
+                          bool(result.get("stage_end")))
+        stopped = stopped_early(result, self.scheduler, self._planned(trial))
+        if stopped:
+            self.stopped[trial.trial_id] = stopped
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.console.print(f"[green]trial {trial.trial_id} finished[/]: {self.metric}="
-                           f"{_fmt(trial.last_result.get(self.metric))}")
+        value = f"{self.metric}={fmt(trial.last_result.get(self.metric))}"
+        stopped = self.stopped.pop(trial.trial_id, None)
+        diverged = not_finite_reason(trial.last_result or {}, self.metric)
+        if diverged:  # the sweep's guard stopped it: a failure, not a scheduler's early stop
+            self.board.ended(trial.trial_id, "failed", escape(diverged))
+        elif stopped:
+            self.board.ended(trial.trial_id, "stopped", f"{value}; {stopped.scheduler} stopped it at step "
+                                                        f"{stopped.step} of {stopped.planned}")
+        else:
+            self.board.ended(trial.trial_id, "finished", value)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.console.print(f"[red]trial {trial.trial_id} failed[/]: {escape(_last_line(trial.error_file))}"
-                           f" (traceback: {trial.error_file or 'none'})")
+        failure, kept = failures.keep_trial_failure(trial, self.sweep_folder)
+        detail = failures.trial_failure_detail(failure, str(kept) if kept else None)
+        self.board.ended(trial.trial_id, "failed", escape(failures.redact_text(detail)), separator="")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.board.close()
 
 
-def _last_line(error_file: str | None) -> str:
-    """The exception line of a trial's error file (e.g. "no space to write stage checkpoint …")."""
-    try:
-        with open(error_file or "", errors="replace") as handle:
-            lines = [line.strip() for line in handle if line.strip()]
-    except OSError:  # on a storage URI, or not written yet
-        return "see the traceback"
-    return lines[-1] if lines else "see the traceback"
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)

@@ -174,7 +174,20 @@ def publish_sweep(rows: list[dict[str, Any]], spec: Any, record: Any, tracker: A
 
 def mark_failed(tracker: Any, trial_id: str, reason: str) -> None:
     """A diverged trial's MLflow run: FAILED, with the reason (Tune ended it as a stopped trial)."""
+    from fluxtune.tracking.buffer import TrackingOffline
+    from fluxtune.tracking.runs import NOTE_TAG, STATUS_TAG, STOPPED_AT_TAG, STOPPED_BY_TAG
+
     run_id = tracker.trial_runs.get(trial_id) or tracker.find_trial_run(trial_id)
-    if run_id is not None:
-        tracker.client.update_run(run_id, status="FAILED")
-        tracker.client.set_tag(run_id, "fluxtune.failure", reason)
+    if run_id is None:
+        return
+    tracker.client.update_run(run_id, status="FAILED")
+    tracker.client.set_tag(run_id, "fluxtune.failure", reason)
+    tracker.client.set_tag(run_id, STATUS_TAG, "failed")
+    try:
+        tags = tracker.client.get_run(run_id).data.tags
+        if tags.get(STOPPED_BY_TAG):  # Tune ended it as a stopped trial: no scheduler stopped it early
+            for key in (STOPPED_BY_TAG, STOPPED_AT_TAG, NOTE_TAG):
+                if key in tags:
+                    tracker.client.delete_tag(run_id, key)
+    except TrackingOffline:  # MLflow is down: the status and the reason are buffered, that is what matters
+        pass

@@ -31,6 +31,8 @@ from fluxtune.config.load import sample_experiment
 from fluxtune.config.paths import set_path
 from fluxtune.config.schedule import planned_steps
 from fluxtune.config.schema import SearchFile, SearchSpec
+from fluxtune import failures
+from fluxtune.failures import keep_errors_in, quiet_trial_tracebacks
 from fluxtune.plugins import plugin_set
 from fluxtune.registry import registry
 from fluxtune.search.callbacks import StopFinishedRuns, ConsoleProgress, MlflowSweepCallback
@@ -153,6 +155,7 @@ def _run_locked(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: s
                 console: Console, address: str | None, verbose: bool, resume: bool, more: int, search: SearchSpec,
                 shared_root: str | None, root: Path, record: SweepRecord, uri: str, locks: Locks) -> SweepOutcome:
     folder = Path(record.folder)
+    keep_errors_in(folder)  # an unexpected error from here on keeps its traceback in the sweep folder
     trial_storage = storage.join(shared_root, record.sweep_id) if shared_root else str(folder)
 
     local_ray = start_ray(address, local_cpus(base["workers"], base["cpus_per_worker"], search.max_concurrent), verbose)
@@ -197,8 +200,11 @@ def _run_locked(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: s
     guard = SweepGuard(search.metric)
     keeper = CheckpointKeeper(settings, record, search.metric, search.mode, spec.checkpoints.keep,
                               spec.tracking.register_top, guard, experiment_of, warn)
-    callbacks = [MlflowSweepCallback(tracker, plugins, experiment_of, trial_storage), keeper,
-                 StorageFaultWatch(guard), StopFinishedRuns(record.sweep_id), ConsoleProgress(search.metric, console)]
+    callbacks = [MlflowSweepCallback(tracker, plugins, experiment_of, trial_storage, scheduler=search.scheduler.type,
+                                     sweep_folder=str(folder)),
+                 keeper, StorageFaultWatch(guard), StopFinishedRuns(record.sweep_id),
+                 ConsoleProgress(search.metric, console, search.mode, more or search.num_samples, search.scheduler.type,
+                                 lambda config: planned_steps(experiment_of(config)), sweep_folder=str(folder))]
 
     if resume:  # what a store that filled up (or a crash) cut short goes first
         repair_cut_short(trial_storage, warn)
@@ -225,6 +231,8 @@ def _run_locked(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: s
     # Tune's per-trial result.json/progress.csv loggers are off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS): the results
     # come from memory and the driver's MLflow callback, so its "could not fetch metrics" warning is noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    if not verbose:  # a failed trial is one console line naming where its full error is kept, not Tune's traceback
+        quiet_trial_tracebacks()
     handler_before = signal.getsignal(signal.SIGINT)
     try:
         with tune_state_faults(guard, trial_storage):
@@ -325,7 +333,8 @@ def _trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str
     reused = int(used["global_step"]) if used else 0
     experiment = sample_experiment(base, config, registry())
     diverged = guard.diverged.get(trial_id) if guard else None
-    error = str(result.error or "") or diverged or not_finite_reason(metrics, metric) or ""
+    # the full text of an error is in errors/trial-<id>.txt
+    error = failures.redact_text(str(result.error or ""))[:2000] or diverged or not_finite_reason(metrics, metric) or ""
     return {"trial": trial_id, "config": config, "error": error,
             metric: metrics.get(metric), "steps": int(metrics.get("global_step", 0)), "reused_steps": reused,
             "planned_steps": planned_steps(experiment)}

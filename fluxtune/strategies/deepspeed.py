@@ -1,14 +1,15 @@
-"""The full stage's DeepSpeed path: a ZeRO engine around the transformer, and a consolidated model out of it.
+"""The full stage's DeepSpeed path: a ZeRO engine around the transformer, its fp32 masters exact at both ends.
 
-The engine lives for one stage. At its end every rank gathers the fp32 master weights (a collective) into a
-fresh plain `FluxTransformer2DModel`, so the next stage (LoRA, another cycle) and the stage checkpoint get an
-ordinary model — never DeepSpeed shards, never a module still carrying ZeRO's gradient hooks.
+The engine lives for one stage. At its start the masters are set from the canonical fp32 weights (DeepSpeed
+would build them from the bf16 module, rounding). At its end the stage checkpoint gathers them parameter by
+parameter (a collective; rank 0 writes), then the engine is destroyed and its bf16 module, stripped of ZeRO's
+hooks and attributes, stays the live transformer: no fresh full-precision model on any rank.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from pydantic import Field
 
@@ -27,7 +28,7 @@ class DeepSpeedParams(Params):
 
 
 def deepspeed_config(params: DeepSpeedParams, micro_batch: int, world_size: int,
-                     max_grad_norm: float | None) -> dict[str, Any]:
+                     max_grad_norm: float | None, accumulation: int = 1) -> dict[str, Any]:
     zero: dict[str, Any] = {
         "stage": params.zero_stage,
         "overlap_comm": False,
@@ -38,8 +39,8 @@ def deepspeed_config(params: DeepSpeedParams, micro_batch: int, world_size: int,
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro_batch * world_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world_size,
         "zero_optimization": zero,
         "bf16": {"enabled": params.bf16},
         # We pass a torch optimizer: DeepSpeed's fused/CPU Adam JIT-compile for a minute on first use.
@@ -81,29 +82,56 @@ def start_engine(model: Any, optimizer: Any, config: dict[str, Any], device_type
     return engine
 
 
-def consolidated_transformer(engine: Any, device: Any) -> Any:
-    """A plain fp32 transformer holding the engine's full master weights (a collective: call on every rank)."""
-    import torch
-    from deepspeed.utils import safe_get_full_fp32_param
+class EngineMasters:
+    """The engine's fp32 master weights (a `fluxtune.canonical.Weights`), gathered one parameter at a time (a
+    collective on every rank); closing destroys the engine and strips what DeepSpeed attached to the parameters,
+    leaving its module a plain (bf16) transformer."""
 
-    module = engine.module
-    state = {}
-    for name, param in module.named_parameters():
-        full = safe_get_full_fp32_param(param)
-        if full is None:  # not managed by the optimizer (frozen): its own value is already complete
-            full = param.detach()
-        state[name] = full.detach().to(device=device, dtype=torch.float32).clone()
-    fresh = type(module).from_config(module.config)
-    fresh.load_state_dict(state, strict=True)
-    engine.destroy()  # removes ZeRO's gradient hooks and frees its buffers
-    return fresh.to(device).train(module.training)
+    def __init__(self, engine: Any, own_attributes: dict[int, set[str]]):
+        self.engine = engine
+        self.own_attributes = own_attributes  # per parameter, the attributes it had before the engine
+
+    def tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, Any]]:
+        import torch
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from fluxtune.canonical import plain_state
+
+        state = plain_state(self.engine.module)
+        for name in state if names is None else names:
+            tensor = state[name]
+            full = safe_get_full_fp32_param(tensor) if isinstance(tensor, torch.nn.Parameter) else None
+            if full is None:  # not managed by the optimizer (frozen, a buffer): its own value is complete
+                full = tensor.detach()
+            yield name, full.detach().to(torch.float32)
+
+    def close(self) -> None:
+        module = self.engine.module
+        self.engine.destroy()  # removes ZeRO's gradient hooks, frees its buffers (ZeRO-3: params whole again)
+        for param in module.parameters():
+            # The fragments' mappings would keep the fp32 partitions (and optimizer states) alive.
+            for attribute in set(vars(param)) - self.own_attributes.get(id(param), set()):
+                delattr(param, attribute)
 
 
-def train_with_deepspeed(ctx: Any, stage_params: Any) -> tuple[dict[str, float], Any]:
-    """Run the full stage's steps under a ZeRO engine; returns (metrics, consolidated transformer)."""
+def load_masters(engine: Any, weights: Any) -> None:
+    """Set the engine's fp32 master weights to the canonical values: the engine built them from its bf16 module,
+    rounding away what bf16 cannot hold (a merged LoRA delta, say). Streamed, one parameter at a time."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    params = dict(engine.module.named_parameters())
+    for name, value in weights.tensors(list(params)):
+        safe_set_full_fp32_param(params[name], value)
+
+
+def train_with_deepspeed(ctx: Any, stage_params: Any) -> dict[str, float]:
+    """Run the full stage's updates under a ZeRO engine. The engine's module stays the live transformer; the
+    stage checkpoint is gathered from its fp32 masters (`ctx.trained_weights`)."""
     import time
 
     import torch
+
+    from fluxtune.default_plugins.optim import current_lr, lr_schedule
 
     ds: DeepSpeedParams = stage_params.deepspeed
     model = ctx.transformer
@@ -112,59 +140,41 @@ def train_with_deepspeed(ctx: Any, stage_params: Any) -> tuple[dict[str, float],
     if stage_params.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = ctx.optimizer(trainable, **stage_params.optimizer.model_dump())
-    config = deepspeed_config(ds, ctx.shared.batch_size, ctx.world_size, stage_params.max_grad_norm)
+    own_attributes = {id(p): set(vars(p)) for p in model.parameters()}
+    states_on = torch.device("cpu") if ds.offload_optimizer else ctx.device
+    optimizer = ctx.build_optimizer(trainable, stage_params.optimizer.settings(), device=states_on,
+                                    sharded=ctx.world_size > 1)
+    micro_batches = stage_params.gradient_accumulation_steps
+    config = deepspeed_config(ds, ctx.shared.batch_size, ctx.world_size, stage_params.max_grad_norm, micro_batches)
     engine_started = time.perf_counter()
     engine = start_engine(model, optimizer, config, ctx.device.type, ds.cpu_shm_allreduce)
+    if ds.bf16 and ctx.weights is not None:  # None: the module's own values are the canonical ones
+        load_masters(engine, ctx.weights)
     engine_start_s = time.perf_counter() - engine_started
+    scheduler = lr_schedule(optimizer, stage_params, ctx.steps)
     dtype = torch.bfloat16 if ds.bf16 else torch.float32
     batches = ctx.batches()
     started, cpu_started = time.perf_counter(), time.process_time()
     for step in range(ctx.steps):
-        batch = cast_batch(next(batches), dtype)
-        loss = ctx.training_loss(engine, batch)
-        engine.backward(loss)
-        engine.step()
-        ctx.log(step, {"loss": loss.detach()})
-        ctx.maybe_evaluate(step + 1, model=EngineView(engine))
+        total = torch.zeros((), device=ctx.device)
+        lr = current_lr(optimizer)
+        for _ in range(micro_batches):
+            loss = ctx.training_loss(engine, cast_batch(next(batches), dtype))
+            engine.backward(loss)  # scaled by 1/micro_batches inside
+            engine.step()  # the optimizer steps (clipping the summed gradient) after the last micro-batch only
+            total += loss.detach().float()
+        scheduler.step()
+        ctx.log(step, {"loss": total / micro_batches, "lr": lr})
+        ctx.maybe_evaluate(step + 1, model=engine.module)
     elapsed = time.perf_counter() - started
-    step_cpu_s = (time.process_time() - cpu_started) / ctx.steps
-    consolidation_started = time.perf_counter()
-    transformer = consolidated_transformer(engine, ctx.device)
-    consolidate_s = time.perf_counter() - consolidation_started
     if stage_params.gradient_checkpointing:
-        transformer.disable_gradient_checkpointing()
-    ctx.transformer = transformer
-    return {"steps_per_s": ctx.steps / elapsed if elapsed > 0 else 0.0, "step_cpu_s": step_cpu_s,
-            "engine_start_s": engine_start_s,
-            "consolidate_s": consolidate_s}, transformer
+        model.disable_gradient_checkpointing()
+    ctx.transformer = engine.module
+    ctx.trained_weights = EngineMasters(engine, own_attributes)
+    return {"steps_per_s": ctx.steps / elapsed if elapsed > 0 else 0.0,
+            "step_cpu_s": (time.process_time() - cpu_started) / ctx.steps, "engine_start_s": engine_start_s}
 
 
 def cast_batch(batch: dict[str, Any], dtype: Any) -> dict[str, Any]:
     """The engine's weights are bf16: feed it bf16 inputs. Position ids stay fp32 (RoPE needs exact integers)."""
     return {k: (v if k.endswith("_ids") or not v.is_floating_point() else v.to(dtype)) for k, v in batch.items()}
-
-
-class EngineView:
-    """The engine's module seen by the validation (bf16 weights: inputs are cast to match)."""
-
-    def __init__(self, engine: Any):
-        self.engine = engine
-        self.module = engine.module
-        self.dtype = next(engine.module.parameters()).dtype
-
-    @property
-    def training(self) -> bool:
-        return self.module.training
-
-    def train(self, mode: bool = True):
-        self.module.train(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def __call__(self, **inputs: Any) -> Any:
-        cast = {k: (v.to(self.dtype) if hasattr(v, "is_floating_point") and v.is_floating_point()
-                    and not k.endswith("_ids") else v) for k, v in inputs.items()}
-        return self.module(**cast)

@@ -33,7 +33,7 @@ SPILL_NAME = "mlflow-unlogged.jsonl"
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 WRITES = {"create_run", "log_batch", "log_param", "set_tag", "update_run", "set_terminated", "log_artifact",
-          "log_artifacts", "log_image", "log_figure"}
+          "log_artifacts", "log_image", "log_figure", "log_table"}
 PLACEHOLDER = "pending-"
 
 

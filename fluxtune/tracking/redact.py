@@ -1,10 +1,12 @@
 """Secrets never reach MLflow: what fluxtune logs (params, tags, the spec file) is redacted first.
 
 Redacted: the value of any key that looks like a secret (`api_token`, `password`, `secret`, `*_key`, …),
-passwords in URLs (`https://user:***@host`), and anywhere, the value of every environment variable whose name
-looks like a secret (HF_TOKEN, AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, …), so a secret pasted into a
-YAML value or a `--set` is caught too. fluxtune never expands `${VAR}` in YAML: secrets belong in the environment,
-where the libraries that need them read them.
+passwords in URLs (`https://user:***@host`), well-known token formats (`hf_…`, `ghp_…`, `AKIA…`), and anywhere,
+the value of every environment variable whose name looks like a secret (HF_TOKEN, AWS_SECRET_ACCESS_KEY,
+MLFLOW_TRACKING_PASSWORD, …), so a secret pasted into a YAML value or a `--set` is caught too. Names (sweep,
+experiment, model, alias, stage) never hold a secret: validation refuses them (`secret_in`), since a name
+becomes folders, registry entries and console lines that redaction cannot all reach. fluxtune never expands
+`${VAR}` in YAML: secrets belong in the environment, where the libraries that need them read them.
 """
 
 from __future__ import annotations
@@ -26,15 +28,32 @@ def is_secret_name(name: str) -> bool:
     return bool(SECRET_NAME.search(name.rsplit(".", 1)[-1]))
 
 
+# Well-known token formats, redacted (and refused in names) even when no environment variable holds them:
+# Hugging Face, GitHub, OpenAI-style, AWS access key ids, Slack.
+TOKEN_SHAPES = re.compile(r"\b(hf_[A-Za-z0-9]{30,}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|"
+                          r"sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9-]{10,})\b")
+
+
 def environment_secrets() -> list[str]:
     """Values of environment variables named like secrets, longest first (so overlaps redact whole)."""
     values = {v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= MIN_SECRET_LENGTH}
     return sorted(values, key=len, reverse=True)
 
 
+def secret_in(text: str) -> str | None:
+    """What secret `text` holds, said without the secret (`the value of $HF_TOKEN`, `a token`), or None."""
+    for name, value in sorted(os.environ.items()):
+        if is_secret_name(name) and len(value) >= MIN_SECRET_LENGTH and value in text:
+            return f"the value of ${name}"
+    if TOKEN_SHAPES.search(text):
+        return "an access token"
+    return None
+
+
 def redact_text(text: str, secrets: list[str] | None = None) -> str:
     for secret in environment_secrets() if secrets is None else secrets:
         text = text.replace(secret, REDACTED)
+    text = TOKEN_SHAPES.sub(REDACTED, text)
     text = _URL_PASSWORD.sub(rf"\1{REDACTED}\3", text)
 
     def value_of_secret_key(match: re.Match) -> str:

@@ -1,6 +1,10 @@
 """The run tree of a sweep: one parent run, one child run per trial, metrics with steps, stage artifacts.
 
 Only the driver writes (Tune callbacks call in here), so a sqlite store never sees concurrent writers.
+What a person browsing it sees: trial runs named by their sampled values, nested under the sweep; metric curves
+over global steps; one image series (`samples`, a grid per evaluation, from step 0); a `stages.json` table with
+one row per finished stage (its speed, validation scores, transition time: single numbers, not curves); a tag and
+a note on trials a scheduler stopped early; each trial's end time is when its training ended.
 A resumed sweep finds its runs again by tag (`fluxtune.sweep_id` on the parent, `fluxtune.trial_id` on each
 child) and keeps writing to them: params are logged once, and metric points at steps already recorded are
 skipped, so replayed steps after a restart never show up twice. With a tracking server, writes go through
@@ -19,13 +23,21 @@ from fluxtune.tracking.buffer import BufferedClient, TrackingOffline
 from fluxtune.tracking.redact import redact_params, redact_text
 from fluxtune.tracking.samples import decode_samples
 from fluxtune.tracking.store import client, ensure_experiment, server_uri
+from fluxtune.tracking.views import (curve_points, draw_loss_curves, stage_row, stopped_note, system_monitors,
+                                     system_sample)
 
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 SWEEP_TAG = "fluxtune.sweep_id"
 TRIAL_TAG = "fluxtune.trial_id"
 NODE_TAG = "fluxtune.node"
 CHECKPOINT_TAG = "fluxtune.checkpoint."  # + "cycle0-full": where Ray keeps that stage's transformer
-CURVES = ("loss", "val_loss")  # drawn into loss_curves.png at the end of a trial
+STATUS_TAG = "fluxtune.status"  # finished | stopped | failed: how the trial's training ended
+STOPPED_BY_TAG = "fluxtune.stopped_by"  # the scheduler (asha, median) that stopped a trial early
+STOPPED_AT_TAG = "fluxtune.stopped_at_step"
+TRAINED_UNTIL_TAG = "fluxtune.trained_until"  # ms: when training ended (the run's end time, restored after reuse)
+NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
+STAGES_TABLE = "stages.json"  # one row per finished stage (MLflow table artifact)
+IMAGE_KEY = "samples"  # the image series of sample grids
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -58,6 +70,7 @@ class SweepTracker:
         self.upload_checkpoints = upload_checkpoints  # full transformers are GBs: referenced by URI unless asked
         self.parent_run_id: str | None = None
         self.trial_runs: dict[str, str] = {}
+        self._run_names: set[str] | None = None  # trial run names already used in this sweep
         self._logged_upto: dict[str, dict[str, int]] = {}  # run → metric → last step already in MLflow
         self._system = None
 
@@ -149,14 +162,15 @@ class SweepTracker:
             copy.write_text(redacted)
             self.client.log_artifact(self.parent_run_id, str(copy))
 
-    def start_trial(self, trial_id: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+    def start_trial(self, trial_id: str, params: dict[str, Any], tags: dict[str, str], name: str | None = None) -> str:
+        """The trial's child run, named `name` (its sampled values; `-2`, `-3` … when a name repeats)."""
         existing = self.trial_runs.get(trial_id) or self.find_trial_run(trial_id)
         if existing is not None:
             self.trial_runs[trial_id] = existing
             self._reopen(existing)
             return existing
         run = self.client.create_run(
-            self.experiment_id, run_name=f"trial-{trial_id}",
+            self.experiment_id, run_name=self._unique_name(redact_text(name or f"trial-{trial_id}")),
             tags={**redact_params(tags), "mlflow.parentRunId": self.parent_run_id, "fluxtune.kind": "trial",
                   TRIAL_TAG: trial_id},
         )
@@ -164,6 +178,23 @@ class SweepTracker:
         self._logged_upto[run.info.run_id] = {}
         self._log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def _unique_name(self, name: str) -> str:
+        if self._run_names is None:  # a resumed or extended sweep: the names its earlier trials took
+            self._run_names = set()
+            if self.parent_run_id is not None:
+                try:
+                    children = self.client.search_runs(
+                        [self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'", max_results=5000)
+                    self._run_names = {r.info.run_name for r in children}
+                except TrackingOffline:  # unknown while the server is down: a name may repeat, ids never do
+                    pass
+        unique, n = name, 1
+        while unique in self._run_names:
+            n += 1
+            unique = f"{name}-{n}"
+        self._run_names.add(unique)
+        return unique
 
     def log_sweep_params(self, params: dict[str, Any]) -> None:
         """More params of the sweep's own run (e.g. the data summary), redacted like every other."""
@@ -197,52 +228,38 @@ class SweepTracker:
         run_id = self.trial_runs[trial_id]
         series = {k: [tuple(p) for p in v] for k, v in json.loads(result.get(steps_json_key) or "{}").items()}
         step = int(result.get(step_key, 0))
-        scalars = {}
-        for key, value in result.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_training_metric(key):
-                scalars[key] = [(step, value)]
-        scalars.update({k: [(step, v)] for k, v in self._system_sample().items()})
-        for key, points in scalars.items():
+        if self._system is None:
+            self._system = system_monitors()
+        scalars = {**curve_points(result), **system_sample(self._system)}  # a stage's other numbers: its table row
+        for key, points in {k: [(step, v)] for k, v in scalars.items()}.items():
             series.setdefault(key, []).extend(points)
         self.log_metrics(run_id, series)
 
-    def _system_sample(self) -> dict[str, float]:
-        """CPU/memory (and GPU where a monitor loads) of the driver's node, sampled at each report."""
-        if self._system is None:
-            from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-
-            self._system = [CPUMonitor()]
-            try:
-                from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-
-                self._system.append(GPUMonitor())
-            except Exception:  # no NVIDIA driver here: GPU metrics are simply not available
-                pass
-        out: dict[str, float] = {}
-        for monitor in self._system:
-            try:
-                monitor.collect_metrics()
-                out.update({f"system/{k}": float(v) for k, v in monitor.aggregate_metrics().items()})
-            finally:
-                monitor.clear_metrics()
-        return out
-
     # -- artifacts
-    def log_samples(self, trial_id: str, encoded: str | None, step: int) -> list[str]:
-        """Sample-image grids from the worker → `samples/step-000040.png` (and the UI's image slider)."""
+    def log_samples(self, trial_id: str, encoded: str | None, step: int) -> list[int]:
+        """Sample-image grids from the worker → the run's `samples` image series (the UI's image slider), each
+        at its own step, else the report's, the last one of a step. Stored once by MLflow (`images/`, with a
+        compressed preview). Returns the steps logged."""
         import io
 
         from PIL import Image
 
         run_id = self.trial_runs[trial_id]
-        paths = []
-        for i, png in enumerate(decode_samples(encoded)):
-            image = Image.open(io.BytesIO(png))
-            name = f"samples/step-{step:06d}{'' if i == 0 else f'-{i}'}.png"
-            self.client.log_image(run_id, image, artifact_file=name)
-            self.client.log_image(run_id, image, key="samples", step=step)
-            paths.append(name)
-        return paths
+        # One grid per step: a stage end can carry two (the adapter's own evaluation before merging, then the
+        # merged model's, which is what the stage ends with); the UI shows one per step.
+        by_step = {step if own_step is None else own_step: png for own_step, png in decode_samples(encoded)}
+        for at, png in by_step.items():
+            with Image.open(io.BytesIO(png)) as image:
+                self.client.log_image(run_id, image.copy(), key=IMAGE_KEY, step=at)
+        return list(by_step)
+
+    def log_stage_summary(self, trial_id: str, result: dict[str, Any]) -> dict[str, Any]:
+        """A stage-end result → one row of the trial's `stages.json` table (cycle, stage, global step, every
+        number the stage reported: speed, transition time, validation scores). Returns the row."""
+        row = stage_row(result)
+        self.client.log_table(self.trial_runs[trial_id], data={k: [v] for k, v in row.items()},
+                              artifact_file=STAGES_TABLE)  # appends: a table artifact grows a row per stage
+        return row
 
     def log_stage(self, trial_id: str, checkpoint_dir: str, cycle: int, stage: str, node: str = "") -> None:
         """A stage checkpoint: its exports (adapters) as artifacts; the transformer by URI unless uploads are on.
@@ -268,27 +285,7 @@ class SweepTracker:
             self._draw_loss_curves(self.trial_runs[trial_id], trial_id)
 
     def _draw_loss_curves(self, run_id: str, trial_id: str) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")  # the driver has no display
-        from matplotlib.figure import Figure
-
-        figure = Figure(figsize=(7, 4))
-        axes = figure.subplots()
-        drawn = 0
-        for key in CURVES:
-            history = sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.step)
-            if history:
-                axes.plot([m.step for m in history], [m.value for m in history], label=key,
-                          marker="o" if key.startswith("val") else None)
-                drawn += 1
-        if not drawn:
-            return
-        axes.set_xlabel("global step")
-        axes.set_yscale("log")
-        axes.legend()
-        axes.set_title(f"trial {trial_id}")
-        self.client.log_figure(run_id, figure, "loss_curves.png")
+        draw_loss_curves(self.client, run_id, f"trial {trial_id}")
 
     def stage_checkpoints(self, trial_id: str) -> list[tuple[int, str, str]]:
         """(cycle, stage, local path) of every stage checkpoint the trial's run references, oldest first: a
@@ -306,11 +303,37 @@ class SweepTracker:
         return sorted(found, key=lambda item: item[2])  # Ray names checkpoints by time
 
     # -- endings
-    def end_trial(self, trial_id: str, status: str) -> None:
-        if trial_id in self.trial_runs:
-            self.client.set_terminated(self.trial_runs[trial_id], status=status)
+    def end_trial(self, trial_id: str, status: str, stopped: tuple[str, int, int] | None = None) -> None:
+        """The trial's training ended (FINISHED or FAILED); `stopped`: (scheduler, step, planned steps) when a
+        scheduler ended it early. Its end time is kept in a tag: registering the trial later reopens its run."""
+        if trial_id not in self.trial_runs:
+            return
+        run_id = self.trial_runs[trial_id]
+        ended = int(time.time() * 1000)
+        how = "failed" if status == "FAILED" else ("stopped" if stopped else "finished")
+        self.client.set_tag(run_id, STATUS_TAG, how)
+        if stopped:
+            scheduler, step, planned = stopped
+            self.client.set_tag(run_id, STOPPED_BY_TAG, scheduler)
+            self.client.set_tag(run_id, STOPPED_AT_TAG, str(step))
+            self.client.set_tag(run_id, NOTE_TAG, stopped_note(scheduler, step, planned))
+        self.client.set_tag(run_id, TRAINED_UNTIL_TAG, str(ended))
+        self.client.set_terminated(run_id, status=status, end_time=ended)
+
+    def restore_trial_ends(self) -> None:
+        """Trial runs reopened after their training (registration logs the model into the run) end again when
+        their training did, so the UI's durations are training times, not the whole sweep."""
+        for run_id in self.trial_runs.values():
+            try:
+                run = self.client.get_run(run_id)
+            except TrackingOffline:  # the buffered end time is already right
+                return
+            ended = run.data.tags.get(TRAINED_UNTIL_TAG)
+            if ended and run.info.end_time != int(ended) and run.info.status != "RUNNING":
+                self.client.set_terminated(run_id, status=run.info.status, end_time=int(ended))
 
     def finish(self, status: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+        self.restore_trial_ends()
         for key, value in tags.items():
             self.client.set_tag(self.parent_run_id, key, value)
         if metrics:
@@ -322,11 +345,3 @@ class SweepTracker:
 
 def _as_uri(path: str) -> str:
     return path if "://" in path else Path(path).resolve().as_uri()
-
-
-_TUNE_BOOKKEEPING = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid",
-                     "time_since_restore", "iterations_since_restore", "global_step", "cycle"}
-
-
-def _is_training_metric(key: str) -> bool:
-    return key not in _TUNE_BOOKKEEPING and not key.startswith(("config", "_"))

@@ -1,6 +1,7 @@
 """Sample-image grids: what the model paints at each evaluation, so people look instead of read.
 
-One row per validation example: source (what the model sees: the masked source) | mask | prediction | target.
+A header row names the columns, then one row per validation example: source (what the model sees: the masked
+source) | mask | prediction | target.
 Rendered in the worker (rank 0) from the *encoded* validation examples the evaluation already uses, so it works
 with the latent cache too (no pixels, no text encoders in the worker): the prediction is a short flow-matching
 Euler sampling with FLUX's shifted sigmas, exactly the transformer inputs FluxFillPipeline builds
@@ -8,7 +9,10 @@ Euler sampling with FLUX's shifted sigmas, exactly the transformer inputs FluxFi
 
 The PNG rides to the driver with the next Tune report, like the buffered step metrics, and the driver's MLflow
 callback logs it: no shared filesystem is assumed. Panels are capped at PANEL_MAX px and rows at MAX_EXAMPLES so
-a report stays small even for 1024² data. No mlflow import here: this module runs inside Ray workers.
+a report stays small even for 1024² data; small ones are enlarged to PANEL_MIN px so a person can see them.
+A trial that starts from scratch also draws its starting weights at step 0, so the image slider (which opens at
+step 0) shows a grid, and the "before" picture is there to compare with. No mlflow import here: this module runs
+inside Ray workers.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import numpy as np
 
 MAX_EXAMPLES = 4
 PANEL_MAX = 256  # px; a grid is at most 4 × 256 wide
+PANEL_MIN = 96  # px; smaller images are enlarged (whole pixels, no smoothing) so the labels and details read
+COLUMNS = ("source", "mask", "prediction", "target")
+LABEL_HEIGHT = 20  # px of the header row naming the columns
 SAMPLES_KEY = "fluxtune_samples"  # report key: JSON list of base64 PNGs, unpacked by the tracking callback
 
 
@@ -38,29 +45,45 @@ def _to_uint8(array: np.ndarray, signed: bool = True) -> np.ndarray:
     return (hwc * 255).round().astype(np.uint8)
 
 
-def grid_png(rows: list[list[np.ndarray]], panel_max: int = PANEL_MAX) -> bytes:
-    """HWC uint8 panels, one list per row → one PNG, every panel scaled to the same size (≤ panel_max)."""
-    from PIL import Image
+def panel_size(height: int, width: int, panel_max: int = PANEL_MAX, panel_min: int = PANEL_MIN) -> tuple[int, int]:
+    """(width, height) of each panel: shrunk to fit panel_max, or enlarged by a whole factor to reach panel_min."""
+    longest = max(height, width)
+    scale = panel_max / longest if longest > panel_max else float(max(1, -(-panel_min // longest)))
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
-    height, width = rows[0][0].shape[:2]
-    scale = min(1.0, panel_max / max(height, width))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+
+def grid_png(rows: list[list[np.ndarray]], labels: tuple[str, ...] = COLUMNS, panel_max: int = PANEL_MAX,
+             panel_min: int = PANEL_MIN) -> bytes:
+    """HWC uint8 panels, one list per row → one PNG: a header row naming the columns, then every panel at the
+    same size (see `panel_size`)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = panel_size(*rows[0][0].shape[:2], panel_max=panel_max, panel_min=panel_min)
     columns = max(len(r) for r in rows)
-    canvas = Image.new("RGB", (columns * size[0], len(rows) * size[1]), "black")
+    top = LABEL_HEIGHT if labels else 0
+    canvas = Image.new("RGB", (columns * size[0], top + len(rows) * size[1]), "black")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=13)
+    for x, label in enumerate(labels[:columns]):
+        width = draw.textlength(label, font=font)
+        draw.text((x * size[0] + max(0.0, (size[0] - width) / 2), 3), label, fill="white", font=font)
     for y, row in enumerate(rows):
         for x, panel in enumerate(row):
-            canvas.paste(Image.fromarray(panel).resize(size, Image.NEAREST), (x * size[0], y * size[1]))
+            canvas.paste(Image.fromarray(panel).resize(size, Image.NEAREST), (x * size[0], top + y * size[1]))
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def encode_samples(pngs: list[bytes]) -> str:
-    return json.dumps([base64.b64encode(p).decode("ascii") for p in pngs])
+def encode_samples(samples: list[bytes | tuple[int | None, bytes]]) -> str:
+    """Grids for a report: PNG bytes, or (step, PNG) for a grid of another step than the report's."""
+    pairs = [s if isinstance(s, tuple) else (None, s) for s in samples]
+    return json.dumps([{"step": step, "png": base64.b64encode(png).decode("ascii")} for step, png in pairs])
 
 
-def decode_samples(value: str | None) -> list[bytes]:
-    return [base64.b64decode(p) for p in json.loads(value or "[]")]
+def decode_samples(value: str | None) -> list[tuple[int | None, bytes]]:
+    """(step or None for the report's own step, PNG bytes) of each grid a report carries."""
+    return [(item["step"], base64.b64decode(item["png"])) for item in json.loads(value or "[]")]
 
 
 def flux_sigmas(steps: int, image_seq_len: int) -> list[float]:
@@ -74,10 +97,10 @@ def flux_sigmas(steps: int, image_seq_len: int) -> list[float]:
 
 def load_vae(model: dict[str, Any]) -> Any:
     """The model's VAE alone (a latent-cache worker has no bundle)."""
-    if model.get("preset") == "tiny-fill":
-        from fluxtune.flux.model import build_tiny_fill
+    if model.get("preset"):
+        from fluxtune.flux.model import build_preset
 
-        return build_tiny_fill(seed=model.get("seed", 0)).vae
+        return build_preset(model["preset"], seed=model.get("seed", 0), parts=("vae",)).vae
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_pretrained(model["path"], subfolder="vae", local_files_only=True)
@@ -92,12 +115,12 @@ class SampleGrids:
     height: int
     width: int
     guidance: float
-    deliver: Callable[[bytes], None]
+    deliver: Callable[[bytes, int | None], None]  # (PNG, its step; None: the step of the report it rides with)
     steps: int = 8
     seed: int = 0
 
     @classmethod
-    def for_worker(cls, model: dict[str, Any], val: Any, deliver: Callable[[bytes], None],
+    def for_worker(cls, model: dict[str, Any], val: Any, deliver: Callable[[bytes, int | None], None],
                    count: int = MAX_EXAMPLES, **kwargs: Any) -> "SampleGrids":
         """From the worker's ValidationSet (or EncodedSet) and the experiment's `model` spec."""
         from fluxtune.flux.encoded import preview_batch
@@ -136,7 +159,9 @@ class SampleGrids:
         pixels = blocks.reshape(-1, f, f, h, w).permute(0, 3, 1, 4, 2).reshape(-1, 1, h * f, w * f)
         return [_to_uint8(m, signed=False) for m in pixels.numpy()]
 
-    def render(self, transformer: Any) -> bytes:
+    def render(self, transformer: Any, step: int | None = None) -> bytes:
+        """Inpaint the examples with `transformer` and deliver the grid; `step` when it is not the step of the
+        next report (the starting weights, drawn before the first training step)."""
         import torch
 
         model = getattr(transformer, "module", transformer)  # DDP/DeepSpeed wrappers hide .config
@@ -151,5 +176,5 @@ class SampleGrids:
             model.train(was_training)
         rows = [list(r) for r in zip(sources, self._masks(), predictions, targets)]
         png = grid_png(rows)
-        self.deliver(png)
+        self.deliver(png, step)
         return png

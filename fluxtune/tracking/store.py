@@ -60,9 +60,17 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# MLflow's UI opens an experiment in the view its kind names; without this tag it guesses GenAI (traces, costs).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's "Machine learning": runs table
+
+
 def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, created when missing; either way it opens as model training in the UI."""
     c = client(uri)
     found = c.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return c.create_experiment(name, artifact_location=artifact_location(uri, name))
+    if found is None:
+        return c.create_experiment(name, artifact_location=artifact_location(uri, name), tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in found.tags:  # made by an older fluxtune: a kind chosen in the UI stays
+            c.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -55,7 +56,9 @@ def start_ray(address: str | None, num_cpus: int, verbose: bool = False) -> Loca
     if _local is not None:  # ray.shutdown() was called (tests do between modules): end that cluster too
         _local.stop()
         _local = None
-    kwargs = dict(include_dashboard=False, log_to_driver=verbose, logging_level="WARNING", configure_logging=True)
+    quiet_ray(verbose)  # importing ray configured its loggers
+    kwargs = dict(include_dashboard=False, log_to_driver=verbose, logging_level=logging.WARNING if verbose else
+                  logging.ERROR, configure_logging=True)
     address = address or os.environ.get("RAY_ADDRESS")  # as `ray` itself does: join the cluster it names
     if address:
         ray.init(address=address, **kwargs)
@@ -65,7 +68,18 @@ def start_ray(address: str | None, num_cpus: int, verbose: bool = False) -> Loca
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    quiet_ray(verbose)  # ray.init and ray.data set their loggers up again
     return _local
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Ray's INFO lines and advice (dataset plans, token auth, Tune notes) only with `-v`; errors always. Ray Data's
+    log file in the Ray session keeps everything."""
+    for name in ("ray", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    for handler in logging.getLogger("ray.data").handlers:  # its console handler (the file handler keeps INFO)
+        if type(handler).__name__ == "PlainRayHandler":
+            handler.setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def check_resources(experiments: list[dict[str, Any]], spec_file: str) -> None:

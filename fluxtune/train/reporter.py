@@ -24,11 +24,11 @@ class RayReporter:
         self.rank = rank
         self.stop_check = stop_check  # fluxtune.train.stops.StopCheck: ends runs Tune has stopped
         self._steps: dict[str, list[tuple[int, Any]]] = {}
-        self._samples: list[bytes] = []
+        self._samples: list[tuple[int | None, bytes]] = []
 
-    def attach_sample(self, png: bytes) -> None:
-        """A sample-image grid (fluxtune.tracking.samples): sent with the next report."""
-        self._samples.append(png)
+    def attach_sample(self, png: bytes, step: int | None = None) -> None:
+        """A sample-image grid (fluxtune.tracking.samples): sent with the next report, at `step` or the report's."""
+        self._samples.append((step, png))
 
     def log(self, global_step: int, metrics: dict[str, Any]) -> None:
         if self.rank != 0:

@@ -66,22 +66,26 @@ def _check_room_for_a_checkpoint(transformer: Any) -> None:
         check_room(run_folder(), state_bytes(transformer))
 
 
-def _load_model_and_data(experiment: dict[str, Any], rank: int) -> tuple[Any, Any, Any]:
-    """The transformer and this worker's encoded shard: read from the latent cache when the trial has one
-    (no VAE, no text encoders loaded), else decoded images encoded here."""
+def _load_model_and_data(experiment: dict[str, Any], rank: int, device: Any) -> tuple[Any, Any, Any]:
+    """The transformer (in its first stage's dtype, on `device`) and this worker's encoded shard: read from the
+    latent cache when the trial has one (no VAE, no text encoders loaded), else decoded images encoded here."""
     from fluxtune.assemble import cached_encoded_set, encode_arrays, load_bundle, load_transformer
+    from fluxtune.cycle import initial_weights_dtype
+    from fluxtune.registry import registry
     from fluxtune.train.datasets import collect
 
     train_arrays = collect(ray.train.get_dataset_shard("train"))
     val_arrays = collect(ray.train.get_dataset_shard("val"))
     if not train_arrays or not val_arrays:
         raise RuntimeError(f"worker {rank} got no {'training' if not train_arrays else 'validation'} examples")
+    dtype = initial_weights_dtype(experiment, registry(), device.type)
     if "x0" in train_arrays:
         prompts = collect(ray.train.get_dataset_shard("prompts"))
         resolution = experiment["data"]["resolution"]
-        return (load_transformer(experiment["model"]), cached_encoded_set(train_arrays, prompts, resolution),
+        return (load_transformer(experiment["model"], dtype, device),
+                cached_encoded_set(train_arrays, prompts, resolution),
                 cached_encoded_set(val_arrays, prompts, resolution))
-    bundle = load_bundle(experiment["model"])
+    bundle = load_bundle(experiment["model"], dtype, device)
     return bundle.transformer, encode_arrays(bundle, train_arrays), encode_arrays(bundle, val_arrays)
 
 
@@ -89,7 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from fluxtune.assemble import build_shared
+    from fluxtune.assemble import build_shared, model_weights_folder
     from fluxtune.cycle import run_cycle
     from fluxtune.flux.inpaint import InpaintProbe
     from fluxtune.registry import registry
@@ -103,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(experiment["seed"])
 
-    transformer, train, val = _load_model_and_data(experiment, rank)
+    transformer, train, val = _load_model_and_data(experiment, rank, device)
     reporter = MarkedReporter(rank, StopCheck(config.get("sweep_id"), config.get("trial_id"), rank, world_size))
     shared = build_shared(experiment, train, val, reporter, registry(), device, rank, world_size)
     if rank == 0:  # sample-image grids for MLflow at each evaluation
@@ -112,7 +116,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress, transformer, restarted = _resume(transformer.to(device), config.get("initial_checkpoint"))
     if restarted:
         reporter.marks = {RESUMED_FROM_KEY: progress.global_step}
+    elif rank == 0:  # the starting weights (step 0: where MLflow's image slider opens; or a reused stage's end)
+        shared.samples.render(transformer, step=progress.global_step)
     try:
-        run_cycle(experiment, transformer, shared, progress)
+        # A resumed transformer is fp32 (exact in itself); one read in bf16 keeps its exact values in its folder.
+        run_cycle(experiment, transformer, shared, progress, weights_folder=model_weights_folder(experiment["model"]))
     except TrialStopped:
         return  # Tune stopped this trial (ASHA): end the run so its workers free their CPUs now

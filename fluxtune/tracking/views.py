@@ -1,0 +1,102 @@
+"""What a person reads off a trial's run, computed from what the driver receives: which reported numbers are
+curves and which are one-per-stage (the stages table), a stage's table row, the stopped-early note, loss curves,
+the driver's system metrics. Plain functions over result dicts and an MLflow client; SweepTracker calls them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CURVES = ("loss", "val_loss")  # drawn into loss_curves.png at the end of a trial
+# Reported at stage ends too, and also at every evaluation: points of a curve, not stage summaries.
+CURVE_AT_STAGE_END = {"val_loss", "masked_psnr", "masked_ssim"}
+_TUNE_BOOKKEEPING = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid",
+                     "time_since_restore", "iterations_since_restore", "global_step", "cycle"}
+
+
+def is_training_metric(key: str) -> bool:
+    return key not in _TUNE_BOOKKEEPING and not key.startswith(("config", "_"))
+
+
+def is_stage_summary(key: str) -> bool:
+    """`lora/cycle1/val_loss`, a value reported once at a stage's end: a row of the stages table, not a curve."""
+    parts = key.split("/")
+    return len(parts) == 3 and parts[1].startswith("cycle") and parts[1][5:].isdigit()
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def curve_points(result: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a result that are points of a curve at its step (a stage end's others go to its table row)."""
+    stage_end = bool(result.get("stage_end"))
+    return {k: v for k, v in result.items() if _number(v) and is_training_metric(k)
+            and not (stage_end and (is_stage_summary(k) or k not in CURVE_AT_STAGE_END))}
+
+
+def stage_row(result: dict[str, Any]) -> dict[str, Any]:
+    """A stage-end result → its row of the stages table: cycle, stage, global step, then every number the stage
+    reported (speed, transition time, validation scores)."""
+    row: dict[str, Any] = {"cycle": int(result.get("cycle", 0)), "stage": str(result.get("stage", "")),
+                           "global_step": int(result.get("global_step", 0))}
+    for key, value in result.items():
+        if (_number(value) and is_training_metric(key) and not is_stage_summary(key)
+                and not key.startswith("system/") and key not in row):
+            row[key] = float(value)
+    return row
+
+
+def stopped_note(scheduler: str, step: int, planned: int) -> str:
+    """The run description of a trial a scheduler stopped early (markdown, shown on its overview page)."""
+    return (f"**Stopped early** by the {scheduler.upper()} scheduler at step {step} of {planned}: its metric lagged "
+            "behind other trials' at that point. Its curves end there; it is not a failure.")
+
+
+def system_monitors() -> list[Any]:
+    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+
+    monitors = [CPUMonitor()]
+    try:
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+        monitors.append(GPUMonitor())
+    except Exception:  # no NVIDIA driver here: GPU metrics are simply not available
+        pass
+    return monitors
+
+
+def system_sample(monitors: list[Any]) -> dict[str, float]:
+    """CPU/memory (and GPU where a monitor loads) of the driver's node, now."""
+    out: dict[str, float] = {}
+    for monitor in monitors:
+        try:
+            monitor.collect_metrics()
+            out.update({f"system/{k}": float(v) for k, v in monitor.aggregate_metrics().items()})
+        finally:
+            monitor.clear_metrics()
+    return out
+
+
+def draw_loss_curves(client: Any, run_id: str, title: str) -> None:
+    """loss_curves.png: training loss and validation loss over global steps, from the run's metric history."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # the driver has no display
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
+    drawn = 0
+    for key in CURVES:
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        if history:
+            axes.plot([m.step for m in history], [m.value for m in history], label=key,
+                      marker="o" if key.startswith("val") else None)
+            drawn += 1
+    if not drawn:
+        return
+    axes.set_xlabel("global step")
+    axes.set_yscale("log")
+    axes.legend()
+    axes.set_title(title)
+    client.log_figure(run_id, figure, "loss_curves.png")
