@@ -118,11 +118,12 @@ def write_stage_checkpoint(out_dir: Path, transformer: Any, progress: Progress, 
         raise CheckpointSpaceError(out_dir, needed, free)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{secrets.token_hex(4)}")
     try:
+        written: dict[str, str] = {}  # the weight files' sha256, hashed as their bytes were written
         save_weights_folder(tmp / "transformer", transformer,
-                            weights if weights is not None else LiveWeights(transformer).tensors())
+                            weights if weights is not None else LiveWeights(transformer).tensors(), written)
         if has_exports:
             shutil.copytree(export_dir, tmp / "exports")
-        files = _describe_files(tmp)
+        files = _describe_files(tmp, {f"transformer/{name}": digest for name, digest in written.items()})
         record = {**asdict(progress), "finished_stage": stage, "metrics": metrics, "files": files}
         _write_atomically(tmp / PROGRESS, json.dumps(record, indent=1))
         os.replace(tmp, out_dir)
@@ -282,15 +283,17 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(part, path)
 
 
-def _describe_files(folder: Path) -> dict[str, dict[str, Any]]:
-    """Every file's size and hash, taken by the writer right after writing (the bytes are still in the page
-    cache, so this costs a hash, not a second read from disk)."""
+def _describe_files(folder: Path, known: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Every file's size and sha256: `known` (relative name → hash) were hashed while being written (the
+    transformer's weights: never read back); the rest (config, exported adapters: small) are hashed now."""
     files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
-    hashes = _hashes([str(p) for p in files])
-    for digest in hashes:
+    names = [str(p.relative_to(folder)) for p in files]
+    hashes = dict(zip([n for n in names if n not in known],
+                      _hashes([str(folder / n) for n in names if n not in known])))
+    for digest in hashes.values():
         if isinstance(digest, OSError):
             raise digest
-    return {str(p.relative_to(folder)): {"size": p.stat().st_size, HASH: digest} for p, digest in zip(files, hashes)}
+    return {name: {"size": p.stat().st_size, HASH: known.get(name) or hashes[name]} for p, name in zip(files, names)}
 
 
 def _hashes(paths: list[str]) -> list[str | OSError]:

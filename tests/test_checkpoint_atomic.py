@@ -69,6 +69,17 @@ def test_a_checkpoint_appears_under_its_name_complete_with_a_list_of_its_files(t
     assert usable_checkpoint(folder) == record
 
 
+def test_sharded_weights_are_hashed_as_they_are_written_with_their_index(transformer, tmp_path):
+    from fluxtune.canonical import LiveWeights, layout
+    from fluxtune.flux.weights import save_streamed
+
+    digests: dict[str, str] = {}
+    written = save_streamed(tmp_path, layout(transformer), LiveWeights(transformer).tensors(),
+                            max_shard_bytes=64 << 10, digests=digests)
+    assert len(written) > 2  # several shards and the index
+    assert digests == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in written}
+
+
 def test_resume_skips_a_folder_without_marker_and_a_copy_cut_short(transformer, tmp_path, caplog):
     complete = _write(tmp_path / "complete", transformer)
     half = _half_written(tmp_path / "half", complete)
