@@ -101,10 +101,8 @@ SMALL = {
     "  eval_every: 20": "  eval_every: 2",
     "{name: full, type: full, steps: 40,": "{name: full, type: full, steps: 2,",
     "      steps: 60\n": "      steps: 2\n",
-    "  num_samples: 4": "  num_samples: 2\n  max_failures: 0",
-    "  scheduler: {type: asha, grace_period: 40}": "  scheduler: {type: fifo}",
-    # One cycle: every trial's version is then built on the shared full stage, the checkpoint the test changes.
-    "    cycles: {type: int, low: 1, high: 2}": "    cycles: {type: categorical, choices: [1]}",
+    "  num_samples: 6 ": "  max_failures: 0\n  num_samples: 2 ",
+    "  scheduler: {type: asha, grace_period: 60, reduction_factor: 2}": "  scheduler: {type: fifo}",
 }
 
 
@@ -224,7 +222,7 @@ def _three_runs(work: Path, env: dict, gates: Gates, store: Store, runs: Path) -
     assert nan_trial["error"].startswith("val_loss is nan at step ") and "not finite" in nan_trial["error"]
     assert f"trial {nan_trial['trial']} failed: val_loss is nan at step" in out, out[-6000:]
     assert good["val_loss"] == 0.002 and not good["error"]
-    assert f"best trial {good['trial']}: val_loss=0.002" in out
+    assert f"({good['trial']}): val_loss=0.002" in out  # best trial <its name> (<its id>)
     assert f"trial {good['trial']}, val_loss=0.002" in (folder / "best.yaml").read_text()
     assert sorted(study_states(work, sweep_id)) == ["COMPLETE", "FAIL"]
     assert (f"trial {good['trial']} is not registered: refusing stage checkpoint {shared}: {WEIGHTS} does not match "
