@@ -7,7 +7,10 @@ registered version (MLflow's artifacts: does it hold a copy of its base?). Weigh
 FLUX.1-Fill-dev (11.9 B parameters: 47.6 GB per fp32 checkpoint). The hash row times sha256 over a file of
 `--hash-mib` MiB, read once from the page cache (the writer's case) and once after dropping it where allowed.
 
-    .venv/bin/python benchmarks/checkpoint_retention.py [--hash-mib 1024] [--skip-sweeps]
+`--small` trains each stage a few steps at 32 px: the checkpoints (the tiny model's weights, whatever the
+resolution or step count) and the files a sweep leaves are the same kind and size, in a fraction of the time.
+
+    .venv/bin/python benchmarks/checkpoint_retention.py [--hash-mib 1024] [--skip-sweeps] [--small]
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 FLUXTUNE = Path(sys.executable).with_name("fluxtune")
 SPEC = Path(__file__).resolve().parents[1] / "searches" / "lora_rank.yaml"
 FLUX_FP32_BYTES = 11_902_391_360 * 4
+SMALL = {"resolution: 64, batch_size: 4": "resolution: 32, batch_size: 2", "eval_every: 20": "eval_every: 4",
+         "steps: 40,": "steps: 4,", "      steps: 60\n": "      steps: 4\n", "grace_period: 60": "grace_period: 4"}
 
 
 def tree(folder: Path) -> tuple[int, int]:
@@ -31,10 +36,14 @@ def tree(folder: Path) -> tuple[int, int]:
     return sum(p.stat().st_size for p in files), len(weights)
 
 
-def run_sweep(workdir: Path, keep: str) -> dict:
+def run_sweep(workdir: Path, keep: str, small: bool) -> dict:
     workdir.mkdir(parents=True)
     spec = workdir / "lora_rank.yaml"
-    spec.write_text(SPEC.read_text() + f"checkpoints: {{keep: {keep}}}\n")
+    text = SPEC.read_text()
+    for old, new in (SMALL.items() if small else ()):
+        assert old in text, old
+        text = text.replace(old, new)
+    spec.write_text(text + f"checkpoints: {{keep: {keep}}}\n")
     started = time.perf_counter()
     done = subprocess.run([str(FLUXTUNE), "search", str(spec)], cwd=workdir, capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"})
@@ -77,6 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hash-mib", type=int, default=1024)
     parser.add_argument("--skip-sweeps", action="store_true")
+    parser.add_argument("--small", action="store_true", help="a few steps per stage at 32 px (same checkpoints)")
     args = parser.parse_args()
     warm, cold = hash_rate(args.hash_mib)
     print("| sha256 over | GB/s | s per 24 GB (bf16) | s per 48 GB (fp32) |")
@@ -87,7 +97,7 @@ def main() -> None:
     if args.skip_sweeps:
         return
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run_sweep(Path(tmp) / keep, keep) for keep in ("all", "needed")]
+        rows = [run_sweep(Path(tmp) / keep, keep, args.small) for keep in ("all", "needed")]
     base = rows[0]["bytes"] / rows[0]["trials"]
     print()
     print("| checkpoints.keep | trials | runs/ bytes | bytes per trial | vs all | transformer weight files | "

@@ -198,7 +198,8 @@ def candidate(workdir: Path) -> str:
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
-    return str(MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("chain", "candidate").version)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return str(client.get_model_version_by_alias("chain", "candidate").version)
 
 
 def finish(process: subprocess.Popen, lines: LineReader, timeout: float = 300) -> str:

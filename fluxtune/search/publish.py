@@ -101,10 +101,10 @@ def register_release(release: Release, reference: dict[str, Any] | None, registe
             "base_model": str(experiment["model"].get("path") or experiment["model"].get("preset"))}
     how = (f'mlflow.pyfunc.load_model("models:/{model_name}/<version>").predict(pandas.DataFrame('
            '{"image": [png_path_or_base64], "mask": [...], "prompt": [...]}), params={"steps": 8, "seed": 0})')
+    where = (reference or {}).get("checkpoint") or (reference or {}).get("model_path") or "rebuilt from the preset"
     description = (f"Inpainting model from sweep {sweep_id}, trial {release.trial} ({place}): {metric}={value:.6g}. "
                    f"Last stage: {release.final.stage} (cycle {release.final.cycle}); "
-                   f"{'LoRA adapter on ' if release.adapter else ''}base transformer "
-                   f"{(reference or {}).get('checkpoint') or (reference or {}).get('model_path') or 'rebuilt from the preset'}"
+                   f"{'LoRA adapter on ' if release.adapter else ''}base transformer {where}"
                    f" (referenced with its content hashes, not copied: the version stops loading if it is deleted)."
                    f" Load: {how}")
     with contextlib.ExitStack() as local:  # an adapter on a shared URI is downloaded for the upload
