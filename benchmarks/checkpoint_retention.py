@@ -7,7 +7,7 @@ registered version (MLflow's artifacts: does it hold a copy of its base?). Weigh
 FLUX.1-Fill-dev (11.9 B parameters: 47.6 GB per fp32 checkpoint). The hash row times sha256 over a file of
 `--hash-mib` MiB, read once from the page cache (the writer's case) and once after dropping it where allowed.
 
-`--small` trains each stage a few steps at 32 px: the checkpoints (the tiny model's weights, whatever the
+`--small` trains each stage a few steps at 32 px, FIFO (no ASHA rung to reach): the checkpoints (the tiny model's weights, whatever the
 resolution or step count) and the files a sweep leaves are the same kind and size, in a fraction of the time.
 
     .venv/bin/python benchmarks/checkpoint_retention.py [--hash-mib 1024] [--skip-sweeps] [--small]
@@ -27,7 +27,8 @@ FLUXTUNE = Path(sys.executable).with_name("fluxtune")
 SPEC = Path(__file__).resolve().parents[1] / "searches" / "lora_rank.yaml"
 FLUX_FP32_BYTES = 11_902_391_360 * 4
 SMALL = {"resolution: 64, batch_size: 4": "resolution: 32, batch_size: 2", "eval_every: 20": "eval_every: 4",
-         "steps: 40,": "steps: 4,", "      steps: 60\n": "      steps: 4\n", "grace_period: 60": "grace_period: 4"}
+         "steps: 40,": "steps: 4,", "      steps: 60\n": "      steps: 4\n",
+         "{type: asha, grace_period: 60, reduction_factor: 2}": "{type: fifo}"}  # no rung in 8 steps
 
 
 def tree(folder: Path) -> tuple[int, int]:
