@@ -141,6 +141,9 @@ def main() -> None:
     from stage_runs import init_single_process_group
 
     device = torch.device("cpu" if args.smoke else "cuda")
+    from fluxtune.flux.model import use_reliable_attention
+
+    use_reliable_attention(device)  # as the Train workers do
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke on a CPU machine")
     init_single_process_group("gloo" if args.smoke else "nccl")

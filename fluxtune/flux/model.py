@@ -41,6 +41,15 @@ class FluxBundle:
     _empty_prompt: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
 
+def use_reliable_attention(device: torch.device) -> None:
+    """On CUDA, keep PyTorch's attention off the cuDNN backend. With torch 2.11 on an H200, cuDNN's fused attention
+    (scaled_dot_product_attention's first choice on Hopper) failed at FLUX shapes: an illegal memory access, or
+    "mha_graph.execute ... is_good()", after a few steps; the flash backend runs the same steps (BENCHMARKS.md, GPU
+    check). Called by each process before it trains or samples on a GPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def _freeze(module: torch.nn.Module) -> torch.nn.Module:
     """Only the transformer is fine-tuned here; the VAE and text encoders stay frozen, in eval mode."""
     module.requires_grad_(False)

@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 CURVES = ("loss", "val_loss")  # drawn into loss_curves.png at the end of a trial
-# Reported at stage ends too, and also at every evaluation: points of a curve, not stage summaries. A restarted
-# attempt's marks ride on every report it makes, which may be stage ends only (an attempt resumed right before
-# a stage without evaluations): they are metrics of the run whichever report carries them.
+# Reported at stage ends too, and also at every evaluation: points of a curve, not stage summaries.
+# An attempt's facts (a restarted trial's step and its worker failures) ride on every report, also when its only
+# report after a restart is a stage end: the run's metrics, never only a table row.
 CURVE_AT_STAGE_END = {"val_loss", "masked_psnr", "masked_ssim", "resumed_from_step", "worker_failures"}
 _TUNE_BOOKKEEPING = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid",
                      "time_since_restore", "iterations_since_restore", "global_step", "cycle"}

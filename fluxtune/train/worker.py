@@ -96,6 +96,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from fluxtune.assemble import build_shared, model_weights_folder
     from fluxtune.cycle import run_cycle
     from fluxtune.flux.inpaint import InpaintProbe
+    from fluxtune.flux.model import use_reliable_attention
     from fluxtune.registry import registry
     from fluxtune.tracking.samples import SampleGrids
     from fluxtune.train.stops import StopCheck, TrialStopped
@@ -105,6 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    use_reliable_attention(device)
     torch.manual_seed(experiment["seed"])
 
     transformer, train, val = _load_model_and_data(experiment, rank, device)
