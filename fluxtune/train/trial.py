@@ -173,9 +173,12 @@ def _wait_for_the_last_report(timeout_s: float = 600.0) -> None:
     if reports is None:
         return
     deadline, quiet = time.monotonic() + timeout_s, 0
-    while quiet < 3 and time.monotonic() < deadline:  # repeatedly: a report being handed over is in neither
-        quiet = quiet + 1 if reports.empty() and session.result_queue.empty() else 0
-        time.sleep(0.2)
+    try:
+        while quiet < 3 and time.monotonic() < deadline:  # repeatedly: a report being handed over is in neither
+            quiet = quiet + 1 if reports.empty() and session.result_queue.empty() else 0
+            time.sleep(0.2)
+    except Exception:  # the queue's actor is gone: Tune already ended this trial (stopped early)
+        return
 
 
 def trainable(settings: TrialSettings):
