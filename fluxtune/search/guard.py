@@ -76,8 +76,9 @@ class SweepGuard(tune.Stopper):
 class StorageFaultWatch(tune.Callback):
     """A trial that failed on a full or read-only store stops the sweep (see `SweepGuard`)."""
 
-    def __init__(self, guard: SweepGuard):
+    def __init__(self, guard: SweepGuard, record: Any = None):
         self.guard = guard
+        self.record = record  # SweepRecord: says `interrupted` at once, while the store may still take that
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         try:
@@ -85,8 +86,12 @@ class StorageFaultWatch(tune.Callback):
                 fault = storage_fault(handle.read())
         except OSError:
             return
-        if fault is not None:
-            self.guard.note_fault(fault)
+        if fault is None:
+            return
+        if self.record is not None and self.guard.fault is None:  # before other writers take the last bytes
+            self.record.status, self.record.stopped_by = "interrupted", fault
+            self.record.save_quietly()
+        self.guard.note_fault(fault)
 
 
 class FiniteOptunaSearch(OptunaSearch):

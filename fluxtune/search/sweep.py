@@ -200,9 +200,11 @@ def _run_locked(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: s
     guard = SweepGuard(search.metric)
     keeper = CheckpointKeeper(settings, record, search.metric, search.mode, spec.checkpoints.keep,
                               spec.tracking.register_top, guard, experiment_of, warn)
-    callbacks = [MlflowSweepCallback(tracker, plugins, experiment_of, trial_storage, scheduler=search.scheduler.type,
+    # The storage watch first: on a full store its small record write goes before the others' error files.
+    callbacks = [StorageFaultWatch(guard, record),
+                 MlflowSweepCallback(tracker, plugins, experiment_of, trial_storage, scheduler=search.scheduler.type,
                                      sweep_folder=str(folder)),
-                 keeper, StorageFaultWatch(guard), StopFinishedRuns(record.sweep_id),
+                 keeper, StopFinishedRuns(record.sweep_id),
                  ConsoleProgress(search.metric, console, search.mode, more or search.num_samples, search.scheduler.type,
                                  lambda config: planned_steps(experiment_of(config)), sweep_folder=str(folder))]
 
