@@ -1,12 +1,12 @@
 """TPE + ASHA against an exhaustive grid over the same space, on the tiny model.
 
-Target (issue 6): TPE + ASHA reaches within 2% of the grid's best validation loss while spending at most
+Target: TPE + ASHA reaches within 2% of the grid's best validation loss while spending at most
 40% of the grid's training steps.
 
 What runs: real Ray Tune with fluxtune's own searcher (`OptunaSearch` over `DefineByRun`, `optuna_sampler`) and
 scheduler (`_scheduler`: ASHA on `val_loss` with the global step as time), and the real cycle (`run_cycle`,
 full → LoRA on the tiny FLUX.1-Fill model). To measure the search strategy rather than Ray Train's start-up
-(≈10 s per trial, FACTS.md), each trial runs `run_cycle` directly in its Tune actor on latents encoded once in
+(≈10 s per trial), each trial runs `run_cycle` directly in its Tune actor on latents encoded once in
 the driver; a trial's training steps are its last reported global step (ASHA stops it at a report).
 
     .venv/bin/python benchmarks/search_budget.py [--tpe-samples 5] [--seeds 0 1 2] [--grace 30] [--reduction-factor 3]

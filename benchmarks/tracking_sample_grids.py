@@ -18,7 +18,7 @@ from fluxtune.context import Shared, evaluate
 from fluxtune.flux.encoded import ValidationSet, encode_examples
 from fluxtune.flux.model import build_tiny_fill
 from fluxtune.registry import registry
-from fluxtune.tracking.samples import SampleGrids
+from fluxtune.flux.preview import ValidationPreview
 
 
 class _Quiet:
@@ -46,12 +46,12 @@ def main() -> None:
                     loss_fn=reg.get("loss", "flow_matching").build({"type": "flow_matching"}),
                     timesteps=reg.get("timestep_sampler", "logit_normal").build({"type": "logit_normal"}),
                     reporter=_Quiet(), registry=reg, device=torch.device("cpu"))
-    grids = SampleGrids.for_worker({"preset": "tiny-fill", "seed": 0, "guidance": 30.0}, shared.val,
-                                   lambda png: None)
+    grids = ValidationPreview.for_worker({"preset": "tiny-fill", "seed": 0, "guidance": 30.0}, shared.val,
+                                         lambda png, step: None)
     transformer = bundle.transformer
 
     def timed(with_grid: bool) -> list[float]:
-        shared.samples = grids if with_grid else None
+        shared.preview = grids if with_grid else None
         evaluate(transformer, shared)  # warm-up
         out = []
         for _ in range(args.repeats):

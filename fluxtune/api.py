@@ -105,7 +105,8 @@ class StageContext(Protocol):
     - `log(step, metrics)`: per-step metrics (buffered, tensors welcome: no device sync per step); also
       reaches the `on_step_end` of the experiment's callbacks.
     - `maybe_evaluate(step)`: at eval points, the deterministic validation of `transformer`, reported to the
-      search scheduler; `evaluate()` runs it now.
+      search scheduler; `step` counts this stage's optimizer updates from 1 (as in `log`), and the stage's last
+      step is left to the stage-end evaluation. `evaluate()` runs it now.
     - `export_dir`: a folder whose content is saved with the stage checkpoint and logged as artifacts
       (the checkpoint itself, the transformer as safetensors, is written by fluxtune at the stage end).
     """

@@ -12,7 +12,7 @@ from fluxtune.canonical import cast
 from fluxtune.context import Reporter, Shared
 from fluxtune.flux.encoded import EncodedSet, ValidationSet, encode_examples, encoded_from_columns
 from fluxtune.flux.model import FluxBundle, build_preset, load_flux
-from fluxtune.tracking.registered import registered_transformer
+from fluxtune.registered_version import registered_transformer
 
 VAL_NOISE_SEED_OFFSET = 7_919  # validation noise never shares a stream with training noise
 

@@ -38,12 +38,10 @@ class Shared:
     rank: int = 0
     world_size: int = 1
     eval_every: int = 20
-    sample_every: int = 1  # evaluations between sample grids and probe runs (first evaluation and stage ends: always)
+    sample_every: int = 1  # evaluations between validation previews (first evaluation and stage ends: always)
     seed: int = 0
     evaluations: int = 0  # how many this worker has run (the sample-grid cadence counts them)
-    # Scores sampled inpaintings of a few held-out examples (fluxtune.flux.inpaint.InpaintProbe); None = off.
-    probe: Any = None
-    samples: Any = None  # rank 0: renders a sample-image grid at each evaluation (fluxtune.tracking.samples)
+    preview: Any = None  # rank 0: inpaints a few validation examples: grid + masked scores (fluxtune.flux.preview)
 
 
 @dataclass
@@ -151,7 +149,7 @@ def evaluate(transformer: Any, shared: Shared, stage_end: bool = False) -> dict[
     """Deterministic validation loss: fixed noise and t per held-out example, dropout off.
 
     Always plain MSE on the velocity, whatever the training loss, so trials with different losses compare.
-    The sample grid and the inpainting probe (sampling: far dearer than the loss) run at the first evaluation,
+    The validation preview (sample grid and masked scores; sampling: far dearer than the loss) runs at the first evaluation,
     every `sample_every`-th one and at stage ends.
     """
     with_samples = stage_end or shared.evaluations % shared.sample_every == 0
@@ -168,9 +166,7 @@ def evaluate(transformer: Any, shared: Shared, stage_end: bool = False) -> dict[
             total += float(loss) * len(t)
             count += len(t)
         transformer.train(was_training)
-        if shared.samples is not None and with_samples:
-            shared.samples.render(transformer)  # rides to MLflow with the next report
         metrics = {"val_loss": total / max(count, 1)}
-        if shared.probe is not None and with_samples:
-            metrics.update(shared.probe(transformer))
+        if shared.preview is not None and with_samples:  # its grid rides to MLflow with the next report
+            metrics.update(shared.preview(transformer))
     return metrics

@@ -40,7 +40,7 @@ def errors_folder() -> Path:
 
 def keep_text(text: str, name: str, folder: Path | None = None) -> Path | None:
     """Write `text`, secrets redacted, to `folder` (default `errors_folder()`) as `name`; None if that fails."""
-    from fluxtune.tracking.redact import redact_text
+    from fluxtune.redact import redact_text
 
     folder = folder or errors_folder()
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:120] or "error"
@@ -241,8 +241,8 @@ def keep_trial_failure(trial: Any, sweep_folder: str | os.PathLike | None) -> tu
 
 
 def redact_text(text: str) -> str:
-    """Secrets out of a line bound for the console or MLflow (see fluxtune.tracking.redact)."""
-    from fluxtune.tracking.redact import redact_text as redact
+    """Secrets out of a line bound for the console or MLflow (see fluxtune.redact)."""
+    from fluxtune.redact import redact_text as redact
 
     return redact(text)
 

@@ -9,7 +9,8 @@ called once per process (the CLI/driver and each Ray worker) when the registry i
 
 - `name`: what a YAML uses as `type:`; unique per kind (a duplicate is an error naming both plugins).
 - `factory(params)`: builds the component from its validated `params`, an instance of the `params` model.
-- `params`: a `fluxtune.Params` subclass (closed pydantic model) checked at `fluxtune validate` time.
+- `params`: a `fluxtune.Params` subclass (closed pydantic model) checked at `fluxtune validate` time; a plain
+  pydantic model is registered as a closed subclass of itself, so a misspelt key is an error, never ignored.
 - `replace=True`: deliberately take over a name another plugin (e.g. a built-in) registered first.
 
 Keep implementations cheap: import torch/diffusers inside the factory, not at module level, because they run
@@ -102,6 +103,24 @@ def register_optimizers(register: Register) -> None:
     parameters must then be all-reduced). Plugin stages build one with `ctx.optimizer(params, type=…, …)`.
     A `params` model with the class attribute `requires_cuda = True` is refused by `fluxtune validate` for an
     experiment that runs on CPU (`gpus_per_worker: 0`).
+    """
+
+
+@hookspec
+def validate_experiment(experiment: dict[str, Any], model: dict[str, Any] | None) -> list[Any] | None:
+    """Check a resolved experiment against the model it will train, before anything runs.
+
+    When: in the CLI process, at `fluxtune validate`, `fluxtune search --dry-run` and before Ray starts for
+    `fluxtune search`/`run`: once for the base experiment and once per corner value of each searched key
+    (each choice; a range's low and high). Keep it cheap and import-light (no torch): `validate` runs it.
+    Arguments: `experiment`, the resolved experiment as a dict (every component's params with defaults filled;
+    `stages` a list of dicts with `name`, `type`, `steps` and the stage's params); `model`, the transformer's
+    diffusers config read without weights (`num_layers` double blocks, `num_single_layers`,
+    `num_attention_heads`, `attention_head_dim`, `in_channels`, …), or None when the experiment starts from a
+    registered version that does not name its base. Implementations may take only the arguments they need.
+    Returns: the problems found, each a message or a `(key, message)` pair whose `key` is a dotted path of the
+    experiment as in `search.space` (`stages.lora.adapter.blocks`), shown at that key's YAML line; None or an
+    empty list when all is well. Each problem is one line naming the plugin, and the command exits with 2.
     """
 
 

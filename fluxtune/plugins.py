@@ -29,7 +29,7 @@ DEFAULT_PLUGINS = (
     "fluxtune.default_plugins.callbacks",
     "fluxtune.default_plugins.optimizers",
 )
-HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("register_"))
+HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith(("register_", "validate_")))
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,19 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
     return build_plugin_manager()
 
 
+_changes = 0  # how often the loaded plugin set changed: the registry (built from it) rebuilds on a new count
+
+
+def changes() -> int:
+    """A count that moves whenever the loaded plugins change (reset, add_plugin, remove_plugin)."""
+    return _changes
+
+
+def _changed() -> None:
+    global _changes
+    _changes += 1
+
+
 def plugin_set() -> dict[str, str]:
     """name → 'distribution==version' of every loaded plugin: pinned by the driver, checked in workers."""
     _, infos = plugin_manager()
@@ -149,10 +162,8 @@ def plugin_set() -> dict[str, str]:
 
 def reset() -> None:
     """Forget the process-wide plugin manager and registry; the next use rebuilds both."""
-    from fluxtune.registry import registry
-
     plugin_manager.cache_clear()
-    registry.cache_clear()
+    _changed()
 
 
 def use_plugin_set(expected: dict[str, str] | None) -> None:
@@ -199,7 +210,7 @@ def add_plugin(plugin: Any, name: str, distribution: str = "<in-process>", versi
         raise InputError(problems)
     source = getattr(plugin, "__name__", None) or f"{type(plugin).__module__}.{type(plugin).__qualname__}"
     infos[name] = info = PluginInfo(name, distribution, version, builtin=False, source=source)
-    _forget_registry()
+    _changed()
     return info
 
 
@@ -208,13 +219,7 @@ def remove_plugin(name: str) -> None:
     if pm.has_plugin(name):
         pm.unregister(name=name)
     infos.pop(name, None)
-    _forget_registry()
-
-
-def _forget_registry() -> None:
-    from fluxtune.registry import registry
-
-    registry.cache_clear()
+    _changed()
 
 
 def command_names(pm: pluggy.PluginManager) -> dict[str, list[str]]:
@@ -229,3 +234,38 @@ def command_names(pm: pluggy.PluginManager) -> dict[str, list[str]]:
                                  for c in scratch.registered_commands]
         out[impl.plugin_name] += [g.name or "?" for g in scratch.registered_groups]
     return out
+
+
+@dataclass(frozen=True)
+class ExperimentProblem:
+    """One problem a plugin's `validate_experiment` found: `key` is a dotted experiment path, or ""."""
+
+    plugin: str  # 'name' (distribution version), as the registry's provenance reads
+    key: str
+    message: str
+
+
+def experiment_problems(experiment: dict[str, Any], model: dict[str, Any] | None) -> list[ExperimentProblem]:
+    """Every problem the `validate_experiment` implementations report for this experiment, each naming its plugin;
+    a hook that raises or answers in another shape is a problem of that plugin too."""
+    pm, infos = plugin_manager()
+    found = []
+    for impl in pm.hook.validate_experiment.get_hookimpls():
+        info = infos.get(impl.plugin_name)
+        who = f"{impl.plugin_name!r} ({info.distribution} {info.version})" if info else repr(impl.plugin_name)
+        arguments = {"experiment": experiment, "model": model}
+        try:
+            answer = impl.function(**{name: arguments[name] for name in impl.argnames})
+        except Exception as exc:  # a plugin's bug: named, not shown as a traceback
+            found.append(ExperimentProblem(who, "", f"validate_experiment failed: {type(exc).__name__}: {exc}; "
+                                                    f"disable it with FLUXTUNE_DISABLE_PLUGINS={impl.plugin_name}"))
+            continue
+        for item in [answer] if isinstance(answer, str) else answer or []:
+            if isinstance(item, str):
+                found.append(ExperimentProblem(who, "", item))
+            elif isinstance(item, tuple) and len(item) == 2 and all(isinstance(part, str) for part in item):
+                found.append(ExperimentProblem(who, *item))
+            else:
+                found.append(ExperimentProblem(who, "", f"validate_experiment returned {item!r}: expected a message "
+                                                        "or a (key, message) pair"))
+    return found

@@ -2,6 +2,11 @@
 
 It records which plugin (and which distribution and version) provided each entry, refuses duplicate names
 unless a plugin asks to replace, and answers unknown names with the available ones and a did-you-mean.
+
+Params models are closed: one that would drop unknown keys (a plain pydantic `BaseModel`, pydantic's default
+`extra="ignore"`) is registered as a closed subclass of itself, so a misspelt key fails validation at its line
+instead of being ignored; the factory still receives an instance of the plugin's own class. A model that sets
+`extra="allow"` keeps the unknown keys (in `model_extra`) and answers for them itself.
 """
 
 from __future__ import annotations
@@ -9,13 +14,13 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Callable
 
 import pluggy
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
-from fluxtune.api import Params
+from fluxtune import plugins
+from fluxtune.api import ComponentSpec, Params
 
 KINDS = {
     "stage": "register_stages",
@@ -79,6 +84,41 @@ class Entry:
         return self.factory(self.params.model_validate(values))
 
 
+def _ignores_extra(model: type[BaseModel]) -> bool:
+    return model.model_config.get("extra") in (None, "ignore")
+
+
+def closed(model: type[BaseModel]) -> type[BaseModel]:
+    """`model` itself when it refuses (or deliberately keeps) unknown keys, else a subclass that refuses them."""
+    if not _ignores_extra(model):
+        return model
+    return type(model.__name__, (model,), {"__module__": model.__module__, "__doc__": model.__doc__,
+                                           "__qualname__": model.__qualname__,
+                                           "model_config": ConfigDict(extra="forbid")})
+
+
+def open_nested_models(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted names of fields (at any depth) whose pydantic model would ignore unknown keys. Component specs
+    (`AdapterSpec`, …) are open by design: their keys are checked against the named component's own model."""
+    found = []
+    for name, field_info in model.model_fields.items():
+        for inner in _models_in(field_info.annotation):
+            if issubclass(inner, ComponentSpec) or inner is model:
+                continue
+            if _ignores_extra(inner):
+                found.append(f"{prefix}{name}")
+            else:
+                found += open_nested_models(inner, f"{prefix}{name}.")
+    return found
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds: `Sub`, `list[Sub]`, `Sub | None`, `dict[str, Sub]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]
+
+
 @dataclass
 class Registry:
     entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KINDS})
@@ -94,6 +134,12 @@ class Registry:
         if not (isinstance(entry.params, type) and issubclass(entry.params, BaseModel)):
             raise RegistryError(f"{who}: {entry.kind} {entry.name!r} params must be a pydantic model "
                                 "(subclass fluxtune.Params)")
+        open_inside = open_nested_models(entry.params)
+        if open_inside:
+            raise RegistryError(f"{who}: {entry.kind} {entry.name!r} params field {open_inside[0]} is a pydantic model "
+                                "that ignores unknown keys: subclass fluxtune.Params (or set extra='forbid') so a "
+                                "misspelt key fails validation")
+        entry = Entry(**{**entry.__dict__, "params": closed(entry.params)})
         existing = self.entries[entry.kind].get(entry.name)
         if existing is not None:
             if not replace:
@@ -147,9 +193,13 @@ def build_registry(pm: pluggy.PluginManager, infos: dict[str, Any] | None = None
     return registry
 
 
-@lru_cache(maxsize=1)
-def registry() -> Registry:
-    """The process-wide registry, built from the process-wide plugin manager."""
-    from fluxtune.plugins import plugin_manager
+_built: tuple[int, Registry] | None = None  # (plugins.changes() it was built at, the registry)
 
-    return build_registry(*plugin_manager())
+
+def registry() -> Registry:
+    """The process-wide registry, built from the process-wide plugin manager (again after plugins change)."""
+    global _built
+    changes = plugins.changes()
+    if _built is None or _built[0] != changes:
+        _built = (changes, build_registry(*plugins.plugin_manager()))
+    return _built[1]

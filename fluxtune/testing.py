@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from fluxtune.config.errors import InputError  # what tiny_experiment and run_tiny raise for a bad experiment
+
 TINY_EXAMPLES = 24  # 20 to train on, 4 held out: enough to see a loss fall, fast to encode
 TINY_RESOLUTION = 32
 
@@ -51,7 +53,11 @@ def registered_plugin(plugin: Any, name: str | None = None) -> Iterator[Any]:
 
 
 def tiny_experiment(base_yaml: str) -> dict[str, Any]:
-    """Validate the YAML body of a `base:` experiment (as in a search file) and return it normalised."""
+    """Validate the YAML body of a `base:` experiment (as in a search file) and return it normalised (every
+    component's params with defaults filled: what `validate_experiment` hooks receive).
+
+    Raises `InputError` (also `fluxtune.testing.InputError`) with every problem: `.problems[i].key` such as
+    `base.loss.delta`, `.message`, `.one_line()`."""
     from fluxtune.config.load import load_search_text
 
     text = "name: plugin-test\nbase:\n" + textwrap.indent(textwrap.dedent(base_yaml).strip("\n"), "  ") + "\n"
@@ -60,7 +66,12 @@ def tiny_experiment(base_yaml: str) -> dict[str, Any]:
 
 
 class RecordingReporter:
-    """A Reporter that keeps everything: `steps`, `evaluations`, `stage_ends` (metrics and checkpoint paths)."""
+    """A Reporter that keeps everything: `steps` [(global step, metrics)] from `ctx.log`, `evaluations` [(global
+    step, metrics)] from `maybe_evaluate`, `stage_ends` [(global step, metrics, kept checkpoint or None)].
+
+    With `keep_checkpoints`, each stage checkpoint is copied to `keep_checkpoints/stage-<n>/` (n counts stage ends
+    from 0 across cycles): `transformer/` (fp32 diffusers model folder), `exports/` (the stage's `ctx.export_dir`,
+    e.g. `adapter/`), `progress.json` (cycle, next stage_index, global_step, finished_stage, metrics, files)."""
 
     def __init__(self, keep_checkpoints: Path | None = None):
         self.steps: list[tuple[int, dict[str, float]]] = []
@@ -118,7 +129,8 @@ def run_tiny(base_yaml: str, keep_checkpoints: Path | None = None, seed: int = 0
     """Run the experiment in this process (no Ray, no MLflow) on the tiny model and tiny sample data.
 
     `base_yaml` is the body of `base:` (stages, loss, callbacks, …); `data`/`model` default to the tiny ones.
-    Every plugin it names must be registered (installed, or inside `registered_plugin`).
+    Every plugin it names must be registered (installed, or inside `registered_plugin`). `keep_checkpoints`: a
+    folder to keep each stage checkpoint in (see `RecordingReporter`); `seed`: of the generated data.
     """
     import torch
 
@@ -139,5 +151,5 @@ def run_tiny(base_yaml: str, keep_checkpoints: Path | None = None, seed: int = 0
     return TinyRun(experiment, transformer, reporter, initial, shared)
 
 
-__all__ = ["RecordingReporter", "TinyRun", "registered_plugin", "run_tiny", "tiny_data", "tiny_experiment",
+__all__ = ["InputError", "RecordingReporter", "TinyRun", "registered_plugin", "run_tiny", "tiny_data", "tiny_experiment",
            "tiny_model"]

@@ -36,6 +36,13 @@ def home(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture(autouse=True)
+def preflight_imported():
+    """Modules that bind `load_search_file` at import are imported before a test replaces it, so the stand-in
+    never outlives the test inside them (later test modules would meet it)."""
+    import fluxtune.cli.preflight  # noqa: F401
+
+
 def explode(*args, **kwargs):
     raise ZeroDivisionError("the planner divided by zero for token hf_abcdefghijklmnopqrstuvwxyz012345")
 

@@ -114,3 +114,15 @@ def test_an_image_metric_needs_the_probe_at_every_evaluation():
     assert (problem.key, problem.line) == ("base.sample_every", 3) and "sample_every: 1" in problem.message
     load_search_text(text.replace("sample_every: 3", "sample_every: 1"), path="x.yaml")
     load_search_text(text.replace("metric: masked_psnr, mode: max", "metric: val_loss"), path="x.yaml")
+
+
+@pytest.mark.parametrize("metric", ["val_los", "loss", "ema_decay"])
+def test_a_search_metric_no_evaluation_reports_is_refused_at_its_line(metric):
+    from fluxtune.config.load import load_search_text
+
+    text = f"name: x\nbase:\n  stages: [{{name: a, type: full, steps: 1}}]\nsearch:\n  metric: {metric}\n"
+    with pytest.raises(InputError) as info:
+        load_search_text(text, path="x.yaml")
+    [problem] = info.value.problems
+    assert (problem.key, problem.line) == ("search.metric", 5)
+    assert f"'{metric}' is not reported at evaluations" in problem.message and "val_loss" in problem.message

@@ -153,11 +153,12 @@ def test_sample_grids_and_the_probe_follow_sample_every(arrays):
     shared.sample_every = 3
     rendered: list[int] = []
 
-    class CountingGrids:
-        def render(self, transformer):
+    class CountingPreview:
+        def __call__(self, transformer):
             rendered.append(shared.evaluations)  # already counted: 1 for the first evaluation
+            return {}
 
-    shared.samples = CountingGrids()
+    shared.preview = CountingPreview()
     run_cycle(base, load_bundle(base["model"]).transformer, shared)
     # evaluations (counted from 1): steps 10, 20, 30, the full stage's end (4), step 50, the LoRA stage's
     # pre-merge score (6) and its end (7); the 1st, 4th, 7th… by cadence, stage ends always

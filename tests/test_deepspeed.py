@@ -238,7 +238,7 @@ def test_two_ray_train_workers_zero2_equals_ddp_and_hand_off_exactly(arrays, tmp
     import sys
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)  # one CPU left free (FACTS)
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)  # one CPU left free (else the data read never runs)
     try:
         trainer = TorchTrainer(
             loop, train_loop_config={"arrays": arrays, "out": tmp_path},

@@ -280,7 +280,7 @@ def _three_runs(work: Path, env: dict, gates: Gates, store: Store, runs: Path) -
 
     import mlflow.pyfunc
 
-    from fluxtune.tracking.registered import RegisteredBaseError
+    from fluxtune.registered_version import RegisteredBaseError
 
     uri = f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)

@@ -55,7 +55,7 @@ def test_tiny_fill_has_the_real_fill_layout_and_about_92k_params(bundle):
     config = bundle.transformer.config
     assert (config.patch_size, config.in_channels, config.out_channels) == (1, 384, 64)
     assert 85_000 < sum(p.numel() for p in bundle.transformer.parameters()) < 100_000
-    assert 20_000 < sum(p.numel() for p in bundle.vae.parameters()) < 35_000
+    assert sum(p.numel() for p in bundle.vae.parameters()) < 400_000  # small and fitted (see test_tiny_vae.py)
     assert bundle.vae.config.latent_channels == 16
     assert (bundle.vae.config.shift_factor, bundle.vae.config.scaling_factor) == (0.1159, 0.3611)
     assert bundle.tokenizer.model_max_length == 77

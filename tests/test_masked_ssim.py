@@ -7,7 +7,8 @@ import pytest
 
 from fluxtune.config.errors import InputError
 from fluxtune.config.load import load_search_text
-from fluxtune.flux.inpaint import InpaintProbe, masked_psnr, masked_ssim
+from fluxtune.flux.inpaint import masked_psnr, masked_ssim
+from fluxtune.flux.preview import ValidationPreview
 
 
 def _mask(height=32, width=32):
@@ -58,7 +59,7 @@ def test_the_probe_reports_ssim_beside_psnr_and_skips_empty_masks(sample_jsonl):
     arrays = {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "target")}
     arrays["prompt"] = np.array(["", ""], dtype=object)
     bundle = load_bundle({"preset": "tiny-fill"})
-    probe = InpaintProbe.for_worker({"preset": "tiny-fill"}, encode_arrays(bundle, arrays), examples=2, steps=2)
+    probe = ValidationPreview.for_worker({"preset": "tiny-fill"}, encode_arrays(bundle, arrays), examples=2, steps=2)
     scores = probe(bundle.transformer)
     assert set(scores) == {"masked_psnr", "masked_ssim"} and -1.0 <= scores["masked_ssim"] <= 1.0
     probe.masks[0][:] = False  # one example with nothing to inpaint: scored on the other alone

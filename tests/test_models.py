@@ -150,7 +150,7 @@ def test_runners_up_are_registered_without_moving_an_alias(registered):
 
 
 def test_an_adapter_trained_on_a_registered_version_is_registered_with_that_base(registered, tmp_path):
-    from fluxtune.tracking.registered import read_meta, registered_base
+    from fluxtune.registered_version import read_meta, registered_base
 
     uri, root, expected = registered
     model = resolve_registered_model({**MODEL, "adapter": "models:/inpaint-lora/1"}, uri, tmp_path)
@@ -214,7 +214,7 @@ def by_reference(registered, tmp_path_factory):
     """A version whose base is a stage checkpoint, referenced (with its hashes) rather than copied."""
     from diffusers import FluxTransformer2DModel
 
-    from fluxtune.tracking.registered import checkpoint_reference
+    from fluxtune.registered_version import checkpoint_reference
 
     uri, _, _ = registered
     root = tmp_path_factory.mktemp("by-reference")
@@ -292,7 +292,7 @@ def test_same_input_and_seed_give_the_same_image_whatever_the_global_rng(by_refe
 
 def test_a_gone_or_changed_base_is_named_in_one_line(by_reference, tmp_path):
     from fluxtune.config.errors import InputError
-    from fluxtune.tracking.registered import RegisteredBaseError
+    from fluxtune.registered_version import RegisteredBaseError
 
     uri, stage, version, _ = by_reference
     weights = stage / "transformer" / "diffusion_pytorch_model.safetensors"

@@ -59,7 +59,7 @@ def test_lora_count_equals_peft_trainable_parameters(targets):
     model = build_tiny_fill().transformer
     trainable = LoraAdapter(LoraParams(rank=8, targets=targets)).attach(model)
     assert lora_parameter_count(TINY_FILL_TRANSFORMER, targets, 8) == sum(p.numel() for p in trainable)
-    # FACTS: ≈179 M LoRA params for the real model at rank 64 on attention + FF targets
+    # ≈179 M LoRA params for the real model at rank 64 on attention + FF targets
     assert lora_parameter_count(FLUX_FILL_DEV_TRANSFORMER, DEFAULT_TARGETS, 64) == pytest.approx(179e6, rel=0.01)
 
 

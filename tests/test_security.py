@@ -163,7 +163,7 @@ def test_plugins_load_only_from_installed_entry_points_and_can_be_restricted(tmp
 
 
 def test_secret_names_are_redacted_but_content_hashes_are_not():
-    from fluxtune.tracking.redact import REDACTED, redact_params
+    from fluxtune.redact import REDACTED, redact_params
 
     params = {"tracking.api_token": "t0ps3cret", "aws_key": "AKIA0000", "data.cache_key": "6c7d1adb2443",
               "stages.lora.adapter.rank": "16"}

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from fluxtune.tracking.runs import CHECKPOINT_TAG, NOTE_TAG, STAGES_TABLE, SweepTracker, flatten
-from fluxtune.tracking.samples import (LABEL_HEIGHT, SAMPLES_KEY, SampleGrids, decode_samples, encode_samples,
-                                       flux_sigmas)
+from fluxtune.flux.preview import LABEL_HEIGHT, ValidationPreview
+from fluxtune.tracking.samples import SAMPLES_KEY, decode_samples, encode_samples
 from fluxtune.tracking.store import tracking_uri
 
 
@@ -96,12 +96,28 @@ def test_results_become_step_metrics_and_system_metrics(uri, exp):
     tracker = SweepTracker(uri, exp, "s-1")
     tracker.start(None, {}, {})
     run = tracker.start_trial("t1", {}, {})
-    tracker.log_result("t1", _result(4, {0: 1.0, 1: 0.9, 2: 0.8, 3: 0.7}), "global_step", "fluxtune_steps")
+    worker_node = {"system/cpu_utilization_percentage": 42.5, "system/system_memory_usage_megabytes": 1234.0}
+    tracker.log_result("t1", _result(4, {0: 1.0, 1: 0.9, 2: 0.8, 3: 0.7}, **worker_node), "global_step", "fluxtune_steps")
     c = tracker.client
     assert [(m.step, m.value) for m in c.get_metric_history(run, "loss")] == [(0, 1.0), (1, 0.9), (2, 0.8), (3, 0.7)]
     assert [(m.step, m.value) for m in c.get_metric_history(run, "val_loss")] == [(4, 0.25)]
     assert "training_iteration" not in c.get_run(run).data.metrics  # Tune bookkeeping stays out
-    assert 0 <= c.get_run(run).data.metrics["system/cpu_utilization_percentage"] <= 100
+    # The trial's node as its rank-0 worker sampled it, at the report's step; never the driver's own node.
+    assert [(m.step, m.value) for m in c.get_metric_history(run, "system/cpu_utilization_percentage")] == [(4, 42.5)]
+    tracker.log_result("t1", _result(8, {}, stage_end=True, **worker_node), "global_step", "fluxtune_steps")
+    assert [m.step for m in c.get_metric_history(run, "system/system_memory_usage_megabytes")] == [4, 8]
+    other = tracker.start_trial("t2", {}, {})
+    tracker.log_result("t2", _result(4, {0: 1.0}), "global_step", "fluxtune_steps")  # a report without a sample
+    assert not [k for k in c.get_run(other).data.metrics if k.startswith("system/")]
+
+
+def test_rank_0_reports_carry_a_system_sample_of_its_node():
+    from fluxtune.train.reporter import RayReporter
+
+    rank0, rank1 = RayReporter(rank=0), RayReporter(rank=1)
+    extras = rank0._extras()
+    assert 0 <= extras["system/cpu_utilization_percentage"] <= 100 and extras["system/system_memory_usage_megabytes"] > 0
+    assert rank1._extras() == {}  # Tune forwards rank 0's reports only
 
 
 def test_a_resumed_sweep_writes_to_the_same_runs_without_duplicates(uri, exp):
@@ -164,7 +180,7 @@ def test_sample_grids_and_stage_checkpoints_reach_the_trial_run(uri, exp, tmp_pa
     assert c.list_artifacts(run, "stages/cycle1-full/transformer")
 
 
-def test_sample_grids_are_rendered_from_encoded_validation_examples():
+def test_the_validation_preview_draws_and_scores_one_sampling_of_encoded_examples():
     from fluxtune.flux.encoded import ValidationSet, encode_examples
     from fluxtune.flux.model import build_tiny_fill
 
@@ -175,12 +191,14 @@ def test_sample_grids_are_rendered_from_encoded_validation_examples():
     mask[:, :, 16:40, 8:24] = 1
     val = ValidationSet.build(encode_examples(bundle, image, mask, image, [None, "a cat", None]), seed=1)
     delivered: list[tuple[bytes, int | None]] = []
-    grids = SampleGrids.for_worker({"preset": "tiny-fill", "seed": 0, "guidance": 30.0}, val,
-                                   lambda png, step: delivered.append((png, step)))
+    preview = ValidationPreview.for_worker({"preset": "tiny-fill", "seed": 0, "guidance": 30.0}, val,
+                                           lambda png, step: delivered.append((png, step)))
     transformer = bundle.transformer.train()
-    png = grids.render(transformer)
+    scores = preview(transformer)
+    png = delivered[-1][0]
     assert delivered == [(png, None)] and transformer.training  # train mode restored
-    assert grids.render(transformer, step=0) == png and delivered[-1] == (png, 0)  # same weights, same grid
+    assert set(scores) == {"masked_psnr", "masked_ssim"}
+    assert preview(transformer, step=0) == scores and delivered[-1] == (png, 0)  # same weights, same grid
     grid = Image.open(io.BytesIO(png))
     # A header naming the columns, then source | mask | prediction | target, one row per example; 64x48 images
     # are enlarged 2x (whole pixels) to reach the 96 px a person can read.
@@ -191,23 +209,15 @@ def test_sample_grids_are_rendered_from_encoded_validation_examples():
     # The mask panel is the exact pixel mask, unpacked from its 256 packed channels.
     mask_panel = np.asarray(grid)[LABEL_HEIGHT:LABEL_HEIGHT + 128:2, 96:192:2, 0]
     assert np.array_equal(mask_panel > 127, mask[0, 0] > 0.5)
+    # The prediction drawn is the one scored: the same sampling.
+    prediction_panel = np.asarray(grid)[LABEL_HEIGHT:LABEL_HEIGHT + 128:2, 192:288:2]
+    assert np.array_equal(prediction_panel, preview.predictions(transformer)[0])
     # The prediction depends on the weights.
     with torch.no_grad():
         for p in transformer.parameters():
             p.add_(0.05)
-    assert grids.render(transformer) != png
-
-
-def test_flux_sigmas_match_the_pipeline_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from fluxtune.flux.presets import FLUX_SCHEDULER
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
-    sigmas = np.linspace(1.0, 1 / 8, 8)
-    scheduler.set_timesteps(sigmas=sigmas, mu=calculate_shift(1024, 256, 4096, 0.5, 1.15))
-    assert np.allclose(flux_sigmas(8, 1024), scheduler.sigmas.numpy(), atol=1e-6)
+    preview(transformer)
+    assert delivered[-1][0] != png
 
 
 def test_flatten_keys_stages_by_name_like_search_paths():

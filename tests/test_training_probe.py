@@ -12,13 +12,9 @@ from fluxtune.config.load import load_search_text
 from fluxtune.cycle import run_cycle
 from fluxtune.data.images import load_example
 from fluxtune.data.rows import read_rows
-from fluxtune.flux.inpaint import (
-    InpaintProbe,
-    decode_to_uint8,
-    masked_psnr,
-    sample_fill_latents,
-    unpack_pixel_mask,
-)
+from fluxtune.flux.inpaint import masked_psnr
+from fluxtune.flux.preview import ValidationPreview
+from fluxtune.flux.sampling import decode_to_uint8, sample_fill_latents, unpack_pixel_mask
 from fluxtune.flux.model import empty_prompt_embeds
 from fluxtune.flux.packing import fill_conditioning, latent_image_ids, pack_mask, text_ids
 from fluxtune.registry import registry
@@ -78,7 +74,7 @@ def arrays(sample_jsonl):
 def test_probe_is_deterministic_and_sees_weight_changes(arrays):
     bundle = load_bundle({"preset": "tiny-fill"})
     val = encode_arrays(bundle, {k: v[16:] for k, v in arrays.items()})
-    probe = InpaintProbe.for_worker({"preset": "tiny-fill"}, val, examples=2, steps=2)
+    probe = ValidationPreview.for_worker({"preset": "tiny-fill"}, val, examples=2, steps=2)
     first = probe(bundle.transformer)["masked_psnr"]
     assert np.isfinite(first) and first == probe(bundle.transformer)["masked_psnr"]
     assert bundle.transformer.training  # restored
@@ -113,6 +109,6 @@ base:
     val = encode_arrays(bundle, {k: v[16:] for k, v in arrays.items()})
     reporter = Reporter()
     shared = build_shared(base, train, val, reporter, registry(), torch.device("cpu"))
-    shared.probe = InpaintProbe.for_worker(base["model"], shared.val, examples=2, steps=2)
+    shared.preview = ValidationPreview.for_worker(base["model"], shared.val, examples=2, steps=2)
     run_cycle(base, bundle.transformer, shared)
     assert "masked_psnr" in reporter.evaluations[0] and "masked_psnr" in reporter.ends[0]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from fluxtune.tracking.samples import COLUMNS, LABEL_HEIGHT, PANEL_MIN
+from fluxtune.flux.preview import COLUMNS, LABEL_HEIGHT, PANEL_MIN
 from fluxtune.tracking.server import experiment_links, start_server, stop_server
 from reference import EXPERIMENT, MODEL
 

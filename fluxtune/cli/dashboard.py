@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -48,10 +48,11 @@ def _is_dashboard_meta(status: int, body: bytes) -> bool:
 
 
 def dashboard(
-    port: int = typer.Option(8080, help="port to listen on"),
-    host: str = typer.Option("127.0.0.1", help="address to bind: 0.0.0.0 exposes every study to the network"),
-    store: Optional[Path] = typer.Option(None, help=f"store folder holding {STUDY_DB} (default: "
-                                                    "$FLUXTUNE_MLFLOW_DIR, else ./mlflow)"),
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
+    host: Annotated[str, typer.Option(help="address to bind: 0.0.0.0 exposes every study to the network")] = (
+        "127.0.0.1"),
+    store: Annotated[Optional[Path], typer.Option(help=f"store folder holding {STUDY_DB} (default: "
+                                                       "$FLUXTUNE_MLFLOW_DIR, else ./mlflow)")] = None,
 ) -> None:
     """Serve optuna-dashboard on the sweeps' Optuna studies (trials, parameter importances, history); Ctrl-C (or
     SIGTERM, SIGHUP) stops it."""

@@ -11,6 +11,7 @@ import typer
 
 from fluxtune.cli.console import console
 from fluxtune.cli.errors import error_boundary
+from fluxtune.cli.options import AddressOption
 from fluxtune.flux.presets import PRESET_NAMES
 
 app = typer.Typer(no_args_is_help=True, help="Check, prepare (latent cache) and generate training data.")
@@ -92,7 +93,7 @@ def prepare(
     skip: bool = typer.Option(False, "--skip", help="drop bad rows instead of failing (as on_bad_rows: skip)"),
     buckets: Optional[str] = typer.Option(None, help=BUCKETS_HELP),
     cache_dir: Optional[str] = typer.Option(None, help="cache home, a folder or a URI (as data.cache_dir)"),
-    address: Optional[str] = typer.Option(None, help="existing Ray cluster (default: start a local one)"),
+    address: AddressOption = None,
 ) -> None:
     """Encode latents, masks and prompt embeddings once into a Parquet cache that training then reuses."""
     from fluxtune.data.latent_cache import Preprocessing

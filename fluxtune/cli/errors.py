@@ -28,7 +28,7 @@ debug = bool(os.environ.get("FLUXTUNE_DEBUG"))  # `fluxtune --debug` sets it too
 
 
 def _echo(line: str) -> None:
-    from fluxtune.tracking.redact import redact_text
+    from fluxtune.redact import redact_text
 
     line = redact_text(line.replace("\r", " "))
     typer.echo(line if len(line) <= MAX_LINE else line[:MAX_LINE - 1] + "…", err=True)
@@ -88,7 +88,7 @@ def report_unexpected(exc: BaseException, command: str) -> int:
     from fluxtune.failures import exception_line, keep_traceback
 
     if debug:
-        from fluxtune.tracking.redact import redact_text
+        from fluxtune.redact import redact_text
 
         sys.stderr.write(redact_text("".join(traceback.format_exception(exc))))
         return EXIT_FAILED

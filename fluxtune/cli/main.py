@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import Annotated
 
 import typer
 
 from fluxtune.cli import errors
 from fluxtune.cli.console import console, quiet_libraries
+from fluxtune.cli.dashboard import dashboard
+from fluxtune.cli.data import app as data_app
 from fluxtune.cli.errors import EXIT_FAILED, error_boundary
+from fluxtune.cli.models import app as models_app
+from fluxtune.cli.options import AddressOption, SetOption, SpecArgument, VerboseOption
+from fluxtune.cli.plan import plan
+from fluxtune.cli.plugins import list_plugins
+from fluxtune.cli.ui import ui
 
 # Typer's pretty tracebacks are off: `main` turns every exception into one line (--debug: the traceback).
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Plugin-based Ray Tune experiments for fine-tuning FLUX.1-Fill-dev.")
-
-
-VERBOSE_HELP = "show Ray worker logs and the INFO lines of Ray, Ray Data and MLflow"
 
 
 def _show_version(value: bool) -> None:
@@ -30,23 +34,16 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
-                                 help="print the version and exit"),
-    debug: bool = typer.Option(False, "--debug", help="print the full traceback of an unexpected error "
-                                                      "(default: one line, the traceback saved to a file)"),
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version,
+                                          help="print the version and exit")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="print the full traceback of an unexpected error "
+                                                        "(default: one line, the traceback saved to a file)")] = False,
 ) -> None:
     errors.debug = errors.debug or debug
 
 
-SET_HELP = "override a key of the file: --set base.stages.lora.steps=10 (repeatable; the value is YAML)"
-
-
-@app.command()
-def validate(
-    spec: str = typer.Argument(..., help="search or experiment YAML"),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-) -> None:
-    """Check a YAML file (schema, component names and params, search paths) without running anything."""
+def validate(spec: SpecArgument, set_: SetOption = []) -> None:
+    """Check a YAML file (schema, components and their params, search paths, plugin checks); run nothing."""
     from fluxtune.cli.preflight import check_spec_files
     from fluxtune.config.load import load_search_file
     from fluxtune.config.schedule import describe, planned_steps
@@ -59,16 +56,19 @@ def validate(
                   f"{_short(describe(base))}; {space} searched keys)", markup=False)
 
 
-@app.command()
 def search(
-    spec: str = typer.Argument(..., help="search YAML, e.g. searches/lora_rank.yaml"),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    dry_run: bool = typer.Option(False, "--dry-run", help="validate and print sampled configurations; train nothing"),
-    samples: int = typer.Option(3, min=1, max=1000, help="with --dry-run: how many configurations to show"),
-    resume: bool = typer.Option(False, "--resume", help="continue the latest unfinished sweep of this name"),
-    more: int = typer.Option(0, "--more", min=0, help="add N trials to the latest finished sweep of this name"),
-    address: Optional[str] = typer.Option(None, help="existing Ray cluster (default: start a local one)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+    spec: Annotated[str, typer.Argument(help="search YAML, e.g. searches/lora_rank.yaml")],
+    set_: SetOption = [],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print sampled configurations; "
+                                                            "train nothing")] = False,
+    samples: Annotated[int, typer.Option(min=1, max=1000, help="with --dry-run: how many configurations "
+                                                                "to show")] = 3,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the latest unfinished sweep of "
+                                                          "this name")] = False,
+    more: Annotated[int, typer.Option("--more", min=0, help="add N trials to the latest finished sweep of "
+                                                            "this name")] = 0,
+    address: AddressOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run a hyper-parameter search: Optuna samples, each trial trains on one Ray Train worker group."""
     if resume and more:
@@ -80,12 +80,11 @@ def search(
     _run(spec, set_, address, verbose, resume=resume, more=more)
 
 
-@app.command()
 def run(
-    spec: str = typer.Argument(..., help="experiment YAML: a search file's `base`, or a sweep's best.yaml"),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    address: Optional[str] = typer.Option(None, help="existing Ray cluster (default: start a local one)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+    spec: Annotated[str, typer.Argument(help="experiment YAML: a search file's `base`, or a sweep's best.yaml")],
+    set_: SetOption = [],
+    address: AddressOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run one experiment (the file's `base`) without a search."""
     _run(spec, set_, address, verbose, single=True)
@@ -126,7 +125,7 @@ def _dry_run(spec_path: str, overrides: list[str], n: int) -> None:
 def _run(spec_path: str, overrides: list[str], address: str | None, verbose: bool, single: bool = False,
          resume: bool = False, more: int = 0) -> None:
     from fluxtune.cli.preflight import preflight
-    from fluxtune.tracking.redact import redact_text
+    from fluxtune.redact import redact_text
 
     quiet_libraries(verbose)
     with error_boundary():
@@ -149,18 +148,12 @@ def _run(spec_path: str, overrides: list[str], address: str | None, verbose: boo
         raise typer.Exit(EXIT_FAILED)
 
 
-import fluxtune.cli.plugins  # noqa: E402,F401  (adds `fluxtune plugins` to `app`)
-from fluxtune.cli.data import app as data_app  # noqa: E402
-
+# Every command, registered one way: a function per command, a Typer app per command group.
+for command in (validate, search, run, plan, ui, dashboard):
+    app.command()(command)
+app.command("plugins")(list_plugins)
 app.add_typer(data_app, name="data")
-from fluxtune.cli.models import app as models_app  # noqa: E402
 app.add_typer(models_app, name="models")
-from fluxtune.cli.ui import ui  # noqa: E402
-app.command()(ui)
-from fluxtune.cli.dashboard import dashboard  # noqa: E402
-app.command()(dashboard)
-from fluxtune.cli.plan import plan  # noqa: E402
-app.command()(plan)
 
 
 def _command_name(argv: list[str]) -> str:

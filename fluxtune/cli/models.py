@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from fluxtune.cli.console import console
 from fluxtune.cli.errors import error_boundary
+from fluxtune.cli.options import TrackingUriOption
 
 app = typer.Typer(no_args_is_help=True, help="Registered models: list versions, promote one by alias.")
-URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow)"
 
 
 @app.command("list")
 def list_versions(
-    name: Optional[str] = typer.Argument(None, help="registered model (default: every model)"),
-    uri: Optional[str] = typer.Option(None, "--tracking-uri", help=URI_HELP),
-    as_json: bool = typer.Option(False, "--json", help="machine-readable: one object per model with its versions"),
+    name: Annotated[Optional[str], typer.Argument(help="registered model (default: every model)")] = None,
+    uri: TrackingUriOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable: one object per model with its "
+                                                         "versions")] = False,
 ) -> None:
     """Versions with their aliases, metrics and lineage (sweep, trial, cycle, stage)."""
     from fluxtune.tracking.registry import registered_names, versions
@@ -49,10 +50,10 @@ def list_versions(
 
 @app.command()
 def promote(
-    name: str = typer.Argument(..., help="registered model"),
-    version: str = typer.Argument(..., help="version number"),
-    alias: str = typer.Option("champion", help="alias to move onto the version"),
-    uri: Optional[str] = typer.Option(None, "--tracking-uri", help=URI_HELP),
+    name: Annotated[str, typer.Argument(help="registered model")],
+    version: Annotated[str, typer.Argument(help="version number")],
+    alias: Annotated[str, typer.Option(help="alias to move onto the version")] = "champion",
+    uri: TrackingUriOption = None,
 ) -> None:
     """Move an alias (default `champion`) to a version; who and when are recorded as version tags."""
     from fluxtune.tracking.registry import promote as move_alias

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from fluxtune.cli.console import console
 from fluxtune.cli.errors import error_boundary
+from fluxtune.cli.options import SetOption, SpecArgument
 
-SET_HELP = "override a key of the file: --set base.data.resolution=1024 (repeatable; the value is YAML)"
 
 
 def _table(title: str, plans, gpu_mem: float) -> Table:
@@ -41,10 +41,10 @@ def _count(n: int) -> str:
 
 
 def plan(
-    spec: str = typer.Argument(..., help="search or experiment YAML"),
+    spec: SpecArgument,
     gpus: int = typer.Option(..., "--gpus", min=1, help="GPUs (workers) per trial"),
     gpu_mem: float = typer.Option(..., "--gpu-mem", min=1.0, help="memory per GPU in GB (GiB)"),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    set_: SetOption = [],
     reference: bool = typer.Option(True, help="also show FLUX.1-Fill-dev (11.9 B) with the same stages"),
 ) -> None:
     """Each stage's peak memory per GPU (weights, optimizer, LoRA, gradients, activations), whether it fits, and its
@@ -56,7 +56,6 @@ def plan(
     with error_boundary(show_snippets=True):
         _, base = load_search_file(spec, overrides=set_)
         config, label, text_tokens = transformer_config(base["model"])
-    console = Console()
     resolution, batch = base["data"]["resolution"], base["data"]["batch_size"]
     head = f"{resolution}² px, micro-batch {batch}/GPU, {gpus} × {gpu_mem:g} GiB"
     plans = plan_stages(base, config, gpus, text_tokens)

@@ -1,16 +1,18 @@
 """Everything checked before Ray starts: the spec, the model folder, the data file and its rows, the validation
-split, and LoRA target names against the model's real modules."""
+split, and the plugins' own checks of the experiment against the model (`validate_experiment`: the built-in
+LoRA adapter's target names among them)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from fluxtune import storage
 from fluxtune.config.errors import InputError, Problem
 from fluxtune.config.load import load_search_file, located_problem
 from fluxtune.config.overrides import apply_overrides
+from fluxtune.config.paths import stage_loc
 from fluxtune.config.schema import SearchFile
 from fluxtune.config.yaml_source import load_yaml
 
@@ -28,6 +30,7 @@ class _Located:
     """Problems at positions of the spec file (or the `--set` that wrote the value)."""
 
     def __init__(self, spec_path: str, overrides: list[str] | tuple[str, ...] = ()):
+        self.path = spec_path
         self.source = apply_overrides(load_yaml(spec_path), overrides)
 
     def error(self, loc: tuple[Any, ...], message: str) -> InputError:
@@ -87,6 +90,8 @@ def check_input_files(spec: SearchFile, base: dict[str, Any], where: _Located) -
         check_model_folders(spec, base, where)
     except InputError as exc:
         problems += exc.problems
+    else:
+        problems += plugin_problems(spec, base, where)
     if problems:
         raise InputError(problems)
 
@@ -111,31 +116,51 @@ def check_model_folders(spec: SearchFile, base: dict[str, Any], where: _Located)
         raise InputError(problems)
 
 
-def check_adapter_targets(base: dict[str, Any], where: _Located) -> None:
-    """Adapter `targets` must name Linear modules of the real transformer: peft silently skips unknown names in a
-    mixed list, and the stage would only find out after the full stage before it has trained."""
-    model = base["model"]
-    stages = [(i, s["adapter"]["targets"]) for i, s in enumerate(base["stages"])
-              if isinstance(s.get("adapter"), dict) and isinstance(s["adapter"].get("targets"), list)]
-    if not stages or not (model.get("preset") or model.get("path")):  # a registered version names its own base
-        return
-    from fluxtune.default_plugins.adapters import check_targets
-    from fluxtune.flux.model import empty_transformer
+def _model_config(model: dict[str, Any]) -> dict[str, Any] | None:
+    """The transformer config of an experiment's model (JSON only); None for a registered version alone."""
+    from fluxtune.flux import presets
+    from fluxtune.flux.layout import fill_transformer_config
 
-    transformer = empty_transformer(model)
-    problems = []
-    for index, targets in stages:
-        try:
-            check_targets(transformer, targets)
-        except ValueError as exc:
-            problems.append(where.problem(("base", "stages", index, "adapter", "targets"), str(exc)))
-    if problems:
-        raise InputError(problems)
+    if model.get("preset"):
+        return dict(presets.preset(model["preset"]).transformer)
+    return fill_transformer_config(model["path"]) if model.get("path") else None
+
+
+def _corner_experiments(spec: SearchFile, base: dict[str, Any]) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """(searched path, value, experiment) for each corner value of each searched key (validation has sampled
+    each already, so these are valid)."""
+    from fluxtune.config.load import sample_experiment
+    from fluxtune.registry import registry
+
+    for path, dist in (spec.search.space.items() if spec.search else ()):
+        for value in dist.corners():
+            yield path, value, sample_experiment(base, {path: value}, registry())
+
+
+def plugin_problems(spec: SearchFile, base: dict[str, Any], where: _Located) -> list[Problem]:
+    """What the plugins' `validate_experiment` hooks find in the base experiment and the searched corners, each
+    problem at its key's line (or at the searched key) and naming its plugin."""
+    from fluxtune.plugins import experiment_problems
+
+    problems, said = [], set()
+    for searched, value, experiment in [("", None, base), *_corner_experiments(spec, base)]:
+        for found in experiment_problems(experiment, _model_config(experiment["model"])):
+            if (found.plugin, found.key, found.message) in said:  # the base's problem, again in a corner
+                continue
+            said.add((found.plugin, found.key, found.message))
+            text = f"{found.message} (plugin {found.plugin})"
+            if searched:
+                problems.append(where.problem(("search", "space", searched), f"value {value!r}: {text}"))
+            elif found.key:
+                problems.append(where.problem(("base", *stage_loc(base, found.key)), text))
+            else:
+                problems.append(Problem(where.path, text))
+    return problems
 
 
 def check_outputs(spec_path: str, spec: SearchFile) -> None:
     """Where results go must take them: the storage folder is writable and a tracking server answers (the
-    storage and MLflow faults of issue 8). Writes nothing."""
+    storage and MLflow faults). Writes nothing."""
     from fluxtune.checkpoints import check_writable_folder
     from fluxtune.tracking.store import server_uri, unreachable
 
@@ -173,6 +198,5 @@ def preflight(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Ch
         raise where.error(("base", "data", "val_fraction"),
                           f"val_fraction {data['val_fraction']} splits {rows} rows into {rows - n_val} "
                           f"training and {n_val} validation rows; both need at least one")
-    check_adapter_targets(base, where)  # imports torch and diffusers: last
     check_outputs(spec_path, spec)  # last: every input problem first, and nothing is written before it
     return Checked(spec=spec, base=base, jsonl=jsonl, rows=len(selection.rows), skipped=selection.skipped)

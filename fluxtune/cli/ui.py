@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,10 +12,10 @@ HOST_HELP = ("address to bind: 0.0.0.0 exposes every run to the network (MLflow 
 
 
 def ui(
-    port: int = typer.Option(5000, help="port to listen on"),
-    host: str = typer.Option("127.0.0.1", help=HOST_HELP),
-    store: Optional[Path] = typer.Option(None, help="store folder with mlflow.db and artifacts/ "
-                                                    "(default: $FLUXTUNE_MLFLOW_DIR, else ./mlflow)"),
+    port: Annotated[int, typer.Option(help="port to listen on")] = 5000,
+    host: Annotated[str, typer.Option(help=HOST_HELP)] = "127.0.0.1",
+    store: Annotated[Optional[Path], typer.Option(help="store folder with mlflow.db and artifacts/ "
+                                                       "(default: $FLUXTUNE_MLFLOW_DIR, else ./mlflow)")] = None,
 ) -> None:
     """Serve the MLflow UI on the local store and print its URL; Ctrl-C (or SIGTERM, SIGHUP) stops it."""
     from fluxtune.cli.serve import serve

@@ -27,7 +27,10 @@ _PATTERN_MESSAGES = {
 }
 TOP_LEVEL_KEYS = tuple(SearchFile.model_fields)
 INT_LIMIT = 2**63  # every count, seed and size fits a signed 64-bit integer; beyond it numpy and Optuna overflow
-PROBE_METRICS = ("masked_psnr", "masked_ssim")  # reported only by evaluations that run the inpainting probe
+PROBE_METRICS = ("masked_psnr", "masked_ssim")  # reported only by evaluations that run the validation preview
+# What every evaluation of every stage reports (fluxtune.context.evaluate): the only metrics a search can rank
+# trials on and a scheduler can compare at eval points; stage-end numbers of plugins are not reported there.
+EVALUATION_METRICS = ("val_loss", *PROBE_METRICS)
 
 
 def _key(loc: tuple[Any, ...]) -> str:
@@ -172,9 +175,12 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
         raise  # unreachable: the collector raised
     out.raise_if_any()
     base = normalise_experiment(spec.base, reg, out, ("base",))
-    if spec.search and spec.search.metric in PROBE_METRICS and base["sample_every"] != 1:
-        out.add(("base", "sample_every"), f"search.metric {spec.search.metric} is measured by the inpainting probe, "
-                                          "which then must run at every evaluation: use sample_every: 1")
+    if spec.search and spec.search.metric not in EVALUATION_METRICS:
+        out.add(("search", "metric"), f"{spec.search.metric!r} is not reported at evaluations; the stages report "
+                                      f"{', '.join(EVALUATION_METRICS)}")
+    elif spec.search and spec.search.metric in PROBE_METRICS and base["sample_every"] != 1:
+        out.add(("base", "sample_every"), f"search.metric {spec.search.metric} is measured by the validation "
+                                          "preview, which then must run at every evaluation: use sample_every: 1")
     if spec.search and spec.search.include:
         spec.search.space = {**_included_space(spec.search.include, reg, out), **spec.search.space}
     out.raise_if_any()
@@ -188,7 +194,7 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
             except PathError as exc:
                 out.add(("search", "space", path), f"not a key of base: {exc}")
                 continue
-            for value in _corner_values(dist):
+            for value in dist.corners():
                 try:
                     sample_experiment(base, {path: value}, reg)
                 except InputError as exc:
@@ -219,7 +225,7 @@ def _number_problems(node: Any, loc: tuple[Any, ...], out: _Collector) -> None:
 
 def _name_problems(data: dict[str, Any], out: _Collector) -> None:
     """Names become folders, MLflow experiment/model/alias names and console lines: never a secret."""
-    from fluxtune.tracking.redact import secret_in
+    from fluxtune.redact import secret_in
 
     tracking = data.get("tracking") if isinstance(data.get("tracking"), dict) else {}
     base = data.get("base") if isinstance(data.get("base"), dict) else {}
@@ -270,12 +276,6 @@ def _check_conditions(path: str, dist: Any, searched: list[str], base: dict[str,
             get_path(base, key)
         except PathError as exc:
             out.add(("search", "space", path, "when", key), f"not a key of base or the space: {exc}")
-
-
-def _corner_values(dist: Any) -> list[Any]:
-    if dist.type == "categorical":
-        return list(dist.choices)
-    return [dist.low, dist.high]
 
 
 def sample_experiment(base: dict[str, Any], values: dict[str, Any], reg: Registry) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+import itertools
+from typing import Any, Iterator
 
 
 class PathError(KeyError):
@@ -69,3 +70,12 @@ def stage_loc(tree: dict[str, Any], path: str) -> tuple[Any, ...]:
         else:
             return tuple(loc)
     return tuple(loc)
+
+
+def corner_trees(tree: dict[str, Any], space: dict[str, Any], keys: list[str]) -> Iterator[dict[str, Any]]:
+    """`tree` with every combination of the searched `keys`' extreme values (their distributions' corners)."""
+    for combo in itertools.product(*(space[k].corners() for k in keys)):
+        out = tree
+        for key, value in zip(keys, combo):
+            out = set_path(out, key, value)
+        yield out

@@ -169,6 +169,10 @@ class _Dist(Closed):
     # Define-by-run condition: sample this key only when these keys (searched earlier, or base values) pass.
     when: dict[str, Condition] = Field(default_factory=dict)
 
+    def corners(self) -> list[Any]:
+        """The extreme values a sampler can draw (every choice of a categorical): what validation tries."""
+        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+
 
 class FloatDist(_Dist):
     type: Literal["float"]

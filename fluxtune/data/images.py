@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -18,8 +18,6 @@ from PIL import Image, ImageOps
 from fluxtune.data.buckets import cover_crop_box, nearest_bucket
 from fluxtune.storage import is_uri
 
-if TYPE_CHECKING:  # rows.py imports this module, so only type-check the other direction
-    from fluxtune.data.rows import Row
 
 # Masks saved as JPEG or resampled by an editor carry small per-channel differences; a real colour image does not.
 MASK_CHANNEL_TOLERANCE = 8 / 255
@@ -207,7 +205,15 @@ def load_triplet(image_path: str, mask_path: str, target_path: str, resolution: 
         }
 
 
-def load_example(row: Row, resolution: int, mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+class ImagePaths(Protocol):
+    """What `load_example` reads of a row (a `fluxtune.data.rows.Row`, which imports this module)."""
+
+    image: str
+    mask: str
+    output: str
+
+
+def load_example(row: ImagePaths, resolution: int, mask_threshold: float = DEFAULT_MASK_THRESHOLD,
                  buckets: Sequence[tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
     """One row as arrays: image/target float32 3xRxR in [-1, 1], mask float32 1xRxR in {0, 1} (HxW of its
     bucket with `buckets`)."""

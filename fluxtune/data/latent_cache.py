@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from fluxtune import storage
 from fluxtune.data.buckets import check_buckets
@@ -261,15 +261,17 @@ def is_cache_folder(path: str) -> bool:
 
 
 def ensure_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preprocessing,
-                 cache_dir: str | os.PathLike | None = None) -> tuple[LatentCache, bool]:
-    """The cache for these rows, building it when missing; returns (cache, built_now)."""
+                 cache_dir: str | os.PathLike | None = None,
+                 start_ray: Callable[[], Any] | None = None) -> tuple[LatentCache, bool]:
+    """The cache for these rows, building it when missing; returns (cache, built_now). `start_ray`: see
+    `build_cache`."""
     if not rows:
         raise ValueError("cannot cache an empty dataset")
     key = cache_key(rows, model, preprocessing)
     found = find_cache(key, cache_dir)
     if found is not None:
         return found, False
-    return build_cache(rows, model, preprocessing, key, cache_dir), True
+    return build_cache(rows, model, preprocessing, key, cache_dir, start_ray), True
 
 
 CACHE_SET_SUFFIX = ".cacheset.json"
@@ -322,14 +324,15 @@ def _encoder_resources() -> dict[str, Any]:
 
 
 def build_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preprocessing, key: str,
-                cache_dir: str | os.PathLike | None = None) -> LatentCache:
-    """Encode every row with Ray Data (decode tasks → VAE actor → Parquet) and the prompts likewise."""
+                cache_dir: str | os.PathLike | None = None,
+                start_ray: Callable[[], Any] | None = None) -> LatentCache:
+    """Encode every row with Ray Data (decode tasks → VAE actor → Parquet) and the prompts likewise.
+    `start_ray` runs first when Ray is not running yet (`fluxtune data prepare` starts Ray only when there is
+    something to encode)."""
     import ray
 
-    if not ray.is_initialized():  # `fluxtune data prepare` starts Ray only when there is something to encode
-        from fluxtune.train.cluster import start_ray
-
-        start_ray(None, os.cpu_count() or 1)
+    if not ray.is_initialized() and start_ray is not None:
+        start_ray()
     home = cache_home(cache_dir)
     if isinstance(home, str):
         attempt = f"attempt-{uuid.uuid4().hex[:12]}"

@@ -38,7 +38,11 @@ def linear_module_names(model: Any) -> list[str]:
 
 def check_targets(model: Any, targets: list[str]) -> None:
     """peft silently skips unknown names in a mixed list: refuse any target that matches no Linear layer."""
-    names = linear_module_names(model)
+    check_target_names(linear_module_names(model), targets)
+
+
+def check_target_names(names: list[str], targets: list[str]) -> None:
+    """`check_targets` on the Linear module names of a transformer (built, or listed from its config)."""
     unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unknown:
         suffixes = sorted({n.split(".", 2)[-1] if n.split(".")[0].endswith("blocks") else n for n in names})
@@ -124,3 +128,23 @@ class LoraAdapter:
 @fluxtune.hookimpl
 def register_adapters(register):
     register("lora", LoraAdapter, params=LoraParams, doc="peft LoRA (rank, alpha, dropout, target modules)")
+
+
+@fluxtune.hookimpl
+def validate_experiment(experiment, model):
+    """Adapter `targets` name Linear layers of this model, at `fluxtune validate` already (listed from its config):
+    any adapter's `targets` list, since peft-based ones (this LoRA, plugins' DoRA) all skip unknown names silently."""
+    if model is None:  # a registered version that does not name its base: checked when the stage attaches
+        return []
+    from fluxtune.plan.inventory import linear_layers
+
+    names = [layer.path for layer in linear_layers(model)]
+    problems = []
+    for stage in experiment["stages"]:
+        adapter = stage.get("adapter")
+        if isinstance(adapter, dict) and isinstance(adapter.get("targets"), list):
+            try:
+                check_target_names(names, adapter["targets"])
+            except ValueError as exc:
+                problems.append((f"stages.{stage['name']}.adapter.targets", str(exc)))
+    return problems

@@ -183,18 +183,6 @@ def _encoding_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_vae(model: Mapping[str, Any]) -> Any:
-    """The frozen VAE of a `model:` config, without the transformer or text encoders (they can be 20 GB)."""
-    if model.get("preset"):
-        from fluxtune.flux.model import build_preset
-
-        return build_preset(model["preset"], seed=model.get("seed", 0), parts=("vae",)).vae
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(os.fspath(model["path"]), subfolder="vae", local_files_only=True)
-    return vae.requires_grad_(False).eval()
-
-
 def load_text_bundle(model: Mapping[str, Any]) -> FluxBundle:
     """A FluxBundle with only the text encoders and tokenizers loaded (what `encode_prompts` needs)."""
     if model.get("preset"):
@@ -226,6 +214,8 @@ class LatentEncoder:
 
     def __init__(self, model: Mapping[str, Any]):
         self.device = _encoding_device()
+        from fluxtune.flux.sampling import load_vae
+
         self.vae = load_vae(model).to(self.device)
 
     @torch.no_grad()

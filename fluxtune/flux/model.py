@@ -87,7 +87,8 @@ def build_preset(name: str, seed: int = 0, dtype: torch.dtype | None = None, dev
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             module = build()
-        return module.to(device=device, dtype=dtype)
+        # torch's own `to`: diffusers' warns that fp32-kept modules (none here) may be cast, whatever the dtype
+        return torch.nn.Module.to(module, device=device, dtype=dtype)
 
     bundle = FluxBundle(transformer=None, vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
                         tokenizer_2=None, scheduler=FlowMatchEulerDiscreteScheduler(**presets.FLUX_SCHEDULER),
@@ -118,7 +119,7 @@ def _preset_vae(spec: presets.Preset) -> AutoencoderKL:
 
 
 def preset_weights_path(file_name: str) -> Path:
-    return Path(__file__).resolve().parent / "weights" / file_name
+    return Path(__file__).resolve().parent / "preset_weights" / file_name
 
 
 def build_tiny_fill(seed: int = 0) -> FluxBundle:

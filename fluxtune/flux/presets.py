@@ -89,18 +89,19 @@ TINY_FILL_VAE = {
     "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [8, 8, 8, 8],
+    "block_out_channels": [16, 32, 32, 32],
     "layers_per_block": 1,
     "latent_channels": 16,
-    "norm_num_groups": 4,
+    "norm_num_groups": 8,
     "sample_size": 64,
     "scaling_factor": 0.3611,
     "shift_factor": 0.1159,
     "use_quant_conv": False,  # FLUX.1's VAE has no quant convs either
     "use_post_quant_conv": False,
 }
-TINY_FILL_VAE_WEIGHTS = "tiny_fill_vae.safetensors"  # in fluxtune/flux/weights/
-TINY_FILL_VAE_SHA256 = ""  # of that file: checked on load (a stale or damaged file must not silently encode)
+TINY_FILL_VAE_WEIGHTS = "tiny_fill_vae.safetensors"  # in fluxtune/flux/preset_weights/
+# Of that file: checked on load (a stale or damaged file must not silently encode).
+TINY_FILL_VAE_SHA256 = "7561c00f41a337be4983ce02cadcceec7b1487d982d32268bea213a118f0a4d5"
 
 # The tiny tokenizers know printable ASCII only (anything else becomes the unknown token): enough to
 # exercise the real tokenizer classes without any downloaded vocabulary.
@@ -169,7 +170,7 @@ class Preset:
     clip_text: dict[str, Any]
     t5_encoder: dict[str, Any]
     t5_max_length: int
-    vae_weights: str | None = None  # a file in fluxtune/flux/weights/ (None: random, seeded like the rest)
+    vae_weights: str | None = None  # a file in fluxtune/flux/preset_weights/ (None: random, seeded like the rest)
     vae_sha256: str | None = None
 
 
@@ -187,7 +188,7 @@ PRESETS: dict[str, Preset] = {
     p.name: p for p in (
         Preset("tiny-fill", "the real Fill layout at width 32 (≈92 k params) with a fitted, shipped tiny VAE",
                TINY_FILL_TRANSFORMER, TINY_FILL_VAE, TINY_CLIP_TEXT, TINY_T5_ENCODER, TINY_T5_MAX_LENGTH,
-               vae_weights=None, vae_sha256=None),
+               vae_weights=TINY_FILL_VAE_WEIGHTS, vae_sha256=TINY_FILL_VAE_SHA256),
         _proxy(2), _proxy(4), _proxy(8),
     )
 }

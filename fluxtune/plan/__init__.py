@@ -11,7 +11,7 @@ adapter or optimizer) it reports as unknown rather than guess.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fluxtune.flux import presets
@@ -19,37 +19,13 @@ from fluxtune.plan.inventory import (  # noqa: F401  (the planner's public names
     Linear, layer_tokens, linear_layers, lora_parameter_count, parameter_count, targeted,
 )
 from fluxtune.plan.flops import training_flops  # noqa: F401
-from fluxtune.plan.memory import GiB, activation_bytes_per_token  # noqa: F401
+from fluxtune.plan.memory import OPTIMIZER_STATE_BYTES, GiB, activation_bytes_per_token  # noqa: F401
+from fluxtune.plan.stages import RESERVE_GIB, StagePlan, full_stage_memory, lora_stage_memory  # noqa: F401
 
-RESERVE_GIB = 2.0  # CUDA context, allocator fragmentation, NCCL buffers
 PEAK_BF16_FLOPS = 989e12  # dense bf16 of one H100/H200 SXM: the denominator of MFU
 DEFAULT_TEXT_TOKENS = presets.FLUX_TEXT_TOKENS
 
-# Optimizer state bytes per trainable parameter (fp32 parameters): torch AdamW exp_avg + exp_avg_sq; bitsandbytes
-# AdamW8bit two uint8 states + a fp32 absmax per 256 values; prodigyopt Prodigy exp_avg, exp_avg_sq, s and p0.
-# Adafactor (transformers) factors the second moment of a matrix into a row and a column vector: sized per layer.
-OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 256, "prodigy": 16.0}
 KNOWN_OPTIMIZERS = (*OPTIMIZER_STATE_BYTES, "adafactor")
-
-
-@dataclass
-class StagePlan:
-    name: str
-    kind: str  # "full", "lora" or the plugin's stage type
-    detail: str
-    parts: dict[str, float] = field(default_factory=dict)  # GiB per worker; what the peak moment holds
-    peak_gib: float | None = None  # None: unknown
-    moment: str = ""  # which moment of the step is the peak ("backward", "optimizer step")
-    offloaded_gib: float = 0.0  # optimizer state held in CPU memory instead (per worker)
-    unknown: str | None = None  # why the planner cannot size this stage
-    flops: float | None = None  # per worker and optimizer step (model FLOPs: no recomputation)
-
-    @property
-    def total(self) -> float:
-        return self.peak_gib if self.peak_gib is not None else float("nan")
-
-    def fits(self, gpu_mem_gib: float) -> bool | None:
-        return None if self.peak_gib is None else self.peak_gib + RESERVE_GIB <= gpu_mem_gib
 
 
 @dataclass(frozen=True)
@@ -73,7 +49,6 @@ def plan_stages(experiment: dict[str, Any], config: dict[str, Any], gpus: int,
 
 
 def plan_stage(stage: dict[str, Any], config: dict[str, Any], gpus: int, work: Workload, device: str) -> StagePlan:
-    from fluxtune.plan.stages import full_stage_memory, lora_stage_memory
 
     adapter = stage.get("adapter") or {}
     optimizer = (stage.get("optimizer") or {}).get("type", "adamw")

@@ -21,6 +21,10 @@ from fluxtune.plan.inventory import (
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+# Optimizer state bytes per trainable parameter (fp32 parameters): torch AdamW exp_avg + exp_avg_sq; bitsandbytes
+# AdamW8bit two uint8 states + a fp32 absmax per 256 values; prodigyopt Prodigy exp_avg, exp_avg_sq, s and p0.
+# Adafactor (transformers) factors the second moment of a matrix into a row and a column vector: sized per layer.
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 256, "prodigy": 16.0}
 
 # Bytes one block keeps for its backward, per token (image + text) and hidden unit. Measured at real width on the
 # CPU (benchmarks/plan_accuracy.py, BENCHMARKS.md). "trained": full stage (weights and the time embedding need
@@ -36,7 +40,7 @@ BLOCK_ACTIVATION_BYTES = {
 FORWARD_TEMPORARY_BYTES = {"float32": 28.0, "bfloat16": 16.0}
 BACKWARD_TEMPORARY_BYTES = {"float32": 12.0, "bfloat16": 6.0}
 # LoRA dropout keeps, beside the dropped copy of each adapter's input, what backward multiplies by: a bool mask per
-# value on GPU (the fused kernel), a float noise tensor of the input's dtype on the CPU.
+# value on GPU (the fused kernel), a float noise tensor of the input's dtype (the adapter's fp32) on the CPU.
 DROPOUT_KEEP_BYTES = {"cuda": 1, "cpu": 4}
 
 
@@ -134,22 +138,24 @@ class Step:
 
 def adapter_activations(step: Step, targets: list[str], rank: int, dropout: float, base_dtype: str,
                         checkpointing: bool) -> None:
-    """What peft's LoRA layers keep per token: the (dropped-out, fp32) input of lora_A and lora_A's output.
+    """What peft's LoRA layers keep per token: the (dropped-out) input of lora_A and lora_A's output.
 
-    With dropout every adapter keeps its own dropped copy and mask; without it adapters over an fp32 base share the
-    base's input tensor, and over a bf16 base each keeps its own fp32 cast of it. Inside a checkpointed block they
-    exist only while that block is recomputed.
+    peft casts each adapter's input to the adapter's fp32. Over a bf16 base the stage runs under bf16 autocast, so
+    lora_A and lora_B save bf16 casts of their inputs (the fp32 ones are freed); over an fp32 base they save the fp32
+    tensors. With dropout every adapter also keeps its mask; without it adapters over an fp32 base share the base's
+    input tensor. Inside a checkpointed block they exist only while that block is recomputed.
     """
     shared_inputs: set[tuple[str, int]] = set()
     for layer in step.layers():
         if not targeted(layer.path, targets):
             continue
         tokens = step.tokens[layer_tokens(layer.path)] * step.batch
-        per_token = rank * 4
+        saved = DTYPE_BYTES[base_dtype]  # what lora_A and lora_B save of their inputs (autocast over bf16)
+        per_token = rank * saved
         if dropout > 0:
-            per_token += layer.inputs * (4 + DROPOUT_KEEP_BYTES[step.device])
+            per_token += layer.inputs * (saved + DROPOUT_KEEP_BYTES[step.device])
         elif base_dtype != "float32":
-            per_token += layer.inputs * 4
+            per_token += layer.inputs * saved
         else:
             source = (segment_of(layer.path), layer.inputs, layer_tokens(layer.path))
             per_token += 0 if source in shared_inputs else layer.inputs * 4
@@ -163,8 +169,6 @@ def optimizer_state_bytes(name: str, layers: list[Linear], trainable: int, param
                           flat: bool = False) -> float:
     """States of optimizer `name` over fp32 parameters. Adafactor factors each matrix's second moment into a row and
     a column (plus a full one for biases); over a flat 1-D partition (`flat`, DeepSpeed) it keeps a full one."""
-    from fluxtune.plan import OPTIMIZER_STATE_BYTES
-
     if name == "adafactor":
         second_moment = 4.0 * trainable if flat else sum(4 * (layer.inputs + 2 * layer.outputs) for layer in layers)
         first_moment = 4 * trainable if params.get("beta1") is not None else 0

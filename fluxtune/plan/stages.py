@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from fluxtune.plan.inventory import Linear, linear_layers, lora_parameter_count, parameter_count, targeted
 from fluxtune.plan.memory import DTYPE_BYTES, GiB, Step, adapter_activations, optimizer_state_bytes
+
+RESERVE_GIB = 2.0  # CUDA context, allocator fragmentation, NCCL buffers
+
+
+@dataclass
+class StagePlan:
+    name: str
+    kind: str  # "full", "lora" or the plugin's stage type
+    detail: str
+    parts: dict[str, float] = field(default_factory=dict)  # GiB per worker; what the peak moment holds
+    peak_gib: float | None = None  # None: unknown
+    moment: str = ""  # which moment of the step is the peak ("backward", "optimizer step")
+    offloaded_gib: float = 0.0  # optimizer state held in CPU memory instead (per worker)
+    unknown: str | None = None  # why the planner cannot size this stage
+    flops: float | None = None  # per worker and optimizer step (model FLOPs: no recomputation)
+
+    @property
+    def total(self) -> float:
+        return self.peak_gib if self.peak_gib is not None else float("nan")
+
+    def fits(self, gpu_mem_gib: float) -> bool | None:
+        return None if self.peak_gib is None else self.peak_gib + RESERVE_GIB <= gpu_mem_gib
+
 
 DS_REDUCE_BUCKET = 50_000_000  # DeepSpeedParams.reduce_bucket_size's default (elements)
 
@@ -35,8 +59,6 @@ def _step_temporary(optimizer: str, device: str, largest: float) -> float:
 
 
 def full_stage_memory(stage: dict[str, Any], config: dict[str, Any], gpus: int, work: Any, device: str):
-    from fluxtune.plan import StagePlan
-
     step, detail = full_stage_step(stage, config, gpus, work, device)
     return _finish(StagePlan(stage["name"], "full", detail), step)
 
@@ -105,8 +127,6 @@ def full_stage_step(stage: dict[str, Any], config: dict[str, Any], gpus: int, wo
 
 
 def lora_stage_memory(stage: dict[str, Any], config: dict[str, Any], gpus: int, work: Any, device: str):
-    from fluxtune.plan import StagePlan
-
     step, detail = lora_stage_step(stage, config, gpus, work, device)
     return _finish(StagePlan(stage["name"], "lora", detail), step)
 

@@ -16,9 +16,8 @@ from fluxtune.search.names import trial_name
 from fluxtune.search.progress import SweepProgress, fmt
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.samples import SAMPLES_KEY
-from fluxtune.train.reporter import NODE_KEY, STEP_METRICS_KEY
-from fluxtune.train.trial import LAST_FAILURE_KEY, WORKER_FAILURES_KEY
-from fluxtune.train.worker import RESUMED_FROM_KEY
+from fluxtune.train.reporter import (LAST_FAILURE_KEY, NODE_KEY, RESUMED_FROM_KEY, STEP_METRICS_KEY,
+                                     WORKER_FAILURES_KEY)
 
 CHECKPOINT_KEY = "checkpoint_path"  # set by ray's TuneReportCallback
 RETRIES_TAG = "fluxtune.retries"  # how often Train restarted the trial's workers, over every sweep attempt

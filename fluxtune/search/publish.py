@@ -17,7 +17,7 @@ from typing import Any, Callable
 from fluxtune import storage
 from fluxtune.checkpoints import WEIGHTS, usable_checkpoint
 from fluxtune.search.best import ADAPTER, StageCheckpoint, stage_records
-from fluxtune.tracking.registered import checkpoint_reference, model_path_reference
+from fluxtune.registered_version import checkpoint_reference, model_path_reference
 
 
 def is_finite(value: Any) -> bool:

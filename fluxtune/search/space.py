@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 from fluxtune.config.errors import InputError, Problem
@@ -106,19 +105,11 @@ def sample_configs(spec: SearchSpec, base: dict[str, Any], n: int) -> list[dict[
 
 def max_total_steps(base: dict[str, Any], space: dict[str, Any]) -> int:
     """An upper bound on a trial's steps over the space (ASHA's max_t): every corner of the numeric keys."""
-    def corners(dist: Any) -> list[Any]:
-        if dist.type == "categorical":
-            return list(dist.choices)
-        return [dist.low, dist.high]
-
-    from fluxtune.config.paths import set_path
+    from fluxtune.config.paths import corner_trees
 
     keys = [k for k in space if k == "cycles" or k == "schedule" or k.endswith(".steps") or ".steps." in k]
     best = planned_steps(base)
-    for combo in itertools.product(*(corners(space[k]) for k in keys)):
-        tree = base
-        for key, value in zip(keys, combo):
-            tree = set_path(tree, key, value)
+    for tree in corner_trees(base, space, keys):
         try:
             best = max(best, planned_steps(tree))
         except (KeyError, TypeError, IndexError):

@@ -11,6 +11,7 @@ This module orchestrates; what is published (`publish`), kept (`retention`), sto
 from __future__ import annotations
 
 import itertools
+import contextlib
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ from rich.markup import escape
 from fluxtune import __version__
 from fluxtune import storage
 from fluxtune.config.load import sample_experiment
-from fluxtune.config.paths import set_path
+from fluxtune.config.paths import corner_trees
 from fluxtune.config.schedule import planned_steps
 from fluxtune.config.schema import SearchFile, SearchSpec
 from fluxtune import failures
@@ -103,16 +104,7 @@ def _scheduler(search: SearchSpec, base: dict[str, Any]):
 
 def _resource_corners(base: dict[str, Any], search: SearchSpec) -> list[dict[str, Any]]:
     """The base with every combination of the extreme searched resource values (workers, CPUs, GPUs)."""
-    keys = [k for k in RESOURCE_KEYS if k in search.space]
-    values = [list(search.space[k].choices) if search.space[k].type == "categorical"
-              else [search.space[k].low, search.space[k].high] for k in keys]
-    out = []
-    for combo in itertools.product(*values):
-        tree = base
-        for key, value in zip(keys, combo):
-            tree = set_path(tree, key, value)
-        out.append(tree)
-    return out
+    return list(corner_trees(base, search.space, [k for k in RESOURCE_KEYS if k in search.space]))
 
 
 def _searcher(search: SearchSpec, base: dict[str, Any], storage_url: str, study: str, earlier_trials: int):

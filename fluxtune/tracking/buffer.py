@@ -32,8 +32,6 @@ SPILL_NAME = "mlflow-unlogged.jsonl"
 # Tune's callbacks run in its event loop. A user's own settings win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-WRITES = {"create_run", "log_batch", "log_param", "set_tag", "update_run", "set_terminated", "log_artifact",
-          "log_artifacts", "log_image", "log_figure", "log_table"}
 PLACEHOLDER = "pending-"
 
 
@@ -66,16 +64,50 @@ class BufferedClient:
                 self.warn(f"{len(self.pending)} MLflow calls an earlier driver could not log are in {self.spill}: "
                           f"sending them to {uri}")
 
-    # -- the MlflowClient surface
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        if name.startswith("_") or name == "client":  # not set up (yet): never recurse into ourselves
-            raise AttributeError(name)
-        attribute = getattr(self.client, name)
-        if not callable(attribute):
-            return attribute
-        if name in WRITES:
-            return lambda *args, **kwargs: self._write(name, args, kwargs)
-        return lambda *args, **kwargs: self._read(attribute, args, kwargs)
+    # -- the MlflowClient calls fluxtune makes (same arguments). Writes go through while the server answers and
+    # are buffered in order while it does not; reads raise TrackingOffline while it does not.
+    def create_run(self, *args: Any, **kwargs: Any) -> Any:
+        """A placeholder run (its `info.run_id` stands in until the creation is replayed) while down."""
+        return self._write("create_run", args, kwargs)
+
+    def log_batch(self, *args: Any, **kwargs: Any) -> None:
+        self._write("log_batch", args, kwargs)
+
+    def set_tag(self, *args: Any, **kwargs: Any) -> None:
+        self._write("set_tag", args, kwargs)
+
+    def delete_tag(self, *args: Any, **kwargs: Any) -> None:
+        self._write("delete_tag", args, kwargs)
+
+    def update_run(self, *args: Any, **kwargs: Any) -> None:
+        self._write("update_run", args, kwargs)
+
+    def set_terminated(self, *args: Any, **kwargs: Any) -> None:
+        self._write("set_terminated", args, kwargs)
+
+    def log_artifact(self, *args: Any, **kwargs: Any) -> None:
+        self._write("log_artifact", args, kwargs)
+
+    def log_artifacts(self, *args: Any, **kwargs: Any) -> None:
+        self._write("log_artifacts", args, kwargs)
+
+    def log_image(self, *args: Any, **kwargs: Any) -> None:
+        self._write("log_image", args, kwargs)
+
+    def log_figure(self, *args: Any, **kwargs: Any) -> None:
+        self._write("log_figure", args, kwargs)
+
+    def log_table(self, *args: Any, **kwargs: Any) -> None:
+        self._write("log_table", args, kwargs)
+
+    def get_run(self, *args: Any, **kwargs: Any) -> Any:
+        return self._read(self.client.get_run, args, kwargs)
+
+    def search_runs(self, *args: Any, **kwargs: Any) -> Any:
+        return self._read(self.client.search_runs, args, kwargs)
+
+    def get_metric_history(self, *args: Any, **kwargs: Any) -> Any:
+        return self._read(self.client.get_metric_history, args, kwargs)
 
     def defer(self, handler: str, *args: Any) -> None:
         """Run `self.handlers[handler](*args)` now, or in order after the buffered writes once the server is back."""
@@ -308,7 +340,7 @@ def _kinds(op: dict[str, Any]) -> Counter:
     if name == "log_batch":
         return Counter({label: len(kwargs.get(kind) or ()) for kind, label in
                         (("metrics", "metric points"), ("params", "params"), ("tags", "tags")) if kwargs.get(kind)})
-    labels = {"log_param": "params", "set_tag": "tags", "create_run": "runs created", "update_run": "run updates",
+    labels = {"set_tag": "tags", "delete_tag": "tag deletions", "create_run": "runs created", "update_run": "run updates",
               "set_terminated": "run ends", "log_artifact": "artifacts", "log_artifacts": "artifact folders",
               "log_image": "images"}
     return Counter({labels.get(name, f"{name} calls"): 1})

@@ -2,7 +2,7 @@
 
 Input: a DataFrame with `image` and `mask` (file paths or base64 PNGs) and optional `prompt`; params `steps`
 and `seed`. Output: a DataFrame with `image`: base64-encoded PNGs. The base transformer is loaded from the
-reference the version holds, checked against its content hashes (`fluxtune.tracking.registered`).
+reference the version holds, checked against its content hashes (`fluxtune.registered_version`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class FluxFillInpainter(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from fluxtune.assemble import load_bundle
         from fluxtune.flux.inpaint import fill_pipeline
-        from fluxtune.tracking.registered import read_meta, registered_base
+        from fluxtune.registered_version import read_meta, registered_base
 
         folder = Path(context.artifacts["checkpoint"])
         self.meta = read_meta(folder)

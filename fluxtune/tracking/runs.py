@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from fluxtune import storage
+from fluxtune.redact import redact_params, redact_text
 from fluxtune.tracking.buffer import BufferedClient, TrackingOffline
-from fluxtune.tracking.redact import redact_params, redact_text
+from fluxtune.tracking.mlflow_private import latest_steps
 from fluxtune.tracking.samples import decode_samples
 from fluxtune.tracking.store import client, ensure_experiment, server_uri
-from fluxtune.tracking.views import (curve_points, draw_loss_curves, stage_row, stopped_note, system_monitors,
-                                     system_sample)
+from fluxtune.tracking.views import curve_points, draw_loss_curves, stage_row, stopped_note
 
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 SWEEP_TAG = "fluxtune.sweep_id"
@@ -72,7 +72,6 @@ class SweepTracker:
         self.trial_runs: dict[str, str] = {}
         self._run_names: set[str] | None = None  # trial run names already used in this sweep
         self._logged_upto: dict[str, dict[str, int]] = {}  # run → metric → last step already in MLflow
-        self._system = None
 
     @property
     def client(self):
@@ -86,7 +85,7 @@ class SweepTracker:
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment state; the client (locks, sessions) is rebuilt lazily.
-        return {**self.__dict__, "_client": None, "_system": None, "warn": None}
+        return {**self.__dict__, "_client": None, "warn": None}
 
     def flush(self) -> bool:
         """Send what a tracking-server outage left buffered; True when everything is in MLflow."""
@@ -125,9 +124,7 @@ class SweepTracker:
         except TrackingOffline:  # unknown while the server is down: replayed steps may show twice
             self._logged_upto.setdefault(run_id, {})
             return
-        # The latest point of each metric (MLflow keeps the one at the largest step), as the system-metrics
-        # monitor of MLflow itself reads it: no full history download.
-        self._logged_upto[run_id] = {m.key: m.step for m in run.data._metric_objs}
+        self._logged_upto[run_id] = latest_steps(run)  # no full history download
 
     # -- the tree
     def start(self, spec_path: str | None, tags: dict[str, str], params: dict[str, Any]) -> str:
@@ -224,14 +221,12 @@ class SweepTracker:
             self.client.log_batch(run_id, metrics=metrics[i:i + BATCH])
 
     def log_result(self, trial_id: str, result: dict[str, Any], step_key: str, steps_json_key: str) -> None:
-        """One Tune result: its buffered per-step metrics, and its scalar metrics at the result's step."""
+        """One Tune result: its buffered per-step metrics, and its scalar metrics at the result's step (among them
+        the `system/*` sample rank 0 took on its own node)."""
         run_id = self.trial_runs[trial_id]
         series = {k: [tuple(p) for p in v] for k, v in json.loads(result.get(steps_json_key) or "{}").items()}
         step = int(result.get(step_key, 0))
-        if self._system is None:
-            self._system = system_monitors()
-        scalars = {**curve_points(result), **system_sample(self._system)}  # a stage's other numbers: its table row
-        for key, points in {k: [(step, v)] for k, v in scalars.items()}.items():
+        for key, points in {k: [(step, v)] for k, v in curve_points(result).items()}.items():
             series.setdefault(key, []).extend(points)
         self.log_metrics(run_id, series)
 

@@ -1,10 +1,12 @@
 """What a person reads off a trial's run, computed from what the driver receives: which reported numbers are
-curves and which are one-per-stage (the stages table), a stage's table row, the stopped-early note, loss curves,
-the driver's system metrics. Plain functions over result dicts and an MLflow client; SweepTracker calls them."""
+curves and which are one-per-stage (the stages table), a stage's table row, the stopped-early note, loss curves.
+Plain functions over result dicts and an MLflow client; SweepTracker calls them."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from fluxtune.tracking.mlflow_private import SYSTEM_PREFIX  # the worker's node: CPU, memory, GPU (curves)
 
 CURVES = ("loss", "val_loss")  # drawn into loss_curves.png at the end of a trial
 # Reported at stage ends too, and also at every evaluation: points of a curve, not stage summaries.
@@ -32,8 +34,9 @@ def _number(value: Any) -> bool:
 def curve_points(result: dict[str, Any]) -> dict[str, float]:
     """The numbers of a result that are points of a curve at its step (a stage end's others go to its table row)."""
     stage_end = bool(result.get("stage_end"))
+    curve_at_end = CURVE_AT_STAGE_END | {k for k in result if k.startswith(SYSTEM_PREFIX)}
     return {k: v for k, v in result.items() if _number(v) and is_training_metric(k)
-            and not (stage_end and (is_stage_summary(k) or k not in CURVE_AT_STAGE_END))}
+            and not (stage_end and (is_stage_summary(k) or k not in curve_at_end))}
 
 
 def stage_row(result: dict[str, Any]) -> dict[str, Any]:
@@ -43,7 +46,7 @@ def stage_row(result: dict[str, Any]) -> dict[str, Any]:
                            "global_step": int(result.get("global_step", 0))}
     for key, value in result.items():
         if (_number(value) and is_training_metric(key) and not is_stage_summary(key)
-                and not key.startswith("system/") and key not in row):
+                and not key.startswith(SYSTEM_PREFIX) and key not in row):
             row[key] = float(value)
     return row
 
@@ -52,31 +55,6 @@ def stopped_note(scheduler: str, step: int, planned: int) -> str:
     """The run description of a trial a scheduler stopped early (markdown, shown on its overview page)."""
     return (f"**Stopped early** by the {scheduler.upper()} scheduler at step {step} of {planned}: its metric lagged "
             "behind other trials' at that point. Its curves end there; it is not a failure.")
-
-
-def system_monitors() -> list[Any]:
-    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-
-    monitors = [CPUMonitor()]
-    try:
-        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-
-        monitors.append(GPUMonitor())
-    except Exception:  # no NVIDIA driver here: GPU metrics are simply not available
-        pass
-    return monitors
-
-
-def system_sample(monitors: list[Any]) -> dict[str, float]:
-    """CPU/memory (and GPU where a monitor loads) of the driver's node, now."""
-    out: dict[str, float] = {}
-    for monitor in monitors:
-        try:
-            monitor.collect_metrics()
-            out.update({f"system/{k}": float(v) for k, v in monitor.aggregate_metrics().items()})
-        finally:
-            monitor.clear_metrics()
-    return out
 
 
 def draw_loss_curves(client: Any, run_id: str, title: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from fluxtune.train.local_ray import LocalRay, start_local_ray
 
-# Faster Train start-up and no metrics agent traffic (FACTS: fixed cost of a fit ≈11 s → ≈7.5 s).
+# Faster Train start-up and no metrics agent traffic (measured: the fixed cost of a fit ≈11 s → ≈7.5 s).
 RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_METRICS_ENABLED": "0",
@@ -31,7 +31,7 @@ RAY_ENV_DEFAULTS = {
 def local_cpus(workers: int, cpus_per_worker: float, concurrent_trials: int) -> int:
     """Logical CPUs for a local Ray: every trial's workers plus one CPU left free for Ray Data's read tasks.
 
-    Without the spare CPU the Train workers reserve everything and the data read never runs (FACTS: the hang).
+    Without the spare CPU the Train workers reserve everything and the data read never runs (the trial then hangs).
     """
     needed = concurrent_trials * (workers * cpus_per_worker + 0.01) + 1
     return max(os.cpu_count() or 1, math.ceil(needed))

@@ -65,6 +65,12 @@ def preprocessing_of(data: dict[str, Any]) -> Preprocessing:
                          buckets=None if buckets is None else tuple(buckets))
 
 
+def _start_local_ray() -> None:
+    from fluxtune.train.cluster import start_ray
+
+    start_ray(None, os.cpu_count() or 1)
+
+
 def prepare_sweep_data(jsonl: str, base: dict[str, Any], cache_dir: str | os.PathLike | None = None,
                        space: dict[str, Any] | None = None) -> PreparedData:
     """Check rows and find or build the latent cache, once per sweep, in the driver (never per trial).
@@ -75,7 +81,7 @@ def prepare_sweep_data(jsonl: str, base: dict[str, Any], cache_dir: str | os.Pat
     selection = select_rows(jsonl, base["data"])
     cache_dir = cache_dir if cache_dir is not None else base["data"].get("cache_dir")
     rows = cache_rows(selection)
-    found = [ensure_cache(rows, base["model"], preprocessing_of(data), cache_dir)
+    found = [ensure_cache(rows, base["model"], preprocessing_of(data), cache_dir, _start_local_ray)
              for data in data_variants(base["data"], space)]
     caches = [cache for cache, _ in found]
     source = str(caches[0].path) if len(caches) == 1 else write_cache_set(caches, cache_dir)

@@ -1,7 +1,7 @@
 """A local Ray cluster that never outlives the driver that started it, however the driver ends (SIGKILL too).
 
 `ray.init()` makes Ray's daemons children of the driver and they die with it only one level deep
-(PR_SET_PDEATHSIG): after a SIGKILLed driver the raylet's agents live on (FACTS.md). So the driver starts a
+(PR_SET_PDEATHSIG): after a SIGKILLed driver the raylet's agents live on. So the driver starts a
 *keeper* in a session of its own; the keeper runs `ray start --head`, and every Ray process (GCS, raylet,
 agents, workers) inherits the keeper's session id. The keeper then waits on a pipe whose only writer is the
 driver: the kernel closes it when the driver ends, for any reason, and the keeper kills its whole session.
@@ -60,13 +60,11 @@ class LocalRay:
 
 def start_local_ray(num_cpus: int, verbose: bool = False) -> LocalRay:
     """Start the keeper (and through it the cluster); returns once the cluster accepts drivers."""
-    from ray._private.authentication.authentication_token_setup import (enable_token_auth_by_default,
-                                                                        ensure_token_if_auth_enabled)
+    from fluxtune.train.ray_private import enable_token_auth
 
-    # What ray.init() does for a new local cluster: token auth on unless the user chose otherwise. Set in our
-    # environment, so the keeper's `ray start` and this driver agree.
-    enable_token_auth_by_default()
-    ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+    # As ray.init() does for a new local cluster; set in our environment, so the keeper's `ray start` and this
+    # driver agree.
+    enable_token_auth()
     temp_dir = tempfile.mkdtemp(prefix="fluxtune-ray-", dir="/tmp")  # short: Ray's unix sockets live below it
     keeper = subprocess.Popen(
         [sys.executable, "-m", "fluxtune.train.local_ray", "--num-cpus", str(num_cpus), "--temp-dir", temp_dir],

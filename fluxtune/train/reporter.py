@@ -17,17 +17,25 @@ from fluxtune.tracking.samples import SAMPLES_KEY, encode_samples
 
 STEP_METRICS_KEY = "fluxtune_steps"  # JSON: {metric: [[step, value], ...]}, unpacked by the tracking callback
 NODE_KEY = "node"  # the Ray node id of rank 0, sent at stage ends: which machine of a cluster ran the trial
+RESUMED_FROM_KEY = "resumed_from_step"  # with every report of an attempt that restarted from its own checkpoint
+WORKER_FAILURES_KEY = "worker_failures"  # with every report after a worker failure: how many this Train run had
+LAST_FAILURE_KEY = "last_worker_failure"  # which rank failed and how (text)
 
 
 class RayReporter:
     def __init__(self, rank: int, stop_check: Any = None):
         self.rank = rank
+        self._system = None  # rank 0: this node's CPU/memory/GPU use between reports (Tune forwards rank 0's only)
+        if rank == 0:
+            from fluxtune.tracking.mlflow_private import SystemSampler
+
+            self._system = SystemSampler()
         self.stop_check = stop_check  # fluxtune.train.stops.StopCheck: ends runs Tune has stopped
         self._steps: dict[str, list[tuple[int, Any]]] = {}
         self._samples: list[tuple[int | None, bytes]] = []
 
     def attach_sample(self, png: bytes, step: int | None = None) -> None:
-        """A sample-image grid (fluxtune.tracking.samples): sent with the next report, at `step` or the report's."""
+        """A sample-image grid (fluxtune.flux.preview): sent with the next report, at `step` or the report's."""
         self._samples.append((step, png))
 
     def log(self, global_step: int, metrics: dict[str, Any]) -> None:
@@ -41,11 +49,12 @@ class RayReporter:
         self._steps.clear()
         return json.dumps(out)
 
-    def _extras(self) -> dict[str, str]:
-        if not self._samples:
-            return {}
-        samples, self._samples = self._samples, []
-        return {SAMPLES_KEY: encode_samples(samples)}
+    def _extras(self) -> dict[str, Any]:
+        extras: dict[str, Any] = self._system.sample() if self._system is not None else {}
+        if self._samples:
+            samples, self._samples = self._samples, []
+            extras[SAMPLES_KEY] = encode_samples(samples)
+        return extras
 
     def _check_stopped(self) -> None:
         if self.stop_check is not None:

@@ -13,6 +13,7 @@ run together; and a few seconds later the board removes the trial's placement gr
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import ray
 
@@ -27,10 +28,11 @@ class TrialStopped(Exception):
 class StopBoard:
     def __init__(self) -> None:
         self.finished: set[str] = set()
-        self.groups: dict[str, str] = {}
+        self.groups: dict[str, Any] = {}
 
-    def register(self, trial_id: str, placement_group_hex: str) -> None:
-        self.groups[trial_id] = placement_group_hex
+    def register(self, trial_id: str, group: Any) -> None:
+        """`group`: the trial's Train workers' PlacementGroup (it pickles, so the worker sends it as it is)."""
+        self.groups[trial_id] = group
 
     def stop(self, trial_id: str) -> None:
         self.finished.add(trial_id)
@@ -42,12 +44,11 @@ class StopBoard:
         return trial_id in self.finished
 
 
-def _remove_placement_group(group_hex: str) -> None:
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
+def _remove_placement_group(group: Any) -> None:
+    from ray.util.placement_group import remove_placement_group
 
     try:
-        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_hex))))
+        remove_placement_group(group)
     except Exception:  # already removed by a run that ended by itself
         pass
 
@@ -74,7 +75,7 @@ class StopCheck:
                 self._board = None
             group = ray.util.get_current_placement_group()
             if self._board is not None and group is not None:
-                self._board.register.remote(trial_id, group.id.hex())
+                self._board.register.remote(trial_id, group)
 
     def raise_if_stopped(self) -> None:
         stopped = bool(self._board is not None and ray.get(self._board.is_stopped.remote(self.trial_id)))

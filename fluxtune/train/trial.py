@@ -17,6 +17,7 @@ from fluxtune.config.stage_keys import data_identity, stage_keys
 from fluxtune.plugins import plugin_set, use_plugin_set
 from fluxtune.registry import registry
 from fluxtune.train.datasets import build_datasets
+from fluxtune.train.reporter import LAST_FAILURE_KEY, WORKER_FAILURES_KEY
 from fluxtune.train.worker import train_loop_per_worker
 
 
@@ -103,10 +104,6 @@ def trainer_for(experiment: dict[str, Any], settings: TrialSettings, run_name: s
             failure_config=FailureConfig(max_failures=settings.max_failures),
         ),
     )
-
-
-WORKER_FAILURES_KEY = "worker_failures"  # with every report after a worker failure: how many this Train run had
-LAST_FAILURE_KEY = "last_worker_failure"  # which rank failed and how (text)
 
 
 class FailureCountingReport(TuneReportCallback):

@@ -8,12 +8,11 @@ from typing import Any
 import ray.train
 
 from fluxtune.plugins import use_plugin_set
-from fluxtune.train.reporter import RayReporter
+from fluxtune.train.reporter import RESUMED_FROM_KEY, RayReporter
 
 # torch, diffusers and the data path are imported inside the functions: Tune's trial actor and Train's controller
 # import this module only to find `train_loop_per_worker` (seconds of start-up per trial otherwise).
 
-RESUMED_FROM_KEY = "resumed_from_step"  # with every report of an attempt that restarted from its own checkpoint
 
 
 class MarkedReporter(RayReporter):
@@ -95,10 +94,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from fluxtune.assemble import build_shared, model_weights_folder
     from fluxtune.cycle import run_cycle
-    from fluxtune.flux.inpaint import InpaintProbe
     from fluxtune.flux.model import use_reliable_attention
     from fluxtune.registry import registry
-    from fluxtune.tracking.samples import SampleGrids
+    from fluxtune.flux.preview import ValidationPreview
     from fluxtune.train.stops import StopCheck, TrialStopped
 
     use_plugin_set(config["plugins"])  # exactly the driver's plugins, whatever this node's environment says
@@ -112,14 +110,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     transformer, train, val = _load_model_and_data(experiment, rank, device)
     reporter = MarkedReporter(rank, StopCheck(config.get("sweep_id"), config.get("trial_id"), rank, world_size))
     shared = build_shared(experiment, train, val, reporter, registry(), device, rank, world_size)
-    if rank == 0:  # sample-image grids for MLflow at each evaluation
-        shared.samples = SampleGrids.for_worker(experiment["model"], shared.val, reporter.attach_sample)
-        shared.probe = InpaintProbe.for_worker(experiment["model"], shared.val)  # masked_psnr with val_loss
+    if rank == 0:  # at evaluations: a sample grid for MLflow and masked_psnr/masked_ssim, from one sampling
+        shared.preview = ValidationPreview.for_worker(experiment["model"], shared.val, reporter.attach_sample)
     progress, transformer, restarted = _resume(transformer.to(device), config.get("initial_checkpoint"))
     if restarted:
         reporter.marks = {RESUMED_FROM_KEY: progress.global_step}
     elif rank == 0:  # the starting weights (step 0: where MLflow's image slider opens; or a reused stage's end)
-        shared.samples.render(transformer, step=progress.global_step)
+        shared.preview(transformer, step=progress.global_step)
     try:
         # A resumed transformer is fp32 (exact in itself); one read in bf16 keeps its exact values in its folder.
         run_cycle(experiment, transformer, shared, progress, weights_folder=model_weights_folder(experiment["model"]))

@@ -1,4 +1,5 @@
-"""Secrets never reach MLflow: what fluxtune logs (params, tags, the spec file) is redacted first.
+"""Secrets never reach MLflow, the console or a failure record: what fluxtune logs (params, tags, the spec
+file, error lines) is redacted first.
 
 Redacted: the value of any key that looks like a secret (`api_token`, `password`, `secret`, `*_key`, …),
 passwords in URLs (`https://user:***@host`), well-known token formats (`hf_…`, `ghp_…`, `AKIA…`), and anywhere,

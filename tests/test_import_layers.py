@@ -1,0 +1,140 @@
+"""fluxtune's modules form layers: a module imports from its own layer or lower ones, never from a higher one, and
+no chain of imports among fluxtune's modules leads back to where it started.
+
+Imports are read from the source (every `import` statement: module level, inside functions and under
+TYPE_CHECKING alike), so a circle hidden in a function-level import still counts.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import fluxtune
+
+PACKAGE = Path(fluxtune.__file__).parent
+
+# Lowest first. A module belongs to the layer of its longest listed prefix.
+LAYERS = [
+    # Plain helpers every part uses: the public API, hook specs, storage, secrets redaction, failure records.
+    ("foundation", ["fluxtune", "fluxtune.api", "fluxtune.hookspecs", "fluxtune.storage", "fluxtune.callbacks",
+                    "fluxtune.serving", "fluxtune.redact", "fluxtune.failures", "fluxtune.config.errors"]),
+    # The model and its data: FLUX loading and packing, rows, images, buckets, the latent cache.
+    ("model and data", ["fluxtune.flux", "fluxtune.data"]),
+    # What can be named in a YAML: plugins, the registry of their components, the config schema and loading.
+    ("plugins and config", ["fluxtune.plugins", "fluxtune.registry", "fluxtune.config"]),
+    # The Ray-free training cycle and what it is built from: stages, strategies, checkpoints, the planner.
+    ("cycle", ["fluxtune.cycle", "fluxtune.context", "fluxtune.canonical", "fluxtune.checkpoints",
+               "fluxtune.assemble", "fluxtune.registered_version", "fluxtune.default_plugins",
+               "fluxtune.strategies", "fluxtune.plan", "fluxtune.testing"]),
+    # MLflow. Below train: a worker encodes its sample grids with `tracking.samples` (and nothing of MLflow).
+    ("tracking", ["fluxtune.tracking"]),
+    # Ray Train: the worker group of a trial, its data, its reports.
+    ("train", ["fluxtune.train"]),
+    # Ray Tune + Optuna: the sweep.
+    ("search", ["fluxtune.search"]),
+    ("cli", ["fluxtune.cli"]),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The fluxtune modules `name` imports. `from pkg import sub` counts as importing `pkg.sub` only (not the
+    package's __init__) when `sub` is a module."""
+    found: set[str] = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            submodules = {f"{base}.{alias.name}" for alias in node.names} & modules.keys()
+            found.update(submodules)
+            if len(submodules) < len(node.names):
+                found.add(base)
+    return {m for m in found if m in modules and m != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = all_modules()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def layer_of(module: str) -> int:
+    best, level = -1, None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, level = len(prefix), index
+    assert level is not None, f"{module} belongs to no layer: add it to LAYERS in {__file__}"
+    return level
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circles_among_fluxtune_modules():
+    assert cycles(import_graph()) == []
+
+
+def test_no_module_imports_from_a_higher_layer():
+    upward = [f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+              for module, targets in sorted(import_graph().items()) for target in sorted(targets)
+              if layer_of(target) > layer_of(module)]
+    assert upward == []
+
+
+def test_the_checks_see_circles_and_upward_imports():
+    graph = {"fluxtune.data.rows": {"fluxtune.data.images"}, "fluxtune.data.images": {"fluxtune.data.rows"},
+             "fluxtune.train.cluster": set()}
+    assert cycles(graph) == [["fluxtune.data.images", "fluxtune.data.rows"]]
+    assert layer_of("fluxtune.train.cluster") > layer_of("fluxtune.data.latent_cache")
+    assert "fluxtune.registry" in imports_of("fluxtune.config.load", PACKAGE / "config" / "load.py", all_modules())
+
+
+def test_the_search_callbacks_need_no_torch_for_report_keys():
+    """The driver's Tune callbacks read report keys: the reporter module, not the worker's training code."""
+    assert "fluxtune.train.worker" not in import_graph()["fluxtune.search.callbacks"]
