@@ -144,12 +144,14 @@ def shapes(module: Any) -> dict[str, torch.Size]:
     return {name: t.shape for name, t in plain_state(module).items()}
 
 
-def save_weights_folder(folder: Path, module: Any, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+def save_weights_folder(folder: Path, module: Any, tensors: Iterable[tuple[str, torch.Tensor]],
+                        digests: dict[str, str] | None = None) -> None:
     """A diffusers model folder (config.json + safetensors) of `module`'s architecture holding `tensors`, the
-    canonical values in `layout(module)` order, streamed: `from_pretrained(folder)` loads it."""
+    canonical values in `layout(module)` order, streamed: `from_pretrained(folder)` loads it. `digests`: see
+    `fluxtune.flux.weights.save_streamed` (the weight files' sha256, taken while writing)."""
     from fluxtune.flux.weights import save_streamed
 
     model = getattr(module, "module", module)  # DDP/DeepSpeed wrappers hide .config
     folder.mkdir(parents=True, exist_ok=True)
     model.save_config(folder)
-    save_streamed(folder, layout(model), tensors)
+    save_streamed(folder, layout(model), tensors, digests=digests)

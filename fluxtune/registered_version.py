@@ -1,29 +1,118 @@
-"""Starting from a registered version: its base transformer with its adapter merged in.
+"""What a registered version is made of, and loading it: a small adapter plus a *reference* to the base
+transformer it was trained on (never a copy: the real base is ≈48 GB in fp32).
 
-No mlflow here (this runs in Ray workers): the driver has already downloaded the version's checkpoint folder
-(`fluxtune.tracking.registry.resolve_registered_model`); this only reads it, safetensors only.
+`model.json` in the version's checkpoint artifact:
+  {"model": {preset | path, seed, guidance, …},      what `fluxtune.assemble.load_bundle` builds
+   "base": reference or null,                         where the base transformer is, with content hashes
+   "fused": ["fused/0", …]}                           adapters merged into that base first, in order
+References:
+  {"checkpoint": "<folder or s3://…>", "files": {"transformer/…": sha256}}   a stage checkpoint of the sweep
+  {"model_path": "/models/FLUX.1-Fill-dev", "files": {"transformer/…": sha256}}   the configured model itself
+  null                                                the preset, rebuilt from its seed
+Versions registered before references existed carry a copied `base/` folder; they still load.
+
+No mlflow here (this runs in Ray workers and in the pyfunc model); safetensors only.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
+from fluxtune import storage
+from fluxtune.checkpoints import HASH, WEIGHTS, file_hash
 
-def registered_transformer(checkpoint: str | Path, transformer: Any) -> Any:
-    """`transformer` (the base the YAML names) replaced by the version's saved base if it has one, with the
-    version's LoRA adapter fused in; every parameter trainable again, ready for the first stage."""
+MODEL_JSON = "model.json"
+
+
+class RegisteredBaseError(RuntimeError):
+    """The base transformer a registered version references is gone or has changed (one line)."""
+
+
+def checkpoint_reference(checkpoint: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A stage checkpoint's transformer, by location and the hashes its writer recorded."""
+    files = {name: entry[HASH] for name, entry in record["files"].items()
+             if name.startswith(WEIGHTS + "/") and isinstance(entry, dict) and HASH in entry}
+    return {"checkpoint": str(checkpoint), "files": files}
+
+
+def model_path_reference(model_path: str) -> dict[str, Any]:
+    """The configured model's transformer (`<path>/transformer`), hashed now (reads every byte once)."""
+    folder = Path(model_path) / WEIGHTS
+    files = {f"{WEIGHTS}/{p.relative_to(folder)}": file_hash(str(p)) for p in sorted(folder.rglob("*"))
+             if p.is_file()}
+    return {"model_path": str(model_path), "files": files}
+
+
+def describe(reference: dict[str, Any] | None, model: dict[str, Any]) -> str:
+    if reference is None:
+        return f"preset {model.get('preset')!r} (seed {model.get('seed', 0)}), rebuilt when loaded"
+    where = reference.get("checkpoint") or reference.get("model_path")
+    return f"{where} ({len(reference['files'])} files, {HASH} recorded)"
+
+
+def check_reference(reference: dict[str, Any] | None, verify: bool = True) -> None:
+    """Raise RegisteredBaseError when a referenced file is missing or (with `verify`) hashes differently."""
+    if reference is None:
+        return
+    root = reference.get("checkpoint") or reference["model_path"]
+    for name, expected in reference["files"].items():
+        path = storage.join(root, name)
+        if not storage.exists(path):
+            raise RegisteredBaseError(f"the base transformer of this registered version is gone: {path} no longer "
+                                      "exists (its sweep folder was deleted or moved)")
+        if verify and file_hash(path) != expected:
+            raise RegisteredBaseError(f"the base transformer of this registered version has changed: {path} does "
+                                      f"not match the {HASH} recorded at registration")
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MODEL_JSON
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} is not a registered fluxtune checkpoint (no {MODEL_JSON})")
+    return json.loads(path.read_text())
+
+
+def registered_base(folder: str | Path, transformer: Any, verify: bool = True) -> Any:
+    """The version's base: `transformer` (built from the version's `model`) or the referenced checkpoint's,
+    checked against its hashes, with the version's `fused` adapters merged in. Not the version's own adapter."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    reference = meta.get("base")
+    if (folder / "base").is_dir():  # a version registered with a copied base
+        transformer = _from_pretrained(folder / "base", transformer)
+    elif reference is not None:
+        check_reference(reference, verify)
+        if reference.get("checkpoint"):
+            with storage.local_copy(storage.join(reference["checkpoint"], WEIGHTS)) as local:
+                transformer = _from_pretrained(local, transformer)
+    for adapter in meta.get("fused", []):
+        transformer = _fuse(transformer, folder / adapter)
+    return transformer
+
+
+def registered_transformer(checkpoint: str | Path, transformer: Any, verify: bool = False) -> Any:
+    """A new search starting from a registered version: its base with its adapter merged in, every parameter
+    trainable again. The driver already checked the reference (`verify` repeats the hash in each worker)."""
     folder = Path(checkpoint)
-    if not (folder / "model.json").exists():
-        raise FileNotFoundError(f"{folder} is not a registered fluxtune checkpoint (no model.json)")
-    if (folder / "base").is_dir():
-        from diffusers import FluxTransformer2DModel
-
-        transformer = FluxTransformer2DModel.from_pretrained(folder / "base").to(transformer.device)
+    transformer = registered_base(folder, transformer, verify)
     if (folder / "adapter").is_dir():
-        # The file carries the adapter's alpha as metadata (without it alpha would reload as the rank).
-        transformer.load_lora_adapter(str(folder / "adapter"), prefix="transformer", use_safetensors=True)
-        transformer.fuse_lora()
-        transformer.unload_lora()
+        transformer = _fuse(transformer, folder / "adapter")
     transformer.requires_grad_(True)  # peft leaves fused weights frozen
     return transformer.train()
+
+
+def _from_pretrained(folder: Path | str, like: Any) -> Any:
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(os.fspath(folder)).to(like.device)
+
+
+def _fuse(transformer: Any, adapter: Path) -> Any:
+    # The file carries the adapter's alpha as metadata (without it alpha would reload as the rank).
+    transformer.load_lora_adapter(str(adapter), prefix="transformer", use_safetensors=True)
+    transformer.fuse_lora()
+    transformer.unload_lora()
+    return transformer

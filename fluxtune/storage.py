@@ -82,8 +82,12 @@ def write_bytes(path: str, data: bytes) -> None:
         return
     Path(inner).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{inner}.{uuid.uuid4().hex[:8]}.tmp"
-    Path(tmp).write_bytes(data)
-    os.replace(tmp, inner)
+    try:
+        Path(tmp).write_bytes(data)
+        os.replace(tmp, inner)
+    except BaseException:  # a full disk: no half-written temporary file is left behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: str) -> dict[str, Any] | None:

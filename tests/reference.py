@@ -128,8 +128,10 @@ def run_reference(root: Path, examples_site: Path, fluxtune: Path) -> Reference:
     train, val = write_data(work)
     (work / "reference.yaml").write_text(SWEEP.format(train=train, val=val, marker=marker))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "FLUXTUNE_"))}
-    # the plugins' site first; a PYTHONPATH already set (a worktree tested against a shared venv) stays after it
-    python_path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    # the plugins' site first; a PYTHONPATH already set (a worktree tested against a shared venv) stays after it,
+    # then this checkout, so the sweep runs the code under test even when PYTHONPATH was not set
+    repo = Path(__file__).resolve().parents[1]
+    python_path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH"), str(repo)]))
     env.update(FLUXTUNE_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1", PYTHONPATH=python_path,
                PYTHONDONTWRITEBYTECODE="1", COLUMNS="300", **{name: marker for name in SECRET_VARIABLES})
     result = subprocess.run([str(fluxtune), "search", "reference.yaml", "--set",

@@ -1,5 +1,6 @@
-"""Stage checkpoints appear whole or not at all, every reader skips a half-written one, and a full disk or an
-unwritable storage folder gives one clear error while earlier checkpoints stay as they were."""
+"""Stage checkpoints appear whole or not at all, every reader skips a half-written one, a changed byte is caught
+by its content hash before anything uses the checkpoint, pruned weights read as absent without noise, and a
+full disk or an unwritable storage folder gives one clear error while earlier checkpoints stay as they were."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_in_process
-from fluxtune.checkpoints import (PROGRESS, CheckpointSpaceError, Progress, check_writable_folder,
-                                  read_checkpoint_record, read_progress, write_stage_checkpoint)
+from fluxtune.checkpoints import (PROGRESS, CheckpointSpaceError, Progress, check_writable_folder, prune_weights,
+                                  read_checkpoint_record, read_progress, usable_checkpoint, write_stage_checkpoint)
 
 SAFETENSORS = "transformer/diffusion_pytorch_model.safetensors"
 
@@ -59,10 +60,24 @@ def test_a_checkpoint_appears_under_its_name_complete_with_a_list_of_its_files(t
     assert sorted(os.listdir(tmp_path)) == ["checkpoint", "exports-checkpoint"]  # no temporary folder left
     record = read_checkpoint_record(folder)
     assert record["finished_stage"] == "full" and read_progress(folder) == Progress(0, 1, 5)
-    assert record["files"][SAFETENSORS] == (folder / SAFETENSORS).stat().st_size
-    assert record["files"]["exports/adapter/weights.bin"] == 1000
+    assert record["files"][SAFETENSORS]["size"] == (folder / SAFETENSORS).stat().st_size
+    assert record["files"]["exports/adapter/weights.bin"] == {"size": 1000,
+                                                              "sha256": hashlib.sha256(b"a" * 1000).hexdigest()}
     assert set(record["files"]) == {str(p.relative_to(folder)) for p in folder.rglob("*")
                                     if p.is_file() and p.name != PROGRESS}
+    assert _digest(folder)[SAFETENSORS] == record["files"][SAFETENSORS]["sha256"]
+    assert usable_checkpoint(folder) == record
+
+
+def test_sharded_weights_are_hashed_as_they_are_written_with_their_index(transformer, tmp_path):
+    from fluxtune.canonical import LiveWeights, layout
+    from fluxtune.flux.weights import save_streamed
+
+    digests: dict[str, str] = {}
+    written = save_streamed(tmp_path, layout(transformer), LiveWeights(transformer).tensors(),
+                            max_shard_bytes=64 << 10, digests=digests)
+    assert len(written) > 2  # several shards and the index
+    assert digests == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in written}
 
 
 def test_resume_skips_a_folder_without_marker_and_a_copy_cut_short(transformer, tmp_path, caplog):
@@ -129,6 +144,126 @@ def test_stage_reuse_and_registration_skip_half_written_checkpoints(transformer,
     reused = cached_prefix(experiment, settings)
     assert reused["checkpoint"] == str(first) and reused["stage"] == "full"  # not the half-written lora stage
     assert [r.checkpoint for r in stage_records(sweep, "s1", "t1")] == [str(first)]
+
+
+def _flip_a_byte(path: Path) -> None:
+    """One exponent byte in the middle of the weights, changed in place: same size, same marker."""
+    with open(path, "r+b") as handle:
+        handle.seek(path.stat().st_size // 2 + 3)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_a_changed_byte_is_refused_by_resume_reuse_and_registration_naming_the_file(transformer, tmp_path, caplog,
+                                                                                   monkeypatch):
+    import ray.train
+
+    from fluxtune.search.best import stage_records
+    from fluxtune.search.publish import BaseReferences, release_of
+    from fluxtune.testing import tiny_experiment
+    from fluxtune.train import worker
+    from fluxtune.train.trial import TrialSettings, cached_prefix
+
+    experiment = tiny_experiment("""
+        data: {jsonl: sample, resolution: 32}
+        stages:
+          - {name: full, type: full, steps: 2}
+          - {name: lora, type: lora, steps: 2}
+          - {name: full2, type: full, steps: 2}
+        """)
+    sweep = tmp_path / "sweep"
+    settings = TrialSettings(sweep_id="s1", base=experiment, jsonl=str(tmp_path / "rows.jsonl"),
+                             storage_path=str(sweep), plugins={})
+    run = sweep / "train" / "s1-t1"
+    first = _write(run / "checkpoint_000000", transformer, "full", 2)
+    second = _write(run / "checkpoint_000001", transformer, "lora", 4)
+    keys = settings.keys_of(experiment)
+    cache = Path(settings.stage_cache)
+    cache.mkdir(parents=True)
+    for entry, checkpoint in zip(keys, (first, second)):
+        (cache / f"{entry['key']}.json").write_text(json.dumps({"checkpoint": str(checkpoint), "trial": "t1",
+                                                                "global_step": 2}))
+    assert cached_prefix(experiment, settings)["checkpoint"] == str(second)  # the longest prefix
+    _flip_a_byte(second / SAFETENSORS)
+    assert read_checkpoint_record(second) is not None  # sizes agree: only the hash can tell
+
+    refused: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="fluxtune.checkpoints"):
+        assert cached_prefix(experiment, settings, refused=refused)["checkpoint"] == str(first)  # the shorter one
+        monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(str(second)))
+        progress, model, restarted = worker._resume(transformer)
+        assert (progress, model, restarted) == (Progress(), transformer, False)  # never resumed from it
+        problems: list[str] = []
+        with pytest.raises(ValueError):
+            BaseReferences().for_release(release_of("t1", stage_records(sweep, "s1", "t1") + [
+                _adapter_stage(run / "checkpoint_000002", transformer)]), {"preset": "tiny-fill"}, problems)
+    [line] = refused
+    assert line == (f"refusing stage checkpoint {second}: {SAFETENSORS} does not match the sha256 in its "
+                    "progress.json (changed or corrupted since it was written); it is not used")
+    assert problems == [line]
+    assert [r.getMessage() for r in caplog.records] == [line] * 3  # one line per refusal, nothing else
+
+
+def _adapter_stage(folder: Path, transformer):
+    from fluxtune.search.best import read_stage
+
+    return read_stage(str(_write(folder, transformer, "lora2", 6)))
+
+
+def test_pruned_weights_read_as_absent_without_a_warning_and_keep_the_exports(transformer, tmp_path, caplog,
+                                                                            monkeypatch):
+    import ray.train
+
+    from fluxtune.search.best import read_stage
+    from fluxtune.train import worker
+
+    folder = _write(tmp_path / "checkpoint", transformer)
+    size = (folder / SAFETENSORS).stat().st_size
+    with caplog.at_level(logging.DEBUG, logger="fluxtune.checkpoints"):
+        assert prune_weights(folder) >= size
+        assert prune_weights(folder) == 0  # already pruned
+        record = read_checkpoint_record(folder)
+        assert record is not None and SAFETENSORS in record["pruned"] and not (folder / "transformer").exists()
+        assert (folder / "exports" / "adapter" / "weights.bin").exists()
+        assert usable_checkpoint(folder) is None
+        assert usable_checkpoint(folder, parts=("exports/adapter",)) == record  # the adapter is still there
+        monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(str(folder)))
+        assert worker._resume(transformer)[0] == Progress()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    stage = read_stage(str(folder))
+    assert stage is not None and not stage.has_weights
+
+
+def test_a_marker_written_before_hashes_is_still_read_by_its_sizes(transformer, tmp_path):
+    folder = _write(tmp_path / "checkpoint", transformer)
+    record = json.loads((folder / PROGRESS).read_text())
+    record["files"] = {name: entry["size"] for name, entry in record["files"].items()}
+    (folder / PROGRESS).write_text(json.dumps(record))
+    assert usable_checkpoint(folder)["files"][SAFETENSORS] == (folder / SAFETENSORS).stat().st_size
+    _truncate(folder / SAFETENSORS)
+    assert usable_checkpoint(folder) is None
+
+
+def test_a_store_that_fills_up_or_turns_read_only_is_named_plainly_and_survives_pickling(tmp_path):
+    """What a trial reports when Ray's copy of its checkpoint into storage fails (the error crosses processes)."""
+    import pickle
+
+    from fluxtune.checkpoints import CheckpointReadOnlyError, check_room, store_error
+
+    full = store_error(OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device"),
+                       str(tmp_path), 3 << 20)
+    assert isinstance(full, CheckpointSpaceError)
+    assert f"no space to write stage checkpoint {tmp_path} ([Errno 28] Error writing bytes" in str(full)
+    read_only = store_error(OSError(f"[Errno 30] Read-only file system: '{tmp_path}/x'"), str(tmp_path), 1)
+    assert isinstance(read_only, CheckpointReadOnlyError) and "the store is read-only" in str(read_only)
+    for error in (full, read_only):
+        assert str(pickle.loads(pickle.dumps(error))) == str(error)
+    assert store_error(ValueError("something else"), str(tmp_path), 1) is None
+    with pytest.raises(CheckpointSpaceError, match=f"no space to write stage checkpoint {tmp_path}: it needs"):
+        check_room(str(tmp_path), shutil.disk_usage(tmp_path).free + (1 << 30))
+    check_room(str(tmp_path), 1)  # room enough: nothing to say
+    check_room("s3://bucket/runs", 1 << 60)  # object stores are not measured
 
 
 def test_a_full_disk_leaves_earlier_checkpoints_untouched_and_names_the_folder_and_sizes(transformer, tmp_path):
@@ -234,15 +369,45 @@ def test_search_refuses_an_unwritable_storage_folder_before_ray_naming_the_key(c
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no mlflow/, no sweep folder
 
 
-def test_the_console_names_why_a_trial_failed_not_only_where_its_traceback_is(tmp_path):
+def test_the_console_names_why_a_trial_failed_not_only_where_its_traceback_is():
     import traceback
 
-    from fluxtune.failures import TrialFailure
+    from fluxtune.failures import TrialFailure, trial_failure_line
 
     try:
-        raise CheckpointSpaceError(tmp_path / "checkpoint_000001", needed=3 << 20, free=1 << 20)
-    except CheckpointSpaceError:
-        text = traceback.format_exc()
-    line = TrialFailure.from_text(text).error
-    assert line.startswith("fluxtune.checkpoints.CheckpointSpaceError") and "no space to write stage checkpoint" in line
+        raise CheckpointSpaceError(Path("runs/s/train/t/checkpoint_000001"), needed=3 << 20, free=1 << 20)
+    except CheckpointSpaceError:  # Ray adds its wrapper's line after the worker's traceback
+        text = traceback.format_exc() + "\nray.exceptions.RayTaskError(CheckpointSpaceError): ray::_Inner.train()\n"
+    failure = TrialFailure.from_text(text)
+    line = trial_failure_line("t", failure, "runs/s/errors/trial-t.txt")
+    assert failure.error.startswith("fluxtune.checkpoints.CheckpointSpaceError: ")
+    assert "no space to write stage checkpoint runs/s/train/t/checkpoint_000001" in failure.error
+    assert line.endswith("(full error: runs/s/errors/trial-t.txt)") and "needs about 3.0 MiB" in line
     assert TrialFailure.from_text("").error == "see the error file"
+
+
+def test_hashes_pruning_and_disk_use_work_the_same_on_s3(transformer, tmp_path, s3_endpoint):
+    """A cluster's checkpoints live behind a URI: verification, refusal and pruning go through the same calls."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    from conftest import s3_bucket
+    from fluxtune import storage
+    from fluxtune.search.retention import disk_use
+
+    local = _write(tmp_path / "checkpoint_000000", transformer)
+    root = s3_bucket(f"fluxtune-{uuid.uuid4().hex[:8]}") + "/runs"
+    fs, inner = storage.filesystem(root)
+    pafs.copy_files(str(local), f"{inner}/checkpoint_000000", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    remote = storage.join(root, "checkpoint_000000")
+    assert usable_checkpoint(remote) == read_checkpoint_record(local)
+    assert disk_use(root) == (sum(p.stat().st_size for p in local.rglob("*") if p.is_file()), 1)
+    _flip_a_byte(local / SAFETENSORS)
+    storage.write_bytes(storage.join(remote, SAFETENSORS), (local / SAFETENSORS).read_bytes())
+    problems: list[str] = []
+    assert usable_checkpoint(remote, problems=problems) is None and f"{SAFETENSORS} does not match" in problems[0]
+    assert prune_weights(remote) > 0 and disk_use(root)[1] == 0
+    assert SAFETENSORS in read_checkpoint_record(remote)["pruned"] and usable_checkpoint(remote) is None
+    assert usable_checkpoint(remote, parts=("exports/adapter",)) is not None

@@ -83,7 +83,8 @@ def _outcome(trials):
     return SimpleNamespace(sweep_id="lora-rank-1", trials=trials, best_trial="t1", trained_steps=160,
                            interrupted=False, best_metric=1.0, best_config=trials[0]["config"], best_yaml="best.yaml",
                            tracking_uri="sqlite:///m.db", experiment="lora-rank", parent_run_id="p", model_version="1",
-                           model_name="flux-fill-lora", study_counts={}, storage_path="runs/x")
+                           model_name="flux-fill-lora", study_counts={}, storage_path="runs/x",
+                           disk_bytes=3 << 20, weight_files=2, keep="needed")
 
 
 def _trial(trial, rank, steps, error="", value=1.0):
@@ -105,6 +106,8 @@ def test_the_summary_is_a_table_of_trials_that_says_how_each_ended():
     assert "stopped early at step 60" in row and "60/100" in row and "2.1e-3" in row
     assert any("r16-a96-lr2.1e-3-c1 ★" in line and "finished" in line for line in lines)
     assert "best trial r16-a96-lr2.1e-3-c1 (t1): val_loss=1" in out.getvalue()
+    at = lines.index("checkpoints: runs/x")  # the sweep's disk use right after where its checkpoints are
+    assert lines[at + 1] == "disk: 3.0 MiB in runs/x, 2 transformer weight files (checkpoints: keep needed)"
 
 
 def test_piped_output_is_wide_so_table_rows_never_wrap():

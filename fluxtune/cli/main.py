@@ -140,6 +140,8 @@ def _run(spec_path: str, overrides: list[str], address: str | None, verbose: boo
         outcome = run_sweep(spec, checked.base, checked.jsonl, spec_path=spec_path, console=console,
                             address=address, verbose=verbose, resume=resume, more=more)
     print_summary(console, outcome, (spec.search.metric if spec.search else "val_loss"))
+    if outcome.fault:  # the store took no more writes: stopped, resumable
+        raise typer.Exit(EXIT_FAILED)
     if outcome.interrupted:
         raise typer.Exit(130)
     if outcome.best_trial is None:

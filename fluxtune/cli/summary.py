@@ -54,7 +54,9 @@ def print_summary(console: Console, outcome: Any, metric: str) -> None:
     if outcome.interrupted:
         console.print("[yellow]the sweep was interrupted[/]: continue it with `fluxtune search FILE --resume`")
     if outcome.best_trial is None:
-        console.print("[red]no trial finished[/]")
+        if not outcome.interrupted:
+            console.print("[red]no trial finished[/]")
+        print_disk_use(console, outcome)
         return
     best_name = unique_names([(t["trial"], t["config"] or {}) for t in outcome.trials]).get(outcome.best_trial)
     console.print(f"best trial [bold]{best_name}[/] ({outcome.best_trial}): {metric}={_fmt(outcome.best_metric)}")
@@ -69,3 +71,11 @@ def print_summary(console: Console, outcome: Any, metric: str) -> None:
         console.print(f"Optuna study {outcome.sweep_id!r} in {outcome.optuna_storage} ({counts}); "
                       f"add trials with `fluxtune search FILE --more N`")
     console.print(f"checkpoints: {outcome.storage_path}")
+    print_disk_use(console, outcome)
+
+
+def print_disk_use(console: Console, outcome: Any) -> None:
+    """What the sweep's checkpoints hold on disk now (retention: `checkpoints: {keep: needed | all}`)."""
+    console.print(f"disk: {outcome.disk_bytes / 2**20:.1f} MiB in {outcome.storage_path}, {outcome.weight_files} "
+                  f"transformer weight file{'s' if outcome.weight_files != 1 else ''} (checkpoints: keep "
+                  f"{outcome.keep})")

@@ -278,6 +278,12 @@ class TrackingSpec(Closed):
         return v
 
 
+class CheckpointsSpec(Closed):
+    keep: Literal["needed", "all"] = Field(
+        "needed", description="needed: prune the transformer weights that resume, stage reuse and registration no "
+                              "longer need, as the sweep goes; all: keep every stage checkpoint whole")
+
+
 class SearchFile(Closed):
     version: Literal[1] = SCHEMA_VERSION
     name: str = Field(pattern=NAME)
@@ -285,3 +291,4 @@ class SearchFile(Closed):
     search: SearchSpec | None = None
     tracking: TrackingSpec = TrackingSpec()
     storage_path: str | None = Field(None, description="Ray storage for trial checkpoints; default ./runs")
+    checkpoints: CheckpointsSpec = CheckpointsSpec()

@@ -9,10 +9,11 @@ diffusers' own (`diffusion_pytorch_model.safetensors`, or numbered shards plus
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -72,10 +73,12 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def save_streamed(folder: Path | str, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]],
-                  max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+                  max_shard_bytes: int = MAX_SHARD_BYTES, digests: dict[str, str] | None = None) -> list[Path]:
     """Write `tensors` (arriving in `layout` order, with its shapes and dtypes) as diffusers' safetensors layout.
 
     Holds one tensor at a time. A tensor out of order, of another shape or dtype, or one missing, raises.
+    `digests`, when given, receives each written file's sha256 (file name → hex), hashed from the bytes as they
+    are written: a 48 GB checkpoint is never read back to be hashed.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -85,14 +88,18 @@ def save_streamed(folder: Path | str, layout: Layout, tensors: Iterable[tuple[st
     written: list[Path] = []
     for shard, file_name in zip(shards, names):
         path = folder / file_name
+        digest = hashlib.sha256() if digests is not None else None
         with open(path, "wb") as handle:
-            handle.write(_header(shard))
+            write = _hashing_writer(handle, digest)
+            write(_header(shard))
             for name, shape, dtype in shard:
                 got_name, tensor = next(arriving, (None, None))
                 if got_name != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
                     got = "nothing" if got_name is None else f"{got_name} {tuple(tensor.shape)} {tensor.dtype}"
                     raise ValueError(f"writing {path}: expected {name} {tuple(shape)} {dtype}, got {got}")
-                handle.write(_raw_bytes(tensor))
+                write(_raw_bytes(tensor))
+        if digest is not None:
+            digests[file_name] = digest.hexdigest()
         written.append(path)
     if next(arriving, None) is not None:
         raise ValueError(f"writing {folder}: more tensors arrived than the layout lists")
@@ -100,9 +107,23 @@ def save_streamed(folder: Path | str, layout: Layout, tensors: Iterable[tuple[st
         weight_map = {name: file_name for shard, file_name in zip(shards, names) for name, _, _ in shard}
         total = sum(nbytes(shape, dtype) for _, shape, dtype in layout)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        text = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+        (folder / INDEX_NAME).write_bytes(text)
+        if digests is not None:
+            digests[INDEX_NAME] = hashlib.sha256(text).hexdigest()
         written.append(folder / INDEX_NAME)
     return written
+
+
+def _hashing_writer(handle: Any, digest: Any) -> Callable[[bytes | memoryview], None]:
+    if digest is None:
+        return handle.write
+
+    def write(data: bytes | memoryview) -> None:
+        digest.update(data)  # hashlib releases the GIL for large buffers
+        handle.write(data)
+
+    return write
 
 
 def read_header(path: Path | str) -> tuple[int, dict[str, dict]]:

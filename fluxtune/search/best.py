@@ -2,7 +2,8 @@
 
 Stage checkpoints are read from disk (each holds `progress.json`), not from callback memory, so a resumed or
 extended sweep finds trials that finished in an earlier process, and a trial that reused a stage prefix
-finds the reused checkpoint first.
+finds the reused checkpoint first. Reading a marker is cheap; the content hashes are checked only by whoever
+is about to use a checkpoint (`fluxtune.checkpoints.usable_checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from fluxtune import storage
-from fluxtune.checkpoints import read_checkpoint_record
+from fluxtune.checkpoints import read_checkpoint_record, weights_pruned
+from fluxtune.search.record import write_atomically
+
+ADAPTER = "exports/adapter"  # where an adapter stage's export lives inside its checkpoint
 
 
 @dataclass(frozen=True)
@@ -25,14 +29,18 @@ class StageCheckpoint:
     cycle: int
     global_step: int
     checkpoint: str
+    has_weights: bool = True  # False once the sweep pruned its transformer (not needed any more)
+    has_adapter: bool = False  # the stage exported an adapter (a LoRA-type stage)
 
 
-def _read(folder: str) -> StageCheckpoint | None:
+def read_stage(folder: str) -> StageCheckpoint | None:
     record = read_checkpoint_record(folder)  # None for a half-written or half-copied one (storage faults)
     if record is None:
         return None
     finished_cycle = record["cycle"] if record["stage_index"] > 0 else record["cycle"] - 1
-    return StageCheckpoint(record["finished_stage"], finished_cycle, record["global_step"], str(folder))
+    adapter = any(name.startswith(ADAPTER + "/") for name in record.get("files", {}))
+    return StageCheckpoint(record["finished_stage"], finished_cycle, record["global_step"], str(folder),
+                           has_weights=not weights_pruned(record), has_adapter=adapter)
 
 
 def stage_records(trial_storage: str, sweep_id: str, trial_id: str) -> list[StageCheckpoint]:
@@ -41,11 +49,11 @@ def stage_records(trial_storage: str, sweep_id: str, trial_id: str) -> list[Stag
     found: list[StageCheckpoint] = []
     used = storage.read_json(storage.join(str(trial_storage), "stage_cache", "used", f"{trial_id}.json"))
     if used is not None:
-        reused = _read(used["checkpoint"])
+        reused = read_stage(used["checkpoint"])
         if reused is not None:
             found.append(reused)
     run = storage.join(str(trial_storage), "train", f"{sweep_id}-{trial_id}")
-    own = [c for c in (_read(p) for p in storage.list_folders(run, "checkpoint")) if c is not None]
+    own = [c for c in (read_stage(p) for p in storage.list_folders(run, "checkpoint")) if c is not None]
     found.extend(sorted(own, key=lambda c: c.global_step))
     return found
 
@@ -62,5 +70,5 @@ def write_best_yaml(path: Path, spec: Any, experiment: dict[str, Any], sweep_id:
     header = (f"# The best configuration of sweep {sweep_id}: trial {trial_id}, {metric}={value:.6g}\n"
               f"# (written {time.strftime('%Y-%m-%d %H:%M:%S')}). Run it again with: fluxtune run {path}\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + buffer.getvalue())
+    write_atomically(path, header + buffer.getvalue())
     return path

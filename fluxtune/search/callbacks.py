@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from fluxtune import failures, storage
 from fluxtune.config.schedule import planned_steps
+from fluxtune.search.guard import not_finite_reason
 from fluxtune.search.names import trial_name
 from fluxtune.search.progress import SweepProgress, fmt
 from fluxtune.tracking.runs import SweepTracker
@@ -217,7 +218,10 @@ class ConsoleProgress(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         value = f"{self.metric}={fmt(trial.last_result.get(self.metric))}"
         stopped = self.stopped.pop(trial.trial_id, None)
-        if stopped:
+        diverged = not_finite_reason(trial.last_result or {}, self.metric)
+        if diverged:  # the sweep's guard stopped it: a failure, not a scheduler's early stop
+            self.board.ended(trial.trial_id, "failed", escape(diverged))
+        elif stopped:
             self.board.ended(trial.trial_id, "stopped", f"{value}; {stopped.scheduler} stopped it at step "
                                                         f"{stopped.step} of {stopped.planned}")
         else:

@@ -1,11 +1,19 @@
 """`runs/<sweep>/sweep.json`: what a sweep is, how far it got, and every trial so far, so it can be resumed
 (`--resume`: the latest unfinished sweep of that name) or extended (`--more N`: the latest finished one).
+
+Sweep ids carry a random suffix, so two sweeps started in the same second never share a folder. A record is
+written atomically (a unique temporary file, fsync, rename); a `sweep.json` that is not one of ours (corrupt,
+cut short, another tool's) is skipped with a warning, never a traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
+import os
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +22,8 @@ from typing import Any
 from fluxtune.config.errors import InputError
 
 RECORD = "sweep.json"
+STATUSES = ("running", "interrupted", "finished")
+log = logging.getLogger("fluxtune.sweep")
 
 
 def fingerprint(spec: Any, base: dict[str, Any]) -> str:
@@ -37,34 +47,51 @@ class SweepRecord:
     trials: dict[str, dict[str, Any]] = field(default_factory=dict)  # trial id → summary row
     optuna_storage: str = ""
     registered: dict[str, list[str]] = field(default_factory=dict)  # trial id → [model name, version]
+    pinned: list[str] = field(default_factory=list)  # checkpoints registered versions reference: never pruned
     ray_sessions: list[dict[str, Any]] = field(default_factory=list)  # local clusters it ran on (LocalRay.describe)
+    stopped_by: str = ""  # why the last run stopped early (a storage fault), for the next --resume to show
     created: float = field(default_factory=time.time)
 
     @classmethod
     def new(cls, root: Path, name: str, fp: str) -> "SweepRecord":
-        sweep_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         return cls(name=name, sweep_id=sweep_id, folder=str(root / sweep_id), fingerprint=fp)
 
     @classmethod
-    def all_of(cls, root: Path, name: str) -> list["SweepRecord"]:
-        records = []
-        for path in root.glob(f"*/{RECORD}"):
+    def load(cls, path: Path) -> "SweepRecord | None":
+        """The record at `path`, or None with one warning when it is not a readable fluxtune sweep record."""
+        try:
             data = json.loads(path.read_text())
-            if data.get("name") == name:
-                records.append(cls(**data))
-        return sorted(records, key=lambda r: r.created)
+            known = {f.name for f in dataclasses.fields(cls)}
+            if not isinstance(data, dict) or not set(data) <= known:
+                raise ValueError(f"unknown keys {sorted(set(data) - known) if isinstance(data, dict) else data}")
+            record = cls(**data)
+            if not (isinstance(record.name, str) and isinstance(record.sweep_id, str)
+                    and record.status in STATUSES and isinstance(record.tune_runs, list)
+                    and isinstance(record.trials, dict) and isinstance(record.created, (int, float))):
+                raise ValueError("fields of the wrong type")
+        except (OSError, ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            log.warning("skipping %s: not a readable fluxtune sweep record (%s)", path, str(exc)[:200])
+            return None
+        record.folder = str(path.parent)  # where it is now, whatever it says (a moved or copied folder)
+        return record
+
+    @classmethod
+    def all_of(cls, root: Path, name: str) -> list["SweepRecord"]:
+        records = [r for r in (cls.load(p) for p in sorted(root.glob(f"*/{RECORD}"))) if r is not None]
+        return sorted((r for r in records if r.name == name), key=lambda r: r.created)
 
     @classmethod
     def to_continue(cls, root: Path, name: str, finished: bool, fp: str, spec_file: str) -> "SweepRecord":
         """The latest unfinished (`--resume`) or finished (`--more`) sweep of `name`, with an unchanged spec."""
         wanted = "finished" if finished else "unfinished"
+        every = cls.all_of(root, name)
         # An unfinished sweep that never got to start Tune has nothing to resume.
-        found = [r for r in cls.all_of(root, name) if (r.status == "finished") == finished and r.tune_runs]
+        found = [r for r in every if (r.status == "finished") == finished and r.tune_runs]
         if not found:
             hint = "run it without --more first" if finished else "nothing to resume; run it without --resume"
-            others = [r for r in cls.all_of(root, name)]
-            if others:
-                latest = others[-1]
+            if every:
+                latest = every[-1]
                 hint = (f"the latest sweep {latest.sweep_id} is {latest.status}: use "
                         f"{'--resume' if finished else '--more N'}")
             raise InputError.single(spec_file, f"no {wanted} sweep named {name!r} under {root} ({hint})", key="name")
@@ -81,6 +108,26 @@ class SweepRecord:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1, default=str))
-        tmp.replace(self.path)  # a crash never leaves half a record
+        write_atomically(self.path, json.dumps(asdict(self), indent=1, default=str))
+
+    def save_quietly(self) -> None:
+        """After a storage fault: a record that cannot be saved still says `running` on disk, which `--resume`
+        continues as well."""
+        try:
+            self.save()
+        except OSError:
+            pass
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of either; nothing is left behind on failure."""
+    part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    try:
+        with open(part, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise

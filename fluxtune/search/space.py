@@ -142,3 +142,15 @@ def study_summary(url: str, study_name: str) -> dict[str, int]:
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
     return counts
+
+
+def fail_abandoned(url: str, study_name: str) -> int:
+    """Mark the study's trials still RUNNING as FAIL: at the end of a finished sweep nothing resumes them (an
+    errored trial, or one whose driver died). Returns how many."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=optuna_storage(url))
+    running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for trial in running:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(running)

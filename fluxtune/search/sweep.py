@@ -4,10 +4,13 @@ A sweep lives in `runs/<sweep>/` (sweep.json, Tune and Train folders, the stage 
 study in durable storage beside the MLflow store, so an interrupted sweep resumes (`Tuner.restore`: finished
 trials stay finished, unfinished ones continue from their last stage checkpoint) and a finished one is
 extended (`--more N`: a new Tune run on the same study, so the sampler learns from every earlier trial).
+This module orchestrates; what is published (`publish`), kept (`retention`), stopped (`guard`) and locked
+(`locks`) is decided in those modules.
 """
 
 from __future__ import annotations
 
+import itertools
 import contextlib
 import logging
 import os
@@ -20,9 +23,8 @@ from typing import Any
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
-from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
+from rich.markup import escape
 
 from fluxtune import __version__
 from fluxtune import storage
@@ -34,18 +36,22 @@ from fluxtune import failures
 from fluxtune.failures import keep_errors_in, quiet_trial_tracebacks
 from fluxtune.plugins import plugin_set
 from fluxtune.registry import registry
-from fluxtune.search.best import stage_records, write_best_yaml
-from fluxtune.search.callbacks import StopFinishedRuns, CHECKPOINT_KEY, ConsoleProgress, MlflowSweepCallback
+from fluxtune.search.callbacks import StopFinishedRuns, ConsoleProgress, MlflowSweepCallback
+from fluxtune.search.guard import (FiniteOptunaSearch, ResumableLimiter, StorageFaultWatch, SweepGuard,
+                                   not_finite_reason, storage_fault, tune_state_faults)
+from fluxtune.search.locks import Locks, lock_stores, lock_sweep
+from fluxtune.search.publish import mark_failed, publish_sweep
 from fluxtune.search.record import SweepRecord, fingerprint
-from fluxtune.search.space import (DefineByRun, max_total_steps, optuna_sampler, optuna_storage,
+from fluxtune.search.retention import CheckpointKeeper, disk_use, remove_incomplete, repair_cut_short
+from fluxtune.search.space import (DefineByRun, fail_abandoned, max_total_steps, optuna_sampler, optuna_storage,
                                    optuna_storage_url, study_summary)
-from fluxtune.tracking.registry import register_adapter, resolve_registered_model
+from fluxtune.tracking.registry import resolve_registered_model
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.store import tracking_uri
 from fluxtune.train.stops import create_board
 from fluxtune.train.cluster import check_resources, local_cpus, start_ray
 from fluxtune.train.datasets import prepare_sweep_data
-from fluxtune.train.trial import TrialSettings, record_stage, trainable
+from fluxtune.train.trial import TrialSettings, trainable
 
 RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker")
 
@@ -67,24 +73,14 @@ class SweepOutcome:
     optuna_storage: str = ""
     study_counts: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False
+    fault: str | None = None  # the store stopped taking writes: the sweep stopped, resumable
+    disk_bytes: int = 0  # what the sweep's checkpoints folder holds at the end
+    weight_files: int = 0  # transformer weight files among them
+    keep: str = "needed"
 
     @property
     def trained_steps(self) -> int:
         return sum(t["steps"] - t["reused_steps"] for t in self.trials)
-
-
-class StageCacheRecorder(tune.Callback):
-    """Offers every finished stage checkpoint to later trials (stage reuse), keyed by content hash."""
-
-    def __init__(self, settings: TrialSettings):
-        self.settings = settings
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if result.get("stage_end") and result.get(CHECKPOINT_KEY):
-            experiment = sample_experiment(self.settings.base, trial.config, registry())
-            checkpoint = storage.qualify(result[CHECKPOINT_KEY], self.settings.storage_path)
-            record_stage(self.settings, experiment, int(result["cycle"]), result["stage"], checkpoint,
-                         trial.trial_id, int(result.get("global_step", 0)))
 
 
 def _git_revision() -> str:
@@ -114,10 +110,10 @@ def _resource_corners(base: dict[str, Any], search: SearchSpec) -> list[dict[str
 def _searcher(search: SearchSpec, base: dict[str, Any], storage_url: str, study: str, earlier_trials: int):
     if not search.space:
         return None
-    optuna = OptunaSearch(space=DefineByRun(search.space, base), metric=search.metric, mode=search.mode,
-                          sampler=optuna_sampler(search, seed_offset=earlier_trials), study_name=study,
-                          storage=optuna_storage(storage_url))
-    return ConcurrencyLimiter(optuna, max_concurrent=search.max_concurrent)
+    optuna = FiniteOptunaSearch(space=DefineByRun(search.space, base), metric=search.metric, mode=search.mode,
+                                sampler=optuna_sampler(search, seed_offset=earlier_trials), study_name=study,
+                                storage=optuna_storage(storage_url))
+    return ResumableLimiter(optuna, max_concurrent=search.max_concurrent)
 
 
 def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str | None = None,
@@ -131,10 +127,25 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     shared_root = spec.storage_path if spec.storage_path and storage.is_uri(spec.storage_path) else None
     root = Path(spec.storage_path if shared_root is None and spec.storage_path else "runs").resolve()
     fp = fingerprint(spec, base)
+    locks = Locks()  # held until this function returns (or the process ends, however it ends)
     if resume or more:
         record = SweepRecord.to_continue(root, spec.name, finished=bool(more), fp=fp, spec_file=spec_file)
+        lock_sweep(locks, Path(record.folder), record.sweep_id, spec_file)
     else:
         record = SweepRecord.new(root, spec.name, fp)
+    uri = tracking_uri(spec.tracking.uri)
+    record.optuna_storage = record.optuna_storage or optuna_storage_url(uri, str(root))
+    lock_stores(locks, [uri, record.optuna_storage], record.sweep_id, spec_file)
+    try:
+        return _run_locked(spec, base, jsonl, spec_path, spec_file, console, address, verbose, resume, more, search,
+                           shared_root, root, record, uri, locks)
+    finally:
+        locks.release()
+
+
+def _run_locked(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str | None, spec_file: str,
+                console: Console, address: str | None, verbose: bool, resume: bool, more: int, search: SearchSpec,
+                shared_root: str | None, root: Path, record: SweepRecord, uri: str, locks: Locks) -> SweepOutcome:
     folder = Path(record.folder)
     keep_errors_in(folder)  # an unexpected error from here on keeps its traceback in the sweep folder
     trial_storage = storage.join(shared_root, record.sweep_id) if shared_root else str(folder)
@@ -142,12 +153,12 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     local_ray = start_ray(address, local_cpus(base["workers"], base["cpus_per_worker"], search.max_concurrent), verbose)
     stop_board = create_board(record.sweep_id)  # held for the whole sweep: workers look it up by name
     check_resources(_resource_corners(base, search), spec_file)  # before anything is written
+    if not (resume or more):
+        lock_sweep(locks, folder, record.sweep_id, spec_file)
 
-    uri = tracking_uri(spec.tracking.uri)
     base = {**base, "model": resolve_registered_model(base["model"], uri, folder)}  # models:/… → a local folder
     experiment_name = spec.tracking.experiment or spec.name
     plugins = plugin_set()
-    record.optuna_storage = record.optuna_storage or optuna_storage_url(uri, str(root))
     record.status = "running"
     if local_ray is not None:  # where its logs are, and which session to look for if the driver is killed
         record.ray_sessions.append(local_ray.describe())
@@ -160,6 +171,8 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     how = "resumed" if resume else (f"extended by {more} trials" if more else "started")
     console.print(f"sweep [bold]{record.sweep_id}[/] {how}: MLflow experiment {experiment_name!r} at {uri}, "
                   f"run {parent}")
+    if resume and record.stopped_by:
+        console.print(f"(it stopped last time because: {escape(record.stopped_by)})")
 
     # Rows checked again; the latent cache (one per searched data-key combination) built once, before any trial.
     prepared = prepare_sweep_data(jsonl, base, space=search.space)
@@ -169,18 +182,31 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
     settings = TrialSettings(sweep_id=record.sweep_id, base=base, jsonl=prepared.source, storage_path=trial_storage,
                              plugins=plugins, reuse_stages=search.reuse_stages, max_failures=search.max_failures)
     reg = registry()
-    callbacks = [MlflowSweepCallback(tracker, plugins, lambda config: sample_experiment(base, config, reg),
-                                     trial_storage, scheduler=search.scheduler.type, sweep_folder=str(folder)),
-                 StageCacheRecorder(settings), StopFinishedRuns(record.sweep_id),
-                 ConsoleProgress(search.metric, console, search.mode, more or search.num_samples, search.scheduler.type,
-                                 lambda config: planned_steps(sample_experiment(base, config, reg)),
-                                 sweep_folder=str(folder))]
 
-    if resume:
+    def experiment_of(config: dict[str, Any]) -> dict[str, Any]:
+        return sample_experiment(base, config, reg)
+
+    def warn(line: str) -> None:
+        console.print(f"[yellow]warning[/]: {escape(line)}")
+
+    guard = SweepGuard(search.metric)
+    keeper = CheckpointKeeper(settings, record, search.metric, search.mode, spec.checkpoints.keep,
+                              spec.tracking.register_top, guard, experiment_of, warn)
+    # The storage watch first: on a full store its small record write goes before the others' error files.
+    callbacks = [StorageFaultWatch(guard, record),
+                 MlflowSweepCallback(tracker, plugins, experiment_of, trial_storage, scheduler=search.scheduler.type,
+                                     sweep_folder=str(folder)),
+                 keeper, StopFinishedRuns(record.sweep_id),
+                 ConsoleProgress(search.metric, console, search.mode, more or search.num_samples, search.scheduler.type,
+                                 lambda config: planned_steps(experiment_of(config)), sweep_folder=str(folder))]
+
+    if resume:  # what a store that filled up (or a crash) cut short goes first
+        repair_cut_short(trial_storage, warn)
         tune_dir = storage.join(trial_storage, "tune", record.tune_runs[-1])
         tuner = tune.Tuner.restore(tune_dir, trainable(settings), resume_unfinished=True, resume_errored=True)
         # The pickled callbacks hold the old process's tracker and console: use this process's.
         tuner._local_tuner.get_run_config().callbacks = callbacks
+        tuner._local_tuner.get_run_config().stop = guard
     else:
         tune_name = "tune" if not record.tune_runs else f"more-{len(record.tune_runs)}"
         record.tune_runs.append(tune_name)
@@ -194,7 +220,7 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
                                         num_samples=more or search.num_samples,
                                         max_concurrent_trials=None if searcher else search.max_concurrent),
             run_config=tune.RunConfig(name=tune_name, storage_path=storage.join(trial_storage, "tune"), verbose=0,
-                                      callbacks=callbacks),
+                                      callbacks=callbacks, stop=guard),
         )
     # Tune's per-trial result.json/progress.csv loggers are off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS): the results
     # come from memory and the driver's MLflow callback, so its "could not fetch metrics" warning is noise.
@@ -203,61 +229,77 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
         quiet_trial_tracebacks()
     handler_before = signal.getsignal(signal.SIGINT)
     try:
-        results = tuner.fit()
+        with tune_state_faults(guard, trial_storage):
+            results = tuner.fit()
         for result in results:
-            row = _trial_row(result, search.metric, settings, base)
+            row = _trial_row(result, search.metric, settings, base, guard)
             if row is not None:
                 record.trials[row["trial"]] = row
-    except BaseException:  # Ctrl+C twice, or a bug: the record must still say the sweep can be resumed
-        record.status = "interrupted"
-        record.save()
+    except Exception:  # Tune failed after a storage fault (e.g. reading what it could not write): not a bug
+        import traceback
+
+        fault = guard.fault or storage_fault(traceback.format_exc())
+        if fault is None:
+            _mark_interrupted(record, tracker)
+            raise
+        guard.note_fault(fault)
+        results = None
+    except BaseException:  # Ctrl+C twice: the record must still say the sweep can be resumed
+        _mark_interrupted(record, tracker)
         raise
     # Tune returns normally after Ctrl+C (it saves its state first): unfinished or missing trials tell.
-    interrupted = (_interrupted_by_user(handler_before)
+    interrupted = (_interrupted_by_user(handler_before) or guard.fault is not None or results is None
                    or results.num_terminated + results.num_errors < len(results)
                    or len(results) < record.expected.get(record.tune_runs[-1], len(results)))
     record.status = "interrupted" if interrupted else "finished"
-    record.save()
-
+    record.stopped_by = guard.fault or ""
     outcome = SweepOutcome(sweep_id=record.sweep_id, tracking_uri=uri, experiment=experiment_name,
                            parent_run_id=parent, storage_path=trial_storage, optuna_storage=record.optuna_storage,
-                           trials=list(record.trials.values()), interrupted=interrupted)
-    if search.space and record.trials:
-        outcome.study_counts = study_summary(record.optuna_storage, record.sweep_id)
-    finished = [t for t in outcome.trials if t[search.metric] is not None and not t["error"]]
-    if finished:
-        pick = min if search.mode == "min" else max
-        best = pick(finished, key=lambda t: t[search.metric])
-        outcome.best_trial, outcome.best_config, outcome.best_metric = best["trial"], best["config"], best[search.metric]
-        best_experiment = sample_experiment(base, best["config"], reg)
-        outcome.best_yaml = str(write_best_yaml(folder / "best.yaml", spec, best_experiment, record.sweep_id,
-                                                best["trial"], search.metric, best[search.metric]))
-        stages = stage_records(trial_storage, record.sweep_id, best["trial"])
-        if stages and best["trial"] in record.registered:  # an extension that found no better trial
-            outcome.model_name, outcome.model_version = record.registered[best["trial"]]
-        elif stages and not tracker.flush():  # MLflow is down: a later --more registers the best trial
-            console.print(f"[yellow]warning[/]: MLflow at {uri} is unreachable: trial {best['trial']} is not "
-                          "registered")
-        elif stages:
-            outcome.model_name = spec.tracking.register_as or spec.name
-            outcome.model_version = _register_best(tracker, best["trial"], stages, best_experiment,
-                                                   outcome.model_name, spec.tracking.alias, search.metric,
-                                                   best[search.metric], record.sweep_id)
-            record.registered[best["trial"]] = [outcome.model_name, outcome.model_version]
-            record.save()
-        ranked = sorted(finished, key=lambda t: t[search.metric], reverse=search.mode == "max")
-        for other in ranked[1:spec.tracking.register_top]:  # the runners-up: versions without an alias
-            other_stages = stage_records(trial_storage, record.sweep_id, other["trial"])
-            if other_stages and other["trial"] not in record.registered and tracker.flush():
-                name = spec.tracking.register_as or spec.name
-                record.registered[other["trial"]] = [name, _register_best(
-                    tracker, other["trial"], other_stages, sample_experiment(base, other["config"], reg), name, None,
-                    search.metric, other[search.metric], record.sweep_id)]
-                record.save()
-    tracker.finish("KILLED" if interrupted else ("FINISHED" if finished else "FAILED"),
+                           trials=list(record.trials.values()), interrupted=interrupted, fault=guard.fault,
+                           keep=spec.checkpoints.keep)
+    for trial_id, reason in guard.diverged.items():
+        console.print(f"[red]trial {trial_id} failed[/]: {escape(reason)}; it is never best")
+        mark_failed(tracker, trial_id, reason)
+    try:
+        record.save()
+        if search.space and record.trials:
+            if not interrupted:  # nothing resumes an errored trial of a finished sweep
+                fail_abandoned(record.optuna_storage, record.sweep_id)
+            outcome.study_counts = study_summary(record.optuna_storage, record.sweep_id)
+        if interrupted:
+            console.print("nothing is registered and no best.yaml is written until the sweep completes "
+                          "(`fluxtune search FILE --resume`)")
+        else:
+            published = publish_sweep(outcome.trials, spec.model_copy(update={"search": search}), record, tracker,
+                                      trial_storage, experiment_of, warn)
+            if published.best is not None:
+                outcome.best_trial, outcome.best_config = published.best["trial"], published.best["config"]
+                outcome.best_metric = published.best[search.metric]
+            outcome.best_yaml, outcome.model_name = published.best_yaml, published.model_name
+            outcome.model_version = published.model_version
+        keeper.finish(finished=not interrupted)
+    except OSError as exc:  # the store filled up (or turned read-only) after the trials
+        guard.note_fault(storage_fault(str(exc)) or f"cannot write to {record.folder}: {exc}")
+        outcome.fault, outcome.interrupted, record.status = guard.fault, True, "interrupted"
+        record.save_quietly()
+    remove_incomplete(trial_storage)  # copies a full store cut short: no trial runs any more
+    if outcome.fault:
+        console.print(f"[red]the sweep stopped[/]: {escape(outcome.fault)}. Nothing half-written was kept; free space "
+                      "(or make the store writable), then continue with `fluxtune search FILE --resume`")
+    outcome.disk_bytes, outcome.weight_files = disk_use(trial_storage)
+    tracker.finish("KILLED" if outcome.interrupted else ("FINISHED" if outcome.best_trial else "FAILED"),
                    {f"best_{search.metric}": outcome.best_metric} if outcome.best_metric is not None else {},
                    {"fluxtune.best_trial": str(outcome.best_trial), "fluxtune.best_yaml": str(outcome.best_yaml)})
     return outcome
+
+
+def _mark_interrupted(record: SweepRecord, tracker: SweepTracker) -> None:
+    record.status = "interrupted"
+    record.save_quietly()
+    try:
+        tracker.finish("KILLED", {}, {})
+    except Exception:  # the original error is what matters
+        pass
 
 
 def _interrupted_by_user(handler_before: Any) -> bool:
@@ -270,7 +312,8 @@ def _interrupted_by_user(handler_before: Any) -> bool:
     return tune_handles_sigint and now is handler_before
 
 
-def _trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str, Any]) -> dict[str, Any] | None:
+def _trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str, Any],
+               guard: SweepGuard | None = None) -> dict[str, Any] | None:
     if result.config is None and result.error is None:  # Ctrl+C before its first report: --resume reruns it
         return None
     config = result.config or {}  # a trial that failed before its first report has no recorded config
@@ -283,28 +326,9 @@ def _trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str
     used = storage.read_json(settings.used_record(trial_id))
     reused = int(used["global_step"]) if used else 0
     experiment = sample_experiment(base, config, registry())
-    error = failures.redact_text(str(result.error or ""))[:2000]  # the full text is in errors/trial-<id>.txt
+    diverged = guard.diverged.get(trial_id) if guard else None
+    # the full text of an error is in errors/trial-<id>.txt
+    error = failures.redact_text(str(result.error or ""))[:2000] or diverged or not_finite_reason(metrics, metric) or ""
     return {"trial": trial_id, "config": config, "error": error,
             metric: metrics.get(metric), "steps": int(metrics.get("global_step", 0)), "reused_steps": reused,
             "planned_steps": planned_steps(experiment)}
-
-
-def _register_best(tracker: SweepTracker, trial_id: str, stages: list[Any], experiment: dict[str, Any],
-                   model_name: str, alias: str | None, metric: str, value: float, sweep_id: str) -> str:
-    """Register the trial's last adapter on top of the transformer it was trained on."""
-    adapter_at = next((i for i in range(len(stages) - 1, -1, -1)
-                       if storage.exists(storage.join(stages[i].checkpoint, "exports", "adapter"))), None)
-    if adapter_at is None:  # no adapter stage: the final transformer is the model
-        record, adapter_dir, base_dir = stages[-1], None, storage.join(stages[-1].checkpoint, "transformer")
-    else:
-        record = stages[adapter_at]
-        adapter_dir = storage.join(record.checkpoint, "exports", "adapter")
-        base_dir = storage.join(stages[adapter_at - 1].checkpoint, "transformer") if adapter_at > 0 else None
-    tags = {"sweep": sweep_id, "trial": trial_id, "cycle": record.cycle, "stage": record.stage, metric: value,
-            "base_model": str(experiment["model"].get("path") or experiment["model"].get("preset"))}
-    run_id = tracker.trial_runs.get(trial_id) or tracker.find_trial_run(trial_id)
-    with contextlib.ExitStack() as local:  # checkpoints on a shared URI are downloaded for the upload
-        adapter_dir, base_dir = (local.enter_context(storage.local_copy(d)) if d else None
-                                 for d in (adapter_dir, base_dir))
-        return register_adapter(tracker.uri, run_id, model_name, alias, adapter_dir, base_dir, experiment["model"],
-                                tags)

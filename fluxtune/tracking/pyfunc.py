@@ -1,14 +1,15 @@
 """The registered model: an `mlflow.pyfunc` model that inpaints with base transformer + adapter.
 
-Input: a DataFrame with `image` and `mask` (file paths or PNG bytes, base64 allowed) and optional `prompt`.
-Output: a DataFrame with `image`: base64-encoded PNGs.
+Input: a DataFrame with `image` and `mask` (file paths or base64 PNGs) and optional `prompt`; params `steps`
+and `seed`. Output: a DataFrame with `image`: base64-encoded PNGs. The base transformer is loaded from the
+reference the version holds, checked against its content hashes (`fluxtune.registered_version`).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +33,38 @@ def _is_file(value: str) -> bool:
         return False
 
 
+_CHECK = {"active": False}  # a process-wide switch: MLflow may load the model on another thread
+
+
+@contextlib.contextmanager
+def example_check_only():
+    """While registering: MLflow loads the model to run its input example through the signature. That check
+    is about the input's shape, so the weights (GBs) are not loaded and `predict` answers without inpainting."""
+    _CHECK["active"] = True
+    try:
+        yield
+    finally:
+        _CHECK["active"] = False
+
+
 class FluxFillInpainter(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from diffusers import FluxTransformer2DModel
-
         from fluxtune.assemble import load_bundle
         from fluxtune.flux.inpaint import fill_pipeline
+        from fluxtune.registered_version import read_meta, registered_base
 
         folder = Path(context.artifacts["checkpoint"])
-        self.meta = json.loads((folder / "model.json").read_text())
+        self.meta = read_meta(folder)
+        self.pipeline = None
+        if _CHECK["active"]:
+            return
         self.bundle = load_bundle(self.meta["model"])
-        transformer = self.bundle.transformer
-        if (folder / "base").is_dir():
-            transformer = FluxTransformer2DModel.from_pretrained(folder / "base")
-        transformer.eval()
+        transformer = registered_base(folder, self.bundle.transformer, verify=True)  # one line if gone/changed
         self.pipeline = fill_pipeline(self.bundle, transformer)
         if (folder / "adapter").is_dir():
             self.pipeline.load_lora_weights(str(folder / "adapter"))
+        # After loading: the injected LoRA layers start in training mode (dropout on), whatever the base was.
+        self.pipeline.transformer.eval()
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
@@ -58,6 +74,8 @@ class FluxFillInpainter(mlflow.pyfunc.PythonModel):
 
         params = params or {}
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if self.pipeline is None:  # the input-example check while registering (example_check_only)
+            return pd.DataFrame({"image": [""] * len(frame)})
         prompts = list(frame["prompt"]) if "prompt" in frame else None
         images = inpaint(self.bundle, self.pipeline, [_open(v) for v in frame["image"]],
                          [_open(v) for v in frame["mask"]], prompts,

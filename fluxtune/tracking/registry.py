@@ -1,5 +1,7 @@
 """Model registry: a trial's adapter as a pyfunc model version, lineage tags, aliases (never deprecated stages).
 
+A version holds the adapter and a *reference* to its base transformer (a stage checkpoint or the configured
+model, with content hashes; see `fluxtune.registered_version`), never a copy of the base.
 New versions get the alias `candidate`; people promote one by moving `champion` (here, `fluxtune models
 promote`, or the MLflow UI), and `model: {adapter: "models:/NAME@champion"}` starts a new search from it.
 Alias versions come back as int from a sqlite store and as str over HTTP: everything here speaks str.
@@ -7,7 +9,9 @@ Alias versions come back as int from a sqlite store and as str over HTTP: everyt
 
 from __future__ import annotations
 
+import base64
 import getpass
+import io
 import json
 import re
 import shutil
@@ -17,53 +21,95 @@ from pathlib import Path
 from typing import Any
 
 from fluxtune.config.errors import InputError
+from fluxtune.registered_version import (MODEL_JSON, RegisteredBaseError, check_reference, describe, read_meta)
 from fluxtune.tracking.store import client
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_entry.py")  # logged as code, so loading never unpickles
-CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc's artifact: model.json + adapter/ (+ base/)
+CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc's artifact: model.json + adapter/ (+ fused/)
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
 def register_adapter(uri: str, run_id: str, model_name: str, alias: str | None, adapter_dir: Path | None,
-                     base_transformer_dir: Path | None, model_spec: dict[str, Any], tags: dict[str, str]) -> str:
-    """Log base + adapter as a pyfunc model in the trial's run, register it, point `alias` (if any) at it.
+                     base: dict[str, Any] | None, model_spec: dict[str, Any], tags: dict[str, Any],
+                     description: str = "") -> str:
+    """Log adapter + base reference as a pyfunc model in the trial's run, register it, point `alias` (if any)
+    at it. `base`: a reference (`fluxtune.registered_version`), or None for the model `model_spec` names.
 
-    Lineage tags are the caller's (sweep, trial, cycle, stage, metric) plus what the runs know: the trial's
-    final metrics (`metric.<name>`), the data hash of the sweep, the base model.
+    Lineage tags are the caller's (sweep, trial, cycle, stage, search_metric) plus what the runs know: the
+    trial's final metrics (`metric.<name>`), the data hash of the sweep, the fluxtune version; each key once.
+    The trial's run keeps its status and end time (logging the model reopens it for a moment).
     """
     import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     from fluxtune import __version__
+    from fluxtune.tracking.pyfunc import example_check_only
 
     started_from = model_spec.get("adapter")  # a registered version the search started from (a local folder)
     model_spec = {k: v for k, v in model_spec.items() if k != "adapter"}  # that folder is not portable
+    fused: list[Path] = []
+    if base is None and started_from:  # the adapter was trained on that version, merged: its base + its adapters
+        earlier = read_meta(started_from)
+        base = earlier.get("base")
+        fused = [Path(started_from) / name for name in earlier.get("fused", [])]
+        if (Path(started_from) / "adapter").is_dir():
+            fused.append(Path(started_from) / "adapter")
+    check_reference(base, verify=False)  # the caller verified the hashes; a vanished base is refused here too
+    c = client(uri)
+    run_before = c.get_run(run_id).info
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / CHECKPOINT_ARTIFACT
         folder.mkdir()
         if adapter_dir is not None:
             shutil.copytree(adapter_dir, folder / "adapter")
-        if base_transformer_dir is not None:
-            shutil.copytree(base_transformer_dir, folder / "base")
-        elif started_from and adapter_dir is not None:  # the adapter was trained on that version, merged
-            from fluxtune.assemble import load_bundle
-
-            load_bundle({**model_spec, "adapter": started_from}).transformer.save_pretrained(
-                folder / "base", safe_serialization=True)
-        (folder / "model.json").write_text(json.dumps({"model": model_spec}))
+        for i, adapter in enumerate(fused):
+            shutil.copytree(adapter, folder / "fused" / str(i))
+        (folder / MODEL_JSON).write_text(json.dumps({"model": model_spec, "base": base,
+                                                     "fused": [f"fused/{i}" for i in range(len(fused))]}))
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-        with mlflow.start_run(run_id=run_id):
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("string", "image"), ColSpec("string", "mask"),
+                           ColSpec("string", "prompt", required=False)]),
+            outputs=Schema([ColSpec("string", "image")]),
+            params=ParamSchema([ParamSpec("steps", "long", 8), ParamSpec("seed", "long", 0)]))
+        with mlflow.start_run(run_id=run_id), example_check_only():
             info = mlflow.pyfunc.log_model(
                 name="inpainter", python_model=str(MODEL_CODE), artifacts={CHECKPOINT_ARTIFACT: str(folder)},
                 registered_model_name=model_name, pip_requirements=[f"fluxtune=={__version__}"],
+                signature=signature, input_example=input_example(),
             )
+    if run_before.end_time:  # the trial's run ended with its training, not with its registration
+        c.set_terminated(run_id, status=run_before.status, end_time=run_before.end_time)
+    else:
+        c.update_run(run_id, status=run_before.status)
     version = str(info.registered_model_version)
-    c = client(uri)
-    for key, value in {**lineage_tags(c, run_id), **tags}.items():
+    merged = {**lineage_tags(c, run_id), **{k: str(v) for k, v in tags.items()},
+              "base": describe(base, model_spec)}
+    for key, value in merged.items():
         c.set_model_version_tag(model_name, version, key, str(value))
+    if description:
+        c.update_model_version(model_name, version, description=description)
     if alias:
         c.set_registered_model_alias(model_name, alias, version)
     return version
+
+
+def input_example():
+    """One 16×16 image and its mask (base64 PNGs) and a prompt: the smallest input the model accepts."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    def png(array) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    image = np.full((16, 16, 3), 128, np.uint8)
+    mask = np.pad(np.full((8, 8), 255, np.uint8), 4)
+    return pd.DataFrame({"image": [png(image)], "mask": [png(mask)], "prompt": ["a red door"]})
 
 
 def lineage_tags(c: Any, run_id: str) -> dict[str, str]:
@@ -162,7 +208,7 @@ def resolve_registered_model(model: dict[str, Any], uri: str, into: Path) -> dic
                                 key="base.model.adapter") from None
     target = Path(into) / "registered" / name / str(mv.version)
     checkpoint = target / CHECKPOINT_ARTIFACT
-    if not (checkpoint / "model.json").exists():
+    if not (checkpoint / MODEL_JSON).exists():
         import mlflow.artifacts
 
         partial = target.with_name(f".{mv.version}.tmp")
@@ -172,12 +218,17 @@ def resolve_registered_model(model: dict[str, Any], uri: str, into: Path) -> dic
         location = c.get_model_version_download_uri(name, str(mv.version))
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(partial),
                                                          tracking_uri=uri))
-        found = next(local.rglob("model.json")).parent
+        found = next(local.rglob(MODEL_JSON)).parent
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         found.rename(checkpoint)  # complete before it has its final name
         shutil.rmtree(partial, ignore_errors=True)
-    registered = json.loads((checkpoint / "model.json").read_text())["model"]
+    meta = read_meta(checkpoint)
+    try:  # before any trial: a base that is gone or changed is named once, here
+        check_reference(meta.get("base"), verify=True)
+    except RegisteredBaseError as exc:
+        raise InputError.single(uri, f"{source}: {exc}", key="base.model.adapter") from None
+    registered = meta["model"]
     resolved = {**model, "adapter": str(checkpoint)}
     if model.get("preset") is None and model.get("path") is None:
         resolved.update({k: registered[k] for k in ("preset", "path", "seed") if registered.get(k) is not None})

@@ -65,7 +65,32 @@ class RayReporter:
         ray.train.report({**metrics, "global_step": global_step, STEP_METRICS_KEY: self._drain(), **self._extras()})
 
     def stage_end(self, global_step: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        from fluxtune.checkpoints import check_room, folder_bytes, store_error
+
         self._check_stopped()
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report({**metrics, "global_step": global_step, "stage_end": True, STEP_METRICS_KEY: self._drain(),
-                          NODE_KEY: ray.get_runtime_context().get_node_id(), **self._extras()}, checkpoint=checkpoint)
+        destination, needed = run_folder(), folder_bytes(Path(checkpoint_dir)) if checkpoint_dir else 0
+        if checkpoint_dir:  # Ray copies the checkpoint into storage: refuse before a copy that cannot finish
+            check_room(destination, needed)
+        try:
+            ray.train.report({**metrics, "global_step": global_step, "stage_end": True,
+                              STEP_METRICS_KEY: self._drain(), NODE_KEY: ray.get_runtime_context().get_node_id(),
+                              **self._extras()}, checkpoint=checkpoint)
+        except Exception as exc:  # the store filled up or turned read-only during the copy: say so plainly
+            clear = store_error(exc, destination or "the trial's storage", needed) if checkpoint_dir else None
+            if clear is None:
+                raise
+            raise clear from exc
+
+
+def run_folder() -> str | None:
+    """Where Ray Train keeps this run's checkpoints: a local folder, or None (an object store, or no Train)."""
+    try:
+        context = ray.train.get_context().get_storage()
+    except Exception:  # local mode, or a Ray without the (developer) storage API
+        return None
+    import pyarrow.fs as pafs
+
+    if not isinstance(context.storage_filesystem, pafs.LocalFileSystem):
+        return None
+    return context.experiment_fs_path

@@ -11,7 +11,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from fluxtune import storage
-from fluxtune.checkpoints import read_checkpoint_record
+from fluxtune.checkpoints import usable_checkpoint
 from fluxtune.config.load import sample_experiment
 from fluxtune.config.stage_keys import data_identity, stage_keys
 from fluxtune.plugins import plugin_set, use_plugin_set
@@ -41,25 +41,31 @@ class TrialSettings:
     def used_record(self, trial_id: str) -> str:
         return storage.join(self.stage_cache, "used", f"{trial_id}.json")
 
+    def refused_record(self, trial_id: str) -> str:
+        """Checkpoints stage reuse refused for this trial (corrupted): the driver shows them."""
+        return storage.join(self.stage_cache, "refused", f"{trial_id}.json")
+
     def keys_of(self, experiment: dict[str, Any]) -> list[dict[str, Any]]:
         return stage_keys(experiment, data_identity(self.jsonl), self.plugins)
 
 
-def cached_prefix(experiment: dict[str, Any], settings: TrialSettings, trial_id: str | None = None
-                  ) -> dict[str, Any] | None:
+def cached_prefix(experiment: dict[str, Any], settings: TrialSettings, trial_id: str | None = None,
+                  refused: list[str] | None = None) -> dict[str, Any] | None:
     """The latest stage of this experiment whose identical twin already ran in another trial: its cache record,
-    or None. A resumed trial's own stages are its checkpoints, not reuse."""
-    found = None
+    or None. A resumed trial's own stages are its checkpoints, not reuse. Only a checkpoint whose weights are
+    there (not pruned) and hash as written is offered; the longest such prefix wins (one hash pass each)."""
+    candidates = []
     # Never the last stage: a trial must train something to report its own metrics (a repeated configuration
     # reuses everything before its final stage).
     for entry in settings.keys_of(experiment)[:-1]:
         record = storage.read_json(storage.join(settings.stage_cache, f"{entry['key']}.json"))
         if record is None or record.get("trial") == trial_id:
             break  # a prefix: the first missing stage (or one this very trial ran) ends it
-        if read_checkpoint_record(record["checkpoint"]) is None:  # half-written or half-copied (storage faults)
-            break
-        found = {**record, **entry}
-    return found
+        candidates.append({**record, **entry})
+    for candidate in reversed(candidates):  # a key names its whole prefix: a shorter one is a fallback
+        if usable_checkpoint(candidate["checkpoint"], problems=refused) is not None:
+            return candidate
+    return None
 
 
 def record_stage(settings: TrialSettings, experiment: dict[str, Any], cycle: int, stage: str, checkpoint: str,
@@ -140,11 +146,37 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     use_plugin_set(settings.plugins)
     experiment = sample_experiment(settings.base, config, registry())
     trial_id = tune.get_context().get_trial_id()
-    reused = cached_prefix(experiment, settings, trial_id) if settings.reuse_stages else None
+    refused: list[str] = []
+    reused = cached_prefix(experiment, settings, trial_id, refused) if settings.reuse_stages else None
+    if refused:
+        storage.write_json(settings.refused_record(trial_id), {"refused": refused})
     if reused is not None:
         storage.write_json(settings.used_record(trial_id), reused)
     trainer_for(experiment, settings, f"{settings.sweep_id}-{trial_id}",
                 reused["checkpoint"] if reused else None, trial_id=trial_id).fit()
+    _wait_for_the_last_report()
+
+
+def _wait_for_the_last_report(timeout_s: float = 600.0) -> None:
+    """Return only once Tune has taken Train's last report. Train hands reports to this trial's actor through a
+    one-slot queue that the actor drains only when the driver asks for its next result; if the function returned
+    first, Tune would queue its end-of-trial marker ahead of that report, and the actor would block for good
+    putting the report behind it (the trial hangs: short last stages and a busy driver make this likely)."""
+    import time
+
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    reports = getattr(session, "_inter_actor_queue", None) if session else None
+    if reports is None:
+        return
+    deadline, quiet = time.monotonic() + timeout_s, 0
+    try:
+        while quiet < 3 and time.monotonic() < deadline:  # repeatedly: a report being handed over is in neither
+            quiet = quiet + 1 if reports.empty() and session.result_queue.empty() else 0
+            time.sleep(0.2)
+    except Exception:  # the queue's actor is gone: Tune already ended this trial (stopped early)
+        return
 
 
 def trainable(settings: TrialSettings):

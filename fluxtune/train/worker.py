@@ -30,21 +30,39 @@ class MarkedReporter(RayReporter):
 def _resume(transformer: Any, initial: str | None = None) -> tuple[Any, Any, bool]:
     """The latest stage checkpoint of this trial's run, if a previous attempt left one; True when it did."""
     # This run's own checkpoint (a restart: a retried worker group or a resumed sweep) first, else a reused
-    # identical stage prefix (stage reuse).
-    from fluxtune.checkpoints import Progress, read_progress
+    # identical stage prefix (stage reuse). Each is used only when complete and its weights hash as written.
+    from fluxtune.checkpoints import Progress, usable_checkpoint
 
     own = ray.train.get_checkpoint()
-    checkpoint = own or (ray.train.Checkpoint(initial) if initial else None)
-    if checkpoint is None:
-        return Progress(), transformer, False
-    from diffusers import FluxTransformer2DModel
+    for checkpoint, restarted in ((own, True), (ray.train.Checkpoint(initial) if initial else None, False)):
+        if checkpoint is None:
+            continue
+        from diffusers import FluxTransformer2DModel
 
-    with checkpoint.as_directory() as folder:
-        progress = read_progress(folder)
-        if progress is None:  # incomplete: never resume from it
-            return Progress(), transformer, False
-        resumed = FluxTransformer2DModel.from_pretrained(os.path.join(folder, "transformer"))
-    return progress, resumed.to(transformer.device).train(), own is not None
+        with checkpoint.as_directory() as folder:
+            record = usable_checkpoint(folder)  # incomplete, pruned or corrupted: never resume from it
+            if record is None:
+                continue
+            progress = Progress(record["cycle"], record["stage_index"], record["global_step"])
+            resumed = FluxTransformer2DModel.from_pretrained(os.path.join(folder, "transformer"))
+        _check_room_for_a_checkpoint(resumed)
+        return progress, resumed.to(transformer.device).train(), restarted
+    _check_room_for_a_checkpoint(transformer)
+    return Progress(), transformer, False
+
+
+def _check_room_for_a_checkpoint(transformer: Any) -> None:
+    """A store that cannot take one more stage checkpoint fails the attempt now, not after a stage of training
+    (a retried attempt on a full disk then ends in seconds, with the same line)."""
+    from fluxtune.checkpoints import check_room, state_bytes
+    from fluxtune.train.reporter import run_folder
+
+    try:
+        rank = ray.train.get_context().get_world_rank()
+    except Exception:  # outside a Train run (tests): nothing to write into
+        return
+    if rank == 0:  # rank 0 writes the checkpoints
+        check_room(run_folder(), state_bytes(transformer))
 
 
 def _load_data(experiment: dict[str, Any], config: dict[str, Any], rank: int, world_size: int) -> tuple[Any, Any]:

@@ -1,0 +1,221 @@
+"""The driver's side of a sweep's stage checkpoints: offer finished stages for reuse, and keep only what is
+needed (`checkpoints: {keep: needed}`, the default; `keep: all` prunes nothing).
+
+Needed are: resume (a trial's latest checkpoint, and the one before it while the latest holds an adapter:
+that pair is what a version would be made of), registration (the release of the best `register_top`
+publishable trials, and every base a registered version references: `SweepRecord.pinned`) and stage reuse
+(every offered stage while the run goes on; once it has finished, the stages another trial did start from).
+Everything else loses its transformer weights as the sweep goes (`fluxtune.checkpoints.prune_weights`: the
+marker records it; exports such as adapters stay). A full-size FLUX.1-Fill checkpoint is ≈48 GB in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ray import tune
+
+from fluxtune import storage
+from fluxtune.checkpoints import prune_weights
+from fluxtune.config.schedule import planned_steps
+from fluxtune.search.best import StageCheckpoint, read_stage
+from fluxtune.search.guard import SweepGuard, not_finite_reason, storage_fault
+from fluxtune.search.publish import publishable, ranked, release_for
+from fluxtune.train.trial import TrialSettings, record_stage
+
+CHECKPOINT_KEY = "checkpoint_path"  # set by ray's TuneReportCallback
+
+
+class CheckpointKeeper(tune.Callback):
+    def __init__(self, settings: TrialSettings, record: Any, metric: str, mode: str, keep: str, register_top: int,
+                 guard: SweepGuard, experiment_of: Callable[[dict[str, Any]], dict[str, Any]],
+                 announce: Callable[[str], None]):
+        self.settings, self.metric, self.mode, self.keep = settings, metric, mode, keep
+        self.register_top, self.guard = register_top, guard
+        self.experiment_of, self.announce = experiment_of, announce
+        self.record = record  # SweepRecord: earlier trials (rows) and pinned checkpoints
+        self.rows: dict[str, dict[str, Any]] = dict(record.trials)  # finished trials, earlier runs included
+        self.own: dict[str, list[StageCheckpoint]] = {}  # trial → its own checkpoints that still have weights
+        self.offered: set[str] = set(self._offered())  # stage-cache checkpoints
+        self.releases: dict[str, list[str]] = {}  # trial → the checkpoints its release needs
+        self.announced: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks; the console is not picklable
+        return {**self.__dict__, "announce": print}
+
+    # -- Tune events
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if trial.trial_id not in self.announced:  # stage reuse refused a corrupted checkpoint: say so here
+            self.announced.add(trial.trial_id)
+            for line in (storage.read_json(self.settings.refused_record(trial.trial_id)) or {}).get("refused", []):
+                self.announce(f"trial {trial.trial_id}: {line}")
+        if not (result.get("stage_end") and result.get(CHECKPOINT_KEY)):
+            return
+        checkpoint = storage.qualify(result[CHECKPOINT_KEY], self.settings.storage_path)
+        self._safely(self._stage_end, trial, result, checkpoint)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        steps = int(last.get("global_step", 0))
+        row = {"trial": trial.trial_id, self.metric: last.get(self.metric), "steps": steps,
+               "planned_steps": planned_steps(self.experiment_of(trial.config or {})),
+               "error": not_finite_reason(last, self.metric) or ""}
+        self.rows[trial.trial_id] = row
+        self._safely(self._settle)
+
+    # -- what happens
+    def _stage_end(self, trial: Any, result: dict, checkpoint: str) -> None:
+        if self.settings.reuse_stages and not_finite_reason(result, self.metric) is None:  # never offer NaNs
+            record_stage(self.settings, self.experiment_of(trial.config), int(result["cycle"]), result["stage"],
+                         checkpoint, trial.trial_id, int(result.get("global_step", 0)))
+            self.offered.add(checkpoint)
+        if self.keep == "all":
+            return
+        own = self._own(trial.trial_id)
+        stage = read_stage(checkpoint)
+        if stage is not None and checkpoint not in {c.checkpoint for c in own}:
+            own.append(stage)
+        self._prune(trial.trial_id, keep=_resume_set(own))
+
+    def _settle(self) -> None:
+        """After a trial ended: the finished trials outside the best `register_top` keep nothing."""
+        if self.keep == "all":
+            return
+        best = {r["trial"] for r in ranked(list(self.rows.values()), self.metric, self.mode)[:self.register_top]}
+        for trial_id in list(self.own):
+            if trial_id in self.rows:  # ended (completed, stopped early or diverged)
+                self._prune(trial_id, keep=set(self._release(trial_id)) if trial_id in best else set())
+
+    def finish(self, finished: bool) -> int:
+        """At the end of a run: once the sweep has finished, prune every trial folder down to what is needed
+        from now on (registration and the stages other trials started from). Returns the bytes freed."""
+        if self.keep == "all" or not finished:
+            return 0
+        best = ranked(list(self.rows.values()), self.metric, self.mode)[:self.register_top]
+        needed = set(self.record.pinned) | self._reused()
+        for row in best:
+            needed.update(self._release(row["trial"]))
+        freed = 0
+        for run in storage.list_folders(storage.join(self.settings.storage_path, "train")):
+            for folder in storage.list_folders(run, "checkpoint"):
+                if folder not in needed:
+                    freed += prune_weights(folder)
+        return freed
+
+    # -- helpers
+    def _prune(self, trial_id: str, keep: set[str]) -> None:
+        protected = keep | set(self.record.pinned) | self.offered | self._best_releases()
+        left = []
+        for stage in self._own(trial_id):
+            if stage.checkpoint in protected:
+                left.append(stage)
+            else:
+                prune_weights(stage.checkpoint)
+        self.own[trial_id] = left
+
+    def _best_releases(self) -> set[str]:
+        out: set[str] = set()
+        for row in ranked(list(self.rows.values()), self.metric, self.mode)[:self.register_top]:
+            out.update(self._release(row["trial"]))
+        return out
+
+    def _release(self, trial_id: str) -> list[str]:
+        """The checkpoints whose weights the trial's release needs (`fluxtune.search.publish.Release`)."""
+        if trial_id not in self.releases:
+            release = release_for(self.settings.storage_path, self.settings.sweep_id, trial_id)
+            self.releases[trial_id] = release.weights if release else []
+        return self.releases[trial_id]
+
+    def _own(self, trial_id: str) -> list[StageCheckpoint]:
+        if trial_id not in self.own:  # first sight in this process: what an earlier one left
+            run = storage.join(self.settings.storage_path, "train", f"{self.settings.sweep_id}-{trial_id}")
+            found = [s for s in (read_stage(p) for p in storage.list_folders(run, "checkpoint")) if s is not None]
+            self.own[trial_id] = sorted((s for s in found if s.has_weights), key=lambda s: s.global_step)
+        return self.own[trial_id]
+
+    def _offered(self) -> list[str]:
+        cache = self.settings.stage_cache
+        return [d["checkpoint"] for d in (storage.read_json(p) for p in storage.list_files(cache, ".json")) if d]
+
+    def _reused(self) -> set[str]:
+        used = storage.join(self.settings.stage_cache, "used")
+        return {d["checkpoint"] for d in (storage.read_json(p) for p in storage.list_files(used, ".json")) if d}
+
+    def _safely(self, action: Callable[..., None], *args: Any) -> None:
+        """The driver's own writes: a full or read-only store stops the sweep (resumable), never a traceback."""
+        try:
+            action(*args)
+        except OSError as exc:
+            line = storage_fault(f"{exc}") or f"cannot write to {self.settings.storage_path}: {exc}"
+            self.guard.note_fault(line)
+
+
+def _resume_set(own: list[StageCheckpoint]) -> set[str]:
+    """A running trial's latest checkpoint, and the one before it while the latest holds an adapter."""
+    if not own:
+        return set()
+    keep = {own[-1].checkpoint}
+    if own[-1].has_adapter and len(own) > 1:
+        keep.add(own[-2].checkpoint)
+    return keep
+
+
+def remove_incomplete(root: str) -> int:
+    """Remove stage-checkpoint folders without a complete marker (a copy into storage cut short by a full or
+    read-only store), once no trial runs. Nothing ever reads them; they only hold space. Returns how many."""
+    import logging
+
+    from fluxtune.checkpoints import read_checkpoint_record
+
+    removed = 0
+    quiet = logging.getLogger("fluxtune.checkpoints")
+    for run in storage.list_folders(storage.join(root, "train")):
+        for folder in storage.list_folders(run, "checkpoint"):
+            level, quiet.level = quiet.level, logging.ERROR  # being removed: no "skipping" warning for it
+            try:
+                if read_checkpoint_record(folder) is not None:
+                    continue
+                fs, inner = storage.filesystem(folder)
+                fs.delete_dir(inner)
+                removed += 1
+            except OSError:  # a read-only store: it stays, and readers keep skipping it
+                pass
+            finally:
+                quiet.level = level
+    return removed
+
+
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints (written in place)
+
+
+def repair_cut_short(root: str, warn: Callable[[str], None]) -> None:
+    """Before resuming: remove checkpoint copies cut short, and Ray Train checkpoint lists that a full store cut
+    short (Ray writes that file in place and cannot start the run from a broken one): that trial then starts
+    again from its first stage (or a reused prefix), with a warning saying so."""
+    import json
+
+    remove_incomplete(root)
+    for run in storage.list_folders(storage.join(root, "train")):
+        snapshot = storage.join(run, TRAIN_SNAPSHOT)
+        if not storage.exists(snapshot):
+            continue
+        try:
+            json.loads(storage.read_bytes(snapshot))
+        except ValueError:
+            storage.remove(snapshot)
+            warn(f"Ray Train's list of checkpoints {snapshot} was cut short (the store ran out of space): that "
+                 "trial starts again from its first stage")
+
+
+def disk_use(root: str) -> tuple[int, int]:
+    """(bytes under `root`, transformer weight files among them)."""
+    import pyarrow.fs as pafs
+
+    fs, inner = storage.filesystem(root)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
+    files = [i for i in infos if i.type == pafs.FileType.File]
+    weights = [i for i in files if i.path.endswith(".safetensors") and "/transformer/" in i.path]
+    return sum(i.size for i in files), len(weights)
+
+
+__all__ = ["CheckpointKeeper", "disk_use", "publishable"]
