@@ -170,3 +170,25 @@ def test_the_stop_board_removes_the_placement_group_of_a_stopped_trial(ray_clust
     while placement_group_table(group)["state"] != "REMOVED" and time.monotonic() < deadline:
         time.sleep(0.5)
     assert placement_group_table(group)["state"] == "REMOVED"
+
+
+# -- Ray: a trial function returns only after Tune took its Train run's last report
+
+
+def test_the_train_session_still_hands_reports_over_through_the_queues_the_fence_waits_on():
+    """When this fails, Ray changed how a Train run's reports reach Tune: check whether a trial that returns right
+    after `fit()` can still hang, and drop `wait_for_the_last_report` if not."""
+    import inspect
+
+    from ray.train._internal import session
+
+    source = inspect.getsource(session._TrainSession)
+    assert "self._inter_actor_queue" in source and "self.result_queue" in source
+    assert session.get_session() is None  # outside a run: the fence returns at once
+
+
+@pytest.mark.timeout(60)  # a hang detector: outside a run there is nothing to wait for (the default waits 600 s)
+def test_the_fence_returns_at_once_outside_a_train_run():
+    from fluxtune.train.ray_private import wait_for_the_last_report
+
+    assert wait_for_the_last_report() is None

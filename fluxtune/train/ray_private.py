@@ -11,6 +11,13 @@ nothing in the driver and it is refused by its own cluster. Ray's private
 `ray.init()` itself calls; `ensure_token_if_auth_enabled` creates the token file (`ray get-auth-token --generate`
 does the same from the command line) and refreshes the process's cached token.
 When Ray re-reads `RAY_AUTH_MODE` at `ray.init`, or offers a public call for this, use that instead.
+
+The end of a Tune trial that runs a Train run (`wait_for_the_last_report`): Train hands reports to the trial's
+actor through a one-slot queue that the actor drains only when the driver asks for its next result. If the trial
+function returned first, Tune would queue its end-of-trial marker ahead of that report, and the actor would block
+for good putting the report behind it (the trial hangs: short last stages and a busy driver make this likely).
+Ray has no public way to wait for that queue; the session's private queues are read here. When a Tune function
+trainable that runs a Train run ends only after its reports are taken, drop it.
 """
 
 from __future__ import annotations
@@ -24,3 +31,22 @@ def enable_token_auth() -> None:
 
     enable_token_auth_by_default()
     ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+
+
+def wait_for_the_last_report(timeout_s: float = 600.0) -> None:
+    """Return only once Tune has taken every report this trial's Train run handed over (see the module docs)."""
+    import time
+
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    reports = getattr(session, "_inter_actor_queue", None) if session else None
+    if reports is None:
+        return
+    deadline, quiet = time.monotonic() + timeout_s, 0
+    try:
+        while quiet < 3 and time.monotonic() < deadline:  # repeatedly: a report being handed over is in neither
+            quiet = quiet + 1 if reports.empty() and session.result_queue.empty() else 0
+            time.sleep(0.2)
+    except Exception:  # the queue's actor is gone: Tune already ended this trial (stopped early)
+        return

@@ -16,6 +16,7 @@ from fluxtune.config.load import sample_experiment
 from fluxtune.config.stage_keys import data_identity, stage_keys
 from fluxtune.plugins import plugin_set, use_plugin_set
 from fluxtune.registry import registry
+from fluxtune.train.ray_private import wait_for_the_last_report
 from fluxtune.train.reporter import LAST_FAILURE_KEY, WORKER_FAILURES_KEY
 from fluxtune.train.worker import train_loop_per_worker
 
@@ -154,29 +155,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
         storage.write_json(settings.used_record(trial_id), reused)
     trainer_for(experiment, settings, f"{settings.sweep_id}-{trial_id}",
                 reused["checkpoint"] if reused else None, trial_id=trial_id).fit()
-    _wait_for_the_last_report()
-
-
-def _wait_for_the_last_report(timeout_s: float = 600.0) -> None:
-    """Return only once Tune has taken Train's last report. Train hands reports to this trial's actor through a
-    one-slot queue that the actor drains only when the driver asks for its next result; if the function returned
-    first, Tune would queue its end-of-trial marker ahead of that report, and the actor would block for good
-    putting the report behind it (the trial hangs: short last stages and a busy driver make this likely)."""
-    import time
-
-    from ray.train._internal.session import get_session
-
-    session = get_session()
-    reports = getattr(session, "_inter_actor_queue", None) if session else None
-    if reports is None:
-        return
-    deadline, quiet = time.monotonic() + timeout_s, 0
-    try:
-        while quiet < 3 and time.monotonic() < deadline:  # repeatedly: a report being handed over is in neither
-            quiet = quiet + 1 if reports.empty() and session.result_queue.empty() else 0
-            time.sleep(0.2)
-    except Exception:  # the queue's actor is gone: Tune already ended this trial (stopped early)
-        return
+    wait_for_the_last_report()
 
 
 def trainable(settings: TrialSettings):
