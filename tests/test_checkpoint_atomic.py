@@ -136,7 +136,7 @@ def test_stage_reuse_and_registration_skip_half_written_checkpoints(transformer,
     (second / SAFETENSORS).unlink()
     _half_written(run / "checkpoint_000002", first)
     keys = settings.keys_of(experiment)
-    cache = Path(settings.stage_cache)
+    cache = Path(settings.layout.stage_cache)
     cache.mkdir(parents=True)
     for entry, checkpoint in zip(keys, (first, second)):
         (cache / f"{entry['key']}.json").write_text(json.dumps({"checkpoint": str(checkpoint), "trial": "t1",
@@ -179,7 +179,7 @@ def test_a_changed_byte_is_refused_by_resume_reuse_and_registration_naming_the_f
     first = _write(run / "checkpoint_000000", transformer, "full", 2)
     second = _write(run / "checkpoint_000001", transformer, "lora", 4)
     keys = settings.keys_of(experiment)
-    cache = Path(settings.stage_cache)
+    cache = Path(settings.layout.stage_cache)
     cache.mkdir(parents=True)
     for entry, checkpoint in zip(keys, (first, second)):
         (cache / f"{entry['key']}.json").write_text(json.dumps({"checkpoint": str(checkpoint), "trial": "t1",
