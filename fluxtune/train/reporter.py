@@ -44,11 +44,13 @@ class RayReporter:
         self._steps.clear()
         return json.dumps(out)
 
+    def _system_sample(self) -> dict[str, float]:
+        return self._system.sample() if self._system is not None else {}
+
     def _report(self, global_step: int, metrics: dict[str, Any], **fields: Any) -> dict[str, Any]:
         """The report's dict: `metrics`, this node's system use, the buffered step metrics and sample grids."""
-        system = self._system.sample() if self._system is not None else {}
         samples, self._samples = self._samples, []
-        return TrialReport.from_worker(global_step, {**metrics, **system}, step_metrics=self._drain(),
+        return TrialReport.from_worker(global_step, {**metrics, **self._system_sample()}, step_metrics=self._drain(),
                                        samples=encode_samples(samples) if samples else None, **fields).to_result()
 
     def _check_stopped(self) -> None:
