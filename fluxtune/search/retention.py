@@ -66,7 +66,8 @@ class CheckpointKeeper(tune.Callback):
 
     # -- what happens
     def _stage_end(self, trial: Any, report: TrialReport, checkpoint: str) -> None:
-        if self.settings.reuse_stages and not_finite_reason(report.to_result(), self.metric) is None:  # no NaNs
+        finite = not_finite_reason(report.to_result(), self.metric) is None
+        if self.settings.reuse_stages and finite:  # never offer NaNs
             record_stage(self.settings, self.experiment_of(trial.config), int(report.cycle or 0), str(report.stage),
                          checkpoint, trial.trial_id, report.global_step)
             self.offered.add(checkpoint)
