@@ -21,6 +21,7 @@ from fluxtune.checkpoints import Progress, write_stage_checkpoint
 from fluxtune.config.schedule import stage_for_cycle
 from fluxtune.context import RunContext, Shared, evaluate
 from fluxtune.failures import FailureSite, StepMark, configured_entries, failure_site
+from fluxtune.train.protocol import CYCLE_KEY, STAGE_KEY
 
 
 def stage_params(stage: dict[str, Any]) -> dict[str, Any]:
@@ -173,8 +174,8 @@ def run_cycle(experiment: dict[str, Any], transformer: Any, shared: Shared,
                     checkpoint = handoff.write(scratch, trained, transformer, progress, spec["name"],
                                                ctx.export_dir, metrics)
                     named = {f"{spec['name']}/cycle{cycle}/{k}": v for k, v in metrics.items()}
-                    shared.reporter.stage_end(progress.global_step, {**metrics, **named, "cycle": cycle,
-                                                                     "stage": spec["name"]}, checkpoint)
+                    shared.reporter.stage_end(progress.global_step, {**metrics, **named, CYCLE_KEY: cycle,
+                                                                     STAGE_KEY: spec["name"]}, checkpoint)
                     last_step_done_at = ctx.last_step_at
     finally:
         handoff.cleanup()

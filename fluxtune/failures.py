@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from fluxtune.train.protocol import SweepLayout
+
 MARKER = "fluxtune-failure: "
-_ERRORS_FOLDER = "errors"
 _error_home: Path | None = None  # the running sweep's folder, once there is one
 
 
@@ -33,9 +34,9 @@ def keep_errors_in(folder: str | os.PathLike | None) -> None:
 def errors_folder() -> Path:
     """The running sweep's `errors/`, else `$FLUXTUNE_CACHE/errors` (default ~/.cache/fluxtune/errors)."""
     if _error_home is not None:
-        return _error_home / _ERRORS_FOLDER
+        return SweepLayout.at(_error_home).errors
     cache = os.environ.get("FLUXTUNE_CACHE")
-    return (Path(cache) if cache else Path.home() / ".cache" / "fluxtune") / _ERRORS_FOLDER
+    return (Path(cache) if cache else Path.home() / ".cache" / "fluxtune") / SweepLayout.ERRORS
 
 
 def keep_text(text: str, name: str, folder: Path | None = None) -> Path | None:
@@ -235,7 +236,7 @@ def keep_trial_failure(trial: Any, sweep_folder: str | os.PathLike | None) -> tu
     """Read a failed trial's error, keep it as `<sweep folder>/errors/trial-<id>.txt`; the parsed failure."""
     text = trial_error_text(trial)
     failure = TrialFailure.from_text(text)
-    folder = Path(sweep_folder) / _ERRORS_FOLDER if sweep_folder else None
+    folder = SweepLayout.at(sweep_folder).errors if sweep_folder else None
     kept = keep_text(text or failure.error, f"trial-{trial.trial_id}.txt", folder) if text or folder else None
     return failure, kept
 

@@ -134,7 +134,7 @@ def _three_stage_trial(tmp_path: Path):
 
 def _record_stage_cache(experiment: dict, settings, checkpoints: tuple[Path, ...]) -> None:
     """Stage-cache entries pointing at `checkpoints`, one per leading stage, as trial t1 would leave them."""
-    cache = Path(settings.stage_cache)
+    cache = Path(settings.layout.stage_cache)
     cache.mkdir(parents=True)
     for entry, checkpoint in zip(settings.keys_of(experiment), checkpoints):
         (cache / f"{entry['key']}.json").write_text(json.dumps({"checkpoint": str(checkpoint), "trial": "t1",

@@ -17,8 +17,11 @@ PACKAGE = Path(fluxtune.__file__).parent
 # Lowest first. A module belongs to the layer of its longest listed prefix.
 LAYERS = [
     # Plain helpers every part uses: the public API, hook specs, storage, secrets redaction, failure records.
+    # The worker→driver protocol (report keys, TrialReport, SweepLayout) lives beside the Train adapter that speaks
+    # it, but is plain names and paths: MLflow views and failure records read it too.
     ("foundation", ["fluxtune", "fluxtune.api", "fluxtune.hookspecs", "fluxtune.storage", "fluxtune.callbacks",
-                    "fluxtune.serving", "fluxtune.redact", "fluxtune.failures", "fluxtune.config.errors"]),
+                    "fluxtune.serving", "fluxtune.redact", "fluxtune.failures", "fluxtune.config.errors",
+                    "fluxtune.train.protocol"]),
     # The model and its data: FLUX loading and packing, rows, images, buckets, the latent cache.
     ("model and data", ["fluxtune.flux", "fluxtune.data"]),
     # What can be named in a YAML: plugins, the registry of their components, the config schema and loading.
@@ -136,5 +139,7 @@ def test_the_checks_see_circles_and_upward_imports():
 
 
 def test_the_search_callbacks_need_no_torch_for_report_keys():
-    """The driver's Tune callbacks read report keys: the reporter module, not the worker's training code."""
-    assert "fluxtune.train.worker" not in import_graph()["fluxtune.search.callbacks"]
+    """The driver's Tune callbacks read reports through the protocol module, not the worker's training code."""
+    imported = import_graph()["fluxtune.search.callbacks"]
+    assert "fluxtune.train.protocol" in imported
+    assert not {"fluxtune.train.worker", "fluxtune.train.reporter"} & imported

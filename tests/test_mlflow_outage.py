@@ -17,6 +17,7 @@ from conftest import FLUXTUNE, LineReader
 from fluxtune.tracking.buffer import HTTP_DEFAULTS, SPILL_NAME
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.server import free_port, start_server, stop_server
+from fluxtune.train.protocol import TrialReport
 
 STEPS = '{"loss": [[%d, 1.0], [%d, 0.9]]}'
 
@@ -45,7 +46,7 @@ def test_writes_during_an_outage_are_kept_reported_and_sent_by_the_next_driver(t
         tracker = SweepTracker(url, "outage", "outage-1", spill_dir=sweep, warn=warnings.append)
         parent = tracker.start(None, {}, {"cycles": 1})
         first = tracker.start_trial("t1", {"cycles": 1}, {})
-        tracker.log_result("t1", _result(0), "global_step", "fluxtune_steps")
+        tracker.log_result("t1", TrialReport.from_result(_result(0)))
     finally:
         stop_server(process)
 
@@ -53,9 +54,9 @@ def test_writes_during_an_outage_are_kept_reported_and_sent_by_the_next_driver(t
     started = time.monotonic()
     assert tracker.find_trial_run("t9") is None and tracker.stage_checkpoints("t1") == []  # reads: "unknown"
     tracker.log_loss_curves("t1")  # a read-then-write: the first call held back, whatever its kind
-    tracker.log_result("t1", _result(2), "global_step", "fluxtune_steps")
+    tracker.log_result("t1", TrialReport.from_result(_result(2)))
     second = tracker.start_trial("t2", {"cycles": 1}, {})  # a run created while down: a placeholder id
-    tracker.log_result("t2", _result(0), "global_step", "fluxtune_steps")
+    tracker.log_result("t2", TrialReport.from_result(_result(0)))
     tracker.log_samples("t2", _png(), 2)
     for trial in ("t1", "t2"):
         tracker.log_loss_curves(trial)

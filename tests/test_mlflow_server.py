@@ -11,6 +11,7 @@ from fluxtune.tracking.registry import promote, versions
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.samples import encode_samples
 from fluxtune.tracking.server import start_server, stop_server
+from fluxtune.train.protocol import TrialReport
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,8 @@ def test_a_remote_server_records_the_run_tree_like_the_local_store(server, tmp_p
     tracker = SweepTracker(url, "remote", "remote-1")
     parent = tracker.start(None, {"fluxtune.version": "0.1.0"}, {"cycles": 2})
     run = tracker.start_trial("t1", {"cycles": 2}, {})
-    tracker.log_result("t1", {"global_step": 2, "val_loss": 0.5, "fluxtune_steps": '{"loss": [[0, 1.0], [1, 0.8]]}'},
-                       "global_step", "fluxtune_steps")
+    tracker.log_result("t1", TrialReport.from_result(
+        {"global_step": 2, "val_loss": 0.5, "fluxtune_steps": '{"loss": [[0, 1.0], [1, 0.8]]}'}))
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4), (0, 0, 255)).save(buffer, "PNG")
     tracker.log_samples("t1", encode_samples([buffer.getvalue()]), 2)

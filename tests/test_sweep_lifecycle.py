@@ -238,7 +238,8 @@ def test_before_a_resume_copies_and_ray_train_lists_a_full_store_cut_short_are_r
 
 def test_a_restarted_attempts_marks_are_run_metrics_even_on_a_stage_end_report():
     from fluxtune.tracking.views import curve_points
+    from fluxtune.train.protocol import TrialReport
 
     stage_end = {"stage_end": True, "global_step": 12, "val_loss": 0.4, "resumed_from_step": 8, "worker_failures": 1,
                  "polish/cycle0/val_loss": 0.4, "samples_per_s": 3.0}
-    assert curve_points(stage_end) == {"val_loss": 0.4, "resumed_from_step": 8, "worker_failures": 1}
+    assert curve_points(TrialReport.from_result(stage_end)) == {"val_loss": 0.4, "resumed_from_step": 8, "worker_failures": 1}

@@ -13,8 +13,9 @@ from PIL import Image
 
 from fluxtune.tracking.runs import CHECKPOINT_TAG, NOTE_TAG, STAGES_TABLE, SweepTracker, flatten
 from fluxtune.flux.preview import LABEL_HEIGHT, ValidationPreview
-from fluxtune.tracking.samples import SAMPLES_KEY, decode_samples, encode_samples
+from fluxtune.tracking.samples import decode_samples, encode_samples
 from fluxtune.tracking.store import tracking_uri
+from fluxtune.train.protocol import SAMPLES_KEY, TrialReport
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +98,17 @@ def test_results_become_step_metrics_and_system_metrics(uri, exp):
     tracker.start(None, {}, {})
     run = tracker.start_trial("t1", {}, {})
     worker_node = {"system/cpu_utilization_percentage": 42.5, "system/system_memory_usage_megabytes": 1234.0}
-    tracker.log_result("t1", _result(4, {0: 1.0, 1: 0.9, 2: 0.8, 3: 0.7}, **worker_node), "global_step", "fluxtune_steps")
+    tracker.log_result("t1", TrialReport.from_result(_result(4, {0: 1.0, 1: 0.9, 2: 0.8, 3: 0.7}, **worker_node)))
     c = tracker.client
     assert [(m.step, m.value) for m in c.get_metric_history(run, "loss")] == [(0, 1.0), (1, 0.9), (2, 0.8), (3, 0.7)]
     assert [(m.step, m.value) for m in c.get_metric_history(run, "val_loss")] == [(4, 0.25)]
     assert "training_iteration" not in c.get_run(run).data.metrics  # Tune bookkeeping stays out
     # The trial's node as its rank-0 worker sampled it, at the report's step; never the driver's own node.
     assert [(m.step, m.value) for m in c.get_metric_history(run, "system/cpu_utilization_percentage")] == [(4, 42.5)]
-    tracker.log_result("t1", _result(8, {}, stage_end=True, **worker_node), "global_step", "fluxtune_steps")
+    tracker.log_result("t1", TrialReport.from_result(_result(8, {}, stage_end=True, **worker_node)))
     assert [m.step for m in c.get_metric_history(run, "system/system_memory_usage_megabytes")] == [4, 8]
     other = tracker.start_trial("t2", {}, {})
-    tracker.log_result("t2", _result(4, {0: 1.0}), "global_step", "fluxtune_steps")  # a report without a sample
+    tracker.log_result("t2", TrialReport.from_result(_result(4, {0: 1.0})))  # a report without a sample
     assert not [k for k in c.get_run(other).data.metrics if k.startswith("system/")]
 
 
@@ -115,23 +116,23 @@ def test_rank_0_reports_carry_a_system_sample_of_its_node():
     from fluxtune.train.reporter import RayReporter
 
     rank0, rank1 = RayReporter(rank=0), RayReporter(rank=1)
-    extras = rank0._extras()
+    extras = rank0._report(4, {"val_loss": 0.5})
     assert 0 <= extras["system/cpu_utilization_percentage"] <= 100 and extras["system/system_memory_usage_megabytes"] > 0
-    assert rank1._extras() == {}  # Tune forwards rank 0's reports only
+    assert not [k for k in rank1._report(4, {"val_loss": 0.5}) if k.startswith("system/")]  # rank 0's only
 
 
 def test_a_resumed_sweep_writes_to_the_same_runs_without_duplicates(uri, exp):
     first = SweepTracker(uri, exp, "s-1")
     parent = first.start(None, {}, {"base": {"seed": 0}})
     run = first.start_trial("t1", {"seed": 0}, {})
-    first.log_result("t1", _result(3, {0: 1.0, 1: 0.9, 2: 0.8}), "global_step", "fluxtune_steps")
+    first.log_result("t1", TrialReport.from_result(_result(3, {0: 1.0, 1: 0.9, 2: 0.8})))
 
     # A new driver process (resume): same sweep name → same parent; same trial id → same child.
     again = SweepTracker(uri, exp, "s-1")
     assert again.start(None, {}, {"base": {"seed": 0}}) == parent
     assert again.start_trial("t1", {"seed": 0}, {}) == run
     # The restarted trial replays steps 1..2 from its last stage checkpoint, then goes on.
-    again.log_result("t1", _result(5, {1: 0.95, 2: 0.85, 3: 0.7, 4: 0.6}), "global_step", "fluxtune_steps")
+    again.log_result("t1", TrialReport.from_result(_result(5, {1: 0.95, 2: 0.85, 3: 0.7, 4: 0.6})))
     c = again.client
     assert [m.step for m in c.get_metric_history(run, "loss")] == [0, 1, 2, 3, 4]
     runs = c.search_runs([again.experiment_id])
@@ -156,7 +157,7 @@ def test_sample_grids_and_stage_checkpoints_reach_the_trial_run(uri, exp, tmp_pa
     (checkpoint / "exports" / "adapter").mkdir(parents=True)
     (checkpoint / "exports" / "adapter" / "pytorch_lora_weights.safetensors").write_bytes(b"x")
     tracker.log_stage("t1", str(checkpoint), 0, "lora")
-    tracker.log_result("t1", _result(4, {0: 1.0, 1: 0.5}), "global_step", "fluxtune_steps")
+    tracker.log_result("t1", TrialReport.from_result(_result(4, {0: 1.0, 1: 0.5})))
     tracker.log_loss_curves("t1")
 
     c = tracker.client
@@ -232,8 +233,8 @@ def test_stage_ends_fill_a_table_instead_of_single_dot_metrics(uri, exp):
     for cycle, stage, step in ((0, "full", 4), (0, "lora", 8)):
         end = _result(step, {step - 1: 0.5}, stage_end=True, cycle=cycle, stage=stage, steps_per_s=10.0 * step,
                       transition_s=0.5, **{f"{stage}/cycle{cycle}/val_loss": 1.0 / step})
-        tracker.log_result("t1", end, "global_step", "fluxtune_steps")
-        tracker.log_stage_summary("t1", end)
+        tracker.log_result("t1", TrialReport.from_result(end))
+        tracker.log_stage_summary("t1", TrialReport.from_result(end))
     c = tracker.client
     metrics = c.get_run(run).data.metrics
     assert "val_loss" in metrics and "loss" in metrics  # curves: points at every evaluation and step

@@ -19,6 +19,7 @@ from ruamel.yaml import YAML
 from fluxtune import storage
 from fluxtune.checkpoints import read_checkpoint_record, weights_pruned
 from fluxtune.search.record import write_atomically
+from fluxtune.train.protocol import SweepLayout
 
 ADAPTER = "exports/adapter"  # where an adapter stage's export lives inside its checkpoint
 
@@ -47,13 +48,13 @@ def stage_records(trial_storage: str, sweep_id: str, trial_id: str) -> list[Stag
     """The trial's finished stages in order: a reused prefix (if any), then its own Train checkpoints.
     `trial_storage` is the sweep's Ray storage: a local folder or a shared URI."""
     found: list[StageCheckpoint] = []
-    used = storage.read_json(storage.join(str(trial_storage), "stage_cache", "used", f"{trial_id}.json"))
+    layout = SweepLayout(sweep_id, str(trial_storage))
+    used = storage.read_json(layout.used_record(trial_id))
     if used is not None:
         reused = read_stage(used["checkpoint"])
         if reused is not None:
             found.append(reused)
-    run = storage.join(str(trial_storage), "train", f"{sweep_id}-{trial_id}")
-    own = [c for c in (read_stage(p) for p in storage.list_folders(run, "checkpoint")) if c is not None]
+    own = [c for c in (read_stage(p) for p in layout.checkpoints(layout.run(trial_id))) if c is not None]
     found.extend(sorted(own, key=lambda c: c.global_step))
     return found
 

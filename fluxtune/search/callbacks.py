@@ -15,11 +15,7 @@ from fluxtune.search.guard import not_finite_reason
 from fluxtune.search.names import trial_name
 from fluxtune.search.progress import SweepProgress, fmt
 from fluxtune.tracking.runs import SweepTracker
-from fluxtune.tracking.samples import SAMPLES_KEY
-from fluxtune.train.reporter import (LAST_FAILURE_KEY, NODE_KEY, RESUMED_FROM_KEY, STEP_METRICS_KEY,
-                                     WORKER_FAILURES_KEY)
-
-CHECKPOINT_KEY = "checkpoint_path"  # set by ray's TuneReportCallback
+from fluxtune.train.protocol import SAMPLES_KEY, STEP_METRICS_KEY, TrialReport
 RETRIES_TAG = "fluxtune.retries"  # how often Train restarted the trial's workers, over every sweep attempt
 LAST_RETRY_TAG = "fluxtune.last_retry"  # what failed, and the step the retry resumed at
 
@@ -50,11 +46,11 @@ class Stopped:
     planned: int
 
 
-def stopped_early(result: dict, scheduler: str, planned: int) -> Stopped | None:
+def stopped_early(report: TrialReport, scheduler: str, planned: int) -> Stopped | None:
     """Tune marks the result a scheduler stops a trial on as `done` before callbacks see it; a trial that runs to
     its end returns instead, and its closing result reaches no callback."""
-    step = int(result.get("global_step", 0))
-    return Stopped(scheduler, step, planned) if result.get("done") and step < planned else None
+    step = report.global_step
+    return Stopped(scheduler, step, planned) if report.done and step < planned else None
 
 
 class MlflowSweepCallback(Callback):
@@ -90,30 +86,30 @@ class MlflowSweepCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         log = self._ensure(trial)
-        self.tracker.log_result(trial.trial_id, result, "global_step", STEP_METRICS_KEY)
-        if result.get(SAMPLES_KEY):
-            self.tracker.log_samples(trial.trial_id, result[SAMPLES_KEY], int(result.get("global_step", 0)))
+        report = TrialReport.from_result(result)
+        self.tracker.log_result(trial.trial_id, report)
+        if report.samples:
+            self.tracker.log_samples(trial.trial_id, report.samples, report.global_step)
         log.last = {k: v for k, v in result.items() if k not in (STEP_METRICS_KEY, SAMPLES_KEY)}
-        log.stopped = stopped_early(result, self.scheduler, planned_steps(log.params))
-        if int(result.get(WORKER_FAILURES_KEY, 0)) > log.worker_failures:
-            self._note_retry(trial.trial_id, log, result)
-        if result.get("stage_end"):
-            self.tracker.log_stage_summary(trial.trial_id, result)
-        if result.get("stage_end") and result.get(CHECKPOINT_KEY):
-            record = StageRecord(result["stage"], int(result["cycle"]),
-                                 storage.qualify(result[CHECKPOINT_KEY], self.trial_storage))
+        log.stopped = stopped_early(report, self.scheduler, planned_steps(log.params))
+        if (report.worker_failures or 0) > log.worker_failures:
+            self._note_retry(trial.trial_id, log, report)
+        if report.stage_end:
+            self.tracker.log_stage_summary(trial.trial_id, report)
+        if report.stage_end and report.checkpoint_path:
+            record = StageRecord(str(report.stage), int(report.cycle or 0),
+                                 storage.qualify(report.checkpoint_path, self.trial_storage))
             log.stages.append(record)
-            self.tracker.log_stage(trial.trial_id, record.checkpoint, record.cycle, record.stage,
-                                   str(result.get(NODE_KEY, "")))
+            self.tracker.log_stage(trial.trial_id, record.checkpoint, record.cycle, record.stage, report.node or "")
 
-    def _note_retry(self, trial_id: str, log: TrialLog, result: dict) -> None:
+    def _note_retry(self, trial_id: str, log: TrialLog, report: TrialReport) -> None:
         """Tags on the trial's run: the retry count (earlier sweep attempts' included) and what failed."""
         run_id = self.tracker.trial_runs[trial_id]
         earlier = int(self.tracker.client.get_run(run_id).data.tags.get(RETRIES_TAG, 0))
-        failures = int(result[WORKER_FAILURES_KEY])
+        failures = int(report.worker_failures or 0)
         self.tracker.client.set_tag(run_id, RETRIES_TAG, str(earlier + failures - log.worker_failures))
-        self.tracker.client.set_tag(run_id, LAST_RETRY_TAG, f"{result.get(LAST_FAILURE_KEY, '')}; resumed at step "
-                                                            f"{result.get(RESUMED_FROM_KEY, 0)}")
+        self.tracker.client.set_tag(run_id, LAST_RETRY_TAG, f"{report.last_failure or ''}; resumed at step "
+                                                            f"{report.resumed_from or 0}")
         log.worker_failures = failures
 
     def _end(self, trial: Any, status: str) -> None:
@@ -203,15 +199,14 @@ class ConsoleProgress(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if trial.trial_id not in self.board.running:  # a resumed sweep's trial that started before the restart
             self.on_trial_start(iteration, trials, trial)
-        if result.get(WORKER_FAILURES_KEY, 0) > self.failures.get(trial.trial_id, 0):
-            self.failures[trial.trial_id] = result[WORKER_FAILURES_KEY]
-            self.board.retried(trial.trial_id, result.get(RESUMED_FROM_KEY, 0), str(result.get(LAST_FAILURE_KEY)))
-        value = result.get(self.metric)
-        where = f"cycle {result.get('cycle', '?')} {result.get('stage', '')}".rstrip()
-        self.board.result(trial.trial_id, int(result.get("global_step", 0)),
-                          float(value) if isinstance(value, (int, float)) else None, where,
-                          bool(result.get("stage_end")))
-        stopped = stopped_early(result, self.scheduler, self._planned(trial))
+        report = TrialReport.from_result(result)
+        if (report.worker_failures or 0) > self.failures.get(trial.trial_id, 0):
+            self.failures[trial.trial_id] = report.worker_failures or 0
+            self.board.retried(trial.trial_id, report.resumed_from or 0, str(report.last_failure))
+        value = report.value(self.metric)
+        self.board.result(trial.trial_id, report.global_step,
+                          float(value) if isinstance(value, (int, float)) else None, report.where(), report.stage_end)
+        stopped = stopped_early(report, self.scheduler, self._planned(trial))
         if stopped:
             self.stopped[trial.trial_id] = stopped
 

@@ -20,6 +20,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from fluxtune.search.publish import is_finite
+from fluxtune.train.protocol import GLOBAL_STEP_KEY
 
 STORAGE_FAULTS = ("no space to write stage checkpoint", "cannot write stage checkpoint", "No space left on device",
                   "Disk quota exceeded", "File too large", "Read-only file system")
@@ -29,7 +30,7 @@ def not_finite_reason(result: dict[str, Any], metric: str) -> str | None:
     value = result.get(metric)
     if value is None or is_finite(value):
         return None
-    return f"{metric} is {value} at step {result.get('global_step', '?')}: not finite (the trial diverged)"
+    return f"{metric} is {value} at step {result.get(GLOBAL_STEP_KEY, '?')}: not finite (the trial diverged)"
 
 
 def storage_fault(text: str) -> str | None:

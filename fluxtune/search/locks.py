@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 from fluxtune.config.errors import InputError
-
-SWEEP_LOCK = ".lock"
+from fluxtune.train.protocol import SweepLayout
 
 
 class Locks:
@@ -56,7 +55,7 @@ class Locks:
 
 
 def lock_sweep(locks: Locks, folder: Path, sweep_id: str, spec_file: str) -> None:
-    locks.take(Path(folder) / SWEEP_LOCK, {"sweep": sweep_id},
+    locks.take(SweepLayout.at(folder).lock, {"sweep": sweep_id},
                f"sweep {sweep_id} is already running in pid {{pid}} (lock {{lock}}): wait for it or stop it first",
                spec_file, "name")
 

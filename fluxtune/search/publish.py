@@ -18,6 +18,7 @@ from fluxtune import storage
 from fluxtune.checkpoints import WEIGHTS, usable_checkpoint
 from fluxtune.search.best import ADAPTER, StageCheckpoint, stage_records
 from fluxtune.registered_version import checkpoint_reference, model_path_reference
+from fluxtune.train.protocol import SweepLayout
 
 
 def is_finite(value: Any) -> bool:
@@ -135,7 +136,7 @@ def publish_sweep(rows: list[dict[str, Any]], spec: Any, record: Any, tracker: A
     if not order:
         return out
     out.best = best = order[0]
-    out.best_yaml = str(write_best_yaml(record.path.parent / "best.yaml", spec, experiment_of(best["config"]),
+    out.best_yaml = str(write_best_yaml(SweepLayout.at(record.folder).best_yaml, spec, experiment_of(best["config"]),
                                         record.sweep_id, best["trial"], search.metric, best[search.metric]))
     name = spec.tracking.register_as or spec.name
     references = BaseReferences()

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fluxtune.config.errors import InputError
+from fluxtune.train.protocol import SweepLayout
 
-RECORD = "sweep.json"
 STATUSES = ("running", "interrupted", "finished")
 log = logging.getLogger("fluxtune.sweep")
 
@@ -78,7 +78,7 @@ class SweepRecord:
 
     @classmethod
     def all_of(cls, root: Path, name: str) -> list["SweepRecord"]:
-        records = [r for r in (cls.load(p) for p in sorted(root.glob(f"*/{RECORD}"))) if r is not None]
+        records = [r for r in (cls.load(p) for p in sorted(root.glob(f"*/{SweepLayout.RECORD}"))) if r is not None]
         return sorted((r for r in records if r.name == name), key=lambda r: r.created)
 
     @classmethod
@@ -104,7 +104,7 @@ class SweepRecord:
 
     @property
     def path(self) -> Path:
-        return Path(self.folder) / RECORD
+        return SweepLayout.at(self.folder).record
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,8 @@ from fluxtune.config.schedule import planned_steps
 from fluxtune.search.best import StageCheckpoint, read_stage
 from fluxtune.search.guard import SweepGuard, not_finite_reason, storage_fault
 from fluxtune.search.publish import publishable, ranked, release_for
+from fluxtune.train.protocol import SweepLayout, TrialReport
 from fluxtune.train.trial import TrialSettings, record_stage
-
-CHECKPOINT_KEY = "checkpoint_path"  # set by ray's TuneReportCallback
 
 
 class CheckpointKeeper(tune.Callback):
@@ -47,16 +46,18 @@ class CheckpointKeeper(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if trial.trial_id not in self.announced:  # stage reuse refused a corrupted checkpoint: say so here
             self.announced.add(trial.trial_id)
-            for line in (storage.read_json(self.settings.refused_record(trial.trial_id)) or {}).get("refused", []):
+            refused = storage.read_json(self.settings.layout.refused_record(trial.trial_id)) or {}
+            for line in refused.get("refused", []):
                 self.announce(f"trial {trial.trial_id}: {line}")
-        if not (result.get("stage_end") and result.get(CHECKPOINT_KEY)):
+        report = TrialReport.from_result(result)
+        if not (report.stage_end and report.checkpoint_path):
             return
-        checkpoint = storage.qualify(result[CHECKPOINT_KEY], self.settings.storage_path)
-        self._safely(self._stage_end, trial, result, checkpoint)
+        checkpoint = storage.qualify(report.checkpoint_path, self.settings.storage_path)
+        self._safely(self._stage_end, trial, report, checkpoint)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
-        steps = int(last.get("global_step", 0))
+        steps = TrialReport.from_result(last).global_step
         row = {"trial": trial.trial_id, self.metric: last.get(self.metric), "steps": steps,
                "planned_steps": planned_steps(self.experiment_of(trial.config or {})),
                "error": not_finite_reason(last, self.metric) or ""}
@@ -64,10 +65,11 @@ class CheckpointKeeper(tune.Callback):
         self._safely(self._settle)
 
     # -- what happens
-    def _stage_end(self, trial: Any, result: dict, checkpoint: str) -> None:
-        if self.settings.reuse_stages and not_finite_reason(result, self.metric) is None:  # never offer NaNs
-            record_stage(self.settings, self.experiment_of(trial.config), int(result["cycle"]), result["stage"],
-                         checkpoint, trial.trial_id, int(result.get("global_step", 0)))
+    def _stage_end(self, trial: Any, report: TrialReport, checkpoint: str) -> None:
+        finite = not_finite_reason(report.to_result(), self.metric) is None
+        if self.settings.reuse_stages and finite:  # never offer NaNs
+            record_stage(self.settings, self.experiment_of(trial.config), int(report.cycle or 0), str(report.stage),
+                         checkpoint, trial.trial_id, report.global_step)
             self.offered.add(checkpoint)
         if self.keep == "all":
             return
@@ -96,8 +98,9 @@ class CheckpointKeeper(tune.Callback):
         for row in best:
             needed.update(self._release(row["trial"]))
         freed = 0
-        for run in storage.list_folders(storage.join(self.settings.storage_path, "train")):
-            for folder in storage.list_folders(run, "checkpoint"):
+        layout = self.settings.layout
+        for run in layout.runs():
+            for folder in layout.checkpoints(run):
                 if folder not in needed:
                     freed += prune_weights(folder)
         return freed
@@ -128,17 +131,17 @@ class CheckpointKeeper(tune.Callback):
 
     def _own(self, trial_id: str) -> list[StageCheckpoint]:
         if trial_id not in self.own:  # first sight in this process: what an earlier one left
-            run = storage.join(self.settings.storage_path, "train", f"{self.settings.sweep_id}-{trial_id}")
-            found = [s for s in (read_stage(p) for p in storage.list_folders(run, "checkpoint")) if s is not None]
+            layout = self.settings.layout
+            found = [s for s in (read_stage(p) for p in layout.checkpoints(layout.run(trial_id))) if s is not None]
             self.own[trial_id] = sorted((s for s in found if s.has_weights), key=lambda s: s.global_step)
         return self.own[trial_id]
 
     def _offered(self) -> list[str]:
-        cache = self.settings.stage_cache
+        cache = self.settings.layout.stage_cache
         return [d["checkpoint"] for d in (storage.read_json(p) for p in storage.list_files(cache, ".json")) if d]
 
     def _reused(self) -> set[str]:
-        used = storage.join(self.settings.stage_cache, "used")
+        used = self.settings.layout.used_records
         return {d["checkpoint"] for d in (storage.read_json(p) for p in storage.list_files(used, ".json")) if d}
 
     def _safely(self, action: Callable[..., None], *args: Any) -> None:
@@ -169,8 +172,9 @@ def remove_incomplete(root: str) -> int:
 
     removed = 0
     quiet = logging.getLogger("fluxtune.checkpoints")
-    for run in storage.list_folders(storage.join(root, "train")):
-        for folder in storage.list_folders(run, "checkpoint"):
+    layout = SweepLayout(sweep_id="", storage=root)  # every run under `root`, whichever sweep named it
+    for run in layout.runs():
+        for folder in layout.checkpoints(run):
             level, quiet.level = quiet.level, logging.ERROR  # being removed: no "skipping" warning for it
             try:
                 if read_checkpoint_record(folder) is not None:
@@ -195,7 +199,7 @@ def repair_cut_short(root: str, warn: Callable[[str], None]) -> None:
     import json
 
     remove_incomplete(root)
-    for run in storage.list_folders(storage.join(root, "train")):
+    for run in SweepLayout(sweep_id="", storage=root).runs():
         snapshot = storage.join(run, TRAIN_SNAPSHOT)
         if not storage.exists(snapshot):
             continue

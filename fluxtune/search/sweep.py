@@ -323,7 +323,7 @@ def _trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str
         trial_id = Path(result.path).name if result.path else None
     if trial_id is None:
         return None
-    used = storage.read_json(settings.used_record(trial_id))
+    used = storage.read_json(settings.layout.used_record(trial_id))
     reused = int(used["global_step"]) if used else 0
     experiment = sample_experiment(base, config, registry())
     diverged = guard.diverged.get(trial_id) if guard else None

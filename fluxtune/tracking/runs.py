@@ -25,6 +25,7 @@ from fluxtune.tracking.mlflow_private import latest_steps
 from fluxtune.tracking.samples import decode_samples
 from fluxtune.tracking.store import client, ensure_experiment, server_uri
 from fluxtune.tracking.views import curve_points, draw_loss_curves, stage_row, stopped_note
+from fluxtune.train.protocol import TrialReport
 
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 SWEEP_TAG = "fluxtune.sweep_id"
@@ -220,13 +221,13 @@ class SweepTracker:
         for i in range(0, len(metrics), BATCH):
             self.client.log_batch(run_id, metrics=metrics[i:i + BATCH])
 
-    def log_result(self, trial_id: str, result: dict[str, Any], step_key: str, steps_json_key: str) -> None:
+    def log_result(self, trial_id: str, report: TrialReport) -> None:
         """One Tune result: its buffered per-step metrics, and its scalar metrics at the result's step (among them
         the `system/*` sample rank 0 took on its own node)."""
         run_id = self.trial_runs[trial_id]
-        series = {k: [tuple(p) for p in v] for k, v in json.loads(result.get(steps_json_key) or "{}").items()}
-        step = int(result.get(step_key, 0))
-        for key, points in {k: [(step, v)] for k, v in curve_points(result).items()}.items():
+        series = {k: [tuple(p) for p in v] for k, v in json.loads(report.step_metrics or "{}").items()}
+        step = report.global_step
+        for key, points in {k: [(step, v)] for k, v in curve_points(report).items()}.items():
             series.setdefault(key, []).extend(points)
         self.log_metrics(run_id, series)
 
@@ -248,10 +249,10 @@ class SweepTracker:
                 self.client.log_image(run_id, image.copy(), key=IMAGE_KEY, step=at)
         return list(by_step)
 
-    def log_stage_summary(self, trial_id: str, result: dict[str, Any]) -> dict[str, Any]:
-        """A stage-end result → one row of the trial's `stages.json` table (cycle, stage, global step, every
+    def log_stage_summary(self, trial_id: str, report: TrialReport) -> dict[str, Any]:
+        """A stage-end report → one row of the trial's `stages.json` table (cycle, stage, global step, every
         number the stage reported: speed, transition time, validation scores). Returns the row."""
-        row = stage_row(result)
+        row = stage_row(report)
         self.client.log_table(self.trial_runs[trial_id], data={k: [v] for k, v in row.items()},
                               artifact_file=STAGES_TABLE)  # appends: a table artifact grows a row per stage
         return row

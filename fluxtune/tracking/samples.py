@@ -1,4 +1,5 @@
-"""Sample-image grids on their way from a worker to MLflow: the report key they ride under and their encoding.
+"""Sample-image grids on their way from a worker to MLflow: their encoding (the report key they ride under is
+`fluxtune.train.protocol.SAMPLES_KEY`).
 
 The grid itself is drawn in the worker (fluxtune.flux.preview); its PNG rides to the driver with the next Tune
 report, like the buffered step metrics, and the driver's MLflow callback logs it: no shared filesystem is assumed.
@@ -8,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-
-SAMPLES_KEY = "fluxtune_samples"  # report key: JSON list of base64 PNGs, unpacked by the tracking callback
 
 
 def encode_samples(samples: list[bytes | tuple[int | None, bytes]]) -> str:

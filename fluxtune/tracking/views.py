@@ -1,20 +1,22 @@
 """What a person reads off a trial's run, computed from what the driver receives: which reported numbers are
 curves and which are one-per-stage (the stages table), a stage's table row, the stopped-early note, loss curves.
-Plain functions over result dicts and an MLflow client; SweepTracker calls them."""
+Plain functions over trial reports and an MLflow client; SweepTracker calls them."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fluxtune.tracking.mlflow_private import SYSTEM_PREFIX  # the worker's node: CPU, memory, GPU (curves)
+from fluxtune.train.protocol import (CYCLE_KEY, GLOBAL_STEP_KEY, RESUMED_FROM_KEY, STAGE_KEY, WORKER_FAILURES_KEY,
+                                     TrialReport)
 
 CURVES = ("loss", "val_loss")  # drawn into loss_curves.png at the end of a trial
 # Reported at stage ends too, and also at every evaluation: points of a curve, not stage summaries.
 # An attempt's facts (a restarted trial's step and its worker failures) ride on every report, also when its only
 # report after a restart is a stage end: the run's metrics, never only a table row.
-CURVE_AT_STAGE_END = {"val_loss", "masked_psnr", "masked_ssim", "resumed_from_step", "worker_failures"}
+CURVE_AT_STAGE_END = {"val_loss", "masked_psnr", "masked_ssim", RESUMED_FROM_KEY, WORKER_FAILURES_KEY}
 _TUNE_BOOKKEEPING = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid",
-                     "time_since_restore", "iterations_since_restore", "global_step", "cycle"}
+                     "time_since_restore", "iterations_since_restore", GLOBAL_STEP_KEY, CYCLE_KEY}
 
 
 def is_training_metric(key: str) -> bool:
@@ -31,20 +33,25 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def curve_points(result: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a result that are points of a curve at its step (a stage end's others go to its table row)."""
-    stage_end = bool(result.get("stage_end"))
-    curve_at_end = CURVE_AT_STAGE_END | {k for k in result if k.startswith(SYSTEM_PREFIX)}
-    return {k: v for k, v in result.items() if _number(v) and is_training_metric(k)
-            and not (stage_end and (is_stage_summary(k) or k not in curve_at_end))}
+def _numbers(report: TrialReport) -> dict[str, Any]:
+    """What the stages reported, and the attempt's marks (numbers too), as MLflow names them."""
+    return {**report.metrics, **report.attempt_marks()}
 
 
-def stage_row(result: dict[str, Any]) -> dict[str, Any]:
-    """A stage-end result → its row of the stages table: cycle, stage, global step, then every number the stage
+def curve_points(report: TrialReport) -> dict[str, float]:
+    """The numbers of a report that are points of a curve at its step (a stage end's others go to its table row)."""
+    numbers = _numbers(report)
+    curve_at_end = CURVE_AT_STAGE_END | {k for k in numbers if k.startswith(SYSTEM_PREFIX)}
+    return {k: v for k, v in numbers.items() if _number(v) and is_training_metric(k)
+            and not (report.stage_end and (is_stage_summary(k) or k not in curve_at_end))}
+
+
+def stage_row(report: TrialReport) -> dict[str, Any]:
+    """A stage-end report → its row of the stages table: cycle, stage, global step, then every number the stage
     reported (speed, transition time, validation scores)."""
-    row: dict[str, Any] = {"cycle": int(result.get("cycle", 0)), "stage": str(result.get("stage", "")),
-                           "global_step": int(result.get("global_step", 0))}
-    for key, value in result.items():
+    row: dict[str, Any] = {CYCLE_KEY: report.cycle or 0, STAGE_KEY: report.stage or "",
+                           GLOBAL_STEP_KEY: report.global_step}
+    for key, value in _numbers(report).items():
         if (_number(value) and is_training_metric(key) and not is_stage_summary(key)
                 and not key.startswith(SYSTEM_PREFIX) and key not in row):
             row[key] = float(value)

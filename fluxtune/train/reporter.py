@@ -13,13 +13,8 @@ from typing import Any
 import ray
 import ray.train
 
-from fluxtune.tracking.samples import SAMPLES_KEY, encode_samples
-
-STEP_METRICS_KEY = "fluxtune_steps"  # JSON: {metric: [[step, value], ...]}, unpacked by the tracking callback
-NODE_KEY = "node"  # the Ray node id of rank 0, sent at stage ends: which machine of a cluster ran the trial
-RESUMED_FROM_KEY = "resumed_from_step"  # with every report of an attempt that restarted from its own checkpoint
-WORKER_FAILURES_KEY = "worker_failures"  # with every report after a worker failure: how many this Train run had
-LAST_FAILURE_KEY = "last_worker_failure"  # which rank failed and how (text)
+from fluxtune.tracking.samples import encode_samples
+from fluxtune.train.protocol import TrialReport
 
 
 class RayReporter:
@@ -49,12 +44,14 @@ class RayReporter:
         self._steps.clear()
         return json.dumps(out)
 
-    def _extras(self) -> dict[str, Any]:
-        extras: dict[str, Any] = self._system.sample() if self._system is not None else {}
-        if self._samples:
-            samples, self._samples = self._samples, []
-            extras[SAMPLES_KEY] = encode_samples(samples)
-        return extras
+    def _system_sample(self) -> dict[str, float]:
+        return self._system.sample() if self._system is not None else {}
+
+    def _report(self, global_step: int, metrics: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """The report's dict: `metrics`, this node's system use, the buffered step metrics and sample grids."""
+        samples, self._samples = self._samples, []
+        return TrialReport.from_worker(global_step, {**metrics, **self._system_sample()}, step_metrics=self._drain(),
+                                       samples=encode_samples(samples) if samples else None, **fields).to_result()
 
     def _check_stopped(self) -> None:
         if self.stop_check is not None:
@@ -62,7 +59,7 @@ class RayReporter:
 
     def evaluation(self, global_step: int, metrics: dict[str, float]) -> None:
         self._check_stopped()
-        ray.train.report({**metrics, "global_step": global_step, STEP_METRICS_KEY: self._drain(), **self._extras()})
+        ray.train.report(self._report(global_step, metrics))
 
     def stage_end(self, global_step: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         from fluxtune.checkpoints import check_room, folder_bytes, store_error
@@ -73,9 +70,8 @@ class RayReporter:
         if checkpoint_dir:  # Ray copies the checkpoint into storage: refuse before a copy that cannot finish
             check_room(destination, needed)
         try:
-            ray.train.report({**metrics, "global_step": global_step, "stage_end": True,
-                              STEP_METRICS_KEY: self._drain(), NODE_KEY: ray.get_runtime_context().get_node_id(),
-                              **self._extras()}, checkpoint=checkpoint)
+            ray.train.report(self._report(global_step, metrics, stage_end=True,
+                                          node=ray.get_runtime_context().get_node_id()), checkpoint=checkpoint)
         except Exception as exc:  # the store filled up or turned read-only during the copy: say so plainly
             clear = store_error(exc, destination or "the trial's storage", needed) if checkpoint_dir else None
             if clear is None:

@@ -17,7 +17,7 @@ from fluxtune.config.stage_keys import data_identity, stage_keys
 from fluxtune.plugins import plugin_set, use_plugin_set
 from fluxtune.registry import registry
 from fluxtune.train.ray_private import wait_for_the_last_report
-from fluxtune.train.reporter import LAST_FAILURE_KEY, WORKER_FAILURES_KEY
+from fluxtune.train.protocol import LAST_FAILURE_KEY, WORKER_FAILURES_KEY, SweepLayout
 from fluxtune.train.worker import train_loop_per_worker
 
 
@@ -34,17 +34,9 @@ class TrialSettings:
     reuse_stages: bool = False
 
     @property
-    def stage_cache(self) -> str:
-        """Stage reuse: `<key>.json` points at a finished stage checkpoint; `used/<trial>.json` records reuse.
-        Beside the checkpoints (a shared URI on a cluster), so a trial on any node finds them."""
-        return storage.join(self.storage_path, "stage_cache")
-
-    def used_record(self, trial_id: str) -> str:
-        return storage.join(self.stage_cache, "used", f"{trial_id}.json")
-
-    def refused_record(self, trial_id: str) -> str:
-        """Checkpoints stage reuse refused for this trial (corrupted): the driver shows them."""
-        return storage.join(self.stage_cache, "refused", f"{trial_id}.json")
+    def layout(self) -> SweepLayout:
+        """Where the trials' side of the sweep lives (Train runs, the stage cache)."""
+        return SweepLayout(self.sweep_id, self.storage_path)
 
     def keys_of(self, experiment: dict[str, Any]) -> list[dict[str, Any]]:
         return stage_keys(experiment, data_identity(self.jsonl), self.plugins)
@@ -59,7 +51,7 @@ def cached_prefix(experiment: dict[str, Any], settings: TrialSettings, trial_id:
     # Never the last stage: a trial must train something to report its own metrics (a repeated configuration
     # reuses everything before its final stage).
     for entry in settings.keys_of(experiment)[:-1]:
-        record = storage.read_json(storage.join(settings.stage_cache, f"{entry['key']}.json"))
+        record = storage.read_json(settings.layout.stage_record(entry["key"]))
         if record is None or record.get("trial") == trial_id:
             break  # a prefix: the first missing stage (or one this very trial ran) ends it
         candidates.append({**record, **entry})
@@ -75,7 +67,7 @@ def record_stage(settings: TrialSettings, experiment: dict[str, Any], cycle: int
     for entry in settings.keys_of(experiment):
         if (entry["cycle"], entry["stage"]) != (cycle, stage):
             continue
-        path = storage.join(settings.stage_cache, f"{entry['key']}.json")
+        path = settings.layout.stage_record(entry["key"])
         if not storage.exists(path):
             storage.write_json(path, {"checkpoint": checkpoint, "trial": trial_id, "global_step": global_step})
         return
@@ -101,7 +93,7 @@ def trainer_for(experiment: dict[str, Any], settings: TrialSettings, run_name: s
                                      resources_per_worker=resources),
         run_config=RunConfig(
             # Deterministic per trial: a restarted trial finds its own stage checkpoints, and only its own.
-            name=run_name, storage_path=storage.join(settings.storage_path, "train"),
+            name=run_name, storage_path=settings.layout.train,
             callbacks=[FailureCountingReport()] if _in_tune() else [],
             failure_config=FailureConfig(max_failures=settings.max_failures),
         ),
@@ -150,10 +142,10 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     refused: list[str] = []
     reused = cached_prefix(experiment, settings, trial_id, refused) if settings.reuse_stages else None
     if refused:
-        storage.write_json(settings.refused_record(trial_id), {"refused": refused})
+        storage.write_json(settings.layout.refused_record(trial_id), {"refused": refused})
     if reused is not None:
-        storage.write_json(settings.used_record(trial_id), reused)
-    trainer_for(experiment, settings, f"{settings.sweep_id}-{trial_id}",
+        storage.write_json(settings.layout.used_record(trial_id), reused)
+    trainer_for(experiment, settings, settings.layout.run_name(trial_id),
                 reused["checkpoint"] if reused else None, trial_id=trial_id).fit()
     wait_for_the_last_report()
 

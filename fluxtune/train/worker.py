@@ -8,7 +8,8 @@ from typing import Any
 import ray.train
 
 from fluxtune.plugins import use_plugin_set
-from fluxtune.train.reporter import RESUMED_FROM_KEY, RayReporter
+from fluxtune.train.protocol import RESUMED_FROM_KEY
+from fluxtune.train.reporter import RayReporter
 
 # torch, diffusers and the data path are imported inside the functions: Tune's trial actor and Train's controller
 # import this module only to find `train_loop_per_worker` (seconds of start-up per trial otherwise).
