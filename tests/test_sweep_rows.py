@@ -5,7 +5,7 @@ from __future__ import annotations
 from ray.tune import Result
 
 from fluxtune.config.load import load_search_text
-from fluxtune.search.sweep import _trial_row
+from fluxtune.search.rows import trial_row as _trial_row
 from fluxtune.train.trial import TrialSettings
 
 SPEC = """\
