@@ -114,10 +114,10 @@ def test_the_trial_worker_starts_fresh_rather_than_from_a_half_written_checkpoin
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), transformer.state_dict().values()))
 
 
-def test_stage_reuse_and_registration_skip_half_written_checkpoints(transformer, tmp_path):
-    from fluxtune.search.best import stage_records
+def _three_stage_trial(tmp_path: Path):
+    """A full → lora → full2 experiment, its trial settings, its sweep folder and trial t1's Train run folder."""
     from fluxtune.testing import tiny_experiment
-    from fluxtune.train.trial import TrialSettings, cached_prefix
+    from fluxtune.train.trial import TrialSettings
 
     experiment = tiny_experiment("""
         data: {jsonl: sample, resolution: 32}
@@ -129,18 +129,29 @@ def test_stage_reuse_and_registration_skip_half_written_checkpoints(transformer,
     sweep = tmp_path / "sweep"
     settings = TrialSettings(sweep_id="s1", base=experiment, jsonl=str(tmp_path / "rows.jsonl"),
                              storage_path=str(sweep), plugins={})
-    run = sweep / "train" / "s1-t1"
+    return experiment, settings, sweep, sweep / "train" / "s1-t1"
+
+
+def _record_stage_cache(experiment: dict, settings, checkpoints: tuple[Path, ...]) -> None:
+    """Stage-cache entries pointing at `checkpoints`, one per leading stage, as trial t1 would leave them."""
+    cache = Path(settings.stage_cache)
+    cache.mkdir(parents=True)
+    for entry, checkpoint in zip(settings.keys_of(experiment), checkpoints):
+        (cache / f"{entry['key']}.json").write_text(json.dumps({"checkpoint": str(checkpoint), "trial": "t1",
+                                                                "global_step": 2}))
+
+
+def test_stage_reuse_and_registration_skip_half_written_checkpoints(transformer, tmp_path):
+    from fluxtune.search.best import stage_records
+    from fluxtune.train.trial import cached_prefix
+
+    experiment, settings, sweep, run = _three_stage_trial(tmp_path)
     first = _write(run / "checkpoint_000000", transformer, "full", 2)
     second = run / "checkpoint_000001"  # its marker was copied, its weights were not (a crash mid-copy)
     shutil.copytree(first, second)
     (second / SAFETENSORS).unlink()
     _half_written(run / "checkpoint_000002", first)
-    keys = settings.keys_of(experiment)
-    cache = Path(settings.stage_cache)
-    cache.mkdir(parents=True)
-    for entry, checkpoint in zip(keys, (first, second)):
-        (cache / f"{entry['key']}.json").write_text(json.dumps({"checkpoint": str(checkpoint), "trial": "t1",
-                                                                "global_step": 2}))
+    _record_stage_cache(experiment, settings, (first, second))
     reused = cached_prefix(experiment, settings)
     assert reused["checkpoint"] == str(first) and reused["stage"] == "full"  # not the half-written lora stage
     assert [r.checkpoint for r in stage_records(sweep, "s1", "t1")] == [str(first)]
@@ -161,29 +172,13 @@ def test_a_changed_byte_is_refused_by_resume_reuse_and_registration_naming_the_f
 
     from fluxtune.search.best import stage_records
     from fluxtune.search.publish import BaseReferences, release_of
-    from fluxtune.testing import tiny_experiment
     from fluxtune.train import worker
-    from fluxtune.train.trial import TrialSettings, cached_prefix
+    from fluxtune.train.trial import cached_prefix
 
-    experiment = tiny_experiment("""
-        data: {jsonl: sample, resolution: 32}
-        stages:
-          - {name: full, type: full, steps: 2}
-          - {name: lora, type: lora, steps: 2}
-          - {name: full2, type: full, steps: 2}
-        """)
-    sweep = tmp_path / "sweep"
-    settings = TrialSettings(sweep_id="s1", base=experiment, jsonl=str(tmp_path / "rows.jsonl"),
-                             storage_path=str(sweep), plugins={})
-    run = sweep / "train" / "s1-t1"
+    experiment, settings, sweep, run = _three_stage_trial(tmp_path)
     first = _write(run / "checkpoint_000000", transformer, "full", 2)
     second = _write(run / "checkpoint_000001", transformer, "lora", 4)
-    keys = settings.keys_of(experiment)
-    cache = Path(settings.stage_cache)
-    cache.mkdir(parents=True)
-    for entry, checkpoint in zip(keys, (first, second)):
-        (cache / f"{entry['key']}.json").write_text(json.dumps({"checkpoint": str(checkpoint), "trial": "t1",
-                                                                "global_step": 2}))
+    _record_stage_cache(experiment, settings, (first, second))
     assert cached_prefix(experiment, settings)["checkpoint"] == str(second)  # the longest prefix
     _flip_a_byte(second / SAFETENSORS)
     assert read_checkpoint_record(second) is not None  # sizes agree: only the hash can tell

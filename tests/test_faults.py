@@ -30,7 +30,7 @@ from fluxtune.train.local_ray import session_pids
 
 pytestmark = pytest.mark.e2e
 
-GATE_PLUGIN = """
+GATE = """
     import json, os, time
     from pathlib import Path
 
@@ -41,6 +41,7 @@ GATE_PLUGIN = """
     class GateParams(Params):
         folder: str
         stages: list[str]
+        cycles: list[int] | None = None  # None: every cycle
 
 
     class Gate:
@@ -52,6 +53,8 @@ GATE_PLUGIN = """
         def on_stage_start(self, ctx):
             if ctx.name not in self.params.stages or ctx.rank != 0:
                 return
+            if self.params.cycles is not None and ctx.cycle not in self.params.cycles:
+                return
             folder = Path(self.params.folder)
             n = 1 + len(list(folder.glob("waiting-*.json")))
             (folder / f"waiting-{n}.json").write_text(json.dumps({"stage": ctx.name, "pid": os.getpid()}))
@@ -60,7 +63,8 @@ GATE_PLUGIN = """
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"gate {n} ({ctx.name}) was never opened")
                 time.sleep(0.05)
-
+"""
+GATE_PLUGIN = GATE + """
 
     @fluxtune.hookimpl
     def register_callbacks(register):

@@ -26,42 +26,11 @@ import pytest
 
 from conftest import REPO, run_cli
 from test_bad_inputs import fake_install
-from test_faults import Gates, finish, no_sweep_outlives_its_test, start  # noqa: F401 (autouse fixture)
+from test_faults import GATE, Gates, finish, no_sweep_outlives_its_test, start  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.e2e
 
-PROBES = """
-    import json, os, time
-    from pathlib import Path
-
-    import fluxtune
-    from fluxtune.api import Params
-
-
-    class GateParams(Params):
-        folder: str
-        stages: list[str]
-        cycles: list[int]
-
-
-    class Gate:
-        '''At the start of a gated stage: announce arrival n (waiting-n.json), wait until the test writes go-n.'''
-
-        def __init__(self, params):
-            self.params = params
-
-        def on_stage_start(self, ctx):
-            if ctx.name not in self.params.stages or ctx.cycle not in self.params.cycles or ctx.rank != 0:
-                return
-            folder = Path(self.params.folder)
-            n = 1 + len(list(folder.glob("waiting-*.json")))
-            (folder / f"waiting-{n}.json").write_text(json.dumps({"stage": ctx.name, "pid": os.getpid()}))
-            deadline = time.monotonic() + 300
-            while not (folder / f"go-{n}").exists():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"gate {n} ({ctx.name}) was never opened")
-                time.sleep(0.05)
-
+PROBES = GATE + """
 
     class ScoreParams(Params):
         folder: str
