@@ -90,7 +90,7 @@ def sweep(spec, base, data, storage) -> tuple[list[dict], float]:
     from ray import tune
 
     from fluxtune.search.space import DefineByRun, optuna_sampler
-    from fluxtune.search.sweep import _scheduler
+    from fluxtune.search.tuning import scheduler_for as _scheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 

@@ -6,7 +6,7 @@ import pytest
 
 from fluxtune.config.errors import InputError
 from fluxtune.config.load import load_search_text
-from fluxtune.search.sweep import _resource_corners
+from fluxtune.search.tuning import resource_corners as _resource_corners
 from fluxtune.train.cluster import check_resources
 
 SPEC = """\

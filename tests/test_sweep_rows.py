@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from ray.tune import Result
 
+import pickle
+
 from fluxtune.config.load import load_search_text
-from fluxtune.search.sweep import _trial_row
+from fluxtune.config.schedule import planned_steps
+from fluxtune.search.rows import TrialExperiments
+from fluxtune.search.rows import trial_row as _trial_row
 from fluxtune.train.trial import TrialSettings
 
 SPEC = """\
@@ -45,3 +49,13 @@ def test_a_reported_trial_row_uses_its_sampled_values(tmp_path):
     row = _trial_row(Result(metrics=metrics, checkpoint=None, error=None, path=str(tmp_path / "t3")),
                      "val_loss", settings, base)
     assert row["trial"] == "abc" and row["planned_steps"] == 30 and row["val_loss"] == 0.5
+
+
+def test_each_sampled_config_is_turned_into_its_experiment_once(tmp_path):
+    _, base = load_search_text(SPEC)
+    experiments = TrialExperiments(base)
+    long = experiments({"stages.lora.steps": 20})
+    assert experiments({"stages.lora.steps": 20}) is long  # the same trial asked again: no second sampling
+    assert planned_steps(long) == 30 and planned_steps(experiments({"stages.lora.steps": 7})) == 17
+    restored = pickle.loads(pickle.dumps(experiments))  # Tune pickles the callbacks holding it
+    assert restored({"stages.lora.steps": 20}) == long and restored({"stages.lora.steps": 20}) is not long

@@ -1,0 +1,58 @@
+"""What the driver knows about each trial: the experiment its sampled config makes, and its sweep-record row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fluxtune import failures, storage
+from fluxtune.config.load import sample_experiment
+from fluxtune.config.schedule import planned_steps
+from fluxtune.registry import Registry, registry
+from fluxtune.search.guard import SweepGuard, not_finite_reason
+from fluxtune.train.trial import TrialSettings
+
+
+class TrialExperiments:
+    """config → the complete experiment of that trial, sampled once per config: sampling validates the whole tree
+    again, and the callbacks, retention, rows and publishing all ask for the same trials. The experiments are
+    shared between callers, who read them and never change them."""
+
+    def __init__(self, base: dict[str, Any], reg: Registry | None = None):
+        self.base = base
+        self.registry = reg or registry()
+        self._by_config: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        key = json.dumps(config, sort_keys=True, default=str)
+        if key not in self._by_config:
+            self._by_config[key] = sample_experiment(self.base, config, self.registry)
+        return self._by_config[key]
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles the callbacks holding it: the cache is rebuilt
+        return {**self.__dict__, "_by_config": {}}
+
+
+def trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str, Any],
+              guard: SweepGuard | None = None, experiments: TrialExperiments | None = None) -> dict[str, Any] | None:
+    """The sweep record's row for a Tune result (`experiments`: the sweep's, made from the same `base`);
+    None for a trial that never reported (a resumed sweep reruns it)."""
+    if result.config is None and result.error is None:  # Ctrl+C before its first report: --resume reruns it
+        return None
+    config = result.config or {}  # a trial that failed before its first report has no recorded config
+    metrics = result.metrics or {}
+    trial_id = metrics.get("trial_id")
+    if trial_id is None:  # failed before its first report
+        trial_id = Path(result.path).name if result.path else None
+    if trial_id is None:
+        return None
+    used = storage.read_json(settings.layout.used_record(trial_id))
+    reused = int(used["global_step"]) if used else 0
+    experiment = (experiments or TrialExperiments(base))(config)
+    diverged = guard.diverged.get(trial_id) if guard else None
+    # the full text of an error is in errors/trial-<id>.txt
+    error = failures.redact_text(str(result.error or ""))[:2000] or diverged or not_finite_reason(metrics, metric) or ""
+    return {"trial": trial_id, "config": config, "error": error,
+            metric: metrics.get(metric), "steps": int(metrics.get("global_step", 0)), "reused_steps": reused,
+            "planned_steps": planned_steps(experiment)}
