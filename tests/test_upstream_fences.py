@@ -192,3 +192,18 @@ def test_the_fence_returns_at_once_outside_a_train_run():
     from fluxtune.train.ray_private import wait_for_the_last_report
 
     assert wait_for_the_last_report() is None
+
+
+# -- Tune: a restored sweep runs with this process's callbacks
+
+
+def test_tuner_restore_still_takes_no_callbacks_or_stop_condition():
+    """When this fails, `Tuner.restore` accepts new callbacks (or a run config): pass them there and drop
+    `restore_tuner`'s private `_local_tuner`."""
+    import inspect
+
+    from ray import tune
+
+    parameters = inspect.signature(tune.Tuner.restore).parameters
+    assert not {"callbacks", "stop", "run_config"} & set(parameters)
+    assert hasattr(tune.Tuner, "__init__") and "_local_tuner" in inspect.getsource(tune.Tuner.__init__)

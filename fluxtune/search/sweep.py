@@ -45,6 +45,7 @@ from fluxtune.tracking.store import tracking_uri
 from fluxtune.train.stops import create_board
 from fluxtune.train.cluster import check_resources, local_cpus, start_ray
 from fluxtune.train.datasets import prepare_sweep_data
+from fluxtune.train.ray_private import restore_tuner
 from fluxtune.train.trial import TrialSettings, trainable
 
 
@@ -170,11 +171,7 @@ class Sweep:
         if self.resume:  # what a store that filled up (or a crash) cut short goes first
             repair_cut_short(self.trial_storage, self.warn)
             tune_dir = self.settings.layout.tune_run(record.tune_runs[-1])
-            tuner = tune.Tuner.restore(tune_dir, trainable(settings), resume_unfinished=True, resume_errored=True)
-            # The pickled callbacks hold the old process's tracker and console: use this process's.
-            tuner._local_tuner.get_run_config().callbacks = callbacks
-            tuner._local_tuner.get_run_config().stop = self.guard
-            return tuner
+            return restore_tuner(tune_dir, trainable(settings), callbacks, self.guard)
         tune_name = "tune" if not record.tune_runs else f"more-{len(record.tune_runs)}"
         record.tune_runs.append(tune_name)
         record.expected[tune_name] = self.more or search.num_samples

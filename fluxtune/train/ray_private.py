@@ -18,6 +18,11 @@ function returned first, Tune would queue its end-of-trial marker ahead of that 
 for good putting the report behind it (the trial hangs: short last stages and a busy driver make this likely).
 Ray has no public way to wait for that queue; the session's private queues are read here. When a Tune function
 trainable that runs a Train run ends only after its reports are taken, drop it.
+
+A restored sweep's callbacks (`restore_tuner`): `Tuner.restore` unpickles the run config of the process that
+started the sweep, whose callbacks hold that process's MLflow tracker and console; it takes no new callbacks or stop
+condition, so they are set on the restored run config. When `Tuner.restore` accepts `callbacks=`/`stop=` (or a
+`run_config=`), pass them there.
 """
 
 from __future__ import annotations
@@ -50,3 +55,15 @@ def wait_for_the_last_report(timeout_s: float = 600.0) -> None:
             time.sleep(0.2)
     except Exception:  # the queue's actor is gone: Tune already ended this trial (stopped early)
         return
+
+
+def restore_tuner(tune_dir: str, trainable: object, callbacks: list, stop: object):
+    """`Tuner.restore` of an interrupted sweep (unfinished and errored trials resume) with this process's
+    callbacks and stop condition instead of the pickled ones (see the module docs)."""
+    from ray import tune
+
+    tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
+    run_config = tuner._local_tuner.get_run_config()
+    run_config.callbacks = callbacks
+    run_config.stop = stop
+    return tuner
