@@ -11,6 +11,8 @@ TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 SEARCH ?= searches/lora_rank.yaml
 PYTEST_ARGS ?=
+# two pytest-xdist workers: one runs a Ray sweep while the other tests (see tests/conftest.py for the grouping)
+PYTEST_PARALLEL ?= -n 2 --dist loadgroup --no-loadscope-reorder
 CHROMIUM ?= /usr/bin/chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -32,11 +34,11 @@ demo: $(STAMP)
 	$(BIN)/fluxtune search $(SEARCH)
 
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # Everything but the end-to-end runs of the CLI (real sweeps with Ray and MLflow): a couple of minutes.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not e2e" $(PYTEST_ARGS)
 
 # The MLflow UI browser test drives Debian's chromium through Playwright (no browser download): installed once.
 $(CHROMIUM):

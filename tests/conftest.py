@@ -39,10 +39,21 @@ def no_process_state_leaks_between_modules():
         sys.modules["deepspeed.utils.groups"]._release_process_group_references(None)
 
 
+def shared_folder(tmp_path_factory, name: str) -> Path:
+    """A folder every pytest-xdist worker of this run sees (the run's base temp folder, not a worker's own)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory) -> Path:
-    """One generated-sample cache for the whole session (written once, reused like a user's ~/.cache)."""
-    return tmp_path_factory.mktemp("fluxtune-cache")
+    """One generated-sample and latent cache for the whole run, all workers together (like a user's ~/.cache,
+    which concurrent sweeps share: every cache entry is written under a temporary name and renamed into place)."""
+    return shared_folder(tmp_path_factory, "fluxtune-cache")
 
 
 @pytest.fixture
@@ -116,9 +127,16 @@ def s3_bucket(name: str) -> str:
 @pytest.fixture(scope="session")
 def examples_site(tmp_path_factory) -> Path:
     """The example plugin packages of plugins/, pip-installed (not editable) into a folder used via PYTHONPATH."""
+    from filelock import FileLock
+
     from test_plugins_packages import install_examples
 
-    return install_examples(tmp_path_factory.mktemp("plugin-examples"))
+    folder = shared_folder(tmp_path_factory, "plugin-examples")
+    with FileLock(str(folder) + ".lock"):  # installed once per run, whichever worker asks first
+        if not (folder / "installed").exists():
+            install_examples(folder)
+            (folder / "installed").touch()
+    return folder / "site"
 
 
 @pytest.fixture(scope="session")
@@ -137,6 +155,33 @@ def asha_sweep(tmp_path_factory, session_cache):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     env.update(FLUXTUNE_CACHE=str(session_cache), PYTHONUNBUFFERED="1")
     return run_asha(tmp_path_factory.mktemp("asha"), FLUXTUNE, env)
+
+
+# Parallel runs (pytest-xdist, `--dist loadgroup`): a test that uses one of these once-per-run sweeps runs on the
+# worker that ran it, so each sweep runs once; every other test runs with the rest of its module (module-scoped
+# fixtures are set up once). The long groups are handed out first, so the workers end together.
+SHARED_SWEEPS = ("reference_sweep", "asha_sweep")
+LONG_FIRST = ("test_faults", "test_faults_lifecycle", "reference_sweep", "asha_sweep", "test_faults_trial",
+              "test_cluster", "test_mlflow_outage")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    group_of = {}
+    for item in items:
+        sweeps = [name for name in SHARED_SWEEPS if name in getattr(item, "fixturenames", ())]
+        group_of[item.nodeid] = "+".join(sweeps) or item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    long = sorted({g for g in group_of.values() if g.split("+")[0] in rank}, key=lambda g: rank[g.split("+")[0]])
+    short = list(dict.fromkeys(g for g in group_of.values() if g not in long))
+    # one long group, then a short one: xdist hands a worker groups until it holds more than two tests, so a
+    # one-test long group alone would pull the next long group onto the same worker
+    order = [g for pair in zip(long, short) for g in pair] + short[len(long):] + long[len(short):]
+    position = {g: i for i, g in enumerate(order)}
+    items.sort(key=lambda item: position[group_of[item.nodeid]])  # stable: a group's tests keep their order
+    if config.getvalue("loadgroup"):
+        for item in items:  # what xdist does for an `xdist_group` mark, whichever hook runs first
+            item._nodeid = f"{item.nodeid}@{group_of[item.nodeid]}"
 
 
 class LineReader:
