@@ -59,8 +59,8 @@ def test_the_schedule_and_planned_steps_follow_the_sampled_values(base):
 
 
 def test_a_schedule_with_per_cycle_steps_is_what_planned_steps_counts():
-    _, base = load_search_text(SPEC.replace("  cycles: 2\n", "  cycles: 3\n  schedule: {each: [lora], first: [full, lora],"
-                                                             " steps: {lora: [5, 9]}}\n"))
+    schedule = "  cycles: 3\n  schedule: {first: [full, lora], each: [lora], steps: {lora: [5, 9]}}\n"
+    _, base = load_search_text(SPEC.replace("  cycles: 2\n", schedule))
     trial = resolve_trial(base, {"stages.lora.steps": 7}, registry())
     assert [(s.stage["name"], s.stage["steps"]) for s in trial.schedule] == [("full", 10), ("lora", 5), ("lora", 9),
                                                                              ("lora", 9)]
@@ -169,7 +169,8 @@ def test_set_path_copies_and_replaces_only_what_exists():
 def test_a_walk_that_makes_mappings_creates_the_missing_keys_and_says_where():
     tree = copy.deepcopy(TREE)
     spot = locate(tree, "stages.lora.optimizer.lr", make=CommentedMap)
-    assert (spot.exists, spot.loc, spot.created) == (False, ("stages", 1, "optimizer", "lr"), ("stages", 1, "optimizer"))
+    assert not spot.exists and spot.loc == ("stages", 1, "optimizer", "lr")
+    assert spot.created == ("stages", 1, "optimizer")  # the first key the walk added
     assert isinstance(tree["stages"][1]["optimizer"], CommentedMap) and spot.parent is tree["stages"][1]["optimizer"]
     new_space_key = locate(tree, "space.data.resolution", make=dict, whole_rest_at=("space",))
     assert new_space_key.loc == ("space", "data.resolution") and new_space_key.created == new_space_key.loc
