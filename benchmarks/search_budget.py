@@ -58,11 +58,11 @@ def trial(config, base, data):
     import torch
 
     from fluxtune.assemble import build_shared, load_bundle
-    from fluxtune.config.load import sample_experiment
+    from fluxtune.config.resolved import resolve_trial
     from fluxtune.cycle import run_cycle
     from fluxtune.registry import registry
 
-    experiment = sample_experiment(base, config, registry())
+    experiment = resolve_trial(base, config, registry()).experiment_dict()
     torch.manual_seed(experiment["seed"])
     bundle = load_bundle(experiment["model"])
     shared = build_shared(experiment, data["train"], data["val"], TuneReporter(), registry(), torch.device("cpu"))

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 from fluxtune.api import ComponentSpec
 from fluxtune.config.errors import InputError, Problem
 from fluxtune.config.overrides import apply_overrides
-from fluxtune.config.paths import PathError, get_path, set_path, stage_loc
+from fluxtune.config.paths import PathError, get_path, locate, set_path, stage_loc
 from fluxtune.config.schedule import schedule_problems
 from fluxtune.config.schema import ALIAS, NAME, STAGE_NAME, Experiment, SearchFile
 from fluxtune.config.yaml_source import YamlSource, load_yaml, parse_yaml
@@ -287,6 +287,11 @@ def sample_experiment(base: dict[str, Any], values: dict[str, Any], reg: Registr
         except PathError:
             tree = _set_new_param(tree, path, value)
     source = YamlSource(path="<sampled config>", text="", tree=None)
+    for path, value in values.items():  # a problem at a sampled key names the value that put it there
+        try:
+            source.overrides[locate(tree, path).loc] = f"<sampled {path}={value!r}>"
+        except PathError:  # a later value replaced what held it: its problems name the whole config
+            continue
     out = _Collector(source)
     try:
         exp = Experiment.model_validate(tree)
@@ -319,10 +324,13 @@ def _switch_components(base: dict[str, Any], values: dict[str, Any]) -> dict[str
 def _set_new_param(tree: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     """A param of a switched component that its base value did not have (e.g. `timesteps.std`)."""
     parent, _, key = path.rpartition(".")
-    node = get_path(tree, parent)
+    try:
+        node = get_path(tree, parent)
+    except PathError:
+        node = None
     if not isinstance(node, dict) or "type" not in node:
         raise InputError.single("<sampled config>", f"{path}: {key!r} does not exist here", key=path)
-    return set_path(tree, parent, {**node, key: value})
+    return set_path(tree, path, value, new_key=True)
 
 
 def load_search_file(path: str | Path, registry: Registry | None = None,

@@ -14,10 +14,11 @@ from typing import Any
 from ruamel.yaml.comments import CommentedMap
 
 from fluxtune.config.errors import InputError, Problem
+from fluxtune.config.paths import PathError, locate
 from fluxtune.config.yaml_source import YamlSource, parse_yaml, plain
 
 MAX_OVERRIDE = 10_000  # characters of one --set; a value is a number, a name or a short list
-_SEARCH_SPACE = ["search", "space"]
+_SEARCH_SPACE = ("search", "space")  # its keys are dotted paths themselves
 
 
 def _parse_value(text: str, flag: str) -> Any:
@@ -30,26 +31,6 @@ def _parse_value(text: str, flag: str) -> Any:
     if not isinstance(tree, dict) or list(tree) != ["value"]:  # e.g. a newline and `b: 2` in the value
         raise InputError([Problem(flag, "the value is not one YAML value")])
     return plain(tree["value"])
-
-
-def _child(node: Any, parts: list[str], loc: list[Any]) -> tuple[Any, int]:
-    """The key/index in `node` that the next path parts name, and how many parts it used."""
-    if isinstance(node, list):
-        for i, item in enumerate(node):
-            if isinstance(item, dict) and item.get("name") == parts[0]:
-                return i, 1
-        if parts[0].isdigit() and int(parts[0]) < len(node):
-            return int(parts[0]), 1
-        names = [str(item.get("name")) for item in node if isinstance(item, dict) and "name" in item]
-        listed = f" (names: {', '.join(names)})" if names else f" (indices 0-{len(node) - 1})" if node else ""
-        raise KeyError(f"no list item named {parts[0]!r}{listed}")
-    for used in range(len(parts), 0, -1):  # the longest dotted key first: search-space keys contain dots
-        key = ".".join(parts[:used])
-        if key in node:
-            return key, used
-    if loc == _SEARCH_SPACE:  # a new search-space key is the whole rest of the path
-        return ".".join(parts), len(parts)
-    return parts[0], 1
 
 
 def _top_level_problem(path: str, flag: str) -> Problem | None:
@@ -86,29 +67,15 @@ def apply_overrides(source: YamlSource, overrides: list[str] | tuple[str, ...]) 
         except InputError as exc:
             problems.extend(exc.problems)
             continue
-        node, loc, created = source.tree, [], None
-        try:
-            while True:
-                key, used = _child(node, parts, loc)
-                loc.append(key)
-                parts = parts[used:]
-                if not parts:
-                    break
-                if isinstance(node, dict) and key not in node:
-                    node[key] = CommentedMap()
-                    created = created or tuple(loc)
-                node = node[key]
-                if not isinstance(node, (dict, list)):
-                    raise KeyError(f"{'.'.join(map(str, loc))} is a value, not a mapping")
-        except KeyError as exc:
-            problems.append(Problem(flag, f"cannot set {path}: {exc.args[0]}"))
+        try:  # the walk adds the mappings the file lacks, so validation reports the new keys there
+            spot = locate(source.tree, path, make=CommentedMap, whole_rest_at=_SEARCH_SPACE)
+        except PathError as exc:
+            problems.append(Problem(flag, f"cannot set {path}: {exc.reason}"))
             continue
-        if isinstance(node, dict) and key not in node:
-            created = created or tuple(loc)
-        node[key] = value
-        source.overrides[tuple(loc)] = flag
-        if created is not None:  # a problem at a key the file lacked is this flag's, not the file's
-            source.overrides[created] = flag
+        spot.parent[spot.key] = value
+        source.overrides[spot.loc] = flag
+        if spot.created is not None:  # a problem at a key the file lacked is this flag's, not the file's
+            source.overrides[spot.created] = flag
     if problems:
         raise InputError(problems)
     return source

@@ -4,31 +4,37 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from fluxtune import failures, storage
-from fluxtune.config.load import sample_experiment
-from fluxtune.config.schedule import planned_steps
+from fluxtune.config.resolved import ResolvedTrial, resolve_trial
 from fluxtune.registry import Registry, registry
 from fluxtune.search.guard import SweepGuard, not_finite_reason
 from fluxtune.train.trial import TrialSettings
 
 
 class TrialExperiments:
-    """config → the complete experiment of that trial, sampled once per config: sampling validates the whole tree
-    again, and the callbacks, retention, rows and publishing all ask for the same trials. The experiments are
-    shared between callers, who read them and never change them."""
+    """config → the resolved trial of that config, resolved once per config: resolving validates the whole tree
+    again, and the callbacks, retention, rows and publishing all ask for the same trials. Called, it gives the
+    trial's (read-only) experiment, which callers share."""
 
     def __init__(self, base: dict[str, Any], reg: Registry | None = None):
         self.base = base
         self.registry = reg or registry()
-        self._by_config: dict[str, dict[str, Any]] = {}
+        self._by_config: dict[str, ResolvedTrial] = {}
 
-    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+    def resolve(self, config: dict[str, Any]) -> ResolvedTrial:
         key = json.dumps(config, sort_keys=True, default=str)
         if key not in self._by_config:
-            self._by_config[key] = sample_experiment(self.base, config, self.registry)
+            self._by_config[key] = resolve_trial(self.base, config, self.registry)
         return self._by_config[key]
+
+    def __call__(self, config: dict[str, Any]) -> Mapping[str, Any]:
+        return self.resolve(config).experiment
+
+    def experiment_dict(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A changeable copy of the trial's experiment (what a YAML writer takes)."""
+        return self.resolve(config).experiment_dict()
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles the callbacks holding it: the cache is rebuilt
         return {**self.__dict__, "_by_config": {}}
@@ -49,10 +55,10 @@ def trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str,
         return None
     used = storage.read_json(settings.layout.used_record(trial_id))
     reused = int(used["global_step"]) if used else 0
-    experiment = (experiments or TrialExperiments(base))(config)
+    resolved = (experiments or TrialExperiments(base)).resolve(config)
     diverged = guard.diverged.get(trial_id) if guard else None
     # the full text of an error is in errors/trial-<id>.txt
     error = failures.redact_text(str(result.error or ""))[:2000] or diverged or not_finite_reason(metrics, metric) or ""
     return {"trial": trial_id, "config": config, "error": error,
             metric: metrics.get(metric), "steps": int(metrics.get("global_step", 0)), "reused_steps": reused,
-            "planned_steps": planned_steps(experiment)}
+            "planned_steps": resolved.planned_steps}

@@ -25,7 +25,6 @@ from rich.markup import escape
 
 from fluxtune import __version__
 from fluxtune import storage
-from fluxtune.config.schedule import planned_steps
 from fluxtune.config.schema import SearchFile, SearchSpec
 from fluxtune.failures import keep_errors_in, quiet_trial_tracebacks
 from fluxtune.plugins import plugin_set
@@ -166,7 +165,7 @@ class Sweep:
                                          scheduler=search.scheduler.type, sweep_folder=str(self.folder)),
                      self.keeper, StopFinishedRuns(record.sweep_id),
                      ConsoleProgress(search.metric, self.console, search.mode, self.more or search.num_samples,
-                                     search.scheduler.type, lambda config: planned_steps(experiments(config)),
+                                     search.scheduler.type, lambda config: experiments.resolve(config).planned_steps,
                                      sweep_folder=str(self.folder))]
         if self.resume:  # what a store that filled up (or a crash) cut short goes first
             repair_cut_short(self.trial_storage, self.warn)
@@ -248,7 +247,7 @@ class Sweep:
                                    "(`fluxtune search FILE --resume`)")
             else:
                 published = publish_sweep(outcome.trials, self.spec.model_copy(update={"search": search}), record,
-                                          self.tracker, self.trial_storage, self.experiments, self.warn)
+                                          self.tracker, self.trial_storage, self.experiments.experiment_dict, self.warn)
                 if published.best is not None:
                     outcome.best_trial, outcome.best_config = published.best["trial"], published.best["config"]
                     outcome.best_metric = published.best[search.metric]

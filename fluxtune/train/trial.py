@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from ray import tune
 from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -12,7 +12,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from fluxtune import storage
 from fluxtune.checkpoints import usable_checkpoint
-from fluxtune.config.load import sample_experiment
+from fluxtune.config.frozen import thaw
+from fluxtune.config.resolved import resolve_trial
 from fluxtune.config.stage_keys import data_identity, stage_keys
 from fluxtune.plugins import plugin_set, use_plugin_set
 from fluxtune.registry import registry
@@ -73,7 +74,7 @@ def record_stage(settings: TrialSettings, experiment: dict[str, Any], cycle: int
         return
 
 
-def trainer_for(experiment: dict[str, Any], settings: TrialSettings, run_name: str,
+def trainer_for(experiment: Mapping[str, Any], settings: TrialSettings, run_name: str,
                 initial_checkpoint: str | None = None, trial_id: str | None = None,
                 data_reader: str = "stream") -> TorchTrainer:
     """The trial's worker group. Workers read the latent cache `settings.jsonl` themselves (no Ray Data):
@@ -85,7 +86,8 @@ def trainer_for(experiment: dict[str, Any], settings: TrialSettings, run_name: s
     return TorchTrainer(
         train_loop_per_worker,
         # initial_checkpoint: a reused stage prefix; the worker prefers this run's own checkpoint (a restart).
-        train_loop_config={"experiment": experiment, "plugins": settings.plugins,
+        # The workers get their own plain copy: stage and plugin code may edit what it is handed.
+        train_loop_config={"experiment": thaw(experiment), "plugins": settings.plugins,
                            "initial_checkpoint": initial_checkpoint,
                            "sweep_id": settings.sweep_id, "trial_id": trial_id,
                            "data_source": settings.jsonl, "data_reader": data_reader},
@@ -137,7 +139,7 @@ def _in_tune() -> bool:
 def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     """Tune function trainable; `config` holds the sampled values by dotted path."""
     use_plugin_set(settings.plugins)
-    experiment = sample_experiment(settings.base, config, registry())
+    experiment = resolve_trial(settings.base, config, registry()).experiment
     trial_id = tune.get_context().get_trial_id()
     refused: list[str] = []
     reused = cached_prefix(experiment, settings, trial_id, refused) if settings.reuse_stages else None
