@@ -101,7 +101,7 @@ class FiniteOptunaSearch(OptunaSearch):
 
     Each Optuna trial carries its Tune trial id and planned steps (user attributes), so the study alone says which
     trials ran and how they ended. A diverged trial ends FAIL at once; one a scheduler stopped early (fewer global
-    steps than planned) ends PRUNED, keeping its last reported value as Optuna's pruned value. An errored trial
+    steps than planned) ends PRUNED (holding the last value Optuna was shown on the way, if any). An errored trial
     stays RUNNING in the study while the sweep may still resume it (`--resume` continues errored trials): the end of
     a finished sweep fails what is left (`fluxtune.search.space.fail_abandoned`). Ray's own OptunaSearch tells an
     errored trial COMPLETE with its last value, an early-stopped one COMPLETE too, and leaves a NaN one RUNNING.
