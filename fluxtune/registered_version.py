@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,46 @@ from fluxtune import storage
 from fluxtune.checkpoints import HASH, WEIGHTS, file_hash
 
 MODEL_JSON = "model.json"
+ADAPTER = "exports/adapter"  # where an adapter stage's export lives inside its checkpoint
+
+
+@dataclass(frozen=True)
+class StageCheckpoint:
+    stage: str
+    cycle: int
+    global_step: int
+    checkpoint: str
+    has_weights: bool = True  # False once the sweep pruned its transformer (not needed any more)
+    has_adapter: bool = False  # the stage exported an adapter (a LoRA-type stage)
+
+
+@dataclass(frozen=True)
+class Release:
+    """The stage checkpoints a version is made of: the trial's last stage, on the transformer it was trained on."""
+
+    trial: str
+    final: StageCheckpoint
+    base: StageCheckpoint | None  # whose transformer is the base; None: the model the experiment names
+
+    @property
+    def adapter(self) -> StageCheckpoint | None:
+        return self.final if self.final.has_adapter else None
+
+    @property
+    def weights(self) -> list[str]:
+        """The checkpoint whose transformer weights registering it needs (the adapter is an export: never pruned)."""
+        return [self.base.checkpoint] if self.base is not None else []
+
+
+def release_of(trial: str, stages: list[StageCheckpoint]) -> Release | None:
+    """A version of the trial's finished `stages` (in order): its last adapter on the stage before it, or its last
+    full stage alone; None without a finished stage."""
+    if not stages:
+        return None
+    final = stages[-1]
+    if not final.has_adapter:  # a full-type last stage: its transformer is the whole model
+        return Release(trial, final, final)
+    return Release(trial, final, stages[-2] if len(stages) > 1 else None)
 
 
 class RegisteredBaseError(RuntimeError):

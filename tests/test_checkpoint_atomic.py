@@ -170,8 +170,9 @@ def test_a_changed_byte_is_refused_by_resume_reuse_and_registration_naming_the_f
                                                                                    monkeypatch):
     import ray.train
 
+    from fluxtune.registered_version import release_of
     from fluxtune.search.best import stage_records
-    from fluxtune.search.publish import BaseReferences, release_of
+    from fluxtune.tracking.publishing import BaseReferences
     from fluxtune.train import worker
     from fluxtune.train.trial import cached_prefix
 

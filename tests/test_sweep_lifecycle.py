@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from fluxtune.config.errors import InputError
-from fluxtune.search.publish import publishable, ranked, release_of
+from fluxtune.registered_version import release_of
+from fluxtune.search.ranking import publishable, ranked
 from fluxtune.search.record import SweepRecord
 
 
@@ -29,7 +30,7 @@ def test_only_complete_finite_trials_are_published_and_nan_is_never_best():
 
 
 def test_a_version_is_the_last_adapter_on_the_stage_before_it_or_the_last_full_stage():
-    from fluxtune.search.best import StageCheckpoint
+    from fluxtune.registered_version import StageCheckpoint
 
     full = StageCheckpoint("full", 0, 4, "/c/full")
     lora = StageCheckpoint("lora", 0, 8, "/c/lora", has_adapter=True)
@@ -50,7 +51,10 @@ def _study_trials(searcher, count: int) -> list[str]:
 
 def _searcher(cls, tmp_path: Path):
     from fluxtune.config.load import load_search_text
+    from fluxtune.search.guard import FiniteOptunaSearch
+    from fluxtune.search.rows import TrialExperiments
     from fluxtune.search.space import DefineByRun, optuna_storage
+    from fluxtune.search.tuning import PlannedSteps
 
     spec, base = load_search_text("""\
 name: s
@@ -59,8 +63,9 @@ base:
 search:
   space: {stages.full.steps: {type: int, low: 1, high: 3}}
 """)
+    ours = {"planned_steps": PlannedSteps(TrialExperiments(base))} if cls is FiniteOptunaSearch else {}
     return cls(space=DefineByRun(spec.search.space, base), metric="val_loss", mode="min", study_name="s",
-               storage=optuna_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
+               storage=optuna_storage(f"sqlite:///{tmp_path / 'optuna.db'}"), **ours)
 
 
 def _states(tmp_path: Path) -> list[str]:
@@ -77,7 +82,7 @@ def test_optuna_learns_only_finite_values_and_an_errored_trial_stays_resumable(t
     searcher = _searcher(FiniteOptunaSearch, tmp_path)
     done, diverged, errored = _study_trials(searcher, 3)
     searcher.on_trial_result(diverged, {"val_loss": math.nan, "training_iteration": 1})  # not reported
-    searcher.on_trial_complete(done, {"val_loss": 0.5})
+    searcher.on_trial_complete(done, {"val_loss": 0.5, "global_step": 3})
     searcher.on_trial_complete(diverged, {"val_loss": math.nan})
     searcher.on_trial_complete(errored, {"val_loss": 0.1}, error=True)
     assert _states(tmp_path) == ["COMPLETE", "FAIL", "RUNNING"]  # the errored one: --resume may finish it
@@ -93,6 +98,95 @@ def test_rays_optuna_search_still_tells_an_errored_trial_complete(tmp_path):
     [errored] = _study_trials(searcher, 1)
     searcher.on_trial_complete(errored, {"val_loss": 0.1}, error=True)
     assert _states(tmp_path) == ["COMPLETE"]
+
+
+def _run(searcher, trial_id: str, value: float, early: bool = False) -> None:
+    """A trial through the searcher as Tune drives it: suggested, one finite report, ended at its planned step (or
+    one before it, as when a scheduler stops it)."""
+    config = searcher.suggest(trial_id)
+    planned = config["stages.full.steps"]
+    searcher.on_trial_result(trial_id, {"val_loss": value, "training_iteration": 1})
+    searcher.on_trial_complete(trial_id, {"val_loss": value, "global_step": planned - 1 if early else planned})
+
+
+def _trial_states(tmp_path: Path) -> dict[str, tuple[str, float | None]]:
+    import optuna
+
+    from fluxtune.search.ranking import TRIAL_ID_ATTR
+
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    return {t.user_attrs[TRIAL_ID_ATTR]: (t.state.name, t.value) for t in study.get_trials()}
+
+
+def test_a_trial_stopped_early_is_pruned_in_the_study_and_never_its_best(tmp_path):
+    from ray.tune.search.optuna import OptunaSearch
+
+    from fluxtune.search.guard import FiniteOptunaSearch
+
+    searcher = _searcher(FiniteOptunaSearch, tmp_path)
+    _run(searcher, "stopped", 0.05, early=True)  # looked best when ASHA stopped it
+    _run(searcher, "done", 0.5)
+    assert _trial_states(tmp_path) == {"stopped": ("PRUNED", 0.05), "done": ("COMPLETE", 0.5)}
+    study = searcher._ot_study
+    assert study.best_trial.user_attrs["fluxtune.trial_id"] == "done"
+    assert study.best_trial.user_attrs["fluxtune.planned_steps"] == study.best_trial.params["stages.full.steps"]
+
+    (tmp_path / "ray").mkdir()
+    ray_own = _searcher(OptunaSearch, tmp_path / "ray")  # why the override: Ray tells such a trial COMPLETE
+    ray_own.suggest("stopped")
+    ray_own.on_trial_complete("stopped", {"val_loss": 0.05, "global_step": 0})
+    assert _states(tmp_path / "ray") == ["COMPLETE"]
+
+
+def test_the_best_trials_come_from_the_study_across_runs_joined_to_the_record(tmp_path):
+    from fluxtune.search.guard import FiniteOptunaSearch
+    from fluxtune.search.ranking import TrialRanking
+
+    first = _searcher(FiniteOptunaSearch, tmp_path)
+    _run(first, "stopped", 0.05, early=True)
+    _run(first, "z-tied", 0.3)
+    first.suggest("diverged")
+    first.on_trial_complete("diverged", {"val_loss": math.nan})
+    more = _searcher(FiniteOptunaSearch, tmp_path)  # `--more`: a new Tune run on the same study
+    _run(more, "a-tied", 0.3)
+    _run(more, "best", 0.2)
+    states = _trial_states(tmp_path)
+    assert {t: s for t, (s, _) in states.items()} == {"stopped": "PRUNED", "z-tied": "COMPLETE", "diverged": "FAIL",
+                                                      "a-tied": "COMPLETE", "best": "COMPLETE"}
+    rows = [row("stopped", 0.05, steps=1, planned=2), row("z-tied", 0.3), row("diverged", math.nan, error="nan"),
+            row("a-tied", 0.3), row("best", 0.2)]
+    ranking = TrialRanking("val_loss", "min", f"sqlite:///{tmp_path / 'optuna.db'}", "s")
+    assert [r["trial"] for r in ranking.best(rows)] == ["best", "z-tied", "a-tied"]  # ties: the earlier trial
+    assert [r["trial"] for r in ranked(rows, "val_loss", "min")] == ["best", "a-tied", "z-tied"]  # rows alone differ
+    # The record must agree: a trial it knows to have failed, or does not know, is never published.
+    rows[-1] = row("best", 0.2, error="the store filled up")
+    assert [r["trial"] for r in ranking.best(rows)] == ["z-tied", "a-tied"]
+    assert [r["trial"] for r in ranking.best(rows[:2])] == ["z-tied"]
+
+
+def test_a_study_that_cannot_be_read_publishes_nothing_and_says_which(tmp_path):
+    from fluxtune.config.load import load_search_text
+    from fluxtune.search.publish import publish_sweep
+    from fluxtune.search.ranking import TrialRanking
+    from fluxtune.search.space import StudyUnreadable
+
+    broken = tmp_path / "optuna.db"
+    broken.write_text("not a database, a file that took its place")
+    with pytest.raises(StudyUnreadable, match=rf"^the Optuna study 's' in sqlite:///{broken} cannot be read: "):
+        TrialRanking("val_loss", "min", f"sqlite:///{broken}", "s").best([row("a", 0.1)])
+
+    spec, _ = load_search_text("""\
+name: s
+base:
+  stages: [{name: full, type: full, steps: 2}]
+search:
+  space: {stages.full.steps: {type: int, low: 1, high: 3}}
+""")
+    record = SweepRecord.new(tmp_path, "s", "fp")
+    record.optuna_storage = f"sqlite:///{tmp_path / 'other.db'}"  # a database without this sweep's study
+    with pytest.raises(StudyUnreadable, match=r"cannot be read: KeyError"):
+        publish_sweep([row("a", 0.1)], spec, record, None, str(tmp_path), lambda config: {}, print)
+    assert not (Path(record.folder) / "best.yaml").exists()
 
 
 def test_a_corrupt_or_foreign_sweep_record_is_skipped_with_a_warning(tmp_path, caplog):
@@ -145,6 +239,7 @@ def test_retention_keeps_what_resume_and_registration_need_and_prunes_the_rest(t
 
     from fluxtune.checkpoints import Progress, write_stage_checkpoint
     from fluxtune.search.guard import SweepGuard
+    from fluxtune.search.ranking import TrialRanking
     from fluxtune.search.retention import CheckpointKeeper
     from fluxtune.testing import tiny_experiment
     from fluxtune.train.trial import TrialSettings
@@ -162,7 +257,7 @@ def test_retention_keeps_what_resume_and_registration_need_and_prunes_the_rest(t
     (exports / "adapter" / "a.safetensors").write_bytes(b"adapter")
 
     def keeper(keep: str) -> CheckpointKeeper:
-        return CheckpointKeeper(settings, record, "val_loss", "min", keep, 1, SweepGuard("val_loss"),
+        return CheckpointKeeper(settings, record, TrialRanking("val_loss", "min"), keep, 1, SweepGuard("val_loss"),
                                 lambda config: experiment, print)
 
     def stage_end(keeper, trial, index: int, stage: str, value: float) -> Path:
@@ -211,7 +306,7 @@ def test_a_trial_finished_by_resume_after_an_error_reaches_optuna(tmp_path):
         searcher.set_search_properties("val_loss", "min", {})
         [trial] = _study_trials(searcher, 1)
         searcher.on_trial_complete(trial, {"val_loss": 0.3}, error=True)  # the store filled up
-        searcher.on_trial_complete(trial, {"val_loss": 0.2})  # --resume finished it
+        searcher.on_trial_complete(trial, {"val_loss": 0.2, "global_step": 3})  # --resume finished it
         assert _states(folder) == [expected]
 
 

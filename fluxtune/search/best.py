@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +17,9 @@ from ruamel.yaml import YAML
 
 from fluxtune import storage
 from fluxtune.checkpoints import read_checkpoint_record, weights_pruned
+from fluxtune.registered_version import ADAPTER, Release, StageCheckpoint, release_of
 from fluxtune.search.record import write_atomically
 from fluxtune.train.protocol import SweepLayout
-
-ADAPTER = "exports/adapter"  # where an adapter stage's export lives inside its checkpoint
-
-
-@dataclass(frozen=True)
-class StageCheckpoint:
-    stage: str
-    cycle: int
-    global_step: int
-    checkpoint: str
-    has_weights: bool = True  # False once the sweep pruned its transformer (not needed any more)
-    has_adapter: bool = False  # the stage exported an adapter (a LoRA-type stage)
 
 
 def read_stage(folder: str) -> StageCheckpoint | None:
@@ -57,6 +45,11 @@ def stage_records(trial_storage: str, sweep_id: str, trial_id: str) -> list[Stag
     own = [c for c in (read_stage(p) for p in layout.checkpoints(layout.run(trial_id))) if c is not None]
     found.extend(sorted(own, key=lambda c: c.global_step))
     return found
+
+
+def release_for(trial_storage: str, sweep_id: str, trial: str) -> Release | None:
+    """The version the trial's stage checkpoints on disk make (`fluxtune.registered_version.Release`)."""
+    return release_of(trial, stage_records(trial_storage, sweep_id, trial))
 
 
 def write_best_yaml(path: Path, spec: Any, experiment: dict[str, Any], sweep_id: str, trial_id: str,

@@ -1,7 +1,8 @@
 """What stops trials or the sweep itself, so that nothing untrustworthy is learnt from or published.
 
 - A trial whose searched metric is not finite (NaN, ±inf: it diverged) is stopped at that report and fails:
-  it is never best, and its Optuna trial ends FAIL (see `FiniteOptunaSearch`).
+  it is never best, and its Optuna trial ends FAIL (see `FiniteOptunaSearch`). A trial a scheduler stopped early
+  ends PRUNED: the study's COMPLETE trials are the ones that ran their whole plan.
 - A store that takes no more writes (disk full, quota, file-size limit, read-only) fails the trial that hit it
   and stops the sweep, resumable, instead of failing every later trial in turn.
 """
@@ -13,13 +14,13 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from fluxtune.search.publish import is_finite
+from fluxtune.search.ranking import PLANNED_STEPS_ATTR, TRIAL_ID_ATTR, is_finite
 from fluxtune.train.protocol import GLOBAL_STEP_KEY
 
 STORAGE_FAULTS = ("no space to write stage checkpoint", "cannot write stage checkpoint", "No space left on device",
@@ -96,10 +97,33 @@ class StorageFaultWatch(tune.Callback):
 
 
 class FiniteOptunaSearch(OptunaSearch):
-    """Optuna learns only from finite values. A diverged trial ends FAIL at once. An errored trial stays
-    RUNNING in the study while the sweep may still resume it (`--resume` continues errored trials): the end of
-    a finished sweep fails what is left (`fluxtune.search.space.fail_abandoned`). Ray's own OptunaSearch would
-    tell an errored trial COMPLETE with its last value, and leave a NaN one RUNNING."""
+    """Optuna learns only from finite values, and only a trial that ran its whole plan is COMPLETE.
+
+    Each Optuna trial carries its Tune trial id and planned steps (user attributes), so the study alone says which
+    trials ran and how they ended. A diverged trial ends FAIL at once; one a scheduler stopped early (fewer global
+    steps than planned) ends PRUNED (holding the last value Optuna was shown on the way, if any). An errored trial
+    stays RUNNING in the study while the sweep may still resume it (`--resume` continues errored trials): the end of
+    a finished sweep fails what is left (`fluxtune.search.space.fail_abandoned`). Ray's own OptunaSearch tells an
+    errored trial COMPLETE with its last value, an early-stopped one COMPLETE too, and leaves a NaN one RUNNING.
+    """
+
+    def __init__(self, *args: Any, planned_steps: Callable[[dict[str, Any]], int], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.planned_steps = planned_steps  # a trial's config → its planned global steps (picklable: Tune saves us)
+        self._planned: dict[str, int] = {}  # Tune trial id → planned global steps
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if config is None or ot_trial is None:
+            return config
+        ot_trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
+        try:
+            self._planned[trial_id] = int(self.planned_steps(config))
+        except Exception:  # a config that makes no valid experiment: the trial itself fails and says why
+            return config
+        ot_trial.set_user_attr(PLANNED_STEPS_ATTR, self._planned[trial_id])
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if is_finite(result.get(self.metric)):
@@ -111,8 +135,15 @@ class FiniteOptunaSearch(OptunaSearch):
             return  # resumable: see the class docstring
         if value is not None and not is_finite(value):
             super().on_trial_complete(trial_id, None, error=True)  # no value + error: Ray tells FAIL
+        elif value is not None and self.stopped_early(trial_id, result or {}):
+            super().on_trial_complete(trial_id, None, error=False)  # no value, no error: Ray tells PRUNED
         else:
             super().on_trial_complete(trial_id, result, error=False)
+
+    def stopped_early(self, trial_id: str, result: dict[str, Any]) -> bool:
+        """Fewer global steps than the trial's config plans (a scheduler ended it)."""
+        planned = self._planned.get(trial_id)
+        return planned is not None and int(result.get(GLOBAL_STEP_KEY) or 0) < planned
 
 
 class ResumableLimiter(ConcurrencyLimiter):

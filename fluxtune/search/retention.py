@@ -18,18 +18,20 @@ from ray import tune
 from fluxtune import storage
 from fluxtune.checkpoints import prune_weights
 from fluxtune.config.schedule import planned_steps
-from fluxtune.search.best import StageCheckpoint, read_stage
+from fluxtune.registered_version import StageCheckpoint
+from fluxtune.search.best import read_stage, release_for
 from fluxtune.search.guard import SweepGuard, not_finite_reason, storage_fault
-from fluxtune.search.publish import publishable, ranked, release_for
+from fluxtune.search.ranking import TrialRanking, publishable
+from fluxtune.search.space import StudyUnreadable
 from fluxtune.train.protocol import SweepLayout, TrialReport
 from fluxtune.train.trial import TrialSettings, record_stage
 
 
 class CheckpointKeeper(tune.Callback):
-    def __init__(self, settings: TrialSettings, record: Any, metric: str, mode: str, keep: str, register_top: int,
+    def __init__(self, settings: TrialSettings, record: Any, ranking: TrialRanking, keep: str, register_top: int,
                  guard: SweepGuard, experiment_of: Callable[[dict[str, Any]], dict[str, Any]],
                  announce: Callable[[str], None]):
-        self.settings, self.metric, self.mode, self.keep = settings, metric, mode, keep
+        self.settings, self.ranking, self.metric, self.keep = settings, ranking, ranking.metric, keep
         self.register_top, self.guard = register_top, guard
         self.experiment_of, self.announce = experiment_of, announce
         self.record = record  # SweepRecord: earlier trials (rows) and pinned checkpoints
@@ -38,9 +40,11 @@ class CheckpointKeeper(tune.Callback):
         self.offered: set[str] = set(self._offered())  # stage-cache checkpoints
         self.releases: dict[str, list[str]] = {}  # trial → the checkpoints its release needs
         self.announced: set[str] = set()
+        self.top: list[dict[str, Any]] | None = None  # the best `register_top` finished trials (None: work it out)
+        self.study_warned = False
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks; the console is not picklable
-        return {**self.__dict__, "announce": print}
+        return {**self.__dict__, "announce": print, "top": None}
 
     # -- Tune events
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -62,6 +66,7 @@ class CheckpointKeeper(tune.Callback):
                "planned_steps": planned_steps(self.experiment_of(trial.config or {})),
                "error": not_finite_reason(last, self.metric) or ""}
         self.rows[trial.trial_id] = row
+        self.top = None  # the searcher told the study before this callback runs: the ranking is current
         self._safely(self._settle)
 
     # -- what happens
@@ -83,7 +88,7 @@ class CheckpointKeeper(tune.Callback):
         """After a trial ended: the finished trials outside the best `register_top` keep nothing."""
         if self.keep == "all":
             return
-        best = {r["trial"] for r in ranked(list(self.rows.values()), self.metric, self.mode)[:self.register_top]}
+        best = {r["trial"] for r in self._top()}
         for trial_id in list(self.own):
             if trial_id in self.rows:  # ended (completed, stopped early or diverged)
                 self._prune(trial_id, keep=set(self._release(trial_id)) if trial_id in best else set())
@@ -93,9 +98,8 @@ class CheckpointKeeper(tune.Callback):
         from now on (registration and the stages other trials started from). Returns the bytes freed."""
         if self.keep == "all" or not finished:
             return 0
-        best = ranked(list(self.rows.values()), self.metric, self.mode)[:self.register_top]
         needed = set(self.record.pinned) | self._reused()
-        for row in best:
+        for row in self._top():
             needed.update(self._release(row["trial"]))
         freed = 0
         layout = self.settings.layout
@@ -118,12 +122,26 @@ class CheckpointKeeper(tune.Callback):
 
     def _best_releases(self) -> set[str]:
         out: set[str] = set()
-        for row in ranked(list(self.rows.values()), self.metric, self.mode)[:self.register_top]:
+        for row in self._top():
             out.update(self._release(row["trial"]))
         return out
 
+    def _top(self) -> list[dict[str, Any]]:
+        """The best `register_top` finished trials, in the order publishing follows. When the study cannot be read:
+        every publishable one (publishing refuses to guess, and nothing it might need later is pruned)."""
+        if self.top is None:
+            rows = list(self.rows.values())
+            try:
+                self.top = self.ranking.best(rows)[:self.register_top]
+            except StudyUnreadable as exc:
+                if not self.study_warned:
+                    self.study_warned = True
+                    self.announce(f"{exc}: no finished trial's checkpoints are pruned")
+                return [row for row in rows if publishable(row, self.metric)]
+        return self.top
+
     def _release(self, trial_id: str) -> list[str]:
-        """The checkpoints whose weights the trial's release needs (`fluxtune.search.publish.Release`)."""
+        """The checkpoints whose weights the trial's release needs (`fluxtune.registered_version.Release`)."""
         if trial_id not in self.releases:
             release = release_for(self.settings.storage_path, self.settings.sweep_id, trial_id)
             self.releases[trial_id] = release.weights if release else []

@@ -1,4 +1,5 @@
-"""The YAML search space → Optuna define-by-run function and sampler (the only place optuna is imported)."""
+"""The YAML search space → Optuna define-by-run function and sampler, and the sweep's durable study (opened, counted,
+its abandoned trials failed)."""
 
 from __future__ import annotations
 
@@ -133,11 +134,24 @@ def optuna_storage(url: str):
     return optuna.storages.RDBStorage(url)
 
 
-def study_summary(url: str, study_name: str) -> dict[str, int]:
-    """Trial counts by state in the durable study (shown in the summary; tests check no trial ran twice)."""
+class StudyUnreadable(RuntimeError):
+    """The sweep's Optuna study cannot be opened or read (one line: which study, where, why)."""
+
+
+def load_study(url: str, study_name: str):
+    """The sweep's durable study; StudyUnreadable when it is missing or its database is damaged."""
     import optuna
 
-    study = optuna.load_study(study_name=study_name, storage=optuna_storage(url))
+    try:
+        return optuna.load_study(study_name=study_name, storage=optuna_storage(url))
+    except Exception as exc:  # optuna raises KeyError, sqlalchemy's errors, ValueError…: all mean the same here
+        raise StudyUnreadable(f"the Optuna study {study_name!r} in {url} cannot be read: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def study_summary(url: str, study_name: str) -> dict[str, int]:
+    """Trial counts by state in the durable study (shown in the summary; tests check no trial ran twice)."""
+    study = load_study(url, study_name)
     counts: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
@@ -149,7 +163,7 @@ def fail_abandoned(url: str, study_name: str) -> int:
     errored trial, or one whose driver died). Returns how many."""
     import optuna
 
-    study = optuna.load_study(study_name=study_name, storage=optuna_storage(url))
+    study = load_study(url, study_name)
     running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
     for trial in running:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)

@@ -5,8 +5,8 @@ study in durable storage beside the MLflow store, so an interrupted sweep resume
 trials stay finished, unfinished ones continue from their last stage checkpoint) and a finished one is
 extended (`--more N`: a new Tune run on the same study, so the sampler learns from every earlier trial).
 This module orchestrates, in the steps of `Sweep`; what is published (`publish`), kept (`retention`), stopped
-(`guard`), locked (`locks`), searched and scheduled (`tuning`) and recorded per trial (`rows`) is decided in
-those modules.
+(`guard`), locked (`locks`), searched and scheduled (`tuning`), ranked (`ranking`) and recorded per trial
+(`rows`) is decided in those modules; registering versions is MLflow's side (`fluxtune.tracking.publishing`).
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ from fluxtune.search.callbacks import StopFinishedRuns, ConsoleProgress, MlflowS
 from fluxtune.search.guard import StorageFaultWatch, SweepGuard, storage_fault, tune_state_faults
 from fluxtune.search.locks import Locks, lock_stores, lock_sweep
 from fluxtune.search.outcome import SweepOutcome
-from fluxtune.search.publish import mark_failed, publish_sweep
+from fluxtune.search.publish import publish_sweep, sweep_ranking
 from fluxtune.search.record import SweepRecord, fingerprint
 from fluxtune.search.retention import CheckpointKeeper, disk_use, remove_incomplete, repair_cut_short
 from fluxtune.search.rows import TrialExperiments, trial_row
-from fluxtune.search.space import fail_abandoned, optuna_storage_url, study_summary
+from fluxtune.search.space import StudyUnreadable, fail_abandoned, optuna_storage_url, study_summary
 from fluxtune.search.tuning import resource_corners, scheduler_for, searcher_for
+from fluxtune.tracking.publishing import mark_failed
 from fluxtune.tracking.registry import resolve_registered_model
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.store import tracking_uri
@@ -157,7 +158,7 @@ class Sweep:
         """The interrupted Tune run restored (`resume`), or a new one (its name and trial count recorded first),
         with this process's callbacks and stop rule."""
         record, search, settings, experiments = self.record, self.search, self.settings, self.experiments
-        self.keeper = CheckpointKeeper(settings, record, search.metric, search.mode, self.spec.checkpoints.keep,
+        self.keeper = CheckpointKeeper(settings, record, sweep_ranking(search, record), self.spec.checkpoints.keep,
                                        self.spec.tracking.register_top, self.guard, experiments, self.warn)
         # The storage watch first: on a full store its small record write goes before the others' error files.
         callbacks = [StorageFaultWatch(self.guard, record),
@@ -175,7 +176,8 @@ class Sweep:
         record.tune_runs.append(tune_name)
         record.expected[tune_name] = self.more or search.num_samples
         record.save()
-        searcher = searcher_for(search, self.base, record.optuna_storage, record.sweep_id, len(record.trials))
+        searcher = searcher_for(search, self.base, record.optuna_storage, record.sweep_id, len(record.trials),
+                                experiments)
         return tune.Tuner(
             trainable(settings),
             # metric/mode live on the searcher and scheduler: a define-by-run OptunaSearch ignores Tune's
@@ -238,27 +240,35 @@ class Sweep:
             mark_failed(self.tracker, trial_id, reason)
         try:
             record.save()
-            if search.space and record.trials:
-                if not interrupted:  # nothing resumes an errored trial of a finished sweep
-                    fail_abandoned(record.optuna_storage, record.sweep_id)
-                outcome.study_counts = study_summary(record.optuna_storage, record.sweep_id)
-            if interrupted:
-                self.console.print("nothing is registered and no best.yaml is written until the sweep completes "
-                                   "(`fluxtune search FILE --resume`)")
-            else:
-                published = publish_sweep(outcome.trials, self.spec.model_copy(update={"search": search}), record,
-                                          self.tracker, self.trial_storage, self.experiments.experiment_dict, self.warn)
-                if published.best is not None:
-                    outcome.best_trial, outcome.best_config = published.best["trial"], published.best["config"]
-                    outcome.best_metric = published.best[search.metric]
-                outcome.best_yaml, outcome.model_name = published.best_yaml, published.model_name
-                outcome.model_version = published.model_version
+            try:
+                if search.space and record.trials:
+                    if not interrupted:  # nothing resumes an errored trial of a finished sweep
+                        fail_abandoned(record.optuna_storage, record.sweep_id)
+                    outcome.study_counts = study_summary(record.optuna_storage, record.sweep_id)
+                if interrupted:
+                    self.console.print("nothing is registered and no best.yaml is written until the sweep completes "
+                                       "(`fluxtune search FILE --resume`)")
+                else:
+                    self._publish(outcome)
+            except StudyUnreadable as exc:  # the study decides what is best: without it nothing is published
+                self.console.print(f"[red]nothing is published[/]: {escape(str(exc))} (best.yaml and the registered "
+                                   "versions are chosen from it)")
             self.keeper.finish(finished=not interrupted)
         except OSError as exc:  # the store filled up (or turned read-only) after the trials
             guard.note_fault(storage_fault(str(exc)) or f"cannot write to {record.folder}: {exc}")
             outcome.fault, outcome.interrupted, record.status = guard.fault, True, "interrupted"
             record.save_quietly()
         return outcome
+
+    def _publish(self, outcome: SweepOutcome) -> None:
+        search = self.search
+        published = publish_sweep(outcome.trials, self.spec.model_copy(update={"search": search}), self.record,
+                                  self.tracker, self.trial_storage, self.experiments.experiment_dict, self.warn)
+        if published.best is not None:
+            outcome.best_trial, outcome.best_config = published.best["trial"], published.best["config"]
+            outcome.best_metric = published.best[search.metric]
+        outcome.best_yaml, outcome.model_name = published.best_yaml, published.model_name
+        outcome.model_version = published.model_version
 
     def finish(self, outcome: SweepOutcome) -> SweepOutcome:
         """Copies a full store cut short removed, the fault (if any) told, disk use measured, the MLflow parent
