@@ -179,7 +179,7 @@ def pytest_collection_modifyitems(config, items):
     order = [g for pair in zip(long, short) for g in pair] + short[len(long):] + long[len(short):]
     position = {g: i for i, g in enumerate(order)}
     items.sort(key=lambda item: position[group_of[item.nodeid]])  # stable: a group's tests keep their order
-    if config.getvalue("loadgroup"):
+    if getattr(config.option, "loadgroup", False):  # set on xdist workers with --dist loadgroup
         for item in items:  # what xdist does for an `xdist_group` mark, whichever hook runs first
             item._nodeid = f"{item.nodeid}@{group_of[item.nodeid]}"
 

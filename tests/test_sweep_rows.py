@@ -59,3 +59,27 @@ def test_each_sampled_config_is_turned_into_its_experiment_once(tmp_path):
     assert planned_steps(long) == 30 and planned_steps(experiments({"stages.lora.steps": 7})) == 17
     restored = pickle.loads(pickle.dumps(experiments))  # Tune pickles the callbacks holding it
     assert restored({"stages.lora.steps": 20}) == long and restored({"stages.lora.steps": 20}) is not long
+
+
+def test_the_searcher_pickles_with_plugin_factories_that_plain_pickle_cannot_take(tmp_path):
+    """Tune saves the searcher with plain pickle; a plugin may register a lambda factory (the dora example does)."""
+    import types
+
+    import fluxtune
+    from fluxtune.registry import registry
+    from fluxtune.search.tuning import PlannedSteps
+    from fluxtune.testing import registered_plugin
+
+    plugin = types.ModuleType("lambda_plugin")
+
+    @fluxtune.hookimpl
+    def register_losses(register):
+        register("lambda_loss", lambda params: None, doc="a factory plain pickle refuses")
+
+    plugin.register_losses = register_losses
+    _, base = load_search_text(SPEC)
+    with registered_plugin(plugin, name="lambdas"):
+        planned = PlannedSteps(TrialExperiments(base, registry()))
+        assert planned({"stages.lora.steps": 20}) == 30
+        restored = pickle.loads(pickle.dumps(planned))
+        assert restored({"stages.lora.steps": 7}) == 17

@@ -20,8 +20,12 @@ class TrialExperiments:
 
     def __init__(self, base: dict[str, Any], reg: Registry | None = None):
         self.base = base
-        self.registry = reg or registry()
+        self._registry = reg
         self._by_config: dict[str, ResolvedTrial] = {}
+
+    @property
+    def registry(self) -> Registry:
+        return self._registry or registry()
 
     def resolve(self, config: dict[str, Any]) -> ResolvedTrial:
         key = json.dumps(config, sort_keys=True, default=str)
@@ -36,8 +40,10 @@ class TrialExperiments:
         """A changeable copy of the trial's experiment (what a YAML writer takes)."""
         return self.resolve(config).experiment_dict()
 
-    def __getstate__(self) -> dict[str, Any]:  # Tune pickles the callbacks holding it: the cache is rebuilt
-        return {**self.__dict__, "_by_config": {}}
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles the callbacks and the searcher holding it (the searcher with plain pickle, which cannot take
+        # a plugin's lambda factory): the cache is rebuilt, and the registry is the unpickling process's own
+        return {**self.__dict__, "_by_config": {}, "_registry": None}
 
 
 def trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str, Any],
