@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STOP = b"stop\n"  # a clean shutdown: the keeper also removes the temp dir (after a crash its logs stay)
-TERM_GRACE_S = 5.0  # SIGTERM first, so the raylet and GCS can release shared memory; then SIGKILL
+TERM_GRACE_S = 5.0  # after a crash: SIGTERM first, so Ray's daemons flush the logs that are kept; then SIGKILL
+# A clean stop removes the temp dir, logs included, and Ray's raylet and agents sit out a SIGTERM for 5 s or more:
+# the command would hang that long after its last line. The driver has already disconnected (ray.shutdown).
+CLEAN_GRACE_S = 0.5
 
 
 @dataclass
@@ -97,9 +100,9 @@ def session_pids(session: int) -> list[int]:
     return found
 
 
-def kill_session(session: int, spare: int | None = None) -> None:
-    """SIGTERM every process of the session, SIGKILL what is left after a grace period, until none is."""
-    deadline = time.monotonic() + TERM_GRACE_S
+def kill_session(session: int, spare: int | None = None, grace_s: float = TERM_GRACE_S) -> None:
+    """SIGTERM every process of the session, SIGKILL what is left after `grace_s`, until none is."""
+    deadline = time.monotonic() + grace_s
     sig = signal.SIGTERM
     while True:
         pids = [p for p in session_pids(session) if p != spare]
@@ -148,7 +151,7 @@ def _keep(num_cpus: int, temp_dir: str) -> int:
         clean = sys.stdin.buffer.read() == STOP  # EOF: the driver ended (read returns what it wrote first)
         return 0
     finally:
-        kill_session(me, spare=me)
+        kill_session(me, spare=me, grace_s=CLEAN_GRACE_S if clean else TERM_GRACE_S)
         if clean:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
