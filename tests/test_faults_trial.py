@@ -177,6 +177,7 @@ base:
   stages:
     - {name: full, type: full, steps: 2, optimizer: {lr: 1.0e-4}}
     - {name: lora, type: lora, steps: 4, adapter: {type: lora, rank: 2}}
+search: {max_failures: 0}  # a retried worker group is the fault chain's (tests/test_faults.py): fail at once
 tracking: {experiment: failing-trial}
 """
 
@@ -198,9 +199,8 @@ def test_a_trial_failing_in_training_is_one_line_and_its_error_is_kept(tmp_path,
     lines = [line for line in out.splitlines() if " failed in stage " in line]
     assert len(lines) == 1, out
     line = lines[0]
-    # The first attempt fails at step 4; Train retries it once (max_failures 1) from the full stage's checkpoint at
-    # step 2, where the new worker's loss counts its calls afresh: the retry fails at step 6, and that is reported.
-    assert ("failed in stage 'lora' cycle 0 step 6, raised by loss 'exploding' of plugin 'exploding' "
+    # the loss raises at its 4th call: the lora stage's 2nd step, global step 4
+    assert ("failed in stage 'lora' cycle 0 step 4, raised by loss 'exploding' of plugin 'exploding' "
             "(fluxtune-exploding==1.0): FloatingPointError: the loss exploded (full error: ") in line, out
     [kept] = list((tmp_path / "runs").glob("failing-trial-*/errors/trial-*.txt"))
     assert str(kept) in line and "the loss exploded" in kept.read_text()

@@ -131,7 +131,12 @@ def _run(spec_path: str, overrides: list[str], address: str | None, verbose: boo
     quiet_libraries(verbose)
     with error_boundary():
         checked = preflight(spec_path, overrides)
-    spec = checked.spec.model_copy(update={"search": None}) if single else checked.spec
+    spec = checked.spec
+    if single:  # the base alone, once; how often its workers are restarted still follows the file
+        from fluxtune.config.schema import SearchSpec
+
+        restarts = {"max_failures": spec.search.max_failures} if spec.search else {}
+        spec = spec.model_copy(update={"search": SearchSpec(num_samples=1, max_concurrent=1, **restarts)})
     console.print(redact_text(f"{spec_path}: {checked.rows} rows from {checked.jsonl}"), markup=False)
 
     from fluxtune.cli.summary import print_summary
