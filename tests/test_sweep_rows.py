@@ -1,4 +1,4 @@
-"""How the driver turns Tune's results into sweep-record rows, including trials cut short by Ctrl+C."""
+"""How the driver turns Tune's results into sweep-file rows, including trials cut short by Ctrl+C."""
 
 from __future__ import annotations
 
