@@ -138,7 +138,7 @@ def test_a_trial_stopped_early_is_pruned_in_the_study_and_never_its_best(tmp_pat
     assert _states(tmp_path / "ray") == ["COMPLETE"]
 
 
-def test_the_best_trials_come_from_the_study_across_runs_joined_to_the_record(tmp_path):
+def test_the_best_trials_come_from_the_study_across_runs_joined_to_the_sweep_file(tmp_path):
     from fluxtune.search.guard import FiniteOptunaSearch
     from fluxtune.search.ranking import TrialRanking
 
@@ -189,7 +189,7 @@ search:
     assert not (Path(sweep_file.folder) / "best.yaml").exists()
 
 
-def test_a_corrupt_or_foreign_sweep_record_is_skipped_with_a_warning(tmp_path, caplog):
+def test_a_corrupt_or_foreign_sweep_file_is_skipped_with_a_warning(tmp_path, caplog):
     good = SweepFile.new(tmp_path, "demo", "fp")
     good.tune_runs = ["tune"]
     good.save()
