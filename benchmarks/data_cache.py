@@ -107,7 +107,6 @@ def main() -> None:
                              "costs what it costs with the real model")
     args = parser.parse_args()
 
-    from fluxtune.assemble import encode_arrays, load_bundle, load_transformer
     from fluxtune.data.images import load_examples_batch
     from fluxtune.data.latent_cache import Preprocessing, cache_rows, ensure_cache
     from fluxtune.data.rows import read_rows
@@ -116,6 +115,7 @@ def main() -> None:
     from fluxtune.flux.encoded import random_batches
     from fluxtune.train.cluster import local_cpus, start_ray
     from fluxtune.train.datasets import trial_data
+    from fluxtune.worker_setup import encode_arrays, load_bundle, load_transformer
 
     data = {"resolution": args.resolution, "val_fraction": 0.25, "mask_threshold": 0.5}
     work = tempfile.mkdtemp(prefix="fluxtune-bench-")

@@ -39,10 +39,10 @@ base:
 
 def encoded_examples(resolution: int, count: int, work: str):
     """`count` sample examples encoded with the tiny model's VAE and text encoders (in this process)."""
-    from fluxtune.assemble import encode_arrays, load_bundle
     from fluxtune.data.images import load_example
     from fluxtune.data.rows import read_rows
     from fluxtune.data.sample import write_sample_dataset
+    from fluxtune.worker_setup import encode_arrays, load_bundle
 
     rows = read_rows(write_sample_dataset(os.path.join(work, "sample"), n=count, resolution=resolution))
     examples = [load_example(r, resolution) for r in rows]
@@ -231,7 +231,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     memory_sizes = [int(s) for s in args.memory_sizes.split(",") if s]
 
-    if args.no_trials:  # no Ray, no registry: the experiment keys the data path reads
+    if args.no_trials:  # no Ray, no component table: the experiment keys the data path reads
         base = {"seed": 0, "model": {"preset": "tiny-fill", "seed": 0},
                 "data": {"resolution": args.resolution, "batch_size": 4, "val_fraction": 0.02}}
     else:

@@ -61,7 +61,7 @@ def measure(run: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    from fluxtune.assemble import load_transformer
+    from fluxtune.worker_setup import load_transformer
     from stage_runs import init_single_process_group, run_stage
     from tensor_memory import TensorMemory, process_peak_rss, process_rss
 

@@ -1,11 +1,11 @@
-"""What the plugin system costs: CLI start-up and registry build with the example plugins installed, and the
+"""What the plugin system costs: CLI start-up and component-table build with the example plugins installed, and the
 per-step cost of runtime callbacks. Prints one table; compare rows as ratios (the machine may be loaded).
 
     .venv/bin/python benchmarks/plugins.py --repeats 5 --steps 60
 
 * `fluxtune --help`: wall time of the console script (a fresh process) with built-ins only, and with the three
   example packages of plugins/ pip-installed (into a temporary --target on PYTHONPATH).
-* registry build: `build_plugin_manager()` + `build_registry()` in a fresh process (entry-point scan, imports,
+* component table build: `build_plugin_manager()` + `build_components()` in a fresh process (entry-point scan, imports,
   every register_* hook), same two settings.
 * training steps/s of the tiny model through `run_cycle` with no callbacks, with `nan_guard` (syncs once every
   10 steps) and with a no-op `on_step_end` callback, in rounds with a rotating order (after a warm-up round)
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLUXTUNE = Path(sys.executable).with_name("fluxtune")
 EXAMPLES = ("fluxtune-ema", "fluxtune-dora", "fluxtune-masked-l1")
 BUILD = ("import time; t = time.perf_counter(); from fluxtune.plugins import build_plugin_manager; "
-         "from fluxtune.registry import build_registry; build_registry(*build_plugin_manager()); "
+         "from fluxtune.components import build_components; build_components(*build_plugin_manager()); "
          "print(time.perf_counter() - t)")
 
 
@@ -59,7 +59,7 @@ def startup_rows(repeats: int) -> list[tuple[str, float, float]]:
                 out = subprocess.run([sys.executable, "-c", BUILD], env=env, check=True, capture_output=True, text=True)
                 build_s[label].append(float(out.stdout))
     rows = []
-    for what, samples in (("fluxtune --help, wall s", help_s), ("registry build, s", build_s)):
+    for what, samples in (("fluxtune --help, wall s", help_s), ("component table build, s", build_s)):
         base = statistics.median(samples["built-ins only"])
         for label, values in samples.items():
             rows.append((f"{what}: {label}", statistics.median(values), statistics.median(values) / base))
@@ -76,9 +76,9 @@ def callback_rows(repeats: int, steps: int) -> list[tuple[str, float, float]]:
 
     import fluxtune
     import fluxtune.testing as ft
-    from fluxtune.assemble import build_shared, encode_arrays
+    from fluxtune.components import loaded_components
     from fluxtune.cycle import run_cycle
-    from fluxtune.registry import registry
+    from fluxtune.worker_setup import build_worker_setup, encode_arrays
 
     class NoOpPlugin:
         @fluxtune.hookimpl
@@ -99,9 +99,10 @@ def callback_rows(repeats: int, steps: int) -> list[tuple[str, float, float]]:
                 callbacks = variants[label]
                 experiment = ft.tiny_experiment(f"eval_every: 100000\ncallbacks: {callbacks}\n"
                                                 f"stages: [{{name: full, type: full, steps: {steps}}}]")
-                shared = build_shared(experiment, train, val, ft.RecordingReporter(), registry(), torch.device("cpu"))
-                reporter = shared.reporter
-                run_cycle(experiment, ft.tiny_model().transformer, shared)
+                setup = build_worker_setup(experiment, train, val, ft.RecordingReporter(), loaded_components(),
+                                           torch.device("cpu"))
+                reporter = setup.reporter
+                run_cycle(experiment, ft.tiny_model().transformer, setup)
                 if round_:
                     rates[label].append(reporter.stage_ends[-1][1]["steps_per_s"])
     base = statistics.median(rates["no callbacks"])

@@ -57,25 +57,26 @@ class TuneReporter:
 def trial(config, base, data):
     import torch
 
-    from fluxtune.assemble import build_shared, load_bundle
+    from fluxtune.components import loaded_components
     from fluxtune.config.resolved import resolve_trial
     from fluxtune.cycle import run_cycle
-    from fluxtune.registry import registry
+    from fluxtune.worker_setup import build_worker_setup, load_bundle
 
-    experiment = resolve_trial(base, config, registry()).experiment_dict()
+    experiment = resolve_trial(base, config, loaded_components()).experiment_dict()
     torch.manual_seed(experiment["seed"])
     bundle = load_bundle(experiment["model"])
-    shared = build_shared(experiment, data["train"], data["val"], TuneReporter(), registry(), torch.device("cpu"))
-    run_cycle(experiment, bundle.transformer, shared)
+    setup = build_worker_setup(experiment, data["train"], data["val"], TuneReporter(), loaded_components(),
+                               torch.device("cpu"))
+    run_cycle(experiment, bundle.transformer, setup)
 
 
 def encoded_data(base):
     import numpy as np
 
-    from fluxtune.assemble import encode_arrays, load_bundle
     from fluxtune.data.images import load_example
     from fluxtune.data.rows import read_rows
     from fluxtune.data.sample import ensure_sample_dataset
+    from fluxtune.worker_setup import encode_arrays, load_bundle
 
     rows = read_rows(ensure_sample_dataset(n=64, resolution=64, seed=0))
     examples = [load_example(r, 64) for r in rows]

@@ -32,16 +32,16 @@ def run_sweep(workdir: Path, reuse: bool) -> tuple[dict, float]:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"sweep failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    [record] = (workdir / "runs").glob("*/sweep.json")
-    return json.loads(record.read_text()), wall
+    [sweep_json] = (workdir / "runs").glob("*/sweep.json")
+    return json.loads(sweep_json.read_text()), wall
 
 
 def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for reuse in (False, True):
-            record, wall = run_sweep(Path(tmp) / f"reuse-{reuse}", reuse)
-            trials = list(record["trials"].values())
+            sweep_json, wall = run_sweep(Path(tmp) / f"reuse-{reuse}", reuse)
+            trials = list(sweep_json["trials"].values())
             rows.append((reuse, len(trials), sum(t["steps"] - t["reused_steps"] for t in trials),
                          sum(t["reused_steps"] for t in trials), min(t["val_loss"] for t in trials), wall))
     base_steps, base_wall = rows[0][2], rows[0][5]

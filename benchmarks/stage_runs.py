@@ -79,17 +79,17 @@ def run_stage(base: dict[str, Any], transformer: Any, device: Any, ddp_wrapper: 
 
     import torch
 
-    from fluxtune.assemble import build_shared
+    from fluxtune.components import loaded_components
     from fluxtune.context import RunContext
     from fluxtune.cycle import stage_params
     from fluxtune.flux.presets import preset
-    from fluxtune.registry import registry
+    from fluxtune.worker_setup import build_worker_setup
 
     spec = base["stages"][0]
     train, val = random_latents(preset(base["model"]["preset"]), base["data"]["resolution"],
                                 2 * base["data"]["batch_size"], device)
-    shared = build_shared(base, train, val, NullReporter(), registry(), device)
-    stage = registry().get("stage", spec["type"]).build(stage_params(spec))
+    setup = build_worker_setup(base, train, val, NullReporter(), loaded_components(), device)
+    stage = loaded_components().get("stage", spec["type"]).build(stage_params(spec))
     ends: list[float] = []
 
     class Context(RunContext):
@@ -107,7 +107,7 @@ def run_stage(base: dict[str, Any], transformer: Any, device: Any, ddp_wrapper: 
             super().log(step, metrics)
 
     with tempfile.TemporaryDirectory() as scratch:
-        ctx = Context(shared=shared, name=spec["name"], cycle=0, steps=spec["steps"], transformer=transformer,
+        ctx = Context(setup=setup, name=spec["name"], cycle=0, steps=spec["steps"], transformer=transformer,
                       export_dir=Path(scratch) / "exports", first_global_step=0, stream_seed=0)
         ctx.export_dir.mkdir()
         started = time.perf_counter()

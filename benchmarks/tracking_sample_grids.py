@@ -14,10 +14,10 @@ import time
 import numpy as np
 import torch
 
-from fluxtune.context import Shared, evaluate
+from fluxtune.components import loaded_components
+from fluxtune.context import WorkerSetup, evaluate
 from fluxtune.flux.encoded import ValidationSet, encode_examples
 from fluxtune.flux.model import build_tiny_fill
-from fluxtune.registry import registry
 from fluxtune.flux.preview import ValidationPreview
 
 
@@ -41,22 +41,22 @@ def main() -> None:
     mask = np.zeros((args.val, 1, 64, 64), "float32")
     mask[:, :, 16:48, 16:48] = 1
     encoded = encode_examples(bundle, image, mask, image, [None] * args.val)
-    reg = registry()
-    shared = Shared(train=encoded, val=ValidationSet.build(encoded, seed=1), batch_size=4, guidance=30.0,
-                    loss_fn=reg.get("loss", "flow_matching").build({"type": "flow_matching"}),
-                    timesteps=reg.get("timestep_sampler", "logit_normal").build({"type": "logit_normal"}),
-                    reporter=_Quiet(), registry=reg, device=torch.device("cpu"))
-    grids = ValidationPreview.for_worker({"preset": "tiny-fill", "seed": 0, "guidance": 30.0}, shared.val,
+    components = loaded_components()
+    setup = WorkerSetup(train=encoded, val=ValidationSet.build(encoded, seed=1), batch_size=4, guidance=30.0,
+                        loss_fn=components.get("loss", "flow_matching").build({"type": "flow_matching"}),
+                        timesteps=components.get("timestep_sampler", "logit_normal").build({"type": "logit_normal"}),
+                        reporter=_Quiet(), components=components, device=torch.device("cpu"))
+    grids = ValidationPreview.for_worker({"preset": "tiny-fill", "seed": 0, "guidance": 30.0}, setup.val,
                                          lambda png, step: None)
     transformer = bundle.transformer
 
     def timed(with_grid: bool) -> list[float]:
-        shared.preview = grids if with_grid else None
-        evaluate(transformer, shared)  # warm-up
+        setup.preview = grids if with_grid else None
+        evaluate(transformer, setup)  # warm-up
         out = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            evaluate(transformer, shared)
+            evaluate(transformer, setup)
             out.append(time.perf_counter() - start)
         return out
 

@@ -6,7 +6,7 @@ The bare loop runs in this process on the same encoded tensors, the same seed-0 
 noise and timesteps (the stage context's generator), AdamW and clipping — only without fluxtune around it. The
 stage side is `run_cycle` (full → lora) inside one TorchTrainer worker with the same thread count; its
 steps_per_s and step_cpu_s are measured by the stage over its step loop. Repeats interleave the two sides; on a
-shared machine wall-clock throughput swings with other people's load, so CPU seconds per step (whole process,
+setup machine wall-clock throughput swings with other people's load, so CPU seconds per step (whole process,
 one torch thread) is printed beside it and is the comparison to trust there. hand-over = the lora stage's transition_s: from the full stage's last step,
 through evaluation, the stage checkpoint (safetensors) and LoRA set-up, to the lora stage's first step.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-THREADS = 1  # one thread each side: CPU time per step is then a fair measure on a shared machine
+THREADS = 1  # one thread each side: CPU time per step is then a fair measure on a setup machine
 
 SPEC = """
 name: bench
@@ -50,17 +50,17 @@ def sample_arrays(n: int = 40) -> dict[str, np.ndarray]:
     return {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "target")}
 
 
-def setup(arrays, steps: int, strategy: str, reporter):
-    from fluxtune.assemble import build_shared, encode_arrays, load_bundle
+def prepare_run(arrays, steps: int, strategy: str, reporter):
+    from fluxtune.components import loaded_components
     from fluxtune.config.load import load_search_text
-    from fluxtune.registry import registry
+    from fluxtune.worker_setup import build_worker_setup, encode_arrays, load_bundle
 
     _, base = load_search_text(SPEC.format(steps=steps, strategy=strategy))
     bundle = load_bundle(base["model"])
     train = encode_arrays(bundle, {k: v[:32] for k, v in arrays.items()})
     val = encode_arrays(bundle, {k: v[32:] for k, v in arrays.items()})
-    shared = build_shared(base, train, val, reporter, registry(), torch.device("cpu"))
-    return base, bundle, shared
+    setup = build_worker_setup(base, train, val, reporter, loaded_components(), torch.device("cpu"))
+    return base, bundle, setup
 
 
 class Recorder:
@@ -85,7 +85,7 @@ def bare_loop(arrays, steps: int) -> dict[str, float]:
     from fluxtune.flux.flow import flow_matching_loss
 
     torch.set_num_threads(THREADS)
-    _, bundle, shared = setup(arrays, steps, "ddp", Recorder())
+    _, bundle, setup = prepare_run(arrays, steps, "ddp", Recorder())
     model = bundle.transformer.train()
     out = {}
     for index, name in enumerate(("full", "lora")):
@@ -94,15 +94,15 @@ def bare_loop(arrays, steps: int) -> dict[str, float]:
         else:
             trainable = LoraAdapter(LoraParams(rank=16, alpha=16, dropout=0.0)).attach(model)
         optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-        generator = torch.Generator().manual_seed(_stream_seed(shared, 0, index))
-        batches = random_batches(shared.train, shared.batch_size, generator)
+        generator = torch.Generator().manual_seed(_stream_seed(setup, 0, index))
+        batches = random_batches(setup.train, setup.batch_size, generator)
         started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(steps):
             batch = next(batches)
             x0 = batch["x0"]
             noise = torch.randn(x0.shape, generator=generator)
-            t = shared.timesteps(x0.shape[0], generator, x0.shape[1])
-            loss = flow_matching_loss(model, batch, noise, t, shared.guidance, shared.loss_fn)
+            t = setup.timesteps(x0.shape[0], generator, x0.shape[1])
+            loss = flow_matching_loss(model, batch, noise, t, setup.guidance, setup.loss_fn)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
@@ -117,8 +117,8 @@ def ray_worker_loop(config):
     from fluxtune.cycle import run_cycle
 
     recorder = Recorder()
-    base, bundle, shared = setup(config["arrays"], config["steps"], config["strategy"], recorder)
-    run_cycle(base, bundle.transformer, shared)
+    base, bundle, setup = prepare_run(config["arrays"], config["steps"], config["strategy"], recorder)
+    run_cycle(base, bundle.transformer, setup)
     if ray.train.get_context().get_world_rank() == 0:
         Path(config["out"]).write_text(json.dumps(recorder.stage_ends))
 

@@ -1,4 +1,5 @@
-"""One Ray Train worker group per trial vs one TorchTrainer.fit per stage (ARCHITECTURE principle 2).
+"""One Ray Train worker group per trial vs one TorchTrainer.fit per stage (each fit costs seconds before any
+work).
 
 Runs the same full → lora schedule on the tiny model both ways, side by side in one process and one local Ray,
 and prints wall times, their ratio, and the in-group stage hand-over time (last full step → first lora step).

@@ -22,7 +22,7 @@ class ComponentSpec(BaseModel):
     """`{type: name, ...params}` naming a registered component of `kind`.
 
     Use the subclasses as fields of a `Params` model (e.g. `adapter: AdapterSpec`); fluxtune then checks the
-    name against the registry and the params against that component's own model at validation time.
+    name against the component table and the params against that component's own model at validation time.
     """
 
     model_config = ConfigDict(extra="allow")

@@ -18,9 +18,9 @@ class CallbackList:
         self._stage_end = [cb.on_stage_end for cb in self.callbacks if hasattr(cb, "on_stage_end")]
 
     @classmethod
-    def build(cls, specs: Iterable[dict[str, Any]], registry: Any) -> "CallbackList":
-        """Instantiate `[{type: name, ...params}]` (already validated) from the registry."""
-        return cls(registry.get("callback", spec["type"]).build(spec) for spec in specs)
+    def build(cls, specs: Iterable[dict[str, Any]], components: Any) -> "CallbackList":
+        """Instantiate `[{type: name, ...params}]` (already validated) from the component table."""
+        return cls(components.get("callback", spec["type"]).build(spec) for spec in specs)
 
     def stage_start(self, ctx: Any) -> None:
         for fn in self._stage_start:

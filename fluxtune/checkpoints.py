@@ -1,12 +1,12 @@
 """Stage checkpoints: the transformer's canonical fp32 weights (safetensors) + what the stage exported + progress.
 
-Written atomically: everything goes into `<name>.tmp-<random>`, `progress.json` (the completion marker) last, and
-the folder is then renamed to its final name. The marker lists every file with its size and sha256, taken by the
-writer, so a reader rejects a folder that someone else copied half-way (Ray Train copies a reported checkpoint
-file by file into storage, in no particular order): `read_checkpoint_record` is the one check every reader uses.
+Written atomically: everything goes into `<name>.tmp-<random>`, `progress.json` (the checkpoint's manifest, its
+completion marker) last, and the folder is then renamed to its final name. The manifest lists every file with
+its size and sha256, taken by the writer, so a reader rejects a folder that someone else copied half-way (Ray Train copies a reported checkpoint
+file by file into storage, in no particular order): `read_checkpoint_manifest` is the one check every reader uses.
 What is about to be used (resumed, reused, registered) is also hashed again: `usable_checkpoint`, one warning
 naming the file that differs. A sweep prunes the transformer weights nobody needs any more (`prune_weights`):
-the marker records it, and readers treat a pruned checkpoint's weights as absent without a warning.
+the manifest lists them as pruned, and readers treat a pruned checkpoint's weights as absent without a warning.
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ def write_stage_checkpoint(out_dir: Path, transformer: Any, progress: Progress, 
         if has_exports:
             shutil.copytree(export_dir, tmp / "exports")
         files = _describe_files(tmp, {f"transformer/{name}": digest for name, digest in written.items()})
-        record = {**asdict(progress), "finished_stage": stage, "metrics": metrics, "files": files}
-        _write_atomically(tmp / PROGRESS, json.dumps(record, indent=1))
+        manifest = {**asdict(progress), "finished_stage": stage, "metrics": metrics, "files": files}
+        _write_atomically(tmp / PROGRESS, json.dumps(manifest, indent=1))
         os.replace(tmp, out_dir)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,18 +135,18 @@ def write_stage_checkpoint(out_dir: Path, transformer: Any, progress: Progress, 
     return out_dir
 
 
-def read_checkpoint_record(checkpoint_dir: Path | str) -> dict[str, Any] | None:
-    """The completion record of a finished checkpoint folder (a local path or a storage URI); None, with a
+def read_checkpoint_manifest(checkpoint_dir: Path | str) -> dict[str, Any] | None:
+    """The completion manifest of a finished checkpoint folder (a local path or a storage URI); None, with a
     warning, for anything incomplete: no marker, an unreadable one, a listed file missing or of another size.
-    Pruned files are not looked for (`record["pruned"]` lists them)."""
+    Pruned files are not looked for (`manifest["pruned"]` lists them)."""
     import pyarrow.fs as pafs
 
     fs, folder = storage.filesystem(str(checkpoint_dir))
     try:
         with fs.open_input_stream(f"{folder}/{PROGRESS}") as stream:
-            record = json.loads(stream.read())
-        expected = {name: _size(entry) for name, entry in record.get("files", {}).items()
-                    if name not in set(record.get("pruned", []))}
+            manifest = json.loads(stream.read())
+        expected = {name: _size(entry) for name, entry in manifest.get("files", {}).items()
+                    if name not in set(manifest.get("pruned", []))}
     except FileNotFoundError:
         if fs.get_file_info(folder).type == pafs.FileType.Directory:
             log.warning("skipping incomplete stage checkpoint %s: no %s", checkpoint_dir, PROGRESS)
@@ -161,20 +161,20 @@ def read_checkpoint_record(checkpoint_dir: Path | str) -> dict[str, Any] | None:
             log.warning("skipping incomplete stage checkpoint %s: %s is %s, expected %d bytes", checkpoint_dir,
                         name, found, size)
             return None
-    return record
+    return manifest
 
 
-def weights_pruned(record: dict[str, Any]) -> bool:
-    return any(name.startswith(WEIGHTS + "/") for name in record.get("pruned", []))
+def weights_pruned(manifest: dict[str, Any]) -> bool:
+    return any(name.startswith(WEIGHTS + "/") for name in manifest.get("pruned", []))
 
 
-def verify_checkpoint(checkpoint_dir: Path | str, record: dict[str, Any], parts: tuple[str, ...] = (),
+def verify_checkpoint(checkpoint_dir: Path | str, manifest: dict[str, Any], parts: tuple[str, ...] = (),
                       problems: list[str] | None = None) -> bool:
     """Hash every listed file (under `parts`, else all) again and compare with the writer's hash. A mismatch
     is one warning naming the file (also appended to `problems`), and False: the checkpoint must not be used.
     Reads every byte once (shards in parallel)."""
-    pruned = set(record.get("pruned", []))
-    expected = {name: entry.get(HASH) for name, entry in record.get("files", {}).items()
+    pruned = set(manifest.get("pruned", []))
+    expected = {name: entry.get(HASH) for name, entry in manifest.get("files", {}).items()
                 if isinstance(entry, dict) and entry.get(HASH)  # older markers: sizes only, already checked
                 and name not in pruned and (not parts or name.startswith(tuple(p + "/" for p in parts)))}
     actual = _hashes([storage.join(str(checkpoint_dir), name) for name in expected])
@@ -190,15 +190,15 @@ def verify_checkpoint(checkpoint_dir: Path | str, record: dict[str, Any], parts:
 
 def usable_checkpoint(checkpoint_dir: Path | str, parts: tuple[str, ...] = (WEIGHTS,),
                       problems: list[str] | None = None) -> dict[str, Any] | None:
-    """The record of a checkpoint whose `parts` are complete, not pruned, and hash as written; else None.
+    """The manifest of a checkpoint whose `parts` are complete, not pruned, and hash as written; else None.
     What resume, stage reuse and registration call before they touch a checkpoint."""
-    record = read_checkpoint_record(checkpoint_dir)
-    if record is None:
+    manifest = read_checkpoint_manifest(checkpoint_dir)
+    if manifest is None:
         return None
-    if WEIGHTS in parts and weights_pruned(record):
+    if WEIGHTS in parts and weights_pruned(manifest):
         log.debug("stage checkpoint %s: weights pruned (not needed by the sweep any more)", checkpoint_dir)
         return None
-    return record if verify_checkpoint(checkpoint_dir, record, parts, problems) else None
+    return manifest if verify_checkpoint(checkpoint_dir, manifest, parts, problems) else None
 
 
 def _refuse(problems: list[str] | None, message: str) -> bool:
@@ -226,28 +226,28 @@ def prune_weights(checkpoint_dir: Path | str) -> int:
     exports. The marker is rewritten first, so a crash in between leaves weights nobody reads, never a marker
     that promises missing weights. Returns the bytes freed (0 when already pruned or not a checkpoint)."""
     folder = str(checkpoint_dir)
-    record = read_checkpoint_record(folder)
-    if record is None:
+    manifest = read_checkpoint_manifest(folder)
+    if manifest is None:
         return 0
-    weights = sorted(n for n in record.get("files", {}) if n.startswith(WEIGHTS + "/"))
-    todo = [n for n in weights if n not in set(record.get("pruned", []))]
+    weights = sorted(n for n in manifest.get("files", {}) if n.startswith(WEIGHTS + "/"))
+    todo = [n for n in weights if n not in set(manifest.get("pruned", []))]
     if not todo:
         return 0
-    record["pruned"] = sorted(set(record.get("pruned", [])) | set(weights))
-    storage.write_bytes(storage.join(folder, PROGRESS), json.dumps(record, indent=1).encode())
+    manifest["pruned"] = sorted(set(manifest.get("pruned", [])) | set(weights))
+    storage.write_bytes(storage.join(folder, PROGRESS), json.dumps(manifest, indent=1).encode())
     fs, inner = storage.filesystem(folder)
     try:
         fs.delete_dir(f"{inner}/{WEIGHTS}")
     except FileNotFoundError:  # a crash after the marker was rewritten: nothing left to delete
         return 0
-    return sum(_size(record["files"][name]) for name in todo)
+    return sum(_size(manifest["files"][name]) for name in todo)
 
 
 def read_progress(checkpoint_dir: Path) -> Progress | None:
-    record = read_checkpoint_record(checkpoint_dir)
-    if record is None:
+    manifest = read_checkpoint_manifest(checkpoint_dir)
+    if manifest is None:
         return None
-    return Progress(record["cycle"], record["stage_index"], record["global_step"])
+    return Progress(manifest["cycle"], manifest["stage_index"], manifest["global_step"])
 
 
 def check_writable_folder(folder: Path | str) -> str | None:

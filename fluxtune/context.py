@@ -24,8 +24,9 @@ class Reporter(Protocol):
 
 
 @dataclass
-class Shared:
-    """What every stage of a trial shares (built once per worker)."""
+class WorkerSetup:
+    """What every stage of a trial shares on one worker, built once: data, loss, timesteps, reporter, the
+    component table, device and rank."""
 
     train: Any  # a TrainingStream (trials: streamed from the latent cache) or an EncodedSet/BucketedSet (in memory)
     val: ValidationSet
@@ -34,7 +35,7 @@ class Shared:
     loss_fn: Any
     timesteps: Any
     reporter: Reporter
-    registry: Any
+    components: Any
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -47,7 +48,7 @@ class Shared:
 
 @dataclass
 class RunContext:
-    shared: Shared
+    setup: WorkerSetup
     name: str
     cycle: int
     steps: int
@@ -68,35 +69,39 @@ class RunContext:
     def __post_init__(self) -> None:
         self._generator = torch.Generator(device="cpu").manual_seed(self.stream_seed)
 
+    @property
+    def shared(self) -> WorkerSetup:
+        return self.setup  # the name before `setup`, kept for one release: stage plugins may read it
+
     # -- where we are
     @property
     def device(self) -> torch.device:
-        return self.shared.device
+        return self.setup.device
 
     @property
     def rank(self) -> int:
-        return self.shared.rank
+        return self.setup.rank
 
     @property
     def world_size(self) -> int:
-        return self.shared.world_size
+        return self.setup.world_size
 
     # -- data and loss
     def batches(self, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """This stage's endless batches on `device`, from batch `skip` on: the same ones every time the stage
         runs (a restarted stage replays them; `skip` resumes one mid-stage without reading what it skips)."""
-        train = self.shared.train
+        train = self.setup.train
         if isinstance(train, (EncodedSet, BucketedSet)):  # held in memory: tests and benchmarks
-            batches = random_batches(train, self.shared.batch_size, self._generator)
+            batches = random_batches(train, self.setup.batch_size, self._generator)
             for _ in range(skip):
                 next(batches)
             return batches
-        return train.batches(self.shared.batch_size, self._data_seed(), skip)
+        return train.batches(self.setup.batch_size, self._data_seed(), skip)
 
     def _data_seed(self) -> int:
         # The same on every rank (the ranks of a stage share one permutation of the units and take disjoint
         # shares of it), different for every stage of every cycle and every experiment seed.
-        text = f"{self.shared.seed}\0{self.cycle}\0{self.name}".encode()
+        text = f"{self.setup.seed}\0{self.cycle}\0{self.name}".encode()
         return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
 
     def training_loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None):
@@ -105,8 +110,8 @@ class RunContext:
         generator = generator or self._generator
         x0 = batch["x0"]
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        t = self.shared.timesteps(x0.shape[0], generator, x0.shape[1]).to(x0.device)
-        return flow_matching_loss(model, batch, noise, t, self.shared.guidance, self.shared.loss_fn)
+        t = self.setup.timesteps(x0.shape[0], generator, x0.shape[1]).to(x0.device)
+        return flow_matching_loss(model, batch, noise, t, self.setup.guidance, self.setup.loss_fn)
 
     # -- optimisation helpers
     def optimizer(self, params: Any, type: str = "adamw", **settings: Any):
@@ -117,7 +122,7 @@ class RunContext:
     def build_optimizer(self, params: Any, spec: dict[str, Any], device: torch.device | None = None,
                         sharded: bool = False):
         """`device`: where its states live (default the worker's); `sharded`: each rank steps a ZeRO slice."""
-        make = self.shared.registry.get("optimizer", spec.get("type", "adamw")).build(spec)
+        make = self.setup.components.get("optimizer", spec.get("type", "adamw")).build(spec)
         return make(params, device=device or self.device, sharded=sharded)
 
     def distribute(self, module: Any) -> Any:
@@ -131,28 +136,28 @@ class RunContext:
     def adapter(self, spec: Any) -> Any:
         if hasattr(spec, "model_dump"):
             spec = {"type": spec.type, **spec.params()}
-        return self.shared.registry.get("adapter", spec["type"]).build(spec)
+        return self.setup.components.get("adapter", spec["type"]).build(spec)
 
     # -- reporting
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.last_step_at = time.perf_counter()
         step = self.first_global_step + step
         prefixed = {f"{self.name}/cycle{self.cycle}/{k}": v for k, v in metrics.items()}
-        self.shared.reporter.log(step, {**metrics, **prefixed})
+        self.setup.reporter.log(step, {**metrics, **prefixed})
         self.callbacks.step_end(self, step - self.first_global_step, metrics)
 
     def maybe_evaluate(self, step: int, model: Any = None) -> dict[str, float] | None:
         """At eval points, score `model` (default the live transformer; a stage whose weights live in an engine
         passes a view of them) and report it."""
-        if step == self.steps or (self.first_global_step + step) % self.shared.eval_every:
+        if step == self.steps or (self.first_global_step + step) % self.setup.eval_every:
             return None  # the stage end is evaluated by the cycle
-        metrics = evaluate(self.transformer if model is None else model, self.shared)
-        self.shared.reporter.evaluation(self.first_global_step + step, metrics)
+        metrics = evaluate(self.transformer if model is None else model, self.setup)
+        self.setup.reporter.evaluation(self.first_global_step + step, metrics)
         return metrics
 
     def evaluate(self, model: Any = None) -> dict[str, float]:
         """Evaluate now (e.g. an adapter's own score before merging it); counts as a stage-end evaluation."""
-        return evaluate(self.transformer if model is None else model, self.shared, stage_end=True)
+        return evaluate(self.transformer if model is None else model, self.setup, stage_end=True)
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -160,28 +165,28 @@ def _mse(pred: torch.Tensor, target: torch.Tensor, batch: dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(transformer: Any, shared: Shared, stage_end: bool = False) -> dict[str, float]:
+def evaluate(transformer: Any, setup: WorkerSetup, stage_end: bool = False) -> dict[str, float]:
     """Deterministic validation loss: fixed noise and t per held-out example, dropout off.
 
     Always plain MSE on the velocity, whatever the training loss, so trials with different losses compare.
     The validation preview (sample grid and masked scores; sampling: far dearer than the loss) runs at the first evaluation,
     every `sample_every`-th one and at stage ends.
     """
-    with_samples = stage_end or shared.evaluations % shared.sample_every == 0
-    shared.evaluations += 1
-    val = shared.val
+    with_samples = stage_end or setup.evaluations % setup.sample_every == 0
+    setup.evaluations += 1
+    val = setup.val
     was_training = transformer.training
     transformer.eval()
     total, count = 0.0, 0
     # bf16 weights (a DeepSpeed module, a LoRA stage's base) take fp32 inputs under bf16 autocast, as in training.
     bf16 = any(p.dtype == torch.bfloat16 for p in transformer.parameters())
-    with torch.autocast(device_type=shared.device.type, dtype=torch.bfloat16, enabled=bf16):
-        for batch, noise, t in val.batches(shared.batch_size):  # one image size per batch (aspect-ratio buckets)
-            loss = flow_matching_loss(transformer, batch, noise, t, shared.guidance, _mse)
+    with torch.autocast(device_type=setup.device.type, dtype=torch.bfloat16, enabled=bf16):
+        for batch, noise, t in val.batches(setup.batch_size):  # one image size per batch (aspect-ratio buckets)
+            loss = flow_matching_loss(transformer, batch, noise, t, setup.guidance, _mse)
             total += float(loss) * len(t)
             count += len(t)
         transformer.train(was_training)
         metrics = {"val_loss": total / max(count, 1)}
-        if shared.preview is not None and with_samples:  # its grid rides to MLflow with the next report
-            metrics.update(shared.preview(transformer))
+        if setup.preview is not None and with_samples:  # its grid rides to MLflow with the next report
+            metrics.update(setup.preview(transformer))
     return metrics

@@ -19,7 +19,7 @@ from fluxtune.canonical import (DTYPES, FP32, LiveWeights, SavedWeights, Weights
                                 save_weights_folder, shapes, weights_dtype)
 from fluxtune.checkpoints import Progress, write_stage_checkpoint
 from fluxtune.config.schedule import stage_for_cycle
-from fluxtune.context import RunContext, Shared, evaluate
+from fluxtune.context import RunContext, WorkerSetup, evaluate
 from fluxtune.failures import FailureSite, StepMark, configured_entries, failure_site
 from fluxtune.train.protocol import CYCLE_KEY, STAGE_KEY
 
@@ -35,12 +35,12 @@ def stage_dtype(stage: Any, device_type: str) -> torch.dtype:
     return DTYPES[declared(device_type)] if declared is not None else FP32
 
 
-def initial_weights_dtype(experiment: dict[str, Any], registry: Any, device_type: str) -> torch.dtype:
+def initial_weights_dtype(experiment: dict[str, Any], components: Any, device_type: str) -> torch.dtype:
     """The dtype of the first stage of the schedule: load the model in it (no fp32 copy to round later)."""
     for index in range(len(experiment["stages"])):
         spec = stage_for_cycle(experiment, index, 0)
         if spec is not None:
-            return stage_dtype(registry.get("stage", spec["type"]).build(stage_params(spec)), device_type)
+            return stage_dtype(components.get("stage", spec["type"]).build(stage_params(spec)), device_type)
     return FP32
 
 
@@ -52,18 +52,18 @@ class Handoff:
     checkpoint is written, because a stage may read it up to its end (a LoRA merge).
     """
 
-    def __init__(self, shared: Shared, module: Any, scratch_root: Path | None, folder: Path | None = None):
-        self.shared, self.scratch_root = shared, scratch_root
+    def __init__(self, setup: WorkerSetup, module: Any, scratch_root: Path | None, folder: Path | None = None):
+        self.setup, self.scratch_root = setup, scratch_root
         # A folder matters only for a bf16 module; an fp32 one (a resumed checkpoint, say) is itself exact.
         usable = folder is not None and weights_dtype(module) != FP32
-        self.folder = Path(folder) if usable and shared.rank == 0 else None
+        self.folder = Path(folder) if usable and setup.rank == 0 else None
         self.saved = usable  # the same on every rank
         self._scratches: list[Path] = []
 
     def weights(self, module: Any) -> Weights:
         if not self.saved or weights_dtype(module) == FP32:
             return LiveWeights(module)
-        s = self.shared
+        s = self.setup
         return SavedWeights(self.folder, shapes(module), s.device, s.rank, s.world_size)
 
     def prepare(self, module: Any, dtype: torch.dtype) -> Any:
@@ -86,7 +86,7 @@ class Handoff:
         return folder
 
     def _save_live(self, module: Any) -> None:
-        if self.shared.rank == 0:
+        if self.setup.rank == 0:
             self.folder = self.scratch() / "transformer"
             save_weights_folder(self.folder, module, LiveWeights(module).tensors())
         self.saved = True
@@ -96,7 +96,7 @@ class Handoff:
         """The stage checkpoint from the trained canonical weights (rank 0 writes; reading them is a collective
         every rank takes part in); it becomes the canonical copy and older folders go."""
         checkpoint = None
-        if self.shared.rank == 0:
+        if self.setup.rank == 0:
             checkpoint = write_stage_checkpoint(scratch / "checkpoint", module, progress, stage, export_dir,
                                                 metrics, weights=trained.tensors())
         else:
@@ -126,7 +126,7 @@ def trained_weights(ctx: RunContext, stage_type: str) -> Weights:
     return LiveWeights(ctx.transformer)
 
 
-def run_cycle(experiment: dict[str, Any], transformer: Any, shared: Shared,
+def run_cycle(experiment: dict[str, Any], transformer: Any, setup: WorkerSetup,
               progress: Progress = Progress(), checkpoint_root: Path | None = None,
               weights_folder: Path | None = None) -> Any:
     """Train `transformer` through the experiment's schedule, starting at `progress`; returns the final model.
@@ -137,10 +137,10 @@ def run_cycle(experiment: dict[str, Any], transformer: Any, shared: Shared,
     """
     stages = experiment["stages"]
     last_step_done_at: float | None = None
-    callbacks = CallbackList.build(experiment.get("callbacks", []), shared.registry)
+    callbacks = CallbackList.build(experiment.get("callbacks", []), setup.components)
     step_mark = StepMark()  # the last step logged: an error names the step it interrupted
     callbacks = CallbackList([*callbacks.callbacks, step_mark])
-    handoff = Handoff(shared, transformer, checkpoint_root, weights_folder)
+    handoff = Handoff(setup, transformer, checkpoint_root, weights_folder)
     try:
         for cycle in range(progress.cycle, experiment["cycles"]):
             for index, spec in enumerate(stages):
@@ -148,15 +148,15 @@ def run_cycle(experiment: dict[str, Any], transformer: Any, shared: Shared,
                 if spec is None or (cycle, index) < (progress.cycle, progress.stage_index):
                     continue
                 site = FailureSite(spec["name"], cycle, step=progress.global_step)
-                entries = configured_entries(experiment, spec, shared.registry)
+                entries = configured_entries(experiment, spec, setup.components)
                 with failure_site(site, entries, step_mark):
-                    stage = shared.registry.get("stage", spec["type"]).build(stage_params(spec))
-                    transformer = handoff.prepare(transformer, stage_dtype(stage, shared.device.type))
+                    stage = setup.components.get("stage", spec["type"]).build(stage_params(spec))
+                    transformer = handoff.prepare(transformer, stage_dtype(stage, setup.device.type))
                     scratch = handoff.scratch()
                     ctx = RunContext(
-                        shared=shared, name=spec["name"], cycle=cycle, steps=spec["steps"], transformer=transformer,
+                        setup=setup, name=spec["name"], cycle=cycle, steps=spec["steps"], transformer=transformer,
                         export_dir=scratch / "exports", first_global_step=progress.global_step,
-                        stream_seed=_stream_seed(shared, cycle, index), callbacks=callbacks,
+                        stream_seed=_stream_seed(setup, cycle, index), callbacks=callbacks,
                         weights=handoff.weights(transformer),
                     )
                     ctx.export_dir.mkdir()
@@ -166,7 +166,7 @@ def run_cycle(experiment: dict[str, Any], transformer: Any, shared: Shared,
                     site.phase = "stage end"
                     transformer = ctx.transformer
                     trained = trained_weights(ctx, spec["type"])
-                    metrics.update(evaluate(transformer, shared, stage_end=True))
+                    metrics.update(evaluate(transformer, setup, stage_end=True))
                     metrics.update(callbacks.stage_end(ctx, metrics))
                     if last_step_done_at is not None and ctx.first_step_at is not None:
                         metrics["transition_s"] = ctx.first_step_at - last_step_done_at
@@ -174,14 +174,14 @@ def run_cycle(experiment: dict[str, Any], transformer: Any, shared: Shared,
                     checkpoint = handoff.write(scratch, trained, transformer, progress, spec["name"],
                                                ctx.export_dir, metrics)
                     named = {f"{spec['name']}/cycle{cycle}/{k}": v for k, v in metrics.items()}
-                    shared.reporter.stage_end(progress.global_step, {**metrics, **named, CYCLE_KEY: cycle,
-                                                                     STAGE_KEY: spec["name"]}, checkpoint)
+                    setup.reporter.stage_end(progress.global_step, {**metrics, **named, CYCLE_KEY: cycle,
+                                                                    STAGE_KEY: spec["name"]}, checkpoint)
                     last_step_done_at = ctx.last_step_at
     finally:
         handoff.cleanup()
     return transformer
 
 
-def _stream_seed(shared: Shared, cycle: int, index: int) -> int:
+def _stream_seed(setup: WorkerSetup, cycle: int, index: int) -> int:
     # Each (rank, cycle, stage) draws its own batches and noise, reproducibly across restarts.
-    return shared.seed * 1_000_003 + shared.rank * 10_007 + cycle * 101 + index
+    return setup.seed * 1_000_003 + setup.rank * 10_007 + cycle * 101 + index

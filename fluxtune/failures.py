@@ -120,7 +120,7 @@ def raising_component(exc: BaseException, entries: list[Any]) -> Any | None:
     return None
 
 
-def configured_entries(experiment: dict[str, Any], stage: dict[str, Any], registry: Any) -> list[Any]:
+def configured_entries(experiment: dict[str, Any], stage: dict[str, Any], components: Any) -> list[Any]:
     """The registered components a stage runs: the stage first (the default culprit), then its adapter, the
     loss, the timestep sampler and the callbacks."""
     wanted = [("stage", stage.get("type"))]
@@ -134,7 +134,7 @@ def configured_entries(experiment: dict[str, Any], stage: dict[str, Any], regist
     entries = []
     for kind, name in wanted:
         try:
-            entries.append(registry.get(kind, name))
+            entries.append(components.get(kind, name))
         except Exception:  # an unknown name was refused at validation; never let naming the culprit fail
             continue
     return entries

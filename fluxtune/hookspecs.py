@@ -2,7 +2,7 @@
 
 A plugin is a module (or object) with functions marked `@fluxtune.hookimpl`, found through the entry-point
 group `fluxtune` (built-ins in `fluxtune/default_plugins/` register the same way). Each `register_*` hook is
-called once per process (the CLI/driver and each Ray worker) when the registry is first built, and receives a
+called once per process (the CLI/driver and each Ray worker) when the component table is first built, and receives a
 `register` callback to call once per component it provides:
 
     register(name, factory, params=SomeParams, doc="one line", replace=False)
@@ -33,7 +33,7 @@ Register = Callable[..., None]
 def register_stages(register: Register) -> None:
     """Register training stages, used by `type:` in an entry of `base.stages`.
 
-    When: once per process, when the registry is built (validation in the CLI; start-up of each Ray worker).
+    When: once per process, when the component table is built (validation in the CLI; start-up of each Ray worker).
     Arguments: `register(name, factory, params=..., doc=..., replace=False)`. The stage entry's keys other than
     `name`, `type` and `steps` are validated by `params`. `factory(params)` returns an object with
     `run(ctx: fluxtune.StageContext) -> dict[str, float]`, called once per stage per cycle in every worker.
@@ -44,7 +44,7 @@ def register_stages(register: Register) -> None:
 def register_adapters(register: Register) -> None:
     """Register parameter-efficient adapters, used by `adapter: {type: …}` in an adapter stage.
 
-    When: once per process, when the registry is built. Arguments: `register(name, factory, params=..., ...)`.
+    When: once per process, when the component table is built. Arguments: `register(name, factory, params=..., ...)`.
     `factory(params)` returns a `fluxtune.Adapter` (`attach`, `export`, `merge`); stages build one per stage run
     with `ctx.adapter(spec)`.
     """
@@ -54,7 +54,7 @@ def register_adapters(register: Register) -> None:
 def register_losses(register: Register) -> None:
     """Register training losses, used by `base.loss: {type: …}`.
 
-    When: once per process, when the registry is built. Arguments: `register(name, factory, params=..., ...)`.
+    When: once per process, when the component table is built. Arguments: `register(name, factory, params=..., ...)`.
     `factory(params)` returns `loss(pred, target, batch) -> scalar tensor`, built once per worker and called
     every training step (the validation loss stays plain MSE so that trials compare).
     """
@@ -64,7 +64,7 @@ def register_losses(register: Register) -> None:
 def register_timestep_samplers(register: Register) -> None:
     """Register flow-matching timestep samplers, used by `base.timesteps: {type: …}`.
 
-    When: once per process, when the registry is built. Arguments: `register(name, factory, params=..., ...)`.
+    When: once per process, when the component table is built. Arguments: `register(name, factory, params=..., ...)`.
     `factory(params)` returns `sample(n, generator, image_seq_len) -> tensor[n]` of times in [0, 1]
     (1 = pure noise), called every training step.
     """
@@ -74,7 +74,7 @@ def register_timestep_samplers(register: Register) -> None:
 def register_callbacks(register: Register) -> None:
     """Register runtime callbacks, used by `base.callbacks: [{type: …}, …]`.
 
-    When: once per process, when the registry is built. Arguments: `register(name, factory, params=..., ...)`.
+    When: once per process, when the component table is built. Arguments: `register(name, factory, params=..., ...)`.
     `factory(params)` returns a `fluxtune.Callback`: any of `on_stage_start(ctx)`,
     `on_step_end(ctx, step, metrics)` and `on_stage_end(ctx, metrics) -> dict | None`. One instance per trial
     and worker, in the order listed in the YAML.
@@ -85,7 +85,7 @@ def register_callbacks(register: Register) -> None:
 def register_search_spaces(register: Register) -> None:
     """Register named search-space fragments, used by `search.include: [name, …]`.
 
-    When: once per process, when the registry is built. Arguments: `register(name, factory, params=..., ...)`.
+    When: once per process, when the component table is built. Arguments: `register(name, factory, params=..., ...)`.
     `factory(params)` returns a mapping of dotted config path → distribution (`{type: float, low: …, high: …}`,
     as in `search.space`); it is merged under the file's own `search.space` (the file wins on a shared path)
     at validation time.
@@ -96,7 +96,7 @@ def register_search_spaces(register: Register) -> None:
 def register_optimizers(register: Register) -> None:
     """Register optimizers, used by `optimizer: {type: …}` in a built-in stage (default `adamw`).
 
-    When: once per process, when the registry is built. Arguments: `register(name, factory, params=..., ...)`.
+    When: once per process, when the component table is built. Arguments: `register(name, factory, params=..., ...)`.
     `factory(params)` returns `make(parameters, device, sharded) -> torch.optim.Optimizer`, called once per
     stage run in every worker: `device` is where the optimizer states live (the CPU under DeepSpeed optimizer
     offload), `sharded` is true when each rank steps only its ZeRO slice of the parameters (statistics over all

@@ -141,7 +141,7 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
     return build_plugin_manager()
 
 
-_changes = 0  # how often the loaded plugin set changed: the registry (built from it) rebuilds on a new count
+_changes = 0  # how often the loaded plugin set changed: the component table (built from it) rebuilds on a new count
 
 
 def changes() -> int:
@@ -161,7 +161,7 @@ def plugin_set() -> dict[str, str]:
 
 
 def reset() -> None:
-    """Forget the process-wide plugin manager and registry; the next use rebuilds both."""
+    """Forget the process-wide plugin manager and components; the next use rebuilds both."""
     plugin_manager.cache_clear()
     _changed()
 
@@ -198,7 +198,7 @@ def use_plugin_set(expected: dict[str, str] | None) -> None:
 
 
 def add_plugin(plugin: Any, name: str, distribution: str = "<in-process>", version: str = "0") -> PluginInfo:
-    """Register a plugin object in the process-wide manager (tests, notebooks); the registry is rebuilt."""
+    """Register a plugin object in the process-wide manager (tests, notebooks); the component table is rebuilt."""
     pm, infos = plugin_manager()
     try:
         pm.register(plugin, name=name)

@@ -1,4 +1,4 @@
-"""Secrets never reach MLflow, the console or a failure record: what fluxtune logs (params, tags, the spec
+"""Secrets never reach MLflow, the console or a kept error text: what fluxtune logs (params, tags, the spec
 file, error lines) is redacted first.
 
 Redacted: the value of any key that looks like a secret (`api_token`, `password`, `secret`, `*_key`, …),
@@ -6,7 +6,7 @@ passwords in URLs (`https://user:***@host`), well-known token formats (`hf_…`,
 the value of every environment variable whose name looks like a secret (HF_TOKEN, AWS_SECRET_ACCESS_KEY,
 MLFLOW_TRACKING_PASSWORD, …), so a secret pasted into a YAML value or a `--set` is caught too. Names (sweep,
 experiment, model, alias, stage) never hold a secret: validation refuses them (`secret_in`), since a name
-becomes folders, registry entries and console lines that redaction cannot all reach. fluxtune never expands
+becomes folders, model-registry entries and console lines that redaction cannot all reach. fluxtune never expands
 `${VAR}` in YAML: secrets belong in the environment, where the libraries that need them read them.
 """
 

@@ -36,18 +36,19 @@ def tiny_model(seed: int = 0) -> Any:
 def registered_plugin(plugin: Any, name: str | None = None) -> Iterator[Any]:
     """Register `plugin` (a module or object with `@fluxtune.hookimpl` functions) for the `with` block.
 
-    Yields the rebuilt registry; the plugin is unregistered afterwards, also when the block raises.
+    Yields the rebuilt component table (`fluxtune.components.Components`); the plugin is unregistered afterwards,
+    also when the block raises.
     """
+    from fluxtune.components import loaded_components
     from fluxtune.plugins import add_plugin, plugin_manager, remove_plugin
-    from fluxtune.registry import registry
 
     if plugin_manager()[0].is_registered(plugin):  # installed, so already loaded from its entry point
-        yield registry()
+        yield loaded_components()
         return
     name = name or getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
     add_plugin(plugin, name)
     try:
-        yield registry()
+        yield loaded_components()
     finally:
         remove_plugin(name)
 
@@ -101,7 +102,11 @@ class TinyRun:
     transformer: Any
     reporter: RecordingReporter
     initial_val_loss: float
-    shared: Any = field(repr=False)
+    setup: Any = field(repr=False)  # the run's `fluxtune.context.WorkerSetup`
+
+    @property
+    def shared(self) -> Any:
+        return self.setup  # the name before `setup`, kept for one release
 
     @property
     def val_loss(self) -> float:
@@ -134,21 +139,21 @@ def run_tiny(base_yaml: str, keep_checkpoints: Path | None = None, seed: int = 0
     """
     import torch
 
-    from fluxtune.assemble import build_shared, encode_arrays
+    from fluxtune.components import loaded_components
     from fluxtune.context import evaluate
     from fluxtune.cycle import run_cycle
-    from fluxtune.registry import registry
+    from fluxtune.worker_setup import build_worker_setup, encode_arrays
 
     experiment = tiny_experiment(base_yaml)
     torch.manual_seed(experiment["seed"])
     bundle = tiny_model(seed=experiment["model"].get("seed", 0))
     train, val = tiny_data(seed=seed)
     reporter = RecordingReporter(keep_checkpoints)
-    shared = build_shared(experiment, encode_arrays(bundle, train), encode_arrays(bundle, val), reporter,
-                          registry(), torch.device("cpu"))
-    initial = evaluate(bundle.transformer, shared)["val_loss"]
-    transformer = run_cycle(experiment, bundle.transformer, shared)
-    return TinyRun(experiment, transformer, reporter, initial, shared)
+    setup = build_worker_setup(experiment, encode_arrays(bundle, train), encode_arrays(bundle, val), reporter,
+                               loaded_components(), torch.device("cpu"))
+    initial = evaluate(bundle.transformer, setup)["val_loss"]
+    transformer = run_cycle(experiment, bundle.transformer, setup)
+    return TinyRun(experiment, transformer, reporter, initial, setup)
 
 
 __all__ = ["InputError", "RecordingReporter", "TinyRun", "registered_plugin", "run_tiny", "tiny_data", "tiny_experiment",

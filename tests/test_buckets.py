@@ -146,10 +146,10 @@ def _read_all(cache):
 
 
 def test_cache_rows_carry_their_bucket_and_hold_what_encoding_in_memory_gives(mixed):
-    from fluxtune.assemble import encode_arrays, load_bundle
     from fluxtune.data.images import load_example
     from fluxtune.data.rows import read_rows
     from fluxtune.flux.encoded import BucketedSet, encoded_from_columns
+    from fluxtune.worker_setup import encode_arrays, load_bundle
 
     jsonl, cache = mixed
     assert cache.manifest["preprocessing"]["buckets"] == [list(b) for b in AUTO_64]
@@ -182,12 +182,12 @@ def test_cache_rows_carry_their_bucket_and_hold_what_encoding_in_memory_gives(mi
 
 
 def test_training_on_mixed_aspects_draws_single_bucket_batches_and_learns(mixed):
-    from fluxtune.assemble import build_shared, load_bundle
+    from fluxtune.components import loaded_components
     from fluxtune.context import evaluate
     from fluxtune.cycle import run_cycle
-    from fluxtune.registry import registry
     from fluxtune.testing import RecordingReporter, tiny_experiment
     from fluxtune.train.datasets import trial_data
+    from fluxtune.worker_setup import build_worker_setup, load_bundle
 
     _, cache = mixed
     experiment = tiny_experiment("""
@@ -213,9 +213,9 @@ def test_training_on_mixed_aspects_draws_single_bucket_batches_and_learns(mixed)
     torch.manual_seed(0)
     bundle = load_bundle(experiment["model"])
     reporter = RecordingReporter()
-    shared = build_shared(experiment, Recording(), val, reporter, registry(), torch.device("cpu"))
-    before = evaluate(bundle.transformer, shared)["val_loss"]
-    run_cycle(experiment, bundle.transformer, shared)
+    setup = build_worker_setup(experiment, Recording(), val, reporter, loaded_components(), torch.device("cpu"))
+    before = evaluate(bundle.transformer, setup)["val_loss"]
+    run_cycle(experiment, bundle.transformer, setup)
 
     assert len(seen) == 40 and all(tokens == ids == cells for tokens, ids, cells in seen)  # packing follows buckets
     assert {tokens for tokens, _, _ in seen} == {15, 16}  # 80x48 / 48x80 → 5·3 tokens, 64² → 16: all buckets trained

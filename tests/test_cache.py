@@ -58,10 +58,10 @@ def _read_all(cache, rows=None) -> dict[str, dict[str, np.ndarray]]:
 
 
 def test_cache_holds_what_encoding_in_memory_gives_rounded_to_float16(built, dataset):
-    from fluxtune.assemble import encode_arrays, load_bundle
     from fluxtune.data.images import load_example
     from fluxtune.data.rows import read_rows
     from fluxtune.flux.encoded import encoded_from_columns
+    from fluxtune.worker_setup import encode_arrays, load_bundle
 
     cache, built_now, _, _ = built
     assert built_now and cache.manifest["rows"] == 12 and cache.manifest["dtype"] == "float16"

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import run_in_process
 from fluxtune.checkpoints import (PROGRESS, CheckpointSpaceError, Progress, check_writable_folder, prune_weights,
-                                  read_checkpoint_record, read_progress, usable_checkpoint, write_stage_checkpoint)
+                                  read_checkpoint_manifest, read_progress, usable_checkpoint, write_stage_checkpoint)
 
 SAFETENSORS = "transformer/diffusion_pytorch_model.safetensors"
 
@@ -58,15 +58,15 @@ def _digest(folder: Path) -> dict[str, str]:
 def test_a_checkpoint_appears_under_its_name_complete_with_a_list_of_its_files(transformer, tmp_path):
     folder = _write(tmp_path / "checkpoint", transformer)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint", "exports-checkpoint"]  # no temporary folder left
-    record = read_checkpoint_record(folder)
-    assert record["finished_stage"] == "full" and read_progress(folder) == Progress(0, 1, 5)
-    assert record["files"][SAFETENSORS]["size"] == (folder / SAFETENSORS).stat().st_size
-    assert record["files"]["exports/adapter/weights.bin"] == {"size": 1000,
-                                                              "sha256": hashlib.sha256(b"a" * 1000).hexdigest()}
-    assert set(record["files"]) == {str(p.relative_to(folder)) for p in folder.rglob("*")
-                                    if p.is_file() and p.name != PROGRESS}
-    assert _digest(folder)[SAFETENSORS] == record["files"][SAFETENSORS]["sha256"]
-    assert usable_checkpoint(folder) == record
+    manifest = read_checkpoint_manifest(folder)
+    assert manifest["finished_stage"] == "full" and read_progress(folder) == Progress(0, 1, 5)
+    assert manifest["files"][SAFETENSORS]["size"] == (folder / SAFETENSORS).stat().st_size
+    assert manifest["files"]["exports/adapter/weights.bin"] == {"size": 1000,
+                                                                "sha256": hashlib.sha256(b"a" * 1000).hexdigest()}
+    assert set(manifest["files"]) == {str(p.relative_to(folder)) for p in folder.rglob("*")
+                                      if p.is_file() and p.name != PROGRESS}
+    assert _digest(folder)[SAFETENSORS] == manifest["files"][SAFETENSORS]["sha256"]
+    assert usable_checkpoint(folder) == manifest
 
 
 def test_sharded_weights_are_hashed_as_they_are_written_with_their_index(transformer, tmp_path):
@@ -132,7 +132,7 @@ def _three_stage_trial(tmp_path: Path):
     return experiment, settings, sweep, sweep / "train" / "s1-t1"
 
 
-def _record_stage_cache(experiment: dict, settings, checkpoints: tuple[Path, ...]) -> None:
+def _offer_for_reuse(experiment: dict, settings, checkpoints: tuple[Path, ...]) -> None:
     """Stage-cache entries pointing at `checkpoints`, one per leading stage, as trial t1 would leave them."""
     cache = Path(settings.layout.stage_cache)
     cache.mkdir(parents=True)
@@ -142,7 +142,7 @@ def _record_stage_cache(experiment: dict, settings, checkpoints: tuple[Path, ...
 
 
 def test_stage_reuse_and_registration_skip_half_written_checkpoints(transformer, tmp_path):
-    from fluxtune.search.best import stage_records
+    from fluxtune.search.best import finished_stages
     from fluxtune.train.trial import cached_prefix
 
     experiment, settings, sweep, run = _three_stage_trial(tmp_path)
@@ -151,10 +151,10 @@ def test_stage_reuse_and_registration_skip_half_written_checkpoints(transformer,
     shutil.copytree(first, second)
     (second / SAFETENSORS).unlink()
     _half_written(run / "checkpoint_000002", first)
-    _record_stage_cache(experiment, settings, (first, second))
+    _offer_for_reuse(experiment, settings, (first, second))
     reused = cached_prefix(experiment, settings)
     assert reused["checkpoint"] == str(first) and reused["stage"] == "full"  # not the half-written lora stage
-    assert [r.checkpoint for r in stage_records(sweep, "s1", "t1")] == [str(first)]
+    assert [r.checkpoint for r in finished_stages(sweep, "s1", "t1")] == [str(first)]
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -170,19 +170,19 @@ def test_a_changed_byte_is_refused_by_resume_reuse_and_registration_naming_the_f
                                                                                    monkeypatch):
     import ray.train
 
-    from fluxtune.registered_version import release_of
-    from fluxtune.search.best import stage_records
+    from fluxtune.search.best import finished_stages
     from fluxtune.tracking.publishing import BaseReferences
     from fluxtune.train import worker
     from fluxtune.train.trial import cached_prefix
+    from fluxtune.version_contents import release_of
 
     experiment, settings, sweep, run = _three_stage_trial(tmp_path)
     first = _write(run / "checkpoint_000000", transformer, "full", 2)
     second = _write(run / "checkpoint_000001", transformer, "lora", 4)
-    _record_stage_cache(experiment, settings, (first, second))
+    _offer_for_reuse(experiment, settings, (first, second))
     assert cached_prefix(experiment, settings)["checkpoint"] == str(second)  # the longest prefix
     _flip_a_byte(second / SAFETENSORS)
-    assert read_checkpoint_record(second) is not None  # sizes agree: only the hash can tell
+    assert read_checkpoint_manifest(second) is not None  # sizes agree: only the hash can tell
 
     refused: list[str] = []
     with caplog.at_level(logging.WARNING, logger="fluxtune.checkpoints"):
@@ -192,7 +192,7 @@ def test_a_changed_byte_is_refused_by_resume_reuse_and_registration_naming_the_f
         assert (progress, model, restarted) == (Progress(), transformer, False)  # never resumed from it
         problems: list[str] = []
         with pytest.raises(ValueError):
-            BaseReferences().for_release(release_of("t1", stage_records(sweep, "s1", "t1") + [
+            BaseReferences().for_release(release_of("t1", finished_stages(sweep, "s1", "t1") + [
                 _adapter_stage(run / "checkpoint_000002", transformer)]), {"preset": "tiny-fill"}, problems)
     [line] = refused
     assert line == (f"refusing stage checkpoint {second}: {SAFETENSORS} does not match the sha256 in its "
@@ -219,11 +219,11 @@ def test_pruned_weights_read_as_absent_without_a_warning_and_keep_the_exports(tr
     with caplog.at_level(logging.DEBUG, logger="fluxtune.checkpoints"):
         assert prune_weights(folder) >= size
         assert prune_weights(folder) == 0  # already pruned
-        record = read_checkpoint_record(folder)
-        assert record is not None and SAFETENSORS in record["pruned"] and not (folder / "transformer").exists()
+        manifest = read_checkpoint_manifest(folder)
+        assert manifest is not None and SAFETENSORS in manifest["pruned"] and not (folder / "transformer").exists()
         assert (folder / "exports" / "adapter" / "weights.bin").exists()
         assert usable_checkpoint(folder) is None
-        assert usable_checkpoint(folder, parts=("exports/adapter",)) == record  # the adapter is still there
+        assert usable_checkpoint(folder, parts=("exports/adapter",)) == manifest  # the adapter is still there
         monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(str(folder)))
         assert worker._resume(transformer)[0] == Progress()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -233,9 +233,9 @@ def test_pruned_weights_read_as_absent_without_a_warning_and_keep_the_exports(tr
 
 def test_a_marker_written_before_hashes_is_still_read_by_its_sizes(transformer, tmp_path):
     folder = _write(tmp_path / "checkpoint", transformer)
-    record = json.loads((folder / PROGRESS).read_text())
-    record["files"] = {name: entry["size"] for name, entry in record["files"].items()}
-    (folder / PROGRESS).write_text(json.dumps(record))
+    manifest = json.loads((folder / PROGRESS).read_text())
+    manifest["files"] = {name: entry["size"] for name, entry in manifest["files"].items()}
+    (folder / PROGRESS).write_text(json.dumps(manifest))
     assert usable_checkpoint(folder)["files"][SAFETENSORS] == (folder / SAFETENSORS).stat().st_size
     _truncate(folder / SAFETENSORS)
     assert usable_checkpoint(folder) is None
@@ -303,8 +303,8 @@ def test_a_file_size_limit_mid_write_gives_the_same_clear_error(tmp_path):
     script = textwrap.dedent(f"""
         import resource, sys
         from pathlib import Path
-        from fluxtune.testing import tiny_model
         from fluxtune.checkpoints import Progress, write_stage_checkpoint, CheckpointSpaceError
+        from fluxtune.testing import tiny_model
         model = tiny_model().transformer
         root = Path({str(tmp_path)!r})
         write_stage_checkpoint(root / "checkpoint_000000", model, Progress(0, 1, 5), "full", None, {{}})
@@ -398,12 +398,12 @@ def test_hashes_pruning_and_disk_use_work_the_same_on_s3(transformer, tmp_path, 
     pafs.copy_files(str(local), f"{inner}/checkpoint_000000", source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
     remote = storage.join(root, "checkpoint_000000")
-    assert usable_checkpoint(remote) == read_checkpoint_record(local)
+    assert usable_checkpoint(remote) == read_checkpoint_manifest(local)
     assert disk_use(root) == (sum(p.stat().st_size for p in local.rglob("*") if p.is_file()), 1)
     _flip_a_byte(local / SAFETENSORS)
     storage.write_bytes(storage.join(remote, SAFETENSORS), (local / SAFETENSORS).read_bytes())
     problems: list[str] = []
     assert usable_checkpoint(remote, problems=problems) is None and f"{SAFETENSORS} does not match" in problems[0]
     assert prune_weights(remote) > 0 and disk_use(root)[1] == 0
-    assert SAFETENSORS in read_checkpoint_record(remote)["pruned"] and usable_checkpoint(remote) is None
+    assert SAFETENSORS in read_checkpoint_manifest(remote)["pruned"] and usable_checkpoint(remote) is None
     assert usable_checkpoint(remote, parts=("exports/adapter",)) is not None

@@ -4,9 +4,9 @@ import textwrap
 
 import pytest
 
+from fluxtune.components import loaded_components
 from fluxtune.config.errors import InputError
 from fluxtune.config.load import load_search_file, sample_experiment
-from fluxtune.registry import registry
 
 VALID = """\
 name: t
@@ -92,7 +92,7 @@ def test_sampled_values_land_at_their_paths(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text(VALID)
     _, base = load_search_file(path)
-    exp = sample_experiment(base, {"stages.lora.adapter.rank": 4, "cycles": 1}, registry())
+    exp = sample_experiment(base, {"stages.lora.adapter.rank": 4, "cycles": 1}, loaded_components())
     assert exp["stages"][1]["adapter"]["rank"] == 4 and exp["cycles"] == 1
     assert base["stages"][1]["adapter"]["rank"] == 8  # the base is never modified
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from fluxtune.assemble import build_shared, encode_arrays, load_bundle
 from fluxtune.checkpoints import Progress, read_progress
+from fluxtune.components import loaded_components
 from fluxtune.config.load import load_search_text
 from fluxtune.cycle import run_cycle
 from fluxtune.data.images import load_example
 from fluxtune.data.rows import read_rows
-from fluxtune.registry import registry
+from fluxtune.worker_setup import build_worker_setup, encode_arrays, load_bundle
 
 SPEC = """
 name: cycle-test
@@ -64,22 +64,22 @@ def arrays(sample_jsonl):
     return out
 
 
-def setup(arrays, reporter, cycles=1, full_steps=30, lora_steps=30):
+def prepare_run(arrays, reporter, cycles=1, full_steps=30, lora_steps=30):
     _, base = load_search_text(SPEC.format(cycles=cycles, full_steps=full_steps, lora_steps=lora_steps))
     bundle = load_bundle(base["model"])
     train = encode_arrays(bundle, {k: v[:56] for k, v in arrays.items()})
     val = encode_arrays(bundle, {k: v[56:] for k, v in arrays.items()})
-    shared = build_shared(base, train, val, reporter, registry(), torch.device("cpu"))
-    return base, bundle, shared
+    setup = build_worker_setup(base, train, val, reporter, loaded_components(), torch.device("cpu"))
+    return base, bundle, setup
 
 
 def test_two_cycles_learn_and_report_every_stage(arrays):
     reporter = ListReporter()
-    base, bundle, shared = setup(arrays, reporter, cycles=2)
+    base, bundle, setup = prepare_run(arrays, reporter, cycles=2)
     from fluxtune.context import evaluate
 
-    before = evaluate(bundle.transformer, shared)["val_loss"]
-    run_cycle(base, bundle.transformer, shared)
+    before = evaluate(bundle.transformer, setup)["val_loss"]
+    run_cycle(base, bundle.transformer, setup)
     stages = [(m["cycle"], m["stage"]) for _, m, _ in reporter.stage_ends]
     assert stages == [(0, "full"), (0, "lora"), (1, "full"), (1, "lora")]
     assert [s for s, _, _ in reporter.stage_ends] == [30, 60, 90, 120]
@@ -95,10 +95,10 @@ def test_two_cycles_learn_and_report_every_stage(arrays):
 
 def test_lora_stage_trains_only_the_adapter_then_merges_it(arrays):
     reporter = ListReporter()
-    base, bundle, shared = setup(arrays, reporter, full_steps=1, lora_steps=20)
+    base, bundle, setup = prepare_run(arrays, reporter, full_steps=1, lora_steps=20)
     base["stages"] = base["stages"][1:]  # the LoRA stage alone
     frozen = {n: p.detach().clone() for n, p in bundle.transformer.named_parameters()}
-    model = run_cycle(base, bundle.transformer, shared)
+    model = run_cycle(base, bundle.transformer, setup)
     names = {n for n, _ in model.named_parameters()}
     assert names == set(frozen), "merge must leave a plain transformer without LoRA layers"
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, frozen[n])]
@@ -109,7 +109,7 @@ def test_lora_stage_trains_only_the_adapter_then_merges_it(arrays):
 def test_merge_keeps_the_adapted_outputs(arrays):
     from fluxtune.default_plugins.adapters import LoraAdapter, LoraParams
 
-    _, bundle, shared = setup(arrays, ListReporter())
+    _, bundle, setup = prepare_run(arrays, ListReporter())
     model = bundle.transformer.eval()
     adapter = LoraAdapter(LoraParams(rank=4, alpha=6, dropout=0.0))
     adapter.attach(model)
@@ -119,15 +119,15 @@ def test_merge_keeps_the_adapted_outputs(arrays):
                 p.normal_(std=0.1)  # a trained-looking adapter, so merging has something to fold in
         from fluxtune.context import evaluate
 
-        adapted = evaluate(model, shared)["val_loss"]
+        adapted = evaluate(model, setup)["val_loss"]
         merged = adapter.merge(model)
-        assert abs(evaluate(merged.eval(), shared)["val_loss"] - adapted) < 1e-5
+        assert abs(evaluate(merged.eval(), setup)["val_loss"] - adapted) < 1e-5
 
 
 def test_checkpoints_resume_at_the_next_stage(arrays, tmp_path):
     reporter = ListReporter(keep_checkpoints=tmp_path)
-    base, bundle, shared = setup(arrays, reporter, cycles=2, full_steps=5, lora_steps=5)
-    run_cycle(base, bundle.transformer, shared)
+    base, bundle, setup = prepare_run(arrays, reporter, cycles=2, full_steps=5, lora_steps=5)
+    run_cycle(base, bundle.transformer, setup)
     second = reporter.stage_ends[1][2]
     assert read_progress(second) == Progress(cycle=1, stage_index=0, global_step=10)
     record = json.loads((second / "progress.json").read_text())
@@ -138,9 +138,9 @@ def test_checkpoints_resume_at_the_next_stage(arrays, tmp_path):
     from diffusers import FluxTransformer2DModel
 
     resumed = ListReporter()
-    shared.reporter = resumed
+    setup.reporter = resumed
     model = FluxTransformer2DModel.from_pretrained(second / "transformer").train()
-    run_cycle(base, model, shared, progress=read_progress(second))
+    run_cycle(base, model, setup, progress=read_progress(second))
     assert [(m["cycle"], m["stage"]) for _, m, _ in resumed.stage_ends] == [(1, "full"), (1, "lora")]
     assert resumed.stage_ends[0][0] == 15
 
@@ -148,18 +148,18 @@ def test_checkpoints_resume_at_the_next_stage(arrays, tmp_path):
 def test_sample_grids_and_the_probe_follow_sample_every(arrays):
     """At the first evaluation, every `sample_every`-th one and every stage end; never in between."""
     reporter = ListReporter()
-    base, _, shared = setup(arrays, reporter, full_steps=40, lora_steps=20)  # evaluations at 10, 20, 30, 40(end)…
+    base, _, setup = prepare_run(arrays, reporter, full_steps=40, lora_steps=20)  # evaluations at 10, 20, 30, 40(end)…
     base = {**base, "sample_every": 3}
-    shared.sample_every = 3
+    setup.sample_every = 3
     rendered: list[int] = []
 
     class CountingPreview:
         def __call__(self, transformer):
-            rendered.append(shared.evaluations)  # already counted: 1 for the first evaluation
+            rendered.append(setup.evaluations)  # already counted: 1 for the first evaluation
             return {}
 
-    shared.preview = CountingPreview()
-    run_cycle(base, load_bundle(base["model"]).transformer, shared)
+    setup.preview = CountingPreview()
+    run_cycle(base, load_bundle(base["model"]).transformer, setup)
     # evaluations (counted from 1): steps 10, 20, 30, the full stage's end (4), step 50, the LoRA stage's
     # pre-merge score (6) and its end (7); the 1st, 4th, 7th… by cadence, stage ends always
     assert rendered == [1, 4, 6, 7]

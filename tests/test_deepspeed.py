@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fluxtune.assemble import build_shared, encode_arrays, load_bundle
+from fluxtune.components import loaded_components
 from fluxtune.config.load import load_search_text
 from fluxtune.cycle import run_cycle
 from fluxtune.data.images import load_example
 from fluxtune.data.rows import read_rows
-from fluxtune.registry import registry
+from fluxtune.worker_setup import build_worker_setup, encode_arrays, load_bundle
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -94,8 +94,8 @@ def run_experiment(arrays, spec, transformer=None, rank=0, world_size=1):
     train = encode_arrays(bundle, {k: v[rank:20:world_size] for k, v in arrays.items()})
     val = encode_arrays(bundle, {k: v[20:] for k, v in arrays.items()})
     reporter = ListReporter()
-    shared = build_shared(base, train, val, reporter, registry(), torch.device("cpu"), rank, world_size)
-    return run_cycle(base, bundle.transformer if transformer is None else transformer, shared), reporter
+    setup = build_worker_setup(base, train, val, reporter, loaded_components(), torch.device("cpu"), rank, world_size)
+    return run_cycle(base, bundle.transformer if transformer is None else transformer, setup), reporter
 
 
 def train_full_stage(arrays, strategy, bf16=False, steps=8, rank=0, world_size=1, zero=2, offload=False,

@@ -145,10 +145,10 @@ def study_states(work: Path, study: str) -> list[str]:
 
 def left_behind(sweep: Path) -> list[str]:
     """Temporary or half-written things: temp files and folders, checkpoint folders without a complete marker."""
-    from fluxtune.checkpoints import read_checkpoint_record
+    from fluxtune.checkpoints import read_checkpoint_manifest
 
     junk = [str(p) for p in sweep.rglob("*") if ".tmp" in p.name or p.name.endswith(".part")]
-    junk += [str(c) for c in sweep.glob("train/*/checkpoint_*") if c.is_dir() and read_checkpoint_record(c) is None]
+    junk += [str(c) for c in sweep.glob("train/*/checkpoint_*") if c.is_dir() and read_checkpoint_manifest(c) is None]
     return junk
 
 
@@ -249,7 +249,7 @@ def _three_runs(work: Path, env: dict, gates: Gates, store: Store, runs: Path) -
 
     import mlflow.pyfunc
 
-    from fluxtune.registered_version import RegisteredBaseError
+    from fluxtune.version_contents import RegisteredBaseError
 
     uri = f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)

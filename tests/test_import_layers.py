@@ -16,19 +16,19 @@ PACKAGE = Path(fluxtune.__file__).parent
 
 # Lowest first. A module belongs to the layer of its longest listed prefix.
 LAYERS = [
-    # Plain helpers every part uses: the public API, hook specs, storage, secrets redaction, failure records.
+    # Plain helpers every part uses: the public API, hook specs, storage, secrets redaction, what failed.
     # The worker→driver protocol (report keys, TrialReport, SweepLayout) lives beside the Train adapter that speaks
-    # it, but is plain names and paths: MLflow views and failure records read it too.
+    # it, but is plain names and paths: MLflow views and `fluxtune.failures` read it too.
     ("foundation", ["fluxtune", "fluxtune.api", "fluxtune.hookspecs", "fluxtune.storage", "fluxtune.callbacks",
                     "fluxtune.serving", "fluxtune.redact", "fluxtune.failures", "fluxtune.config.errors",
                     "fluxtune.train.protocol"]),
     # The model and its data: FLUX loading and packing, rows, images, buckets, the latent cache.
     ("model and data", ["fluxtune.flux", "fluxtune.data"]),
-    # What can be named in a YAML: plugins, the registry of their components, the config schema and loading.
-    ("plugins and config", ["fluxtune.plugins", "fluxtune.registry", "fluxtune.config"]),
+    # What can be named in a YAML: plugins, the table of their components, the config schema and loading.
+    ("plugins and config", ["fluxtune.plugins", "fluxtune.components", "fluxtune.config"]),
     # The Ray-free training cycle and what it is built from: stages, strategies, checkpoints, the planner.
     ("cycle", ["fluxtune.cycle", "fluxtune.context", "fluxtune.canonical", "fluxtune.checkpoints",
-               "fluxtune.assemble", "fluxtune.registered_version", "fluxtune.default_plugins",
+               "fluxtune.worker_setup", "fluxtune.version_contents", "fluxtune.default_plugins",
                "fluxtune.strategies", "fluxtune.plan", "fluxtune.testing"]),
     # MLflow. Below train: a worker encodes its sample grids with `tracking.samples` (and nothing of MLflow).
     ("tracking", ["fluxtune.tracking"]),
@@ -135,7 +135,7 @@ def test_the_checks_see_circles_and_upward_imports():
              "fluxtune.train.cluster": set()}
     assert cycles(graph) == [["fluxtune.data.images", "fluxtune.data.rows"]]
     assert layer_of("fluxtune.train.cluster") > layer_of("fluxtune.data.latent_cache")
-    assert "fluxtune.registry" in imports_of("fluxtune.config.load", PACKAGE / "config" / "load.py", all_modules())
+    assert "fluxtune.components" in imports_of("fluxtune.config.load", PACKAGE / "config" / "load.py", all_modules())
 
 
 def test_the_search_callbacks_need_no_torch_for_report_keys():

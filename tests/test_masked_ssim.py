@@ -50,9 +50,9 @@ def test_an_empty_mask_is_refused_like_masked_psnr():
 
 
 def test_the_probe_reports_ssim_beside_psnr_and_skips_empty_masks(sample_jsonl):
-    from fluxtune.assemble import encode_arrays, load_bundle
     from fluxtune.data.images import load_example
     from fluxtune.data.rows import read_rows
+    from fluxtune.worker_setup import encode_arrays, load_bundle
 
     rows = read_rows(sample_jsonl)[:2]
     examples = [load_example(r, 64) for r in rows]

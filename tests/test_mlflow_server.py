@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import run_cli
-from fluxtune.tracking.registry import promote, versions
+from fluxtune.tracking.model_versions import promote, versions
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.samples import encode_samples
 from fluxtune.tracking.server import start_server, stop_server

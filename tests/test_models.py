@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from fluxtune.tracking.registry import register_adapter, resolve_registered_model, versions
+from fluxtune.tracking.model_versions import register_adapter, resolve_registered_model, versions
 from fluxtune.tracking.runs import SweepTracker
 
 MODEL = {"preset": "tiny-fill", "seed": 0, "guidance": 30.0}
@@ -86,7 +86,7 @@ def test_the_champion_loads_as_a_pyfunc_model_that_inpaints(registered):
     import mlflow.pyfunc
     import pandas as pd
 
-    from fluxtune.tracking.registry import promote
+    from fluxtune.tracking.model_versions import promote
 
     uri, _, _ = registered
     promote(uri, "inpaint-lora", "2", "champion")
@@ -106,9 +106,9 @@ def test_the_champion_loads_as_a_pyfunc_model_that_inpaints(registered):
 def test_a_new_search_starts_from_a_registered_version(registered, tmp_path):
     import mlflow
 
-    from fluxtune.assemble import load_bundle
     from fluxtune.config.schema import ModelSpec
-    from fluxtune.tracking.registry import promote
+    from fluxtune.tracking.model_versions import promote
+    from fluxtune.worker_setup import load_bundle
 
     uri, _, expected = registered
     mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # as in a fresh driver: nothing global is `uri`
@@ -150,7 +150,7 @@ def test_runners_up_are_registered_without_moving_an_alias(registered):
 
 
 def test_an_adapter_trained_on_a_registered_version_is_registered_with_that_base(registered, tmp_path):
-    from fluxtune.registered_version import read_meta, registered_base
+    from fluxtune.version_contents import read_meta, registered_base
 
     uri, root, expected = registered
     model = resolve_registered_model({**MODEL, "adapter": "models:/inpaint-lora/1"}, uri, tmp_path)
@@ -170,7 +170,7 @@ def test_an_adapter_trained_on_a_registered_version_is_registered_with_that_base
 
 def _perturbed_checkpoint(folder: Path):
     """A stage checkpoint of a tiny transformer that differs from the preset (what a full stage leaves)."""
-    from fluxtune.checkpoints import Progress, read_checkpoint_record, write_stage_checkpoint
+    from fluxtune.checkpoints import Progress, read_checkpoint_manifest, write_stage_checkpoint
     from fluxtune.flux.model import build_tiny_fill
 
     transformer = build_tiny_fill(seed=0).transformer
@@ -178,7 +178,7 @@ def _perturbed_checkpoint(folder: Path):
         for p in transformer.parameters():
             p.add_(0.05)
     write_stage_checkpoint(folder, transformer, Progress(0, 1, 4), "full", None, {"val_loss": 0.4})
-    return read_checkpoint_record(folder)
+    return read_checkpoint_manifest(folder)
 
 
 def _dropout_adapter(out_dir: Path, base_transformer) -> None:
@@ -214,12 +214,12 @@ def by_reference(registered, tmp_path_factory):
     """A version whose base is a stage checkpoint, referenced (with its hashes) rather than copied."""
     from diffusers import FluxTransformer2DModel
 
-    from fluxtune.registered_version import checkpoint_reference
+    from fluxtune.version_contents import checkpoint_reference
 
     uri, _, _ = registered
     root = tmp_path_factory.mktemp("by-reference")
     stage = root / "runs" / "checkpoint_000000"
-    record = _perturbed_checkpoint(stage)
+    manifest = _perturbed_checkpoint(stage)
     _dropout_adapter(root / "adapter", FluxTransformer2DModel.from_pretrained(stage / "transformer"))
     tracker = SweepTracker(uri, "models", "sweep-3")
     tracker.start(None, {}, {})
@@ -227,7 +227,7 @@ def by_reference(registered, tmp_path_factory):
     tracker.log_metrics(run, {"val_loss": [(8, 0.125)]})
     tracker.end_trial("t5", "FINISHED")
     version = register_adapter(uri, run, "by-reference", "candidate", root / "adapter",
-                               checkpoint_reference(str(stage), record), MODEL,
+                               checkpoint_reference(str(stage), manifest), MODEL,
                                {"sweep": "sweep-3", "trial": "t5", "search_metric": "val_loss"},
                                description="sweep-3 trial t5: val_loss=0.125")
     return uri, stage, version, run
@@ -292,7 +292,7 @@ def test_same_input_and_seed_give_the_same_image_whatever_the_global_rng(by_refe
 
 def test_a_gone_or_changed_base_is_named_in_one_line(by_reference, tmp_path):
     from fluxtune.config.errors import InputError
-    from fluxtune.registered_version import RegisteredBaseError
+    from fluxtune.version_contents import RegisteredBaseError
 
     uri, stage, version, _ = by_reference
     weights = stage / "transformer" / "diffusion_pytorch_model.safetensors"

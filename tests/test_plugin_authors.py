@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import fluxtune
 import fluxtune.testing as ft
 from conftest import run_cli, run_in_process
-from fluxtune.registry import RegistryError
+from fluxtune.components import ComponentError
 from test_bad_inputs import fake_install
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +60,8 @@ def work(tmp_path, monkeypatch):
 
 
 def test_a_plain_basemodel_params_is_closed_and_the_factory_still_gets_its_own_class():
-    with ft.registered_plugin(PlainPlugin(), name="plain") as registry:
-        entry = registry.get("loss", "plain_huber")
+    with ft.registered_plugin(PlainPlugin(), name="plain") as components:
+        entry = components.get("loss", "plain_huber")
         loss = entry.build({"delta": 0.5})
         assert isinstance(loss.params, PlainParams) and loss.params.delta == 0.5
         with pytest.raises(ValueError, match="detla"):
@@ -87,8 +87,8 @@ def test_a_params_model_that_allows_extra_keys_keeps_them_on_purpose():
         def register_losses(self, register):
             register("open_loss", lambda params: params, params=Open)
 
-    with ft.registered_plugin(OpenPlugin(), name="open") as registry:
-        assert registry.get("loss", "open_loss").build({"anything": 1}).model_extra == {"anything": 1}
+    with ft.registered_plugin(OpenPlugin(), name="open") as components:
+        assert components.get("loss", "open_loss").build({"anything": 1}).model_extra == {"anything": 1}
 
 
 def test_a_nested_model_that_would_drop_keys_is_refused_naming_the_plugin_and_field():
@@ -103,7 +103,7 @@ def test_a_nested_model_that_would_drop_keys_is_refused_naming_the_plugin_and_fi
         def register_losses(self, register):
             register("nested_loss", lambda params: params, params=Outer)
 
-    with pytest.raises(RegistryError) as error:
+    with pytest.raises(ComponentError) as error:
         with ft.registered_plugin(NestedPlugin(), name="nested"):
             pass
     message = str(error.value)

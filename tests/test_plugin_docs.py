@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import fluxtune.testing as ft
-from fluxtune.registry import registry as registry_now
+from fluxtune.components import loaded_components
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 PRELUDE = "import fluxtune\nfrom pydantic import Field\n"
@@ -60,12 +60,12 @@ def test_every_python_example_runs(line, code):
     module = as_module(line, code)
     if not has_hooks(module):
         return
-    before = {kind: set(names) for kind, names in registry_now().entries.items()}
-    with ft.registered_plugin(module, name=module.__name__) as registry:
-        added = [(kind, name) for kind, entries in registry.entries.items() for name in entries
+    before = {kind: set(names) for kind, names in loaded_components().entries.items()}
+    with ft.registered_plugin(module, name=module.__name__) as components:
+        added = [(kind, name) for kind, entries in components.entries.items() for name in entries
                  if name not in before[kind]]
         for kind, name in added:
-            component = registry.get(kind, name).build({})  # its params' defaults validate; the factory runs
+            component = components.get(kind, name).build({})  # its params' defaults validate; the factory runs
             if kind == "loss":
                 pred, target = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
                 value = component(pred, target, {"mask": torch.ones(2, 16, 256), "height": torch.tensor(4),

@@ -1,4 +1,4 @@
-"""The plugin system in-process: registry provenance and errors, validation by each component's own params,
+"""The plugin system in-process: components provenance and errors, validation by each component's own params,
 loading rules, the driver's plugin set in workers, runtime callbacks, search fragments and CLI commands."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 import fluxtune
 import fluxtune.testing as ft
+from fluxtune.components import ComponentError, loaded_components
 from fluxtune.config.errors import InputError
 from fluxtune.plugins import PluginSetMismatch, add_plugin, plugin_set, remove_plugin, use_plugin_set
-from fluxtune.registry import RegistryError, registry
 
 
 class ScaleParams(fluxtune.Params):
@@ -33,23 +33,23 @@ class LossPlugin:
 
 
 def test_entries_record_their_plugin_distribution_and_version():
-    with ft.registered_plugin(LossPlugin(), name="scaler") as reg:
-        entry = reg.get("loss", "scaled_mse")
+    with ft.registered_plugin(LossPlugin(), name="scaler") as components:
+        entry = components.get("loss", "scaled_mse")
         assert (entry.provenance.plugin, entry.provenance.distribution) == ("scaler", "<in-process>")
-        builtin = reg.get("stage", "lora").provenance
+        builtin = components.get("stage", "lora").provenance
         assert (builtin.plugin, builtin.distribution, builtin.version) == (
             "fluxtune.default_plugins.stages", "fluxtune", fluxtune.__version__)
         assert plugin_set()["scaler"] == "<in-process>==0"
-    assert "scaled_mse" not in registry().names("loss")  # unregistered after the block
+    assert "scaled_mse" not in loaded_components().names("loss")  # unregistered after the block
     assert "scaler" not in plugin_set()
 
 
 def test_built_ins_are_registered_through_the_hooks():
-    reg = registry()
-    assert {"full", "lora"} <= set(reg.names("stage"))
-    assert reg.names("adapter") == ["lora"] and "flow_matching" in reg.names("loss")
-    assert {"uniform", "logit_normal"} <= set(reg.names("timestep_sampler")) and "nan_guard" in reg.names("callback")
-    assert {e.plugin for e in reg.entries["stage"].values()} == {"fluxtune.default_plugins.stages"}
+    components = loaded_components()
+    assert {"full", "lora"} <= set(components.names("stage"))
+    assert components.names("adapter") == ["lora"] and "flow_matching" in components.names("loss")
+    assert {"uniform", "logit_normal"} <= set(components.names("timestep_sampler")) and "nan_guard" in components.names("callback")
+    assert {e.plugin for e in components.entries["stage"].values()} == {"fluxtune.default_plugins.stages"}
 
 
 def test_a_duplicate_name_is_an_error_naming_both_plugins():
@@ -58,13 +58,13 @@ def test_a_duplicate_name_is_an_error_naming_both_plugins():
         def register_adapters(self, register):
             register("lora", object, doc="another lora")
 
-    with pytest.raises(RegistryError) as error:
+    with pytest.raises(ComponentError) as error:
         with ft.registered_plugin(Twin(), name="twin"):
             pass
     message = str(error.value)
     assert "adapter 'lora'" in message and "'fluxtune.default_plugins.adapters' (fluxtune" in message
     assert "'twin' (<in-process> 0)" in message and "replace=True" in message
-    assert registry().get("adapter", "lora").plugin == "fluxtune.default_plugins.adapters"  # nothing left over
+    assert loaded_components().get("adapter", "lora").plugin == "fluxtune.default_plugins.adapters"  # nothing left over
 
 
 def test_replace_true_takes_over_a_name_and_remembers_whose_it_was():
@@ -73,8 +73,8 @@ def test_replace_true_takes_over_a_name_and_remembers_whose_it_was():
         def register_losses(self, register):
             register("flow_matching", ScaledLoss, params=ScaleParams, doc="replacement", replace=True)
 
-    with ft.registered_plugin(Better(), name="better") as reg:
-        entry = reg.get("loss", "flow_matching")
+    with ft.registered_plugin(Better(), name="better") as components:
+        entry = components.get("loss", "flow_matching")
         assert entry.plugin == "better" and entry.replaced.plugin == "fluxtune.default_plugins.losses"
         assert entry.build({"factor": 3.0}).factor == 3.0
 
@@ -90,7 +90,7 @@ def test_bad_registrations_name_the_plugin(args, complaint):
         def register_losses(self, register):
             register(*args)
 
-    with pytest.raises(RegistryError, match=complaint) as error:
+    with pytest.raises(ComponentError, match=complaint) as error:
         with ft.registered_plugin(Bad(), name="bad"):
             pass
     assert "plugin 'bad'" in str(error.value)
@@ -102,7 +102,7 @@ def test_a_failing_hook_is_reported_with_the_plugin_and_how_to_disable_it():
         def register_stages(self, register):
             raise ImportError("needs torchvision")
 
-    with pytest.raises(RegistryError) as error:
+    with pytest.raises(ComponentError) as error:
         with ft.registered_plugin(Crashes(), name="crashes"):
             pass
     assert "'crashes'" in str(error.value) and "register_stages failed: ImportError: needs torchvision" in str(error.value)
@@ -250,11 +250,11 @@ def test_search_include_merges_a_registered_fragment_and_checks_it():
             register("broken", lambda p: {"stages.full.steps": {"type": "int", "low": 1}})
 
     text = "name: s\nbase:\n  stages: [{name: full, type: full, steps: 2}]\nsearch:\n  include: [{names}]\n"
-    with ft.registered_plugin(Spaces(), name="spaces") as reg:
-        spec, _ = load_search_text(text.replace("{names}", "lr"), reg)
+    with ft.registered_plugin(Spaces(), name="spaces") as components:
+        spec, _ = load_search_text(text.replace("{names}", "lr"), components)
         assert spec.search.space["stages.full.optimizer.lr"].high == 1e-3
         with pytest.raises(InputError) as error:
-            load_search_text(text.replace("{names}", "lr, broken, lrr"), reg)
+            load_search_text(text.replace("{names}", "lr, broken, lrr"), components)
     messages = [(p.key, p.message) for p in error.value.problems]
     assert ("search.include[1]", "search space 'broken' of plugin 'spaces' (<in-process> 0): stages.full.steps: "
             "Field required") in messages

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from fluxtune.search.callbacks import stopped_early
-from fluxtune.search.record import SweepRecord
+from fluxtune.search.sweep_file import SweepFile
 from fluxtune.tracking.samples import decode_samples
 from fluxtune.tracking.views import curve_points, stage_row
 from fluxtune.train.protocol import (CHECKPOINT_PATH_KEY, CYCLE_KEY, DONE_KEY, GLOBAL_STEP_KEY, RESUMED_FROM_KEY,
@@ -80,15 +80,15 @@ def test_a_local_sweep_folder_holds_both_sides(tmp_path):
     folder = tmp_path / "runs" / "lora-rank-20260101-000000-abc123"
     layout = SweepLayout.at(folder)
     assert layout.sweep_id == "lora-rank-20260101-000000-abc123"
-    assert (layout.record, layout.best_yaml, layout.errors, layout.lock) == (
+    assert (layout.sweep_json, layout.best_yaml, layout.errors, layout.lock) == (
         folder / "sweep.json", folder / "best.yaml", folder / "errors", folder / ".lock")
     assert layout.run("t1") == str(folder / "train" / f"{layout.sweep_id}-t1")
-    assert layout.stage_record("k") == str(folder / "stage_cache" / "k.json")
-    assert layout.used_record("t1") == str(folder / "stage_cache" / "used" / "t1.json")
-    assert layout.refused_record("t1") == str(folder / "stage_cache" / "refused" / "t1.json")
+    assert layout.reusable_stage("k") == str(folder / "stage_cache" / "k.json")
+    assert layout.reused_prefix("t1") == str(folder / "stage_cache" / "used" / "t1.json")
+    assert layout.refused_checkpoints("t1") == str(folder / "stage_cache" / "refused" / "t1.json")
     assert layout.tune_run("more-1") == str(folder / "tune" / "more-1")
-    # The sweep record and the trials' settings ask the same object.
-    assert SweepRecord(name="lora-rank", sweep_id=layout.sweep_id, folder=str(folder), fingerprint="f").path == layout.record
+    # The sweep file and the trials' settings ask the same object.
+    assert SweepFile(name="lora-rank", sweep_id=layout.sweep_id, folder=str(folder), fingerprint="f").path == layout.sweep_json
     settings = TrialSettings(sweep_id=layout.sweep_id, base={}, jsonl="", storage_path=str(folder), plugins={})
     assert settings.layout == layout
 
@@ -96,9 +96,9 @@ def test_a_local_sweep_folder_holds_both_sides(tmp_path):
 def test_on_a_cluster_the_trials_side_is_on_the_shared_uri(tmp_path):
     shared = "s3://bucket/runs/s-1?endpoint_override=localhost:9000"
     layout = SweepLayout("s-1", shared, folder=str(tmp_path / "s-1"))
-    assert layout.record == tmp_path / "s-1" / "sweep.json"  # the driver's files stay on its disk
+    assert layout.sweep_json == tmp_path / "s-1" / "sweep.json"  # the driver's files stay on its disk
     assert layout.run("t1") == "s3://bucket/runs/s-1/train/s-1-t1?endpoint_override=localhost:9000"
-    assert layout.used_record("t1") == "s3://bucket/runs/s-1/stage_cache/used/t1.json?endpoint_override=localhost:9000"
+    assert layout.reused_prefix("t1") == "s3://bucket/runs/s-1/stage_cache/used/t1.json?endpoint_override=localhost:9000"
 
 
 def test_a_runs_checkpoints_are_its_checkpoint_folders_only(tmp_path):

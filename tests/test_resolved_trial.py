@@ -10,13 +10,13 @@ import pickle
 import pytest
 from ruamel.yaml.comments import CommentedMap
 
+from fluxtune.components import loaded_components
 from fluxtune.config.errors import InputError
 from fluxtune.config.frozen import thaw
 from fluxtune.config.load import load_search_text
 from fluxtune.config.paths import PathError, get_path, locate, set_path, stage_loc
 from fluxtune.config.resolved import ResolvedTrial, resolve_trial
 from fluxtune.config.stage_keys import stage_keys
-from fluxtune.registry import registry
 from fluxtune.search.rows import TrialExperiments
 
 SPEC = """\
@@ -41,7 +41,7 @@ def base():
 # -- ResolvedTrial --------------------------------------------------------------------------------------------------
 
 def test_the_sampled_values_land_in_the_experiment_and_the_base_is_untouched(base):
-    trial = resolve_trial(base, {"stages.lora.adapter.rank": 4, "stages.lora.steps": 7}, registry())
+    trial = resolve_trial(base, {"stages.lora.adapter.rank": 4, "stages.lora.steps": 7}, loaded_components())
     assert isinstance(trial, ResolvedTrial)
     assert trial.values == {"stages.lora.adapter.rank": 4, "stages.lora.steps": 7}
     assert trial.experiment["stages"][1]["adapter"]["rank"] == 4 and trial.experiment["stages"][1]["steps"] == 7
@@ -50,18 +50,18 @@ def test_the_sampled_values_land_in_the_experiment_and_the_base_is_untouched(bas
 
 
 def test_the_schedule_and_planned_steps_follow_the_sampled_values(base):
-    trial = resolve_trial(base, {"stages.lora.steps": 7}, registry())
+    trial = resolve_trial(base, {"stages.lora.steps": 7}, loaded_components())
     assert [(s.cycle, s.index, s.stage["name"], s.stage["steps"]) for s in trial.schedule] == [
         (0, 0, "full", 10), (0, 1, "lora", 7), (1, 0, "full", 10), (1, 1, "lora", 7)]
     assert trial.planned_steps == 34
     assert trial.description == "full(10) → lora(7) | full(10) → lora(7)"
-    assert resolve_trial(base, {}, registry()).planned_steps == 30  # no values: the base itself
+    assert resolve_trial(base, {}, loaded_components()).planned_steps == 30  # no values: the base itself
 
 
 def test_a_schedule_with_per_cycle_steps_is_what_planned_steps_counts():
     schedule = "  cycles: 3\n  schedule: {first: [full, lora], each: [lora], steps: {lora: [5, 9]}}\n"
     _, base = load_search_text(SPEC.replace("  cycles: 2\n", schedule))
-    trial = resolve_trial(base, {"stages.lora.steps": 7}, registry())
+    trial = resolve_trial(base, {"stages.lora.steps": 7}, loaded_components())
     assert [(s.stage["name"], s.stage["steps"]) for s in trial.schedule] == [("full", 10), ("lora", 5), ("lora", 9),
                                                                              ("lora", 9)]
     assert trial.planned_steps == 33
@@ -72,11 +72,11 @@ def test_the_driver_and_the_trial_actor_resolve_the_same_trial(base):
     which decide which stage checkpoints trials share."""
     values = {"stages.lora.adapter.rank": 4, "stages.lora.steps": 12}
     driver = TrialExperiments(base).resolve(values)
-    actor = resolve_trial(pickle.loads(pickle.dumps(base)), dict(values), registry())
+    actor = resolve_trial(pickle.loads(pickle.dumps(base)), dict(values), loaded_components())
     assert driver == actor and driver is not actor
     assert stage_keys(driver.experiment, {"jsonl": "x"}, {}) == stage_keys(actor.experiment_dict(), {"jsonl": "x"}, {})
     assert pickle.loads(pickle.dumps(driver)) == driver  # Tune pickles what holds it
-    assert resolve_trial(base, {"stages.lora.adapter.rank": 8, "stages.lora.steps": 12}, registry()) != driver
+    assert resolve_trial(base, {"stages.lora.adapter.rank": 8, "stages.lora.steps": 12}, loaded_components()) != driver
 
 
 def test_the_driver_resolves_each_config_once(base):
@@ -87,7 +87,7 @@ def test_the_driver_resolves_each_config_once(base):
 
 
 def test_the_resolved_experiment_is_read_only_and_copies_into_a_changeable_one(base):
-    trial = resolve_trial(base, {"stages.lora.steps": 7}, registry())
+    trial = resolve_trial(base, {"stages.lora.steps": 7}, loaded_components())
     with pytest.raises(TypeError, match="read-only"):
         trial.experiment["cycles"] = 5
     with pytest.raises(TypeError, match="read-only"):
@@ -108,12 +108,12 @@ def test_the_resolved_experiment_is_read_only_and_copies_into_a_changeable_one(b
 
 def test_a_bad_sampled_value_is_an_input_error_naming_its_path(base):
     with pytest.raises(InputError) as caught:
-        resolve_trial(base, {"stages.lora.adapter.rank": -1}, registry())
+        resolve_trial(base, {"stages.lora.adapter.rank": -1}, loaded_components())
     [problem] = caught.value.problems
     assert problem.file == "<sampled stages.lora.adapter.rank=-1>" and problem.key == "stages[1].adapter.rank"
     assert "greater than or equal to 1" in problem.message
     with pytest.raises(InputError, match=r"<sampled stages.lora.adapter.rnk=4>: stages\[1\].adapter.rnk: unknown key"):
-        resolve_trial(base, {"stages.lora.adapter.rnk": 4}, registry())
+        resolve_trial(base, {"stages.lora.adapter.rnk": 4}, loaded_components())
 
 
 # -- the dotted-path walker -----------------------------------------------------------------------------------------

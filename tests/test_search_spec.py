@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from fluxtune.components import loaded_components
 from fluxtune.config.errors import InputError
 from fluxtune.config.load import load_search_file, load_search_text, sample_experiment
 from fluxtune.config.schedule import describe, plan, planned_steps
 from fluxtune.config.stage_keys import stage_keys
-from fluxtune.registry import registry
 from fluxtune.search.space import grid_size, max_total_steps, sample_configs
 
 SEARCHES = sorted((Path(__file__).resolve().parents[1] / "searches").glob("*.yaml"))
@@ -60,7 +60,7 @@ def test_every_shipped_search_validates_and_samples(path):
     assert path.read_text().startswith("# "), "each search documents itself in a header comment"
     assert spec.search is not None and spec.search.space
     for values in sample_configs(spec.search, base, 3):
-        experiment = sample_experiment(base, values, registry())
+        experiment = sample_experiment(base, values, loaded_components())
         assert planned_steps(experiment) > 0
 
 
@@ -97,14 +97,14 @@ def test_bad_distributions_are_reported_together(tmp_path):
 
 def test_schedule_shapes_decide_which_stages_run_in_each_cycle():
     _, base = load_search_text(SPEC)
-    shapes = {name: sample_experiment(base, {"schedule": name, "cycles": 3}, registry())
+    shapes = {name: sample_experiment(base, {"schedule": name, "cycles": 3}, loaded_components())
               for name in ("both", "lora_only", "full_once")}
     assert describe(shapes["both"]) == "full(10) → lora(20) | full(10) → lora(20) | full(10) → lora(20)"
     assert describe(shapes["lora_only"]) == "lora(20) | lora(20) | lora(20)"
     assert describe(shapes["full_once"]) == "full(10) → lora(20) | lora(5) | lora(5)"
     assert planned_steps(shapes["full_once"]) == 40
     # per-cycle steps are searchable by list index
-    custom = sample_experiment(base, {"schedule": "full_once", "schedules.full_once.steps.lora.1": 7}, registry())
+    custom = sample_experiment(base, {"schedule": "full_once", "schedules.full_once.steps.lora.1": 7}, loaded_components())
     assert [s["steps"] for _, _, s in plan(custom)] == [10, 20, 7]
 
 
@@ -145,9 +145,9 @@ def test_cmaes_sampler_samples_the_numeric_keys():
 
 def test_switching_a_component_type_drops_the_old_params():
     spec, base = load_search_file(Path(__file__).resolve().parents[1] / "searches" / "timestep_sampling.yaml")
-    uniform = sample_experiment(base, {"timesteps.type": "uniform"}, registry())
+    uniform = sample_experiment(base, {"timesteps.type": "uniform"}, loaded_components())
     assert uniform["timesteps"] == {"type": "uniform"}
-    narrow = sample_experiment(base, {"timesteps.type": "logit_normal", "timesteps.std": 0.5}, registry())
+    narrow = sample_experiment(base, {"timesteps.type": "logit_normal", "timesteps.std": 0.5}, loaded_components())
     assert narrow["timesteps"]["std"] == 0.5
 
 
@@ -170,7 +170,7 @@ def test_stage_keys_share_the_unchanged_prefix_only():
     data, plugins = {"jsonl": "x"}, {"p": "1"}
 
     def keys(values):
-        return [k["key"] for k in stage_keys(sample_experiment(base, values, registry()), data, plugins)]
+        return [k["key"] for k in stage_keys(sample_experiment(base, values, loaded_components()), data, plugins)]
 
     rank4, rank16 = keys({"stages.lora.adapter.rank": 4}), keys({"stages.lora.adapter.rank": 16})
     assert rank4[0] == rank16[0]  # the full stage of cycle 0 is the same work
@@ -186,7 +186,7 @@ def test_best_yaml_is_a_runnable_experiment(tmp_path):
     from fluxtune.search.best import write_best_yaml
 
     spec, base = load_search_text(SPEC)
-    best = sample_experiment(base, {"schedule": "full_once", "cycles": 3}, registry())
+    best = sample_experiment(base, {"schedule": "full_once", "cycles": 3}, loaded_components())
     path = write_best_yaml(tmp_path / "best.yaml", spec, best, "t-1", "abc", "val_loss", 0.25)
     again, again_base = load_search_file(path)
     assert again.search is None and again.name == "t-best"
@@ -198,10 +198,10 @@ def test_run_cycle_follows_the_schedule(sample_jsonl):
     import numpy as np
     import torch
 
-    from fluxtune.assemble import build_shared, encode_arrays, load_bundle
     from fluxtune.cycle import run_cycle
     from fluxtune.data.images import load_example
     from fluxtune.data.rows import read_rows
+    from fluxtune.worker_setup import build_worker_setup, encode_arrays, load_bundle
 
     class Stages:
         def __init__(self):
@@ -219,7 +219,7 @@ def test_run_cycle_follows_the_schedule(sample_jsonl):
     _, base = load_search_text(SPEC)
     experiment = sample_experiment(base, {"schedule": "full_once", "cycles": 3, "stages.full.steps": 2,
                                           "schedules.full_once.steps.lora.0": 3,
-                                          "schedules.full_once.steps.lora.1": 1}, registry())
+                                          "schedules.full_once.steps.lora.1": 1}, loaded_components())
     rows = read_rows(sample_jsonl)[:12]
     examples = [load_example(r, 64) for r in rows]
     arrays = {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "target")}
@@ -228,26 +228,26 @@ def test_run_cycle_follows_the_schedule(sample_jsonl):
     train = encode_arrays(bundle, {k: v[:8] for k, v in arrays.items()})
     val = encode_arrays(bundle, {k: v[8:] for k, v in arrays.items()})
     reporter = Stages()
-    shared = build_shared(experiment, train, val, reporter, registry(), torch.device("cpu"))
-    run_cycle(experiment, bundle.transformer, shared)
+    setup = build_worker_setup(experiment, train, val, reporter, loaded_components(), torch.device("cpu"))
+    run_cycle(experiment, bundle.transformer, setup)
     assert reporter.ends == [(0, "full", 2), (0, "lora", 5), (1, "lora", 6), (2, "lora", 7)]
 
 
 def test_resume_and_more_find_the_right_sweep_and_refuse_a_changed_space(tmp_path):
-    from fluxtune.search.record import SweepRecord, fingerprint
+    from fluxtune.search.sweep_file import SweepFile, fingerprint
 
     spec, base = load_search_text(SPEC)
     fp = fingerprint(spec, base)
-    done = SweepRecord.new(tmp_path, "t", fp)
+    done = SweepFile.new(tmp_path, "t", fp)
     done.status, done.tune_runs, done.created = "finished", ["tune"], 1.0
     done.save()
     with pytest.raises(InputError) as info:
-        SweepRecord.to_continue(tmp_path, "t", finished=False, fp=fp, spec_file="s.yaml")
+        SweepFile.to_continue(tmp_path, "t", finished=False, fp=fp, spec_file="s.yaml")
     assert "no unfinished sweep named 't'" in info.value.problems[0].message and "use --more N" in str(info.value)
-    assert SweepRecord.to_continue(tmp_path, "t", finished=True, fp=fp, spec_file="s.yaml").sweep_id == done.sweep_id
+    assert SweepFile.to_continue(tmp_path, "t", finished=True, fp=fp, spec_file="s.yaml").sweep_id == done.sweep_id
     more_samples, _ = load_search_text(SPEC.replace("num_samples: 40", "num_samples: 80"))
     assert fingerprint(more_samples, base) == fp  # the sample count may change between runs
     changed, changed_base = load_search_text(SPEC.replace("high: 0.2", "high: 0.3"))
     with pytest.raises(InputError) as info:
-        SweepRecord.to_continue(tmp_path, "t", finished=True, fp=fingerprint(changed, changed_base), spec_file="s.yaml")
+        SweepFile.to_continue(tmp_path, "t", finished=True, fp=fingerprint(changed, changed_base), spec_file="s.yaml")
     assert info.value.problems[0].key == "search" and "changed" in info.value.problems[0].message

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import fluxtune
-from fluxtune.assemble import build_shared, encode_arrays, load_bundle
+from fluxtune.components import loaded_components
 from fluxtune.config.load import load_search_text
 from fluxtune.cycle import run_cycle
 from fluxtune.data.images import load_example
 from fluxtune.data.rows import read_rows
 from fluxtune.default_plugins.adapters import LoraAdapter, LoraParams
-from fluxtune.registry import registry
+from fluxtune.worker_setup import build_worker_setup, encode_arrays, load_bundle
 
 SPEC = """
 name: gc
@@ -53,10 +53,10 @@ def run(arrays, gc: bool):
     _, base = load_search_text(SPEC.format(gc=str(gc).lower()))
     bundle = load_bundle(base["model"])
     reporter = Losses()
-    shared = build_shared(base, encode_arrays(bundle, {k: v[:8] for k, v in arrays.items()}),
-                          encode_arrays(bundle, {k: v[8:] for k, v in arrays.items()}), reporter, registry(),
-                          torch.device("cpu"))
-    return run_cycle(base, bundle.transformer, shared), reporter.losses
+    setup = build_worker_setup(base, encode_arrays(bundle, {k: v[:8] for k, v in arrays.items()}),
+                               encode_arrays(bundle, {k: v[8:] for k, v in arrays.items()}), reporter, loaded_components(),
+                               torch.device("cpu"))
+    return run_cycle(base, bundle.transformer, setup), reporter.losses
 
 
 def test_gradient_checkpointing_gives_the_same_training_and_is_switched_off_after(arrays):
@@ -119,15 +119,15 @@ def bf16_lora_run(arrays, tmp_path_factory):
     from fluxtune.testing import RecordingReporter, registered_plugin
 
     keep = tmp_path_factory.mktemp("bf16-lora")
-    with registered_plugin(DtypeProbe, name="dtype-probe") as reg:
-        _, base = load_search_text(BF16_LORA, reg)
+    with registered_plugin(DtypeProbe, name="dtype-probe") as components:
+        _, base = load_search_text(BF16_LORA, components)
         bundle = load_bundle(base["model"])
         start = {n: p.detach().clone() for n, p in bundle.transformer.named_parameters()}
         reporter = RecordingReporter(keep)
-        shared = build_shared(base, encode_arrays(bundle, {k: v[:8] for k, v in arrays.items()}),
-                              encode_arrays(bundle, {k: v[8:] for k, v in arrays.items()}), reporter, reg,
-                              torch.device("cpu"))
-        run_cycle(base, bundle.transformer, shared)
+        setup = build_worker_setup(base, encode_arrays(bundle, {k: v[:8] for k, v in arrays.items()}),
+                                   encode_arrays(bundle, {k: v[8:] for k, v in arrays.items()}), reporter, components,
+                                   torch.device("cpu"))
+        run_cycle(base, bundle.transformer, setup)
     return start, reporter.stage_ends[0][2]
 
 
@@ -176,17 +176,17 @@ def test_the_exported_lora_has_no_dropout_at_inference(bf16_lora_run):
 
 
 def test_workers_load_the_model_in_the_first_stages_dtype(tmp_path):
-    from fluxtune.assemble import load_transformer, model_weights_folder
     from fluxtune.cycle import initial_weights_dtype
     from fluxtune.flux.model import build_tiny_fill, save_bundle
+    from fluxtune.worker_setup import load_transformer, model_weights_folder
 
     _, base = load_search_text(SPEC.format(gc="false"))
-    assert initial_weights_dtype(base, registry(), "cpu") == torch.float32  # DDP full stage
-    assert initial_weights_dtype(base, registry(), "cuda") == torch.bfloat16  # DeepSpeed bf16 full stage
+    assert initial_weights_dtype(base, loaded_components(), "cpu") == torch.float32  # DDP full stage
+    assert initial_weights_dtype(base, loaded_components(), "cuda") == torch.bfloat16  # DeepSpeed bf16 full stage
     lora_first = {**base, "stages": base["stages"][1:]}
-    assert initial_weights_dtype(lora_first, registry(), "cuda") == torch.bfloat16  # frozen bf16 base
+    assert initial_weights_dtype(lora_first, loaded_components(), "cuda") == torch.bfloat16  # frozen bf16 base
     assert initial_weights_dtype({**lora_first, "stages": [{**lora_first["stages"][0], "precision": "fp32"}]},
-                                 registry(), "cuda") == torch.float32
+                                 loaded_components(), "cuda") == torch.float32
 
     bundle = build_tiny_fill(seed=3)
     save_bundle(bundle, tmp_path / "model")

@@ -212,13 +212,13 @@ def test_a_stage_context_replays_its_stream_resumes_it_with_skip_and_shares_it_o
     mid-stage, another cycle draws another stream, and the ranks of one stage draw disjoint rows."""
     from pathlib import Path
 
-    from fluxtune.context import RunContext, Shared
+    from fluxtune.context import RunContext, WorkerSetup
 
     def context(rank=0, world=1, cycle=0, name="full"):
-        shared = Shared(train=_stream(cache, rank, world), val=None, batch_size=4, guidance=30.0, loss_fn=None,
-                        timesteps=None, reporter=None, registry=None, device=torch.device("cpu"), rank=rank,
-                        world_size=world, seed=3)
-        return RunContext(shared=shared, name=name, cycle=cycle, steps=10, transformer=None,
+        setup = WorkerSetup(train=_stream(cache, rank, world), val=None, batch_size=4, guidance=30.0, loss_fn=None,
+                            timesteps=None, reporter=None, components=None, device=torch.device("cpu"), rank=rank,
+                            world_size=world, seed=3)
+        return RunContext(setup=setup, name=name, cycle=cycle, steps=10, transformer=None,
                           export_dir=Path("unused"), first_global_step=0, stream_seed=rank)
 
     def lines(ctx, count=20, skip=0):
@@ -229,4 +229,4 @@ def test_a_stage_context_replays_its_stream_resumes_it_with_skip_and_shares_it_o
     assert lines(context(), count=12, skip=8) == first[8:]
     assert lines(context(cycle=1)) != first and lines(context(name="lora")) != first
     shares = [{line for batch in lines(context(rank, 2), count=10) for line in batch} for rank in range(2)]
-    assert not shares[0] & shares[1]  # different stream seeds per rank, one shared unit permutation
+    assert not shares[0] & shares[1]  # different stream seeds per rank, one setup unit permutation

@@ -1,5 +1,5 @@
 """The sweep's bookkeeping, piece by piece (the end-to-end cases are in tests/test_faults_lifecycle.py): which
-trials can be published, what Optuna is told, which sweep records are read, which locks refuse, which
+trials can be published, what Optuna is told, which sweep files are read, which locks refuse, which
 checkpoints keep their weights."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from fluxtune.config.errors import InputError
-from fluxtune.registered_version import release_of
 from fluxtune.search.ranking import publishable, ranked
-from fluxtune.search.record import SweepRecord
+from fluxtune.search.sweep_file import SweepFile
+from fluxtune.version_contents import release_of
 
 
 def row(trial: str, value: float | None, steps: int = 10, planned: int = 10, error: str = "") -> dict:
@@ -30,7 +30,7 @@ def test_only_complete_finite_trials_are_published_and_nan_is_never_best():
 
 
 def test_a_version_is_the_last_adapter_on_the_stage_before_it_or_the_last_full_stage():
-    from fluxtune.registered_version import StageCheckpoint
+    from fluxtune.version_contents import StageCheckpoint
 
     full = StageCheckpoint("full", 0, 4, "/c/full")
     lora = StageCheckpoint("lora", 0, 8, "/c/lora", has_adapter=True)
@@ -138,7 +138,7 @@ def test_a_trial_stopped_early_is_pruned_in_the_study_and_never_its_best(tmp_pat
     assert _states(tmp_path / "ray") == ["COMPLETE"]
 
 
-def test_the_best_trials_come_from_the_study_across_runs_joined_to_the_record(tmp_path):
+def test_the_best_trials_come_from_the_study_across_runs_joined_to_the_sweep_file(tmp_path):
     from fluxtune.search.guard import FiniteOptunaSearch
     from fluxtune.search.ranking import TrialRanking
 
@@ -158,7 +158,7 @@ def test_the_best_trials_come_from_the_study_across_runs_joined_to_the_record(tm
     ranking = TrialRanking("val_loss", "min", f"sqlite:///{tmp_path / 'optuna.db'}", "s")
     assert [r["trial"] for r in ranking.best(rows)] == ["best", "z-tied", "a-tied"]  # ties: the earlier trial
     assert [r["trial"] for r in ranked(rows, "val_loss", "min")] == ["best", "a-tied", "z-tied"]  # rows alone differ
-    # The record must agree: a trial it knows to have failed, or does not know, is never published.
+    # The sweep file must agree: a trial it knows to have failed, or does not know, is never published.
     rows[-1] = row("best", 0.2, error="the store filled up")
     assert [r["trial"] for r in ranking.best(rows)] == ["z-tied", "a-tied"]
     assert [r["trial"] for r in ranking.best(rows[:2])] == ["z-tied"]
@@ -182,18 +182,18 @@ base:
 search:
   space: {stages.full.steps: {type: int, low: 1, high: 3}}
 """)
-    record = SweepRecord.new(tmp_path, "s", "fp")
-    record.optuna_storage = f"sqlite:///{tmp_path / 'other.db'}"  # a database without this sweep's study
+    sweep_file = SweepFile.new(tmp_path, "s", "fp")
+    sweep_file.optuna_storage = f"sqlite:///{tmp_path / 'other.db'}"  # a database without this sweep's study
     with pytest.raises(StudyUnreadable, match=r"cannot be read: KeyError"):
-        publish_sweep([row("a", 0.1)], spec, record, None, str(tmp_path), lambda config: {}, print)
-    assert not (Path(record.folder) / "best.yaml").exists()
+        publish_sweep([row("a", 0.1)], spec, sweep_file, None, str(tmp_path), lambda config: {}, print)
+    assert not (Path(sweep_file.folder) / "best.yaml").exists()
 
 
-def test_a_corrupt_or_foreign_sweep_record_is_skipped_with_a_warning(tmp_path, caplog):
-    good = SweepRecord.new(tmp_path, "demo", "fp")
+def test_a_corrupt_or_foreign_sweep_file_is_skipped_with_a_warning(tmp_path, caplog):
+    good = SweepFile.new(tmp_path, "demo", "fp")
     good.tune_runs = ["tune"]
     good.save()
-    other = SweepRecord.new(tmp_path, "demo", "fp")
+    other = SweepFile.new(tmp_path, "demo", "fp")
     assert other.sweep_id != good.sweep_id  # same name, same second: a random suffix tells them apart
     for name, text in (("cut", '{"name": "demo", "sweep_'), ("foreign", '{"name": "demo", "owner": "x"}'),
                        ("list", "[1, 2]"), ("typed", json.dumps({**json.loads(good.path.read_text()),
@@ -201,11 +201,11 @@ def test_a_corrupt_or_foreign_sweep_record_is_skipped_with_a_warning(tmp_path, c
         (tmp_path / name).mkdir()
         (tmp_path / name / "sweep.json").write_text(text)
     with caplog.at_level(logging.WARNING, logger="fluxtune.sweep"):
-        found = SweepRecord.to_continue(tmp_path, "demo", finished=False, fp="fp", spec_file="s.yaml")
+        found = SweepFile.to_continue(tmp_path, "demo", finished=False, fp="fp", spec_file="s.yaml")
     assert found.sweep_id == good.sweep_id
     skipped = sorted(r.getMessage().split(":")[0] for r in caplog.records)
     assert skipped == [f"skipping {tmp_path / n / 'sweep.json'}" for n in ("cut", "foreign", "list", "typed")]
-    assert not list(tmp_path.rglob("*.part"))  # records are renamed into place
+    assert not list(tmp_path.rglob("*.part"))  # sweep files are renamed into place
 
 
 def test_a_running_sweep_and_its_store_are_locked(tmp_path):
@@ -251,13 +251,13 @@ def test_retention_keeps_what_resume_and_registration_need_and_prunes_the_rest(t
           - {name: lora, type: lora, steps: 2}
         """)
     settings = TrialSettings(sweep_id="s", base=experiment, jsonl="rows.jsonl", storage_path=str(tmp_path), plugins={})
-    record = SweepRecord.new(tmp_path, "s", "fp")
+    sweep_file = SweepFile.new(tmp_path, "s", "fp")
     exports = tmp_path / "exports"
     (exports / "adapter").mkdir(parents=True)
     (exports / "adapter" / "a.safetensors").write_bytes(b"adapter")
 
     def keeper(keep: str) -> CheckpointKeeper:
-        return CheckpointKeeper(settings, record, TrialRanking("val_loss", "min"), keep, 1, SweepGuard("val_loss"),
+        return CheckpointKeeper(settings, sweep_file, TrialRanking("val_loss", "min"), keep, 1, SweepGuard("val_loss"),
                                 lambda config: experiment, print)
 
     def stage_end(keeper, trial, index: int, stage: str, value: float) -> Path:

@@ -1,4 +1,4 @@
-"""How the driver turns Tune's results into sweep-record rows, including trials cut short by Ctrl+C."""
+"""How the driver turns Tune's results into sweep-file rows, including trials cut short by Ctrl+C."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_the_searcher_pickles_with_plugin_factories_that_plain_pickle_cannot_tak
     import types
 
     import fluxtune
-    from fluxtune.registry import registry
+    from fluxtune.components import loaded_components
     from fluxtune.search.tuning import PlannedSteps
     from fluxtune.testing import registered_plugin
 
@@ -79,7 +79,7 @@ def test_the_searcher_pickles_with_plugin_factories_that_plain_pickle_cannot_tak
     plugin.register_losses = register_losses
     _, base = load_search_text(SPEC)
     with registered_plugin(plugin, name="lambdas"):
-        planned = PlannedSteps(TrialExperiments(base, registry()))
+        planned = PlannedSteps(TrialExperiments(base, loaded_components()))
         assert planned({"stages.lora.steps": 20}) == 30
         restored = pickle.loads(pickle.dumps(planned))
         assert restored({"stages.lora.steps": 7}) == 17

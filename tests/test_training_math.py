@@ -8,11 +8,11 @@ from diffusers.pipelines.flux.pipeline_flux_fill import calculate_shift
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
+from fluxtune.components import loaded_components
 from fluxtune.config.load import load_search_text, sample_experiment
 from fluxtune.default_plugins.losses import FlowMatchingLoss, FlowMatchingParams, time_weights
 from fluxtune.default_plugins.timesteps import FluxShiftParams, exponential_time_shift, flux_mu
 from fluxtune.flux.presets import FLUX_SCHEDULER
-from fluxtune.registry import registry
 
 SAMPLERS = {
     "uniform": {},
@@ -25,16 +25,16 @@ SAMPLERS = {
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_every_sampler_is_seeded_and_stays_inside_the_unit_interval(name):
-    sample = registry().get("timestep_sampler", name).build(SAMPLERS[name])
+    sample = loaded_components().get("timestep_sampler", name).build(SAMPLERS[name])
     a = sample(2000, torch.Generator().manual_seed(3), 256)
     assert torch.equal(a, sample(2000, torch.Generator().manual_seed(3), 256))
     assert a.shape == (2000,) and a.min() > 0 and a.max() < 1
 
 
 def test_constant_shift_moves_times_towards_noise():
-    reg = registry()
-    plain = reg.get("timestep_sampler", "uniform").build({})(4000, torch.Generator().manual_seed(0), 16)
-    shifted = reg.get("timestep_sampler", "shift").build({"shift": 3.0})(4000, torch.Generator().manual_seed(0), 16)
+    components = loaded_components()
+    plain = components.get("timestep_sampler", "uniform").build({})(4000, torch.Generator().manual_seed(0), 16)
+    shifted = components.get("timestep_sampler", "shift").build({"shift": 3.0})(4000, torch.Generator().manual_seed(0), 16)
     assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain))
     assert shifted.mean() > plain.mean() + 0.15
 
@@ -46,7 +46,7 @@ def test_flux_shift_is_the_schedulers_resolution_dependent_shift():
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
     t = torch.linspace(0.05, 0.95, 7)
     assert torch.allclose(exponential_time_shift(t, 0.8), scheduler.time_shift(0.8, 1.0, t))
-    sample = registry().get("timestep_sampler", "flux_shift").build({})
+    sample = loaded_components().get("timestep_sampler", "flux_shift").build({})
     small = sample(4000, torch.Generator().manual_seed(0), 256)  # 256² px
     large = sample(4000, torch.Generator().manual_seed(0), 4096)  # 1024² px: noisier times
     assert large.mean() > small.mean() + 0.05
@@ -82,7 +82,7 @@ search:
     timesteps.scale: {type: float, low: 0.5, high: 2.0}
 """)
     assert base["timesteps"]["type"] == "flux_shift" and base["loss"]["weighting"] == "cosmap"
-    sampled = sample_experiment(base, {"loss.weighting": "sigma_sqrt", "timesteps.scale": 0.7}, registry())
+    sampled = sample_experiment(base, {"loss.weighting": "sigma_sqrt", "timesteps.scale": 0.7}, loaded_components())
     assert sampled["loss"]["weighting"] == "sigma_sqrt" and sampled["timesteps"]["scale"] == 0.7
     from fluxtune.config.errors import InputError
 

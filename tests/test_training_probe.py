@@ -7,17 +7,17 @@ import pytest
 import torch
 from diffusers import FluxFillPipeline
 
-from fluxtune.assemble import build_shared, encode_arrays, load_bundle
+from fluxtune.components import loaded_components
 from fluxtune.config.load import load_search_text
 from fluxtune.cycle import run_cycle
 from fluxtune.data.images import load_example
 from fluxtune.data.rows import read_rows
 from fluxtune.flux.inpaint import masked_psnr
-from fluxtune.flux.preview import ValidationPreview
-from fluxtune.flux.sampling import decode_to_uint8, sample_fill_latents, unpack_pixel_mask
 from fluxtune.flux.model import empty_prompt_embeds
 from fluxtune.flux.packing import fill_conditioning, latent_image_ids, pack_mask, text_ids
-from fluxtune.registry import registry
+from fluxtune.flux.preview import ValidationPreview
+from fluxtune.flux.sampling import decode_to_uint8, sample_fill_latents, unpack_pixel_mask
+from fluxtune.worker_setup import build_worker_setup, encode_arrays, load_bundle
 
 
 def test_masked_psnr_counts_only_pixels_inside_the_mask():
@@ -108,7 +108,7 @@ base:
     train = encode_arrays(bundle, {k: v[:16] for k, v in arrays.items()})
     val = encode_arrays(bundle, {k: v[16:] for k, v in arrays.items()})
     reporter = Reporter()
-    shared = build_shared(base, train, val, reporter, registry(), torch.device("cpu"))
-    shared.preview = ValidationPreview.for_worker(base["model"], shared.val, examples=2, steps=2)
-    run_cycle(base, bundle.transformer, shared)
+    setup = build_worker_setup(base, train, val, reporter, loaded_components(), torch.device("cpu"))
+    setup.preview = ValidationPreview.for_worker(base["model"], setup.val, examples=2, steps=2)
+    run_cycle(base, bundle.transformer, setup)
     assert "masked_psnr" in reporter.evaluations[0] and "masked_psnr" in reporter.ends[0]

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from conftest import run_in_process
+from fluxtune.components import loaded_components
 from fluxtune.config.load import load_search_text, sample_experiment
-from fluxtune.context import RunContext, Shared
+from fluxtune.context import RunContext, WorkerSetup
 from fluxtune.default_plugins.optim import TrainingParams, lr_factor, train_steps
 from fluxtune.flux.flow import flow_matching_loss
-from fluxtune.registry import registry
 
 MICRO = 2  # examples per micro-batch
 
@@ -44,7 +44,7 @@ class PinnedNoise(RunContext):
     depend on how the batch is split into micro-batches (the real context draws them per call)."""
 
     def batches(self):
-        data, rank, world = self.shared.train, self.shared.rank, self.shared.world_size
+        data, rank, world = self.setup.train, self.setup.rank, self.setup.world_size
         while True:  # the global batch of an update: this rank's micro-batches, in order
             for start in range(rank * MICRO, len(data["x0"]), world * MICRO):
                 yield rows(data, start, start + MICRO)
@@ -60,8 +60,8 @@ def rows(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, tor
 
 
 def pinned_data(count: int) -> dict[str, torch.Tensor]:
-    from fluxtune.assemble import encode_arrays
     from fluxtune.testing import tiny_data, tiny_model
+    from fluxtune.worker_setup import encode_arrays
 
     train, _ = tiny_data()
     encoded = encode_arrays(tiny_model(), {k: v[:count] for k, v in train.items()})
@@ -75,10 +75,10 @@ def pinned_data(count: int) -> dict[str, torch.Tensor]:
 def stage_context(data, steps, rank=0, world_size=1) -> PinnedNoise:
     from fluxtune.testing import tiny_model
 
-    shared = Shared(train=data, val=None, batch_size=MICRO, guidance=30.0, loss_fn=None, timesteps=None,
-                    reporter=Steps(), registry=registry(), device=torch.device("cpu"), rank=rank,
-                    world_size=world_size, eval_every=10**9)
-    return PinnedNoise(shared=shared, name="full", cycle=0, steps=steps, transformer=tiny_model().transformer,
+    setup = WorkerSetup(train=data, val=None, batch_size=MICRO, guidance=30.0, loss_fn=None, timesteps=None,
+                        reporter=Steps(), components=loaded_components(), device=torch.device("cpu"), rank=rank,
+                        world_size=world_size, eval_every=10**9)
+    return PinnedNoise(setup=setup, name="full", cycle=0, steps=steps, transformer=tiny_model().transformer,
                        export_dir=Path("."), first_global_step=0, stream_seed=0)
 
 
@@ -126,7 +126,7 @@ def test_scheduled_accumulating_updates_equal_a_plain_torch_loop():
         optimizer.zero_grad()
         losses.append(total / accumulate)
 
-    logged = ctx.shared.reporter.logged
+    logged = ctx.setup.reporter.logged
     assert [m["loss"] for m in logged] == pytest.approx(losses, rel=1e-6)
     assert [m["lr"] for m in logged] == pytest.approx([0.0, base_lr / 2, base_lr, base_lr / 2])  # warm-up, cosine
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
@@ -205,7 +205,7 @@ OPTIMIZERS = {"adamw": {"lr": 1e-2}, "adamw8bit": {"lr": 1e-2}, "adafactor": {"l
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_built_in_optimizer_builds_and_steps(name):
     model = torch.nn.Linear(64, 128)  # 8192 weights: bitsandbytes keeps 8-bit states from 4096 up
-    make = registry().get("optimizer", name).build(OPTIMIZERS[name])
+    make = loaded_components().get("optimizer", name).build(OPTIMIZERS[name])
     optimizer = make(model.parameters(), device=torch.device("cpu"), sharded=False)
     before = model.weight.detach().clone()
     for _ in range(3):
@@ -213,7 +213,7 @@ def test_every_built_in_optimizer_builds_and_steps(name):
         optimizer.step()
         optimizer.zero_grad()
     assert not torch.equal(before, model.weight) and torch.isfinite(model.weight).all()
-    assert registry().get("optimizer", name).provenance.plugin == "fluxtune.default_plugins.optimizers"
+    assert loaded_components().get("optimizer", name).provenance.plugin == "fluxtune.default_plugins.optimizers"
 
 
 def test_optimizer_and_schedule_are_searchable_and_type_defaults_to_adamw():
@@ -232,7 +232,7 @@ search:
     assert base["stages"][0]["optimizer"] == {"type": "adamw", "lr": 1e-4, "weight_decay": 0.0,
                                               "betas": (0.9, 0.999), "eps": 1e-8}
     sampled = sample_experiment(base, {"stages.lora.optimizer.type": "prodigy", "stages.lora.lr_scheduler": "cosine",
-                                       "stages.lora.warmup_steps": 3}, registry())
+                                       "stages.lora.warmup_steps": 3}, loaded_components())
     stage = sampled["stages"][0]
     assert stage["optimizer"]["type"] == "prodigy" and stage["optimizer"]["lr"] == 1.0  # prodigy's own defaults
     assert (stage["lr_scheduler"], stage["warmup_steps"]) == ("cosine", 3)

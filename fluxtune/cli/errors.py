@@ -1,6 +1,6 @@
 """The CLI's one error boundary.
 
-Bad input (InputError, DataError, RegistryError): one `error:` line per problem naming the culprit, exit 2.
+Bad input (InputError, DataError, ComponentError): one `error:` line per problem naming the culprit, exit 2.
 Anything else: one line saying what failed and where its full traceback was saved (the sweep's `errors/`
 folder when a sweep is running, else the cache's), exit 1; `--debug` prints the traceback instead. Every line is
 redacted (secrets from the environment, URL passwords) and bounded, whatever the input was.
@@ -65,10 +65,10 @@ def report_usage_error(message: str, command: str) -> int:
 
 
 def input_error_types() -> tuple[type[BaseException], ...]:
+    from fluxtune.components import ComponentError
     from fluxtune.data.rows import DataError
-    from fluxtune.registry import RegistryError
 
-    return InputError, DataError, RegistryError
+    return InputError, DataError, ComponentError
 
 
 def _innermost_fluxtune_frame(exc: BaseException) -> str:

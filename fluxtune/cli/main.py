@@ -96,10 +96,10 @@ def _short(text: str, limit: int = 300) -> str:
 
 
 def _dry_run(spec_path: str, overrides: list[str], n: int) -> None:
+    from fluxtune.components import loaded_components
     from fluxtune.config.load import load_search_file
     from fluxtune.config.resolved import resolve_trial
     from fluxtune.config.schedule import describe, planned_steps
-    from fluxtune.registry import registry
     from fluxtune.search.space import grid_size, sample_configs
 
     from fluxtune.cli.preflight import check_spec_files
@@ -117,7 +117,7 @@ def _dry_run(spec_path: str, overrides: list[str], n: int) -> None:
                       f"scheduler, {search_spec.num_samples} trials{extra}. First {n} sampled configurations:",
                       markup=False)
         for i, values in enumerate(sample_configs(search_spec, base, n)):
-            trial = resolve_trial(base, values, registry())
+            trial = resolve_trial(base, values, loaded_components())
             sampled = ", ".join(f"{k}={v!r}" for k, v in values.items())
             console.print(_short(f"  [{i}] {sampled}", 1000), markup=False)
             console.print(f"      {trial.planned_steps} steps: {_short(trial.description)}", markup=False)

@@ -23,7 +23,7 @@ def list_versions(
                                                          "versions")] = False,
 ) -> None:
     """Versions with their aliases, metrics and lineage (sweep, trial, cycle, stage)."""
-    from fluxtune.tracking.registry import registered_names, versions
+    from fluxtune.tracking.model_versions import registered_names, versions
     from fluxtune.tracking.store import tracking_uri
 
     uri = tracking_uri(uri)
@@ -56,7 +56,7 @@ def promote(
     uri: TrackingUriOption = None,
 ) -> None:
     """Move an alias (default `champion`) to a version; who and when are recorded as version tags."""
-    from fluxtune.tracking.registry import promote as move_alias
+    from fluxtune.tracking.model_versions import promote as move_alias
     from fluxtune.tracking.store import tracking_uri
 
     uri = tracking_uri(uri)

@@ -36,7 +36,7 @@ def _limits(metadata: list[Any]) -> str:
 
 
 def params_of(model: type[BaseModel]) -> list[dict[str, Any]]:
-    """One record per field of a params model: name, type, default (or required), limits, description."""
+    """One dict per field of a params model: name, type, default (or required), limits, description."""
     out = []
     for name, field in model.model_fields.items():
         required = field.is_required()
@@ -61,12 +61,12 @@ def _model_doc(model: type[BaseModel]) -> str:
 
 
 def describe(include_builtins: bool, with_params: bool = False) -> list[dict[str, Any]]:
-    """One record per loaded plugin: provenance, registered components by kind, CLI commands."""
+    """One description per loaded plugin: provenance, registered components by kind, CLI commands."""
+    from fluxtune.components import loaded_components
     from fluxtune.plugins import command_names, plugin_manager
-    from fluxtune.registry import registry
 
     pm, infos = plugin_manager()
-    entries = registry().by_plugin()
+    entries = loaded_components().by_plugin()
     commands = command_names(pm)
     out = []
     for name, info in infos.items():
@@ -102,18 +102,18 @@ def list_plugins(
 ) -> None:
     """List installed plugins with their version and what each registers (FLUXTUNE_LOAD/DISABLE_PLUGINS apply)."""
     with error_boundary():
-        records = describe(include_builtins=all_, with_params=params)
+        descriptions = describe(include_builtins=all_, with_params=params)
     if as_json:
-        typer.echo(json.dumps(records, indent=2, default=repr))
+        typer.echo(json.dumps(descriptions, indent=2, default=repr))
         return
-    if not records:
+    if not descriptions:
         console.print("no plugins installed (built-ins: fluxtune plugins --all)")
         return
-    for record in records:
-        label = "built-in" if record["builtin"] else f"{record['distribution']} {record['version']}"
-        console.print(f"[bold]{escape(record['name'])}[/] ({escape(label)}) {escape(record['source'])}",
+    for plugin in descriptions:
+        label = "built-in" if plugin["builtin"] else f"{plugin['distribution']} {plugin['version']}"
+        console.print(f"[bold]{escape(plugin['name'])}[/] ({escape(label)}) {escape(plugin['source'])}",
                       highlight=False, soft_wrap=True)
-        for kind, items in record["registers"].items():
+        for kind, items in plugin["registers"].items():
             for item in items:
                 replaces = f" (replaces {item['replaces']})" if "replaces" in item else ""
                 console.print(f"  {kind} [cyan]{escape(item['name'])}[/]: {escape(item['doc'] + replaces)}",
@@ -124,5 +124,5 @@ def list_plugins(
                     for param in item["params"] or [{"none": True}]:
                         line = "      (no parameters)" if "none" in param else _param_line(param)
                         console.print(escape(line), highlight=False, soft_wrap=True)
-        for command in record["commands"]:
+        for command in plugin["commands"]:
             console.print(f"  command [cyan]fluxtune {escape(command)}[/]", highlight=False, soft_wrap=True)

@@ -129,12 +129,12 @@ def _model_config(model: dict[str, Any]) -> dict[str, Any] | None:
 def _corner_experiments(spec: SearchFile, base: dict[str, Any]) -> Iterator[tuple[str, Any, dict[str, Any]]]:
     """(searched path, value, experiment) for each corner value of each searched key (validation has sampled
     each already, so these are valid)."""
+    from fluxtune.components import loaded_components
     from fluxtune.config.resolved import resolve_trial
-    from fluxtune.registry import registry
 
     for path, dist in (spec.search.space.items() if spec.search else ()):
         for value in dist.corners():
-            yield path, value, resolve_trial(base, {path: value}, registry()).experiment
+            yield path, value, resolve_trial(base, {path: value}, loaded_components()).experiment
 
 
 def plugin_problems(spec: SearchFile, base: dict[str, Any], where: _Located) -> list[Problem]:

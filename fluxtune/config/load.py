@@ -9,13 +9,13 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from fluxtune.api import ComponentSpec
+from fluxtune.components import Components, UnknownComponent
 from fluxtune.config.errors import InputError, Problem
 from fluxtune.config.overrides import apply_overrides
 from fluxtune.config.paths import PathError, get_path, locate, set_path, stage_loc
 from fluxtune.config.schedule import schedule_problems
 from fluxtune.config.schema import ALIAS, NAME, STAGE_NAME, Experiment, SearchFile
 from fluxtune.config.yaml_source import YamlSource, load_yaml, parse_yaml
-from fluxtune.registry import Registry, UnknownComponent
 
 _DIST_TAGS = {"float", "int", "categorical"}
 _PATTERN_MESSAGES = {
@@ -86,21 +86,22 @@ def located_problem(source: YamlSource, loc: tuple[Any, ...], message: str) -> P
     return out.problems[0]
 
 
-def _check_components(model: BaseModel, loc: tuple[Any, ...], reg: Registry, out: _Collector) -> dict[str, Any]:
-    """Validate nested ComponentSpecs against the registry; return the model as a dict with defaults filled."""
+def _check_components(model: BaseModel, loc: tuple[Any, ...], components: Components,
+                      out: _Collector) -> dict[str, Any]:
+    """Validate nested ComponentSpecs against the component table; return the model as a dict with defaults filled."""
     values: dict[str, Any] = {}
     for field_name in type(model).model_fields:
         value = getattr(model, field_name)
-        values[field_name] = _normalise(value, loc + (field_name,), reg, out)
+        values[field_name] = _normalise(value, loc + (field_name,), components, out)
     if model.model_extra:
         values.update(model.model_extra)
     return values
 
 
-def _normalise(value: Any, loc: tuple[Any, ...], reg: Registry, out: _Collector) -> Any:
+def _normalise(value: Any, loc: tuple[Any, ...], components: Components, out: _Collector) -> Any:
     if isinstance(value, ComponentSpec) and value.kind:
         try:
-            entry = reg.get(value.kind, value.type)
+            entry = components.get(value.kind, value.type)
         except UnknownComponent as exc:
             out.add(loc + ("type",), str(exc))
             return value.model_dump()
@@ -111,25 +112,26 @@ def _normalise(value: Any, loc: tuple[Any, ...], reg: Registry, out: _Collector)
             return value.model_dump()
         if getattr(entry.params, "requires_cuda", False):
             out.cuda_only.append((loc + ("type",), f"{value.kind} {value.type!r}"))
-        return {"type": value.type, **_check_components(params, loc, reg, out)}
+        return {"type": value.type, **_check_components(params, loc, components, out)}
     if isinstance(value, BaseModel):
-        return _check_components(value, loc, reg, out)
+        return _check_components(value, loc, components, out)
     if isinstance(value, list):
-        return [_normalise(v, loc + (i,), reg, out) for i, v in enumerate(value)]
+        return [_normalise(v, loc + (i,), components, out) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: _normalise(v, loc + (k,), reg, out) for k, v in value.items()}
+        return {k: _normalise(v, loc + (k,), components, out) for k, v in value.items()}
     return value
 
 
-def normalise_experiment(exp: Experiment, reg: Registry, out: _Collector, loc: tuple[Any, ...]) -> dict[str, Any]:
+def normalise_experiment(exp: Experiment, components: Components, out: _Collector,
+                         loc: tuple[Any, ...]) -> dict[str, Any]:
     """The experiment as a plain dict with every component's defaults filled in (what search paths address)."""
     out.cuda_only = []
-    tree = _check_components(exp, loc, reg, out)
+    tree = _check_components(exp, loc, components, out)
     stages = []
     for i, stage in enumerate(exp.stages):
         stage_loc_ = loc + ("stages", i)
         try:
-            entry = reg.get("stage", stage.type)
+            entry = components.get("stage", stage.type)
         except UnknownComponent as exc:
             out.add(stage_loc_ + ("type",), str(exc))
             stages.append(stage.model_dump())
@@ -141,7 +143,7 @@ def normalise_experiment(exp: Experiment, reg: Registry, out: _Collector, loc: t
             stages.append(stage.model_dump())
             continue
         base = {"name": stage.name, "type": stage.type, "steps": stage.steps}
-        stages.append({**base, **_check_components(params, stage_loc_, reg, out)})
+        stages.append({**base, **_check_components(params, stage_loc_, components, out)})
     tree["stages"] = stages
     for where, message in schedule_problems(tree):
         out.add(loc + where, message)
@@ -151,7 +153,7 @@ def normalise_experiment(exp: Experiment, reg: Registry, out: _Collector, loc: t
     return tree
 
 
-def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict[str, Any]]:
+def validate_search(source: YamlSource, components: Components) -> tuple[SearchFile, dict[str, Any]]:
     """Validate a parsed search file; returns the spec and the normalised base experiment."""
     out = _Collector(source)
     data = source.data()
@@ -174,7 +176,7 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
         out.raise_if_any()
         raise  # unreachable: the collector raised
     out.raise_if_any()
-    base = normalise_experiment(spec.base, reg, out, ("base",))
+    base = normalise_experiment(spec.base, components, out, ("base",))
     if spec.search and spec.search.metric not in EVALUATION_METRICS:
         out.add(("search", "metric"), f"{spec.search.metric!r} is not reported at evaluations; the stages report "
                                       f"{', '.join(EVALUATION_METRICS)}")
@@ -182,7 +184,7 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
         out.add(("base", "sample_every"), f"search.metric {spec.search.metric} is measured by the validation "
                                           "preview, which then must run at every evaluation: use sample_every: 1")
     if spec.search and spec.search.include:
-        spec.search.space = {**_included_space(spec.search.include, reg, out), **spec.search.space}
+        spec.search.space = {**_included_space(spec.search.include, components, out), **spec.search.space}
     out.raise_if_any()
     if spec.search:
         searched: list[str] = []
@@ -196,7 +198,7 @@ def validate_search(source: YamlSource, reg: Registry) -> tuple[SearchFile, dict
                 continue
             for value in dist.corners():
                 try:
-                    sample_experiment(base, {path: value}, reg)
+                    sample_experiment(base, {path: value}, components)
                 except InputError as exc:
                     out.add(("search", "space", path), f"value {value!r} is invalid: {exc.problems[0].message}")
                     break
@@ -239,7 +241,7 @@ def _name_problems(data: dict[str, Any], out: _Collector) -> None:
             out.add(loc, f"must not hold {what} (a name reaches folder names, MLflow and the console)")
 
 
-def _included_space(names: list[str], reg: Registry, out: _Collector) -> dict[str, Any]:
+def _included_space(names: list[str], components: Components, out: _Collector) -> dict[str, Any]:
     """The `search.include` fragments (registered search spaces) merged in order, each distribution checked."""
     from pydantic import TypeAdapter
 
@@ -249,7 +251,7 @@ def _included_space(names: list[str], reg: Registry, out: _Collector) -> dict[st
     merged: dict[str, Any] = {}
     for i, name in enumerate(names):
         try:
-            entry = reg.get("search_space", name)
+            entry = components.get("search_space", name)
             fragment = entry.build({})
         except UnknownComponent as exc:
             out.add(("search", "include", i), str(exc))
@@ -278,7 +280,7 @@ def _check_conditions(path: str, dist: Any, searched: list[str], base: dict[str,
             out.add(("search", "space", path, "when", key), f"not a key of base or the space: {exc}")
 
 
-def sample_experiment(base: dict[str, Any], values: dict[str, Any], reg: Registry) -> dict[str, Any]:
+def sample_experiment(base: dict[str, Any], values: dict[str, Any], components: Components) -> dict[str, Any]:
     """The normalised experiment with sampled `values` at their dotted paths, validated again."""
     tree = _switch_components(base, values)
     for path, value in values.items():
@@ -299,7 +301,7 @@ def sample_experiment(base: dict[str, Any], values: dict[str, Any], reg: Registr
         out.add_validation((), exc)
         out.raise_if_any()
         raise
-    normalised = normalise_experiment(exp, reg, out, ())
+    normalised = normalise_experiment(exp, components, out, ())
     out.raise_if_any()
     return normalised
 
@@ -333,18 +335,18 @@ def _set_new_param(tree: dict[str, Any], path: str, value: Any) -> dict[str, Any
     return set_path(tree, path, value, new_key=True)
 
 
-def load_search_file(path: str | Path, registry: Registry | None = None,
+def load_search_file(path: str | Path, components: Components | None = None,
                      overrides: list[str] | tuple[str, ...] = ()) -> tuple[SearchFile, dict[str, Any]]:
     """Parse, apply `--set key.path=value` overrides, validate. Raises one InputError with every problem."""
-    from fluxtune.registry import registry as default_registry
+    from fluxtune.components import loaded_components
 
-    return validate_search(apply_overrides(load_yaml(path), overrides), registry or default_registry())
+    return validate_search(apply_overrides(load_yaml(path), overrides), components or loaded_components())
 
 
-def load_search_text(text: str, registry: Registry | None = None, path: str = "<string>"):
-    from fluxtune.registry import registry as default_registry
+def load_search_text(text: str, components: Components | None = None, path: str = "<string>"):
+    from fluxtune.components import loaded_components
 
-    return validate_search(parse_yaml(text, path), registry or default_registry())
+    return validate_search(parse_yaml(text, path), components or loaded_components())
 
 
 __all__ = ["load_search_file", "load_search_text", "located_problem", "sample_experiment", "stage_loc"]

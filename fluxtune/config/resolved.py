@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
+from fluxtune.components import Components
 from fluxtune.config.frozen import freeze, thaw
 from fluxtune.config.load import sample_experiment
 from fluxtune.config.schedule import describe, plan
-from fluxtune.registry import Registry
 
 
 class ScheduledStage(NamedTuple):
@@ -43,11 +43,11 @@ class ResolvedTrial:
         return thaw(self.experiment)
 
 
-def resolve_trial(base: Mapping[str, Any], values: Mapping[str, Any], reg: Registry) -> ResolvedTrial:
+def resolve_trial(base: Mapping[str, Any], values: Mapping[str, Any], components: Components) -> ResolvedTrial:
     """The trial that sampled `values` (dotted path → value) from the search over `base` (the normalised base
     experiment). Raises InputError when the values make an invalid experiment, each problem naming the sampled
     value that caused it."""
-    experiment = freeze(sample_experiment(dict(base), dict(values), reg))
+    experiment = freeze(sample_experiment(dict(base), dict(values), components))
     schedule = tuple(ScheduledStage(cycle, index, freeze(stage)) for cycle, index, stage in plan(experiment))
     return ResolvedTrial(values=freeze(dict(values)), experiment=experiment, schedule=schedule)
 

@@ -1,7 +1,7 @@
 """The typed, closed schema of an experiment and a search (pydantic; unknown keys fail).
 
 Component parameters (a stage's optimizer, an adapter's rank, a loss's weights) are validated by the
-component's own `Params` model from the registry, in `fluxtune.config.load`.
+component's own `Params` model from the component table, in `fluxtune.config.load`.
 """
 
 from __future__ import annotations

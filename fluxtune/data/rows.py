@@ -119,24 +119,24 @@ def _json_type(value: object) -> str:
 def _check_line(line_bytes: bytes, number: int, folder: str, check_files: bool,
                 masks: MaskRule) -> tuple[Row | None, list[str]]:
     try:
-        record = json.loads(line_bytes.decode("utf-8"))
+        parsed = json.loads(line_bytes.decode("utf-8"))
     except UnicodeDecodeError:
         return None, ["not valid UTF-8"]
     except json.JSONDecodeError as error:
         return None, [f"invalid JSON: {error.msg} (column {error.colno})"]
-    if not isinstance(record, dict):
-        return None, [f"expected a JSON object, got {_json_type(record)}"]
+    if not isinstance(parsed, dict):
+        return None, [f"expected a JSON object, got {_json_type(parsed)}"]
 
     problems: list[str] = []
     paths: dict[str, str] = {}
-    user_input = record.get("user_input")
-    if "user_input" not in record:
+    user_input = parsed.get("user_input")
+    if "user_input" not in parsed:
         problems.append("missing key 'user_input'")
     elif not isinstance(user_input, dict):
         problems.append(f"'user_input' must be an object, got {_json_type(user_input)}")
     for key in PATH_KEYS:
         parent, _, leaf = key.rpartition(".")
-        container = record if not parent else user_input
+        container = parsed if not parent else user_input
         if not isinstance(container, dict):
             continue  # already reported above
         if leaf not in container:
@@ -147,7 +147,7 @@ def _check_line(line_bytes: bytes, number: int, folder: str, check_files: bool,
             problems.append(f"'{key}' is an empty path")
         else:
             paths[key] = _resolve(container[leaf], folder)
-    prompt = record.get("prompt")
+    prompt = parsed.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         problems.append(f"'prompt' must be a string, got {_json_type(prompt)}")
         prompt = None

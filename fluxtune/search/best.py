@@ -16,28 +16,28 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from fluxtune import storage
-from fluxtune.checkpoints import read_checkpoint_record, weights_pruned
-from fluxtune.registered_version import ADAPTER, Release, StageCheckpoint, release_of
-from fluxtune.search.record import write_atomically
+from fluxtune.checkpoints import read_checkpoint_manifest, weights_pruned
+from fluxtune.search.sweep_file import write_atomically
 from fluxtune.train.protocol import SweepLayout
+from fluxtune.version_contents import ADAPTER, Release, StageCheckpoint, release_of
 
 
 def read_stage(folder: str) -> StageCheckpoint | None:
-    record = read_checkpoint_record(folder)  # None for a half-written or half-copied one (storage faults)
-    if record is None:
+    manifest = read_checkpoint_manifest(folder)  # None for a half-written or half-copied one (storage faults)
+    if manifest is None:
         return None
-    finished_cycle = record["cycle"] if record["stage_index"] > 0 else record["cycle"] - 1
-    adapter = any(name.startswith(ADAPTER + "/") for name in record.get("files", {}))
-    return StageCheckpoint(record["finished_stage"], finished_cycle, record["global_step"], str(folder),
-                           has_weights=not weights_pruned(record), has_adapter=adapter)
+    finished_cycle = manifest["cycle"] if manifest["stage_index"] > 0 else manifest["cycle"] - 1
+    adapter = any(name.startswith(ADAPTER + "/") for name in manifest.get("files", {}))
+    return StageCheckpoint(manifest["finished_stage"], finished_cycle, manifest["global_step"], str(folder),
+                           has_weights=not weights_pruned(manifest), has_adapter=adapter)
 
 
-def stage_records(trial_storage: str, sweep_id: str, trial_id: str) -> list[StageCheckpoint]:
+def finished_stages(trial_storage: str, sweep_id: str, trial_id: str) -> list[StageCheckpoint]:
     """The trial's finished stages in order: a reused prefix (if any), then its own Train checkpoints.
     `trial_storage` is the sweep's Ray storage: a local folder or a shared URI."""
     found: list[StageCheckpoint] = []
     layout = SweepLayout(sweep_id, str(trial_storage))
-    used = storage.read_json(layout.used_record(trial_id))
+    used = storage.read_json(layout.reused_prefix(trial_id))
     if used is not None:
         reused = read_stage(used["checkpoint"])
         if reused is not None:
@@ -48,8 +48,8 @@ def stage_records(trial_storage: str, sweep_id: str, trial_id: str) -> list[Stag
 
 
 def release_for(trial_storage: str, sweep_id: str, trial: str) -> Release | None:
-    """The version the trial's stage checkpoints on disk make (`fluxtune.registered_version.Release`)."""
-    return release_of(trial, stage_records(trial_storage, sweep_id, trial))
+    """The version the trial's stage checkpoints on disk make (`fluxtune.version_contents.Release`)."""
+    return release_of(trial, finished_stages(trial_storage, sweep_id, trial))
 
 
 def write_best_yaml(path: Path, spec: Any, experiment: dict[str, Any], sweep_id: str, trial_id: str,

@@ -21,7 +21,7 @@ LAST_RETRY_TAG = "fluxtune.last_retry"  # what failed, and the step the retry re
 
 
 @dataclass
-class StageRecord:
+class LoggedStage:
     stage: str
     cycle: int
     checkpoint: str
@@ -30,7 +30,7 @@ class StageRecord:
 @dataclass
 class TrialLog:
     params: dict[str, Any]
-    stages: list[StageRecord] = field(default_factory=list)
+    stages: list[LoggedStage] = field(default_factory=list)
     last: dict[str, Any] = field(default_factory=dict)
     status: str = "RUNNING"
     worker_failures: int = 0  # as counted by this Train run (fluxtune.train.trial.FailureCountingReport)
@@ -77,7 +77,8 @@ class MlflowSweepCallback(Callback):
             tags = {f"fluxtune.plugin.{k}": v for k, v in self.plugins.items()}
             tags.update({f"fluxtune.sampled.{k}": str(v) for k, v in trial.config.items()})
             self.tracker.start_trial(trial.trial_id, params, tags, name=trial_name(trial.config))
-            earlier = [StageRecord(stage, cycle, path) for cycle, stage, path in self.tracker.stage_checkpoints(trial.trial_id)]
+            earlier = [LoggedStage(stage, cycle, path)
+                       for cycle, stage, path in self.tracker.stage_checkpoints(trial.trial_id)]
             self.trials[trial.trial_id] = TrialLog(params=params, stages=earlier)
         return self.trials[trial.trial_id]
 
@@ -97,10 +98,10 @@ class MlflowSweepCallback(Callback):
         if report.stage_end:
             self.tracker.log_stage_summary(trial.trial_id, report)
         if report.stage_end and report.checkpoint_path:
-            record = StageRecord(str(report.stage), int(report.cycle or 0),
+            logged = LoggedStage(str(report.stage), int(report.cycle or 0),
                                  storage.qualify(report.checkpoint_path, self.trial_storage))
-            log.stages.append(record)
-            self.tracker.log_stage(trial.trial_id, record.checkpoint, record.cycle, record.stage, report.node or "")
+            log.stages.append(logged)
+            self.tracker.log_stage(trial.trial_id, logged.checkpoint, logged.cycle, logged.stage, report.node or "")
 
     def _note_retry(self, trial_id: str, log: TrialLog, report: TrialReport) -> None:
         """Tags on the trial's run: the retry count (earlier sweep attempts' included) and what failed."""

@@ -78,9 +78,9 @@ class SweepGuard(tune.Stopper):
 class StorageFaultWatch(tune.Callback):
     """A trial that failed on a full or read-only store stops the sweep (see `SweepGuard`)."""
 
-    def __init__(self, guard: SweepGuard, record: Any = None):
+    def __init__(self, guard: SweepGuard, sweep_file: Any = None):
         self.guard = guard
-        self.record = record  # SweepRecord: says `interrupted` at once, while the store may still take that
+        self.sweep_file = sweep_file  # SweepFile: says `interrupted` at once, while the store may still take that
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         try:
@@ -90,9 +90,9 @@ class StorageFaultWatch(tune.Callback):
             return
         if fault is None:
             return
-        if self.record is not None and self.guard.fault is None:  # before other writers take the last bytes
-            self.record.status, self.record.stopped_by = "interrupted", fault
-            self.record.save_quietly()
+        if self.sweep_file is not None and self.guard.fault is None:  # before other writers take the last bytes
+            self.sweep_file.status, self.sweep_file.stopped_by = "interrupted", fault
+            self.sweep_file.save_quietly()
         self.guard.note_fault(fault)
 
 

@@ -1,9 +1,9 @@
-"""Which trials a sweep may publish, best first: the Optuna study's order, trusted only where the record agrees.
+"""Which trials a sweep may publish, best first: the Optuna study's order, trusted only where the sweep file agrees.
 
 The study is where every run of a sweep (the first, each `--resume`, each `--more`) tells how its trials ended:
 COMPLETE with the metric's final value, PRUNED when a scheduler stopped the trial early, FAIL when it diverged or
 errored (`fluxtune.search.guard.FiniteOptunaSearch`). Its COMPLETE trials with finite values, in the study's
-direction, are the candidates (ties: the earlier trial). Each is joined to its sweep-record row through the Tune
+direction, are the candidates (ties: the earlier trial). Each is joined to its sweep-file row through the Tune
 trial id the searcher stored on it, and the row must agree: every planned step ran, no error, a finite metric.
 A study that cannot be read publishes nothing (`StudyUnreadable`), never a guess. A sweep without a searched space
 has no study (Tune runs the base): its rows are ranked by themselves.

@@ -3,10 +3,10 @@ needed (`checkpoints: {keep: needed}`, the default; `keep: all` prunes nothing).
 
 Needed are: resume (a trial's latest checkpoint, and the one before it while the latest holds an adapter:
 that pair is what a version would be made of), registration (the release of the best `register_top`
-publishable trials, and every base a registered version references: `SweepRecord.pinned`) and stage reuse
+publishable trials, and every base a registered version references: `SweepFile.pinned`) and stage reuse
 (every offered stage while the run goes on; once it has finished, the stages another trial did start from).
 Everything else loses its transformer weights as the sweep goes (`fluxtune.checkpoints.prune_weights`: the
-marker records it; exports such as adapters stay). A full-size FLUX.1-Fill checkpoint is ≈48 GB in fp32.
+manifest says so; exports such as adapters stay). A full-size FLUX.1-Fill checkpoint is ≈48 GB in fp32.
 """
 
 from __future__ import annotations
@@ -18,24 +18,24 @@ from ray import tune
 from fluxtune import storage
 from fluxtune.checkpoints import prune_weights
 from fluxtune.config.schedule import planned_steps
-from fluxtune.registered_version import StageCheckpoint
 from fluxtune.search.best import read_stage, release_for
 from fluxtune.search.guard import SweepGuard, not_finite_reason, storage_fault
 from fluxtune.search.ranking import TrialRanking, publishable
 from fluxtune.search.space import StudyUnreadable
 from fluxtune.train.protocol import SweepLayout, TrialReport
-from fluxtune.train.trial import TrialSettings, record_stage
+from fluxtune.train.trial import TrialSettings, offer_stage_for_reuse
+from fluxtune.version_contents import StageCheckpoint
 
 
 class CheckpointKeeper(tune.Callback):
-    def __init__(self, settings: TrialSettings, record: Any, ranking: TrialRanking, keep: str, register_top: int,
+    def __init__(self, settings: TrialSettings, sweep_file: Any, ranking: TrialRanking, keep: str, register_top: int,
                  guard: SweepGuard, experiment_of: Callable[[dict[str, Any]], dict[str, Any]],
                  announce: Callable[[str], None]):
         self.settings, self.ranking, self.metric, self.keep = settings, ranking, ranking.metric, keep
         self.register_top, self.guard = register_top, guard
         self.experiment_of, self.announce = experiment_of, announce
-        self.record = record  # SweepRecord: earlier trials (rows) and pinned checkpoints
-        self.rows: dict[str, dict[str, Any]] = dict(record.trials)  # finished trials, earlier runs included
+        self.sweep_file = sweep_file  # SweepFile: earlier trials (rows) and pinned checkpoints
+        self.rows: dict[str, dict[str, Any]] = dict(sweep_file.trials)  # finished trials, earlier runs included
         self.own: dict[str, list[StageCheckpoint]] = {}  # trial → its own checkpoints that still have weights
         self.offered: set[str] = set(self._offered())  # stage-cache checkpoints
         self.releases: dict[str, list[str]] = {}  # trial → the checkpoints its release needs
@@ -50,7 +50,7 @@ class CheckpointKeeper(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if trial.trial_id not in self.announced:  # stage reuse refused a corrupted checkpoint: say so here
             self.announced.add(trial.trial_id)
-            refused = storage.read_json(self.settings.layout.refused_record(trial.trial_id)) or {}
+            refused = storage.read_json(self.settings.layout.refused_checkpoints(trial.trial_id)) or {}
             for line in refused.get("refused", []):
                 self.announce(f"trial {trial.trial_id}: {line}")
         report = TrialReport.from_result(result)
@@ -73,8 +73,9 @@ class CheckpointKeeper(tune.Callback):
     def _stage_end(self, trial: Any, report: TrialReport, checkpoint: str) -> None:
         finite = not_finite_reason(report.to_result(), self.metric) is None
         if self.settings.reuse_stages and finite:  # never offer NaNs
-            record_stage(self.settings, self.experiment_of(trial.config), int(report.cycle or 0), str(report.stage),
-                         checkpoint, trial.trial_id, report.global_step)
+            offer_stage_for_reuse(self.settings, self.experiment_of(trial.config), int(report.cycle or 0),
+                                  str(report.stage),
+                                  checkpoint, trial.trial_id, report.global_step)
             self.offered.add(checkpoint)
         if self.keep == "all":
             return
@@ -98,7 +99,7 @@ class CheckpointKeeper(tune.Callback):
         from now on (registration and the stages other trials started from). Returns the bytes freed."""
         if self.keep == "all" or not finished:
             return 0
-        needed = set(self.record.pinned) | self._reused()
+        needed = set(self.sweep_file.pinned) | self._reused()
         for row in self._top():
             needed.update(self._release(row["trial"]))
         freed = 0
@@ -111,7 +112,7 @@ class CheckpointKeeper(tune.Callback):
 
     # -- helpers
     def _prune(self, trial_id: str, keep: set[str]) -> None:
-        protected = keep | set(self.record.pinned) | self.offered | self._best_releases()
+        protected = keep | set(self.sweep_file.pinned) | self.offered | self._best_releases()
         left = []
         for stage in self._own(trial_id):
             if stage.checkpoint in protected:
@@ -141,7 +142,7 @@ class CheckpointKeeper(tune.Callback):
         return self.top
 
     def _release(self, trial_id: str) -> list[str]:
-        """The checkpoints whose weights the trial's release needs (`fluxtune.registered_version.Release`)."""
+        """The checkpoints whose weights the trial's release needs (`fluxtune.version_contents.Release`)."""
         if trial_id not in self.releases:
             release = release_for(self.settings.storage_path, self.settings.sweep_id, trial_id)
             self.releases[trial_id] = release.weights if release else []
@@ -159,7 +160,7 @@ class CheckpointKeeper(tune.Callback):
         return [d["checkpoint"] for d in (storage.read_json(p) for p in storage.list_files(cache, ".json")) if d]
 
     def _reused(self) -> set[str]:
-        used = self.settings.layout.used_records
+        used = self.settings.layout.reused_prefixes
         return {d["checkpoint"] for d in (storage.read_json(p) for p in storage.list_files(used, ".json")) if d}
 
     def _safely(self, action: Callable[..., None], *args: Any) -> None:
@@ -186,7 +187,7 @@ def remove_incomplete(root: str) -> int:
     read-only store), once no trial runs. Nothing ever reads them; they only hold space. Returns how many."""
     import logging
 
-    from fluxtune.checkpoints import read_checkpoint_record
+    from fluxtune.checkpoints import read_checkpoint_manifest
 
     removed = 0
     quiet = logging.getLogger("fluxtune.checkpoints")
@@ -195,7 +196,7 @@ def remove_incomplete(root: str) -> int:
         for folder in layout.checkpoints(run):
             level, quiet.level = quiet.level, logging.ERROR  # being removed: no "skipping" warning for it
             try:
-                if read_checkpoint_record(folder) is not None:
+                if read_checkpoint_manifest(folder) is not None:
                     continue
                 fs, inner = storage.filesystem(folder)
                 fs.delete_dir(inner)

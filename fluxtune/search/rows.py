@@ -1,4 +1,4 @@
-"""What the driver knows about each trial: the experiment its sampled config makes, and its sweep-record row."""
+"""What the driver knows about each trial: the experiment its sampled config makes, and its sweep-file row."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fluxtune import failures, storage
+from fluxtune.components import Components, loaded_components
 from fluxtune.config.resolved import ResolvedTrial, resolve_trial
-from fluxtune.registry import Registry, registry
 from fluxtune.search.guard import SweepGuard, not_finite_reason
 from fluxtune.train.trial import TrialSettings
 
@@ -18,19 +18,19 @@ class TrialExperiments:
     again, and the callbacks, retention, rows and publishing all ask for the same trials. Called, it gives the
     trial's (read-only) experiment, which callers share."""
 
-    def __init__(self, base: dict[str, Any], reg: Registry | None = None):
+    def __init__(self, base: dict[str, Any], components: Components | None = None):
         self.base = base
-        self._registry = reg
+        self._components = components
         self._by_config: dict[str, ResolvedTrial] = {}
 
     @property
-    def registry(self) -> Registry:
-        return self._registry or registry()
+    def components(self) -> Components:
+        return self._components or loaded_components()
 
     def resolve(self, config: dict[str, Any]) -> ResolvedTrial:
         key = json.dumps(config, sort_keys=True, default=str)
         if key not in self._by_config:
-            self._by_config[key] = resolve_trial(self.base, config, self.registry)
+            self._by_config[key] = resolve_trial(self.base, config, self.components)
         return self._by_config[key]
 
     def __call__(self, config: dict[str, Any]) -> Mapping[str, Any]:
@@ -42,13 +42,13 @@ class TrialExperiments:
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles the callbacks and the searcher holding it (the searcher with plain pickle, which cannot take
-        # a plugin's lambda factory): the cache is rebuilt, and the registry is the unpickling process's own
-        return {**self.__dict__, "_by_config": {}, "_registry": None}
+        # a plugin's lambda factory): the cache is rebuilt, and the component table is the unpickling process's own
+        return {**self.__dict__, "_by_config": {}, "_components": None}
 
 
 def trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str, Any],
               guard: SweepGuard | None = None, experiments: TrialExperiments | None = None) -> dict[str, Any] | None:
-    """The sweep record's row for a Tune result (`experiments`: the sweep's, made from the same `base`);
+    """The sweep file's row for a Tune result (`experiments`: the sweep's, made from the same `base`);
     None for a trial that never reported (a resumed sweep reruns it)."""
     if result.config is None and result.error is None:  # Ctrl+C before its first report: --resume reruns it
         return None
@@ -59,7 +59,7 @@ def trial_row(result: Any, metric: str, settings: TrialSettings, base: dict[str,
         trial_id = Path(result.path).name if result.path else None
     if trial_id is None:
         return None
-    used = storage.read_json(settings.layout.used_record(trial_id))
+    used = storage.read_json(settings.layout.reused_prefix(trial_id))
     reused = int(used["global_step"]) if used else 0
     resolved = (experiments or TrialExperiments(base)).resolve(config)
     diverged = guard.diverged.get(trial_id) if guard else None

@@ -33,19 +33,19 @@ from fluxtune.search.guard import StorageFaultWatch, SweepGuard, storage_fault, 
 from fluxtune.search.locks import Locks, lock_stores, lock_sweep
 from fluxtune.search.outcome import SweepOutcome
 from fluxtune.search.publish import publish_sweep, sweep_ranking
-from fluxtune.search.record import SweepRecord, fingerprint
 from fluxtune.search.retention import CheckpointKeeper, disk_use, remove_incomplete, repair_cut_short
 from fluxtune.search.rows import TrialExperiments, trial_row
 from fluxtune.search.space import StudyUnreadable, fail_abandoned, optuna_storage_url, study_summary
+from fluxtune.search.sweep_file import SweepFile, fingerprint
 from fluxtune.search.tuning import resource_corners, scheduler_for, searcher_for
+from fluxtune.tracking.model_versions import resolve_registered_model
 from fluxtune.tracking.publishing import mark_failed
-from fluxtune.tracking.registry import resolve_registered_model
 from fluxtune.tracking.runs import SweepTracker
 from fluxtune.tracking.store import tracking_uri
-from fluxtune.train.stops import create_board
 from fluxtune.train.cluster import check_resources, local_cpus, start_ray
 from fluxtune.train.datasets import prepare_sweep_data
 from fluxtune.train.ray_private import restore_tuner
+from fluxtune.train.stops import create_board
 from fluxtune.train.trial import TrialSettings, trainable
 
 
@@ -62,9 +62,9 @@ def run_sweep(spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str
 
 
 class Sweep:
-    """One `fluxtune search` run, in the order its steps must happen: `open` (record and locks), `prepare` (Ray,
+    """One `fluxtune search` run, in the order its steps must happen: `open` (sweep file and locks), `prepare` (Ray,
     model, tracker, data), `tuner` (a new Tune run, or the interrupted one restored), `collect` (run it; the
-    record's rows), `publish` (best.yaml, registration, retention), `finish` (what is left on disk, the MLflow
+    sweep file's rows), `publish` (best.yaml, registration, retention), `finish` (what is left on disk, the MLflow
     run's end) and, always, `close` (the locks go)."""
 
     def __init__(self, spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str | None,
@@ -73,7 +73,7 @@ class Sweep:
         self.console, self.address, self.verbose, self.resume, self.more = console, address, verbose, resume, more
         self.spec_file = spec_path or "<spec>"
         self.search = spec.search or SearchSpec(num_samples=1, max_concurrent=1)
-        # The sweep record, best.yaml and model downloads stay on the driver's disk; with a URI `storage_path` the
+        # The sweep file, best.yaml and model downloads stay on the driver's disk; with a URI `storage_path` the
         # trials' checkpoints and the stage-reuse index go there instead, where every node of a cluster reaches them.
         self.shared_root = spec.storage_path if spec.storage_path and storage.is_uri(spec.storage_path) else None
         self.root = Path(spec.storage_path if self.shared_root is None and spec.storage_path else "runs").resolve()
@@ -85,20 +85,20 @@ class Sweep:
     def open(cls, spec: SearchFile, base: dict[str, Any], jsonl: str, spec_path: str | None = None,
              console: Console | None = None, address: str | None = None, verbose: bool = False,
              resume: bool = False, more: int = 0) -> Sweep:
-        """The sweep record (new, or the one to resume or extend), its folder's lock when it continues, and the
+        """The sweep file (new, or the one to resume or extend), its folder's lock when it continues, and the
         stores' locks; `close` releases them."""
         sweep = cls(spec, base, jsonl, spec_path, console or Console(), address, verbose, resume, more)
         fp = fingerprint(spec, base)
         if resume or more:
-            sweep.record = SweepRecord.to_continue(sweep.root, spec.name, finished=bool(more), fp=fp,
-                                                   spec_file=sweep.spec_file)
-            lock_sweep(sweep.locks, Path(sweep.record.folder), sweep.record.sweep_id, sweep.spec_file)
+            sweep.sweep_file = SweepFile.to_continue(sweep.root, spec.name, finished=bool(more), fp=fp,
+                                                     spec_file=sweep.spec_file)
+            lock_sweep(sweep.locks, Path(sweep.sweep_file.folder), sweep.sweep_file.sweep_id, sweep.spec_file)
         else:
-            sweep.record = SweepRecord.new(sweep.root, spec.name, fp)
-        record = sweep.record
+            sweep.sweep_file = SweepFile.new(sweep.root, spec.name, fp)
+        sweep_file = sweep.sweep_file
         sweep.uri = tracking_uri(spec.tracking.uri)
-        record.optuna_storage = record.optuna_storage or optuna_storage_url(sweep.uri, str(sweep.root))
-        lock_stores(sweep.locks, [sweep.uri, record.optuna_storage], record.sweep_id, sweep.spec_file)
+        sweep_file.optuna_storage = sweep_file.optuna_storage or optuna_storage_url(sweep.uri, str(sweep.root))
+        lock_stores(sweep.locks, [sweep.uri, sweep_file.optuna_storage], sweep_file.sweep_id, sweep.spec_file)
         return sweep
 
     @property
@@ -106,46 +106,46 @@ class Sweep:
         return bool(self.resume or self.more)
 
     def prepare(self) -> None:
-        """Ray and the resources check before anything is written; then the model, the record (running), the
+        """Ray and the resources check before anything is written; then the model, the sweep file (running), the
         MLflow parent run, the data (rows checked, latent caches built) and the trials' settings."""
-        record, search, spec = self.record, self.search, self.spec
-        self.folder = folder = Path(record.folder)
+        sweep_file, search, spec = self.sweep_file, self.search, self.spec
+        self.folder = folder = Path(sweep_file.folder)
         keep_errors_in(folder)  # an unexpected error from here on keeps its traceback in the sweep folder
-        self.trial_storage = storage.join(self.shared_root, record.sweep_id) if self.shared_root else str(folder)
+        self.trial_storage = storage.join(self.shared_root, sweep_file.sweep_id) if self.shared_root else str(folder)
 
         local_ray = start_ray(self.address, local_cpus(self.base["workers"], self.base["cpus_per_worker"],
                                                        search.max_concurrent), self.verbose)
-        self.stop_board = create_board(record.sweep_id)  # held for the whole sweep: workers look it up by name
+        self.stop_board = create_board(sweep_file.sweep_id)  # held for the whole sweep: workers look it up by name
         check_resources(resource_corners(self.base, search), self.spec_file)  # before anything is written
         if not self.continues:
-            lock_sweep(self.locks, folder, record.sweep_id, self.spec_file)
+            lock_sweep(self.locks, folder, sweep_file.sweep_id, self.spec_file)
 
         self.base = base = {**self.base, "model": resolve_registered_model(self.base["model"], self.uri, folder)}
         self.experiment_name = spec.tracking.experiment or spec.name
         self.plugins = plugins = plugin_set()
-        record.status = "running"
+        sweep_file.status = "running"
         if local_ray is not None:  # where its logs are, and which session to look for if the driver is killed
-            record.ray_sessions.append(local_ray.describe())
-        record.save()
+            sweep_file.ray_sessions.append(local_ray.describe())
+        sweep_file.save()
         self.tracker = tracker = SweepTracker(
-            self.uri, self.experiment_name, record.sweep_id, upload_checkpoints=spec.tracking.upload_checkpoints,
-            spill_dir=Path(record.folder))  # MLflow outages: unlogged writes wait in the sweep folder
+            self.uri, self.experiment_name, sweep_file.sweep_id, upload_checkpoints=spec.tracking.upload_checkpoints,
+            spill_dir=Path(sweep_file.folder))  # MLflow outages: unlogged writes wait in the sweep folder
         self.parent = tracker.start(self.spec_path,
                                     tags={"fluxtune.version": __version__, "fluxtune.git_revision": _git_revision(),
                                           **{f"fluxtune.plugin.{k}": v for k, v in plugins.items()}},
                                     params={"search": search.model_dump(mode="json"), "base": base})
         how = "resumed" if self.resume else (f"extended by {self.more} trials" if self.more else "started")
-        self.console.print(f"sweep [bold]{record.sweep_id}[/] {how}: MLflow experiment {self.experiment_name!r} at "
+        self.console.print(f"sweep [bold]{sweep_file.sweep_id}[/] {how}: MLflow experiment {self.experiment_name!r} at "
                            f"{self.uri}, run {self.parent}")
-        if self.resume and record.stopped_by:
-            self.console.print(f"(it stopped last time because: {escape(record.stopped_by)})")
+        if self.resume and sweep_file.stopped_by:
+            self.console.print(f"(it stopped last time because: {escape(sweep_file.stopped_by)})")
 
         # Rows checked again; the latent cache (one per searched data-key combination) built once, before any trial.
         prepared = prepare_sweep_data(self.jsonl, base, space=search.space)
         if not self.continues:
             tracker.log_sweep_params(prepared.mlflow_params())
         self.console.print(f"data: {prepared.summary()}")
-        self.settings = TrialSettings(sweep_id=record.sweep_id, base=base, jsonl=prepared.source,
+        self.settings = TrialSettings(sweep_id=sweep_file.sweep_id, base=base, jsonl=prepared.source,
                                       storage_path=self.trial_storage, plugins=plugins,
                                       reuse_stages=search.reuse_stages, max_failures=search.max_failures)
         self.experiments = TrialExperiments(base)
@@ -157,26 +157,26 @@ class Sweep:
     def tuner(self) -> tune.Tuner:
         """The interrupted Tune run restored (`resume`), or a new one (its name and trial count recorded first),
         with this process's callbacks and stop rule."""
-        record, search, settings, experiments = self.record, self.search, self.settings, self.experiments
-        self.keeper = CheckpointKeeper(settings, record, sweep_ranking(search, record), self.spec.checkpoints.keep,
+        sweep_file, search, settings, experiments = self.sweep_file, self.search, self.settings, self.experiments
+        self.keeper = CheckpointKeeper(settings, sweep_file, sweep_ranking(search, sweep_file), self.spec.checkpoints.keep,
                                        self.spec.tracking.register_top, self.guard, experiments, self.warn)
-        # The storage watch first: on a full store its small record write goes before the others' error files.
-        callbacks = [StorageFaultWatch(self.guard, record),
+        # The storage watch first: on a full store its small sweep file write goes before the others' error files.
+        callbacks = [StorageFaultWatch(self.guard, sweep_file),
                      MlflowSweepCallback(self.tracker, self.plugins, experiments, self.trial_storage,
                                          scheduler=search.scheduler.type, sweep_folder=str(self.folder)),
-                     self.keeper, StopFinishedRuns(record.sweep_id),
+                     self.keeper, StopFinishedRuns(sweep_file.sweep_id),
                      ConsoleProgress(search.metric, self.console, search.mode, self.more or search.num_samples,
                                      search.scheduler.type, lambda config: experiments.resolve(config).planned_steps,
                                      sweep_folder=str(self.folder))]
         if self.resume:  # what a store that filled up (or a crash) cut short goes first
             repair_cut_short(self.trial_storage, self.warn)
-            tune_dir = self.settings.layout.tune_run(record.tune_runs[-1])
+            tune_dir = self.settings.layout.tune_run(sweep_file.tune_runs[-1])
             return restore_tuner(tune_dir, trainable(settings), callbacks, self.guard)
-        tune_name = "tune" if not record.tune_runs else f"more-{len(record.tune_runs)}"
-        record.tune_runs.append(tune_name)
-        record.expected[tune_name] = self.more or search.num_samples
-        record.save()
-        searcher = searcher_for(search, self.base, record.optuna_storage, record.sweep_id, len(record.trials),
+        tune_name = "tune" if not sweep_file.tune_runs else f"more-{len(sweep_file.tune_runs)}"
+        sweep_file.tune_runs.append(tune_name)
+        sweep_file.expected[tune_name] = self.more or search.num_samples
+        sweep_file.save()
+        searcher = searcher_for(search, self.base, sweep_file.optuna_storage, sweep_file.sweep_id, len(sweep_file.trials),
                                 experiments)
         return tune.Tuner(
             trainable(settings),
@@ -189,10 +189,10 @@ class Sweep:
         )
 
     def collect(self, tuner: tune.Tuner) -> bool:
-        """Run the trials; their rows go into the record. True when the sweep was interrupted (Ctrl+C, a storage
-        fault, trials unfinished or missing): the record says so. Any other error marks it interrupted, then
+        """Run the trials; their rows go into the sweep file. True when the sweep was interrupted (Ctrl+C, a storage
+        fault, trials unfinished or missing): the sweep file says so. Any other error marks it interrupted, then
         propagates."""
-        record, guard = self.record, self.guard
+        sweep_file, guard = self.sweep_file, self.guard
         # Tune's per-trial result.json/progress.csv loggers are off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS): the results
         # come from memory and the driver's MLflow callback, so its "could not fetch metrics" warning is noise.
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -205,7 +205,7 @@ class Sweep:
             for result in results:
                 row = trial_row(result, self.search.metric, self.settings, self.base, guard, self.experiments)
                 if row is not None:
-                    record.trials[row["trial"]] = row
+                    sweep_file.trials[row["trial"]] = row
         except Exception:  # Tune failed after a storage fault (e.g. reading what it could not write): not a bug
             import traceback
 
@@ -215,36 +215,36 @@ class Sweep:
                 raise
             guard.note_fault(fault)
             results = None
-        except BaseException:  # Ctrl+C twice: the record must still say the sweep can be resumed
+        except BaseException:  # Ctrl+C twice: the sweep file must still say the sweep can be resumed
             self._mark_interrupted()
             raise
         # Tune returns normally after Ctrl+C (it saves its state first): unfinished or missing trials tell.
         self.interrupted = (_interrupted_by_user(handler_before) or guard.fault is not None or results is None
                             or results.num_terminated + results.num_errors < len(results)
-                            or len(results) < record.expected.get(record.tune_runs[-1], len(results)))
-        record.status = "interrupted" if self.interrupted else "finished"
-        record.stopped_by = guard.fault or ""
+                            or len(results) < sweep_file.expected.get(sweep_file.tune_runs[-1], len(results)))
+        sweep_file.status = "interrupted" if self.interrupted else "finished"
+        sweep_file.stopped_by = guard.fault or ""
         return self.interrupted
 
     def publish(self) -> SweepOutcome:
-        """Diverged trials marked failed; the record saved; for a completed sweep the study's abandoned trials
+        """Diverged trials marked failed; the sweep file saved; for a completed sweep the study's abandoned trials
         failed, best.yaml written and the best trials registered; retention finished. A store that stops taking
         writes here ends the sweep interrupted (resumable), not with an error."""
-        record, search, guard, interrupted = self.record, self.search, self.guard, self.interrupted
-        outcome = SweepOutcome(sweep_id=record.sweep_id, tracking_uri=self.uri, experiment=self.experiment_name,
+        sweep_file, search, guard, interrupted = self.sweep_file, self.search, self.guard, self.interrupted
+        outcome = SweepOutcome(sweep_id=sweep_file.sweep_id, tracking_uri=self.uri, experiment=self.experiment_name,
                                parent_run_id=self.parent, storage_path=self.trial_storage,
-                               optuna_storage=record.optuna_storage, trials=list(record.trials.values()),
+                               optuna_storage=sweep_file.optuna_storage, trials=list(sweep_file.trials.values()),
                                interrupted=interrupted, fault=guard.fault, keep=self.spec.checkpoints.keep)
         for trial_id, reason in guard.diverged.items():
             self.console.print(f"[red]trial {trial_id} failed[/]: {escape(reason)}; it is never best")
             mark_failed(self.tracker, trial_id, reason)
         try:
-            record.save()
+            sweep_file.save()
             try:
-                if search.space and record.trials:
+                if search.space and sweep_file.trials:
                     if not interrupted:  # nothing resumes an errored trial of a finished sweep
-                        fail_abandoned(record.optuna_storage, record.sweep_id)
-                    outcome.study_counts = study_summary(record.optuna_storage, record.sweep_id)
+                        fail_abandoned(sweep_file.optuna_storage, sweep_file.sweep_id)
+                    outcome.study_counts = study_summary(sweep_file.optuna_storage, sweep_file.sweep_id)
                 if interrupted:
                     self.console.print("nothing is registered and no best.yaml is written until the sweep completes "
                                        "(`fluxtune search FILE --resume`)")
@@ -255,14 +255,14 @@ class Sweep:
                                    "versions are chosen from it)")
             self.keeper.finish(finished=not interrupted)
         except OSError as exc:  # the store filled up (or turned read-only) after the trials
-            guard.note_fault(storage_fault(str(exc)) or f"cannot write to {record.folder}: {exc}")
-            outcome.fault, outcome.interrupted, record.status = guard.fault, True, "interrupted"
-            record.save_quietly()
+            guard.note_fault(storage_fault(str(exc)) or f"cannot write to {sweep_file.folder}: {exc}")
+            outcome.fault, outcome.interrupted, sweep_file.status = guard.fault, True, "interrupted"
+            sweep_file.save_quietly()
         return outcome
 
     def _publish(self, outcome: SweepOutcome) -> None:
         search = self.search
-        published = publish_sweep(outcome.trials, self.spec.model_copy(update={"search": search}), self.record,
+        published = publish_sweep(outcome.trials, self.spec.model_copy(update={"search": search}), self.sweep_file,
                                   self.tracker, self.trial_storage, self.experiments.experiment_dict, self.warn)
         if published.best is not None:
             outcome.best_trial, outcome.best_config = published.best["trial"], published.best["config"]
@@ -292,8 +292,8 @@ class Sweep:
         self.locks.release()
 
     def _mark_interrupted(self) -> None:
-        self.record.status = "interrupted"
-        self.record.save_quietly()
+        self.sweep_file.status = "interrupted"
+        self.sweep_file.save_quietly()
         try:
             self.tracker.finish("KILLED", {}, {})
         except Exception:  # the original error is what matters

@@ -145,7 +145,7 @@ def train_with_deepspeed(ctx: Any, stage_params: Any) -> dict[str, float]:
     optimizer = ctx.build_optimizer(trainable, stage_params.optimizer.settings(), device=states_on,
                                     sharded=ctx.world_size > 1)
     micro_batches = stage_params.gradient_accumulation_steps
-    config = deepspeed_config(ds, ctx.shared.batch_size, ctx.world_size, stage_params.max_grad_norm, micro_batches)
+    config = deepspeed_config(ds, ctx.setup.batch_size, ctx.world_size, stage_params.max_grad_norm, micro_batches)
     engine_started = time.perf_counter()
     engine = start_engine(model, optimizer, config, ctx.device.type, ds.cpu_shm_allreduce)
     if ds.bf16 and ctx.weights is not None:  # None: the module's own values are the canonical ones

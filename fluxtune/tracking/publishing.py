@@ -2,10 +2,10 @@
 verdict on a diverged trial's run.
 
 The sweep decides which trials and in which order (`fluxtune.search.ranking`); here each is registered. A version is
-made of the trial's last stage (`fluxtune.registered_version.Release`): its adapter, when that stage exported one,
+made of the trial's last stage (`fluxtune.version_contents.Release`): its adapter, when that stage exported one,
 on the transformer it was trained on, or else the final transformer itself. Both are checked against the hashes
 their writer recorded before anything is registered; the base is referenced (stage checkpoint or model path, with
-hashes), never copied. Every registered version's base checkpoint is pinned in the sweep record, so retention never
+hashes), never copied. Every registered version's base checkpoint is pinned in the sweep file, so retention never
 prunes it.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from fluxtune import storage
 from fluxtune.checkpoints import WEIGHTS, usable_checkpoint
-from fluxtune.registered_version import ADAPTER, Release, checkpoint_reference, model_path_reference
+from fluxtune.version_contents import ADAPTER, Release, checkpoint_reference, model_path_reference
 
 
 class BaseReferences:
@@ -40,17 +40,17 @@ class BaseReferences:
             return None
         where = release.base.checkpoint
         if where not in self._seen:
-            record = usable_checkpoint(where, (WEIGHTS,), problems)
-            if record is None:
+            manifest = usable_checkpoint(where, (WEIGHTS,), problems)
+            if manifest is None:
                 raise ValueError(f"the base transformer in {where} cannot be used")
-            self._seen[where] = checkpoint_reference(where, record)
+            self._seen[where] = checkpoint_reference(where, manifest)
         return self._seen[where]
 
 
 def register_release(release: Release, reference: dict[str, Any] | None, register: Callable[..., str],
                      experiment: dict[str, Any], model_name: str, alias: str | None, metric: str, value: float,
                      sweep_id: str, place: str, run_id: str) -> str:
-    """Register one release through `register` (`fluxtune.tracking.registry.register_adapter`)."""
+    """Register one release through `register` (`fluxtune.tracking.model_versions.register_adapter`)."""
     tags = {"sweep": sweep_id, "trial": release.trial, "cycle": release.final.cycle, "stage": release.final.stage,
             "search_metric": metric,
             "base_model": str(experiment["model"].get("path") or experiment["model"].get("preset"))}
@@ -70,29 +70,29 @@ def register_release(release: Release, reference: dict[str, Any] | None, registe
 
 @dataclass(frozen=True)
 class Candidate:
-    """A trial the sweep chose to register: its record row, and the version its checkpoints make (None: it left
+    """A trial the sweep chose to register: its sweep-file row, and the version its checkpoints make (None: it left
     no complete stage checkpoint)."""
 
     row: dict[str, Any]
     release: Release | None
 
 
-def register_versions(candidates: list[Candidate], tracker: Any, record: Any, model_name: str, alias: str | None,
+def register_versions(candidates: list[Candidate], tracker: Any, sweep_file: Any, model_name: str, alias: str | None,
                       metric: str, experiment_of: Callable[[dict[str, Any]], dict[str, Any]],
                       warn: Callable[[str], None]) -> tuple[str, str] | None:
     """Register `candidates` (best first; the first gets `alias`) as versions of `model_name`, each noted in the
-    `record` (SweepRecord: `registered`, `pinned`, saved after every version). A trial an earlier run registered
+    `sweep_file` (SweepFile: `registered`, `pinned`, saved after every version). A trial an earlier run registered
     stays as it is. Returns the first candidate's (model name, version), or None when it is not registered."""
-    from fluxtune.tracking.registry import register_adapter
+    from fluxtune.tracking.model_versions import register_adapter
 
     references = BaseReferences()
     best: tuple[str, str] | None = None
     for place, candidate in enumerate(candidates):
         row, release = candidate.row, candidate.release
         trial = row["trial"]
-        if trial in record.registered:  # an extension that found no better trial: already there
+        if trial in sweep_file.registered:  # an extension that found no better trial: already there
             if place == 0:
-                best = (record.registered[trial][0], record.registered[trial][1])
+                best = (sweep_file.registered[trial][0], sweep_file.registered[trial][1])
             continue
         if release is None:
             warn(f"trial {trial} is not registered: it left no complete stage checkpoint")
@@ -110,12 +110,12 @@ def register_versions(candidates: list[Candidate], tracker: Any, record: Any, mo
         run_id = tracker.trial_runs.get(trial) or tracker.find_trial_run(trial)
         version = register_release(
             release, reference, lambda *args: register_adapter(tracker.uri, *args), experiment, model_name,
-            alias if place == 0 else None, metric, row[metric], record.sweep_id,
+            alias if place == 0 else None, metric, row[metric], sweep_file.sweep_id,
             "best" if place == 0 else f"rank {place + 1}", run_id)
-        record.registered[trial] = [model_name, version]
+        sweep_file.registered[trial] = [model_name, version]
         if reference is not None and reference.get("checkpoint"):  # the version loads its base from there
-            record.pinned = sorted(set(record.pinned) | {reference["checkpoint"]})
-        record.save()
+            sweep_file.pinned = sorted(set(sweep_file.pinned) | {reference["checkpoint"]})
+        sweep_file.save()
         if place == 0:
             best = (model_name, version)
     return best

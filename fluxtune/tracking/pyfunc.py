@@ -2,7 +2,7 @@
 
 Input: a DataFrame with `image` and `mask` (file paths or base64 PNGs) and optional `prompt`; params `steps`
 and `seed`. Output: a DataFrame with `image`: base64-encoded PNGs. The base transformer is loaded from the
-reference the version holds, checked against its content hashes (`fluxtune.registered_version`).
+reference the version holds, checked against its content hashes (`fluxtune.version_contents`).
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def example_check_only():
 
 class FluxFillInpainter(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from fluxtune.assemble import load_bundle
         from fluxtune.flux.inpaint import fill_pipeline
-        from fluxtune.registered_version import read_meta, registered_base
+        from fluxtune.version_contents import read_meta, registered_base
+        from fluxtune.worker_setup import load_bundle
 
         folder = Path(context.artifacts["checkpoint"])
         self.meta = read_meta(folder)

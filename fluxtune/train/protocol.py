@@ -3,7 +3,8 @@
 A worker's report is the dict Ray Tune carries (`ray.train.report`); Train's controller and Tune add their own
 keys on the way. `TrialReport` is the typed view of that dict: the worker's reporter builds one and sends
 `to_result()`, the driver's callbacks read `TrialReport.from_result(result)`. `SweepLayout` answers every path of
-`runs/<sweep>/…`. Plain Python (no Ray, no MLflow), so MLflow views and failure records below `train` read it too.
+`runs/<sweep>/…`. Plain Python (no Ray, no MLflow), so MLflow views and `fluxtune.failures` (below `train`) read it
+too.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class SweepLayout:
     storage: str
     folder: str | None = None  # None: the driver's files sit in `storage` (a local sweep)
 
-    RECORD = "sweep.json"
+    SWEEP_JSON = "sweep.json"
     BEST = "best.yaml"
     ERRORS = "errors"
     LOCK = ".lock"
@@ -140,9 +141,9 @@ class SweepLayout:
         return Path(self.folder if self.folder is not None else self.storage)
 
     @property
-    def record(self) -> Path:
-        """`sweep.json` (fluxtune.search.record.SweepRecord)."""
-        return self.driver_folder / self.RECORD
+    def sweep_json(self) -> Path:
+        """`sweep.json` (fluxtune.search.sweep_file.SweepFile)."""
+        return self.driver_folder / self.SWEEP_JSON
 
     @property
     def best_yaml(self) -> Path:
@@ -180,22 +181,23 @@ class SweepLayout:
 
     @property
     def stage_cache(self) -> str:
-        """Stage reuse: `<key>.json` points at a finished stage checkpoint; `used/<trial>.json` records reuse.
+        """Stage reuse: `<key>.json` points at a finished stage checkpoint; `used/<trial>.json` names the prefix a
+        trial reused, `refused/<trial>.json` the checkpoints it refused.
         Beside the checkpoints (a shared URI on a cluster), so a trial on any node finds them."""
         return storage.join(self.storage, self.STAGE_CACHE)
 
-    def stage_record(self, key: str) -> str:
+    def reusable_stage(self, key: str) -> str:
         return storage.join(self.stage_cache, f"{key}.json")
 
     @property
-    def used_records(self) -> str:
+    def reused_prefixes(self) -> str:
         return storage.join(self.stage_cache, "used")
 
-    def used_record(self, trial_id: str) -> str:
+    def reused_prefix(self, trial_id: str) -> str:
         """The stage prefix a trial reused (its checkpoint and global step)."""
-        return storage.join(self.used_records, f"{trial_id}.json")
+        return storage.join(self.reused_prefixes, f"{trial_id}.json")
 
-    def refused_record(self, trial_id: str) -> str:
+    def refused_checkpoints(self, trial_id: str) -> str:
         """Checkpoints stage reuse refused for this trial (corrupted): the driver shows them."""
         return storage.join(self.stage_cache, "refused", f"{trial_id}.json")
 

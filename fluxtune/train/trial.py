@@ -12,13 +12,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from fluxtune import storage
 from fluxtune.checkpoints import usable_checkpoint
+from fluxtune.components import loaded_components
 from fluxtune.config.frozen import thaw
 from fluxtune.config.resolved import resolve_trial
 from fluxtune.config.stage_keys import data_identity, stage_keys
 from fluxtune.plugins import plugin_set, use_plugin_set
-from fluxtune.registry import registry
-from fluxtune.train.ray_private import wait_for_the_last_report
 from fluxtune.train.protocol import LAST_FAILURE_KEY, WORKER_FAILURES_KEY, SweepLayout
+from fluxtune.train.ray_private import wait_for_the_last_report
 from fluxtune.train.worker import train_loop_per_worker
 
 
@@ -45,30 +45,30 @@ class TrialSettings:
 
 def cached_prefix(experiment: dict[str, Any], settings: TrialSettings, trial_id: str | None = None,
                   refused: list[str] | None = None) -> dict[str, Any] | None:
-    """The latest stage of this experiment whose identical twin already ran in another trial: its cache record,
+    """The latest stage of this experiment whose identical twin already ran in another trial: its reuse entry,
     or None. A resumed trial's own stages are its checkpoints, not reuse. Only a checkpoint whose weights are
     there (not pruned) and hash as written is offered; the longest such prefix wins (one hash pass each)."""
     candidates = []
     # Never the last stage: a trial must train something to report its own metrics (a repeated configuration
     # reuses everything before its final stage).
     for entry in settings.keys_of(experiment)[:-1]:
-        record = storage.read_json(settings.layout.stage_record(entry["key"]))
-        if record is None or record.get("trial") == trial_id:
+        offered = storage.read_json(settings.layout.reusable_stage(entry["key"]))
+        if offered is None or offered.get("trial") == trial_id:
             break  # a prefix: the first missing stage (or one this very trial ran) ends it
-        candidates.append({**record, **entry})
+        candidates.append({**offered, **entry})
     for candidate in reversed(candidates):  # a key names its whole prefix: a shorter one is a fallback
         if usable_checkpoint(candidate["checkpoint"], problems=refused) is not None:
             return candidate
     return None
 
 
-def record_stage(settings: TrialSettings, experiment: dict[str, Any], cycle: int, stage: str, checkpoint: str,
-                 trial_id: str, global_step: int) -> None:
+def offer_stage_for_reuse(settings: TrialSettings, experiment: dict[str, Any], cycle: int, stage: str, checkpoint: str,
+                          trial_id: str, global_step: int) -> None:
     """Offer a finished stage checkpoint for reuse (first writer wins; written atomically)."""
     for entry in settings.keys_of(experiment):
         if (entry["cycle"], entry["stage"]) != (cycle, stage):
             continue
-        path = settings.layout.stage_record(entry["key"])
+        path = settings.layout.reusable_stage(entry["key"])
         if not storage.exists(path):
             storage.write_json(path, {"checkpoint": checkpoint, "trial": trial_id, "global_step": global_step})
         return
@@ -139,14 +139,14 @@ def _in_tune() -> bool:
 def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     """Tune function trainable; `config` holds the sampled values by dotted path."""
     use_plugin_set(settings.plugins)
-    experiment = resolve_trial(settings.base, config, registry()).experiment
+    experiment = resolve_trial(settings.base, config, loaded_components()).experiment
     trial_id = tune.get_context().get_trial_id()
     refused: list[str] = []
     reused = cached_prefix(experiment, settings, trial_id, refused) if settings.reuse_stages else None
     if refused:
-        storage.write_json(settings.layout.refused_record(trial_id), {"refused": refused})
+        storage.write_json(settings.layout.refused_checkpoints(trial_id), {"refused": refused})
     if reused is not None:
-        storage.write_json(settings.layout.used_record(trial_id), reused)
+        storage.write_json(settings.layout.reused_prefix(trial_id), reused)
     trainer_for(experiment, settings, settings.layout.run_name(trial_id),
                 reused["checkpoint"] if reused else None, trial_id=trial_id).fit()
     wait_for_the_last_report()
@@ -156,4 +156,5 @@ def trainable(settings: TrialSettings):
     return tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": 0.01})
 
 
-__all__ = ["TrialSettings", "cached_prefix", "plugin_set", "record_stage", "run_trial", "trainable", "trainer_for"]
+__all__ = ["TrialSettings", "cached_prefix", "offer_stage_for_reuse", "plugin_set", "run_trial", "trainable",
+           "trainer_for"]

@@ -41,10 +41,10 @@ def _resume(transformer: Any, initial: str | None = None) -> tuple[Any, Any, boo
         from diffusers import FluxTransformer2DModel
 
         with checkpoint.as_directory() as folder:
-            record = usable_checkpoint(folder)  # incomplete, pruned or corrupted: never resume from it
-            if record is None:
+            manifest = usable_checkpoint(folder)  # incomplete, pruned or corrupted: never resume from it
+            if manifest is None:
                 continue
-            progress = Progress(record["cycle"], record["stage_index"], record["global_step"])
+            progress = Progress(manifest["cycle"], manifest["stage_index"], manifest["global_step"])
             resumed = FluxTransformer2DModel.from_pretrained(os.path.join(folder, "transformer"))
         _check_room_for_a_checkpoint(resumed)
         return progress, resumed.to(transformer.device).train(), restarted
@@ -78,12 +78,12 @@ def _load_model_and_data(experiment: dict[str, Any], config: dict[str, Any], ran
                          device: Any) -> tuple[Any, Any, Any]:
     """The transformer, in its first stage's dtype on `device` (no VAE, no text encoders: the latent cache holds
     their work), and this worker's data."""
-    from fluxtune.assemble import load_transformer
+    from fluxtune.components import loaded_components
     from fluxtune.cycle import initial_weights_dtype
-    from fluxtune.registry import registry
+    from fluxtune.worker_setup import load_transformer
 
     train, val = _load_data(experiment, config, rank, world_size)
-    dtype = initial_weights_dtype(experiment, registry(), device.type)
+    dtype = initial_weights_dtype(experiment, loaded_components(), device.type)
     return load_transformer(experiment["model"], dtype, device), train, val
 
 
@@ -91,12 +91,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from fluxtune.assemble import build_shared, model_weights_folder
+    from fluxtune.components import loaded_components
     from fluxtune.cycle import run_cycle
     from fluxtune.flux.model import use_reliable_attention
-    from fluxtune.registry import registry
     from fluxtune.flux.preview import ValidationPreview
     from fluxtune.train.stops import StopCheck, TrialStopped
+    from fluxtune.worker_setup import build_worker_setup, model_weights_folder
 
     use_plugin_set(config["plugins"])  # exactly the driver's plugins, whatever this node's environment says
     experiment = config["experiment"]
@@ -108,16 +108,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     transformer, train, val = _load_model_and_data(experiment, config, rank, world_size, device)
     reporter = MarkedReporter(rank, StopCheck(config.get("sweep_id"), config.get("trial_id"), rank, world_size))
-    shared = build_shared(experiment, train, val, reporter, registry(), device, rank, world_size)
+    setup = build_worker_setup(experiment, train, val, reporter, loaded_components(), device, rank, world_size)
     if rank == 0:  # at evaluations: a sample grid for MLflow and masked_psnr/masked_ssim, from one sampling
-        shared.preview = ValidationPreview.for_worker(experiment["model"], shared.val, reporter.attach_sample)
+        setup.preview = ValidationPreview.for_worker(experiment["model"], setup.val, reporter.attach_sample)
     progress, transformer, restarted = _resume(transformer.to(device), config.get("initial_checkpoint"))
     if restarted:
         reporter.marks = {RESUMED_FROM_KEY: progress.global_step}
     elif rank == 0:  # the starting weights (step 0: where MLflow's image slider opens; or a reused stage's end)
-        shared.preview(transformer, step=progress.global_step)
+        setup.preview(transformer, step=progress.global_step)
     try:
         # A resumed transformer is fp32 (exact in itself); one read in bf16 keeps its exact values in its folder.
-        run_cycle(experiment, transformer, shared, progress, weights_folder=model_weights_folder(experiment["model"]))
+        run_cycle(experiment, transformer, setup, progress, weights_folder=model_weights_folder(experiment["model"]))
     except TrialStopped:
         return  # Tune stopped this trial (ASHA): end the run so its workers free their CPUs now

@@ -8,8 +8,8 @@ import fluxtune_dora
 
 
 def adapter(**params):
-    with ft.registered_plugin(fluxtune_dora) as registry:
-        return registry.get("adapter", "dora").build({"type": "dora", **params})
+    with ft.registered_plugin(fluxtune_dora) as components:
+        return components.get("adapter", "dora").build({"type": "dora", **params})
 
 
 def transformer_inputs(seed=0):
@@ -80,7 +80,7 @@ def test_lora_stage_with_a_dora_adapter_learns():
 def test_search_space_fragment_is_merged_into_the_search():
     from fluxtune.config.load import load_search_text
 
-    with ft.registered_plugin(fluxtune_dora) as registry:
+    with ft.registered_plugin(fluxtune_dora) as components:
         spec, _ = load_search_text("""
 name: dora-search
 base:
@@ -88,6 +88,6 @@ base:
 search:
   include: [dora_rank]
   space: {stages.lora.adapter.alpha: {type: categorical, choices: [8.0]}}
-""", registry)
+""", components)
     assert spec.search.space["stages.lora.adapter.rank"].choices == [4, 8, 16]
     assert spec.search.space["stages.lora.adapter.alpha"].choices == [8.0]  # the file wins over the fragment

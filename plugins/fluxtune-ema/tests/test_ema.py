@@ -15,8 +15,8 @@ def test_ema_update_is_the_exponential_average():
 
 
 def test_stage_is_registered_with_its_params_validated():
-    with ft.registered_plugin(fluxtune_ema) as registry:
-        entry = registry.get("stage", "ema")
+    with ft.registered_plugin(fluxtune_ema) as components:
+        entry = components.get("stage", "ema")
         assert entry.params is fluxtune_ema.EmaParams
         base = ft.tiny_experiment("stages: [{name: refine, type: ema, steps: 5, decay: 0.5}]")
     assert base["stages"][0]["decay"] == 0.5 and base["stages"][0]["optimizer"]["lr"] == 1.0e-4

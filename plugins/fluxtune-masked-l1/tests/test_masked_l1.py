@@ -9,8 +9,8 @@ from fluxtune.config.errors import InputError
 
 
 def loss(**params):
-    with ft.registered_plugin(fluxtune_masked_l1) as registry:
-        return registry.get("loss", "masked_l1").build({"type": "masked_l1", **params})
+    with ft.registered_plugin(fluxtune_masked_l1) as components:
+        return components.get("loss", "masked_l1").build({"type": "masked_l1", **params})
 
 
 def batch_with_mask(inside_tokens):

@@ -1,6 +1,7 @@
-"""The registry of named components, filled by the `register_*` hooks (the only place that calls them).
+"""The table of named components (stages, adapters, losses, …), filled by the `register_*` hooks (the only place
+that calls them).
 
-It records which plugin (and which distribution and version) provided each entry, refuses duplicate names
+It notes which plugin (and which distribution and version) provided each entry, refuses duplicate names
 unless a plugin asks to replace, and answers unknown names with the available ones and a did-you-mean.
 
 Params models are closed: one that would drop unknown keys (a plain pydantic `BaseModel`, pydantic's default
@@ -34,7 +35,7 @@ KINDS = {
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")  # usable as a YAML `type:` and in a search path
 
 
-class RegistryError(Exception):
+class ComponentError(Exception):
     """A plugin registered something wrong (duplicate name, bad params model, a failing hook)."""
 
 
@@ -120,30 +121,32 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 
 
 @dataclass
-class Registry:
+class Components:
+    """Every registered component by kind and name, with the plugin that provided it."""
+
     entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KINDS})
 
     def add(self, entry: Entry, replace: bool = False) -> None:
         who = f"plugin {entry.provenance}"
         if not isinstance(entry.name, str) or not NAME.match(entry.name):
-            raise RegistryError(f"{who}: {entry.kind} name {entry.name!r} must be a string of letters, digits, "
-                                "'_', '.' or '-' starting with a letter")
+            raise ComponentError(f"{who}: {entry.kind} name {entry.name!r} must be a string of letters, digits, "
+                                 "'_', '.' or '-' starting with a letter")
         if not callable(entry.factory):
-            raise RegistryError(f"{who}: {entry.kind} {entry.name!r} factory must be callable, "
-                                f"got {type(entry.factory).__name__}")
+            raise ComponentError(f"{who}: {entry.kind} {entry.name!r} factory must be callable, "
+                                 f"got {type(entry.factory).__name__}")
         if not (isinstance(entry.params, type) and issubclass(entry.params, BaseModel)):
-            raise RegistryError(f"{who}: {entry.kind} {entry.name!r} params must be a pydantic model "
-                                "(subclass fluxtune.Params)")
+            raise ComponentError(f"{who}: {entry.kind} {entry.name!r} params must be a pydantic model "
+                                 "(subclass fluxtune.Params)")
         open_inside = open_nested_models(entry.params)
         if open_inside:
-            raise RegistryError(f"{who}: {entry.kind} {entry.name!r} params field {open_inside[0]} is a pydantic model "
-                                "that ignores unknown keys: subclass fluxtune.Params (or set extra='forbid') so a "
-                                "misspelt key fails validation")
+            raise ComponentError(f"{who}: {entry.kind} {entry.name!r} params field {open_inside[0]} is a "
+                                 "pydantic model that ignores unknown keys: subclass fluxtune.Params (or set "
+                                 "extra='forbid') so a misspelt key fails validation")
         entry = Entry(**{**entry.__dict__, "params": closed(entry.params)})
         existing = self.entries[entry.kind].get(entry.name)
         if existing is not None:
             if not replace:
-                raise RegistryError(
+                raise ComponentError(
                     f"{entry.kind} {entry.name!r} is registered by both plugin {existing.provenance} and plugin "
                     f"{entry.provenance}; disable one (FLUXTUNE_DISABLE_PLUGINS) or register with replace=True")
             entry = Entry(**{**entry.__dict__, "replaced": existing.provenance})
@@ -166,13 +169,13 @@ class Registry:
         return out
 
 
-def build_registry(pm: pluggy.PluginManager, infos: dict[str, Any] | None = None) -> Registry:
+def build_components(pm: pluggy.PluginManager, infos: dict[str, Any] | None = None) -> Components:
     """Call every `register_*` implementation on its own, in registration order (built-ins first).
 
     `infos` (plugin name → PluginInfo) supplies each plugin's distribution and version.
     """
     infos = infos or {}
-    registry = Registry()
+    components = Components()
     for kind, hook_name in KINDS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order: built-ins first
             info = infos.get(impl.plugin_name)
@@ -181,25 +184,26 @@ def build_registry(pm: pluggy.PluginManager, infos: dict[str, Any] | None = None
 
             def register(name: str, factory: Callable[[Any], Any], params: type[BaseModel] = Params,
                          doc: str = "", replace: bool = False, _by: Provenance = provenance, _kind: str = kind):
-                registry.add(Entry(_kind, name, factory, params, doc, _by), replace=replace)
+                components.add(Entry(_kind, name, factory, params, doc, _by), replace=replace)
 
             try:
                 impl.function(register=register)
-            except RegistryError:
+            except ComponentError:
                 raise
             except Exception as exc:  # a plugin bug: name the plugin and hook instead of a bare traceback
-                raise RegistryError(f"plugin {provenance}: {hook_name} failed: {type(exc).__name__}: {exc}; "
-                                    f"disable it with FLUXTUNE_DISABLE_PLUGINS={impl.plugin_name}") from exc
-    return registry
+                raise ComponentError(f"plugin {provenance}: {hook_name} failed: {type(exc).__name__}: {exc}; "
+                                     f"disable it with FLUXTUNE_DISABLE_PLUGINS={impl.plugin_name}") from exc
+    return components
 
 
-_built: tuple[int, Registry] | None = None  # (plugins.changes() it was built at, the registry)
+_built: tuple[int, Components] | None = None  # (plugins.changes() it was built at, the table)
 
 
-def registry() -> Registry:
-    """The process-wide registry, built from the process-wide plugin manager (again after plugins change)."""
+def loaded_components() -> Components:
+    """The components of the loaded plugins, built from the process-wide plugin manager (again after plugins
+    change)."""
     global _built
     changes = plugins.changes()
     if _built is None or _built[0] != changes:
-        _built = (changes, build_registry(*plugins.plugin_manager()))
+        _built = (changes, build_components(*plugins.plugin_manager()))
     return _built[1]

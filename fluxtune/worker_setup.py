@@ -1,6 +1,7 @@
-"""Ray-free assembly of what a worker trains with: the model bundle, encoded data, losses, the Shared state.
+"""What a worker trains with, built without Ray: the model bundle (the pyfunc model loads its own with
+`load_bundle` too), encoded data, and the `WorkerSetup` every stage of its trial shares.
 
-`build_shared` takes the training data as a TrainingStream (trials: `fluxtune.train.datasets.trial_data`) or an
+`build_worker_setup` takes the training data as a TrainingStream (trials: `fluxtune.train.datasets.trial_data`) or an
 in-memory EncodedSet/BucketedSet (tests, benchmarks)."""
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import numpy as np
 import torch
 
 from fluxtune.canonical import cast
-from fluxtune.context import Reporter, Shared
+from fluxtune.context import Reporter, WorkerSetup
 from fluxtune.flux.encoded import EncodedSet, ValidationSet, encode_examples
 from fluxtune.flux.model import FluxBundle, build_preset, load_flux
-from fluxtune.registered_version import registered_transformer
+from fluxtune.version_contents import registered_transformer
 
 VAL_NOISE_SEED_OFFSET = 7_919  # validation noise never shares a stream with training noise
 
@@ -75,19 +76,19 @@ def encode_arrays(bundle: FluxBundle, arrays: dict[str, np.ndarray]) -> EncodedS
     return encode_examples(bundle, arrays["image"], arrays["mask"], arrays["target"], prompts)
 
 
-def build_shared(experiment: dict[str, Any], train: Any, val: EncodedSet, reporter: Reporter,
-                 registry: Any, device: torch.device, rank: int = 0, world_size: int = 1) -> Shared:
+def build_worker_setup(experiment: dict[str, Any], train: Any, val: EncodedSet, reporter: Reporter,
+                       components: Any, device: torch.device, rank: int = 0, world_size: int = 1) -> WorkerSetup:
     loss = experiment["loss"]
     timesteps = experiment["timesteps"]
-    return Shared(
+    return WorkerSetup(
         train=train.to(device),
         val=ValidationSet.build(val.to(device), seed=experiment["seed"] + VAL_NOISE_SEED_OFFSET),
         batch_size=experiment["data"]["batch_size"],
         guidance=experiment["model"]["guidance"],
-        loss_fn=registry.get("loss", loss["type"]).build(loss),
-        timesteps=registry.get("timestep_sampler", timesteps["type"]).build(timesteps),
+        loss_fn=components.get("loss", loss["type"]).build(loss),
+        timesteps=components.get("timestep_sampler", timesteps["type"]).build(timesteps),
         reporter=reporter,
-        registry=registry,
+        components=components,
         device=device,
         rank=rank,
         world_size=world_size,

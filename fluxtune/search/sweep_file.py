@@ -1,7 +1,7 @@
 """`runs/<sweep>/sweep.json`: what a sweep is, how far it got, and every trial so far, so it can be resumed
 (`--resume`: the latest unfinished sweep of that name) or extended (`--more N`: the latest finished one).
 
-Sweep ids carry a random suffix, so two sweeps started in the same second never share a folder. A record is
+Sweep ids carry a random suffix, so two sweeps started in the same second never share a folder. The file is
 written atomically (a unique temporary file, fsync, rename); a `sweep.json` that is not one of ours (corrupt,
 cut short, another tool's) is skipped with a warning, never a traceback.
 """
@@ -36,7 +36,7 @@ def fingerprint(spec: Any, base: dict[str, Any]) -> str:
 
 
 @dataclass
-class SweepRecord:
+class SweepFile:
     name: str
     sweep_id: str
     folder: str
@@ -53,36 +53,37 @@ class SweepRecord:
     created: float = field(default_factory=time.time)
 
     @classmethod
-    def new(cls, root: Path, name: str, fp: str) -> "SweepRecord":
+    def new(cls, root: Path, name: str, fp: str) -> "SweepFile":
         sweep_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         return cls(name=name, sweep_id=sweep_id, folder=str(root / sweep_id), fingerprint=fp)
 
     @classmethod
-    def load(cls, path: Path) -> "SweepRecord | None":
-        """The record at `path`, or None with one warning when it is not a readable fluxtune sweep record."""
+    def load(cls, path: Path) -> "SweepFile | None":
+        """The sweep file at `path`, or None with one warning when it is not a readable fluxtune sweep file."""
         try:
             data = json.loads(path.read_text())
             known = {f.name for f in dataclasses.fields(cls)}
             if not isinstance(data, dict) or not set(data) <= known:
                 raise ValueError(f"unknown keys {sorted(set(data) - known) if isinstance(data, dict) else data}")
-            record = cls(**data)
-            if not (isinstance(record.name, str) and isinstance(record.sweep_id, str)
-                    and record.status in STATUSES and isinstance(record.tune_runs, list)
-                    and isinstance(record.trials, dict) and isinstance(record.created, (int, float))):
+            sweep_file = cls(**data)
+            if not (isinstance(sweep_file.name, str) and isinstance(sweep_file.sweep_id, str)
+                    and sweep_file.status in STATUSES and isinstance(sweep_file.tune_runs, list)
+                    and isinstance(sweep_file.trials, dict) and isinstance(sweep_file.created, (int, float))):
                 raise ValueError("fields of the wrong type")
         except (OSError, ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
             log.warning("skipping %s: not a readable fluxtune sweep record (%s)", path, str(exc)[:200])
             return None
-        record.folder = str(path.parent)  # where it is now, whatever it says (a moved or copied folder)
-        return record
+        sweep_file.folder = str(path.parent)  # where it is now, whatever it says (a moved or copied folder)
+        return sweep_file
 
     @classmethod
-    def all_of(cls, root: Path, name: str) -> list["SweepRecord"]:
-        records = [r for r in (cls.load(p) for p in sorted(root.glob(f"*/{SweepLayout.RECORD}"))) if r is not None]
-        return sorted((r for r in records if r.name == name), key=lambda r: r.created)
+    def all_of(cls, root: Path, name: str) -> list["SweepFile"]:
+        found = (cls.load(p) for p in sorted(root.glob(f"*/{SweepLayout.SWEEP_JSON}")))
+        sweep_files = [r for r in found if r is not None]
+        return sorted((r for r in sweep_files if r.name == name), key=lambda r: r.created)
 
     @classmethod
-    def to_continue(cls, root: Path, name: str, finished: bool, fp: str, spec_file: str) -> "SweepRecord":
+    def to_continue(cls, root: Path, name: str, finished: bool, fp: str, spec_file: str) -> "SweepFile":
         """The latest unfinished (`--resume`) or finished (`--more`) sweep of `name`, with an unchanged spec."""
         wanted = "finished" if finished else "unfinished"
         every = cls.all_of(root, name)
@@ -95,23 +96,23 @@ class SweepRecord:
                 hint = (f"the latest sweep {latest.sweep_id} is {latest.status}: use "
                         f"{'--resume' if finished else '--more N'}")
             raise InputError.single(spec_file, f"no {wanted} sweep named {name!r} under {root} ({hint})", key="name")
-        record = found[-1]
-        if record.fingerprint != fp:
-            raise InputError.single(spec_file, f"the base or search space changed since sweep {record.sweep_id} "
+        sweep_file = found[-1]
+        if sweep_file.fingerprint != fp:
+            raise InputError.single(spec_file, f"the base or search space changed since sweep {sweep_file.sweep_id} "
                                     "started; a changed space is a new sweep (run it without --resume/--more)",
                                     key="search")
-        return record
+        return sweep_file
 
     @property
     def path(self) -> Path:
-        return SweepLayout.at(self.folder).record
+        return SweepLayout.at(self.folder).sweep_json
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.path, json.dumps(asdict(self), indent=1, default=str))
 
     def save_quietly(self) -> None:
-        """After a storage fault: a record that cannot be saved still says `running` on disk, which `--resume`
+        """After a storage fault: a sweep file that cannot be saved still says `running` on disk, which `--resume`
         continues as well."""
         try:
             self.save()

@@ -2,7 +2,7 @@
 transformer it was trained on (never a copy: the real base is ≈48 GB in fp32).
 
 `model.json` in the version's checkpoint artifact:
-  {"model": {preset | path, seed, guidance, …},      what `fluxtune.assemble.load_bundle` builds
+  {"model": {preset | path, seed, guidance, …},      what `fluxtune.worker_setup.load_bundle` builds
    "base": reference or null,                         where the base transformer is, with content hashes
    "fused": ["fused/0", …]}                           adapters merged into that base first, in order
 References:
@@ -72,9 +72,9 @@ class RegisteredBaseError(RuntimeError):
     """The base transformer a registered version references is gone or has changed (one line)."""
 
 
-def checkpoint_reference(checkpoint: str, record: dict[str, Any]) -> dict[str, Any]:
+def checkpoint_reference(checkpoint: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """A stage checkpoint's transformer, by location and the hashes its writer recorded."""
-    files = {name: entry[HASH] for name, entry in record["files"].items()
+    files = {name: entry[HASH] for name, entry in manifest["files"].items()
              if name.startswith(WEIGHTS + "/") and isinstance(entry, dict) and HASH in entry}
     return {"checkpoint": str(checkpoint), "files": files}
 

@@ -1,7 +1,7 @@
 """Model registry: a trial's adapter as a pyfunc model version, lineage tags, aliases (never deprecated stages).
 
 A version holds the adapter and a *reference* to its base transformer (a stage checkpoint or the configured
-model, with content hashes; see `fluxtune.registered_version`), never a copy of the base.
+model, with content hashes; see `fluxtune.version_contents`), never a copy of the base.
 New versions get the alias `candidate`; people promote one by moving `champion` (here, `fluxtune models
 promote`, or the MLflow UI), and `model: {adapter: "models:/NAME@champion"}` starts a new search from it.
 Alias versions come back as int from a sqlite store and as str over HTTP: everything here speaks str.
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxtune.config.errors import InputError
-from fluxtune.registered_version import (MODEL_JSON, RegisteredBaseError, check_reference, describe, read_meta)
+from fluxtune.version_contents import (MODEL_JSON, RegisteredBaseError, check_reference, describe, read_meta)
 from fluxtune.tracking.store import client
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_entry.py")  # logged as code, so loading never unpickles
@@ -33,7 +33,7 @@ def register_adapter(uri: str, run_id: str, model_name: str, alias: str | None, 
                      base: dict[str, Any] | None, model_spec: dict[str, Any], tags: dict[str, Any],
                      description: str = "") -> str:
     """Log adapter + base reference as a pyfunc model in the trial's run, register it, point `alias` (if any)
-    at it. `base`: a reference (`fluxtune.registered_version`), or None for the model `model_spec` names.
+    at it. `base`: a reference (`fluxtune.version_contents`), or None for the model `model_spec` names.
 
     Lineage tags are the caller's (sweep, trial, cycle, stage, search_metric) plus what the runs know: the
     trial's final metrics (`metric.<name>`), the data hash of the sweep, the fluxtune version; each key once.
