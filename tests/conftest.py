@@ -14,6 +14,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FLUXTUNE = Path(sys.executable).with_name("fluxtune")
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest-xdist workers share the cores: each worker's torch (and the processes it starts) gets its share of
+    # threads, not all of them each (set before any test module imports torch)
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 
 @pytest.fixture(autouse=True, scope="module")
 def no_process_state_leaks_between_modules():
