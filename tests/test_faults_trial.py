@@ -171,7 +171,7 @@ EXPLODING_PLUGIN = """
 SPEC = """\
 name: failing-trial
 base:
-  data: {jsonl: sample, resolution: 32, sample_size: 8, batch_size: 2, val_fraction: 0.25}
+  data: {jsonl: sample, resolution: 32, sample_size: 16, batch_size: 2}  # the fault chains' data: their latent cache
   eval_every: 100
   loss: {type: exploding, at_step: 3}
   stages:
