@@ -216,7 +216,7 @@ def _three_runs(work: Path, env: dict, gates: Gates, store: Store, runs: Path) -
     out = lines.finish()
     assert extended.returncode == 1, out[-4000:]
     for bad in ("lora-rank-garbage", "other-tool"):
-        assert f"skipping {runs / bad / 'sweep.json'}: not a readable fluxtune sweep record" in out
+        assert f"skipping {runs / bad / 'sweep.json'}: not a readable fluxtune sweep file" in out
     assert (f": refusing stage checkpoint {shared}: {WEIGHTS} does not match the sha256 in its progress.json "
             "(changed or corrupted since it was written); it is not used") in out, out[-6000:]
     stopped = "no space to write stage checkpoint" if store.tmpfs else "cannot write stage checkpoint"

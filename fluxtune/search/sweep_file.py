@@ -71,7 +71,7 @@ class SweepFile:
                     and isinstance(sweep_file.trials, dict) and isinstance(sweep_file.created, (int, float))):
                 raise ValueError("fields of the wrong type")
         except (OSError, ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
-            log.warning("skipping %s: not a readable fluxtune sweep record (%s)", path, str(exc)[:200])
+            log.warning("skipping %s: not a readable fluxtune sweep file (%s)", path, str(exc)[:200])
             return None
         sweep_file.folder = str(path.parent)  # where it is now, whatever it says (a moved or copied folder)
         return sweep_file
