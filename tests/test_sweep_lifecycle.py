@@ -54,7 +54,6 @@ def _searcher(cls, tmp_path: Path):
     from fluxtune.search.guard import FiniteOptunaSearch
     from fluxtune.search.rows import TrialExperiments
     from fluxtune.search.space import DefineByRun, optuna_storage
-    from fluxtune.search.tuning import PlannedSteps
 
     spec, base = load_search_text("""\
 name: s
@@ -63,7 +62,7 @@ base:
 search:
   space: {stages.full.steps: {type: int, low: 1, high: 3}}
 """)
-    ours = {"planned_steps": PlannedSteps(TrialExperiments(base))} if cls is FiniteOptunaSearch else {}
+    ours = {"planned_steps": TrialExperiments(base).planned_steps} if cls is FiniteOptunaSearch else {}
     return cls(space=DefineByRun(spec.search.space, base), metric="val_loss", mode="min", study_name="s",
                storage=optuna_storage(f"sqlite:///{tmp_path / 'optuna.db'}"), **ours)
 

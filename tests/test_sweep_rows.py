@@ -67,7 +67,6 @@ def test_the_searcher_pickles_with_plugin_factories_that_plain_pickle_cannot_tak
 
     import fluxtune
     from fluxtune.components import loaded_components
-    from fluxtune.search.tuning import PlannedSteps
     from fluxtune.testing import registered_plugin
 
     plugin = types.ModuleType("lambda_plugin")
@@ -79,7 +78,7 @@ def test_the_searcher_pickles_with_plugin_factories_that_plain_pickle_cannot_tak
     plugin.register_losses = register_losses
     _, base = load_search_text(SPEC)
     with registered_plugin(plugin, name="lambdas"):
-        planned = PlannedSteps(TrialExperiments(base, loaded_components()))
+        planned = TrialExperiments(base, loaded_components()).planned_steps
         assert planned({"stages.lora.steps": 20}) == 30
         restored = pickle.loads(pickle.dumps(planned))
         assert restored({"stages.lora.steps": 7}) == 17

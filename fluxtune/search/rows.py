@@ -36,6 +36,10 @@ class TrialExperiments:
     def __call__(self, config: dict[str, Any]) -> Mapping[str, Any]:
         return self.resolve(config).experiment
 
+    def planned_steps(self, config: dict[str, Any]) -> int:
+        """The global steps the trial plans (the searcher holds this bound method: it pickles with the cache)."""
+        return self.resolve(config).planned_steps
+
     def experiment_dict(self, config: dict[str, Any]) -> dict[str, Any]:
         """A changeable copy of the trial's experiment (what a YAML writer takes)."""
         return self.resolve(config).experiment_dict()

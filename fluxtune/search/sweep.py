@@ -166,7 +166,7 @@ class Sweep:
                                          scheduler=search.scheduler.type, sweep_folder=str(self.folder)),
                      self.keeper, StopFinishedRuns(sweep_file.sweep_id),
                      ConsoleProgress(search.metric, self.console, search.mode, self.more or search.num_samples,
-                                     search.scheduler.type, lambda config: experiments.resolve(config).planned_steps,
+                                     search.scheduler.type, experiments.planned_steps,
                                      sweep_folder=str(self.folder))]
         if self.resume:  # what a store that filled up (or a crash) cut short goes first
             repair_cut_short(self.trial_storage, self.warn)
@@ -177,7 +177,7 @@ class Sweep:
         sweep_file.expected[tune_name] = self.more or search.num_samples
         sweep_file.save()
         searcher = searcher_for(search, self.base, sweep_file.optuna_storage, sweep_file.sweep_id, len(sweep_file.trials),
-                                experiments)
+                                experiments.planned_steps)
         return tune.Tuner(
             trainable(settings),
             # metric/mode live on the searcher and scheduler: a define-by-run OptunaSearch ignores Tune's

@@ -8,7 +8,6 @@ from typing import Any, Callable
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
 from fluxtune.config.paths import corner_trees
-from fluxtune.config.schedule import planned_steps
 from fluxtune.config.schema import SearchSpec
 from fluxtune.search.guard import FiniteOptunaSearch, ResumableLimiter
 from fluxtune.search.space import DefineByRun, max_total_steps, optuna_sampler, optuna_storage
@@ -34,23 +33,13 @@ def resource_corners(base: dict[str, Any], search: SearchSpec) -> list[dict[str,
     return list(corner_trees(base, search.space, [k for k in RESOURCE_KEYS if k in search.space]))
 
 
-class PlannedSteps:
-    """A trial's config → the global steps its experiment plans (a class: Tune pickles the searcher holding it)."""
-
-    def __init__(self, experiment_of: Callable[[dict[str, Any]], dict[str, Any]]):
-        self.experiment_of = experiment_of
-
-    def __call__(self, config: dict[str, Any]) -> int:
-        return planned_steps(self.experiment_of(config))
-
-
 def searcher_for(search: SearchSpec, base: dict[str, Any], storage_url: str, study: str, earlier_trials: int,
-                 experiment_of: Callable[[dict[str, Any]], dict[str, Any]]):
-    """None for an empty space (Tune's own variant generator runs the base). `experiment_of`: a trial's config →
-    its complete experiment (picklable), from which the searcher knows when a trial was stopped early."""
+                 planned_steps: Callable[[dict[str, Any]], int]):
+    """None for an empty space (Tune's own variant generator runs the base). `planned_steps`: a trial's config →
+    the global steps it plans (picklable), from which the searcher knows when a trial was stopped early."""
     if not search.space:
         return None
     optuna = FiniteOptunaSearch(space=DefineByRun(search.space, base), metric=search.metric, mode=search.mode,
                                 sampler=optuna_sampler(search, seed_offset=earlier_trials), study_name=study,
-                                storage=optuna_storage(storage_url), planned_steps=PlannedSteps(experiment_of))
+                                storage=optuna_storage(storage_url), planned_steps=planned_steps)
     return ResumableLimiter(optuna, max_concurrent=search.max_concurrent)
