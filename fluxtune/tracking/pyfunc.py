@@ -49,15 +49,18 @@ def example_check_only():
 
 class FluxFillInpainter(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from fluxtune.flux.inpaint import fill_pipeline
-        from fluxtune.version_contents import read_meta, registered_base
-        from fluxtune.worker_setup import load_bundle
+        from fluxtune.version_contents import read_meta
 
         folder = Path(context.artifacts["checkpoint"])
         self.meta = read_meta(folder)
         self.pipeline = None
         if _CHECK["active"]:
             return
+        # imported only to inpaint: the registering driver's example check would pay seconds for diffusers
+        from fluxtune.flux.inpaint import fill_pipeline
+        from fluxtune.version_contents import registered_base
+        from fluxtune.worker_setup import load_bundle
+
         self.bundle = load_bundle(self.meta["model"])
         transformer = registered_base(folder, self.bundle.transformer, verify=True)  # one line if gone/changed
         self.pipeline = fill_pipeline(self.bundle, transformer)
@@ -70,12 +73,12 @@ class FluxFillInpainter(mlflow.pyfunc.PythonModel):
         import pandas as pd
         from PIL import Image
 
-        from fluxtune.flux.inpaint import inpaint
-
         params = params or {}
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if self.pipeline is None:  # the input-example check while registering (example_check_only)
             return pd.DataFrame({"image": [""] * len(frame)})
+        from fluxtune.flux.inpaint import inpaint
+
         prompts = list(frame["prompt"]) if "prompt" in frame else None
         images = inpaint(self.bundle, self.pipeline, [_open(v) for v in frame["image"]],
                          [_open(v) for v in frame["mask"]], prompts,
