@@ -292,6 +292,63 @@ def test_retention_keeps_what_resume_and_registration_need_and_prunes_the_rest(t
     assert has_weights(c0) and has_weights(c1) and everything.finish(finished=True) == 0
 
 
+def test_reports_that_arrive_after_later_stages_were_written_never_prune_the_base_of_the_latest(transformer,
+                                                                                                 tmp_path):
+    """A busy driver handles a trial's stage-end reports after its workers wrote later stages: the first report
+    finds three checkpoints on disk. Found in the reference sweep on a loaded machine: the base of the final
+    adapter lost its weights, and the best trial could not be registered."""
+    from types import SimpleNamespace
+
+    from fluxtune.checkpoints import Progress, write_stage_checkpoint
+    from fluxtune.search.guard import SweepGuard
+    from fluxtune.search.ranking import TrialRanking
+    from fluxtune.search.retention import CheckpointKeeper
+    from fluxtune.testing import tiny_experiment
+    from fluxtune.train.trial import TrialSettings
+
+    experiment = tiny_experiment("""
+        data: {jsonl: sample, resolution: 32}
+        stages:
+          - {name: full, type: full, steps: 2}
+          - {name: lora, type: lora, steps: 2}
+          - {name: refine, type: full, steps: 2}
+          - {name: last, type: lora, steps: 2}
+        """)
+    settings = TrialSettings(sweep_id="s", base=experiment, jsonl="rows.jsonl", storage_path=str(tmp_path), plugins={})
+    keeper = CheckpointKeeper(settings, SweepFile.new(tmp_path, "s", "fp"), TrialRanking("val_loss", "min"), "needed",
+                              1, SweepGuard("val_loss"), lambda config: experiment, print)
+    exports = tmp_path / "exports"
+    (exports / "adapter").mkdir(parents=True)
+    (exports / "adapter" / "a.safetensors").write_bytes(b"adapter")
+    trial = SimpleNamespace(trial_id="a", config={})
+    stages = ["full", "lora", "refine", "last"]
+    folders = [tmp_path / "train" / "s-a" / f"checkpoint_{i:06d}" for i in range(4)]
+
+    def write(i: int) -> None:
+        adapter = exports if stages[i] in ("lora", "last") else None
+        write_stage_checkpoint(folders[i], transformer, Progress(0, i + 1, 2 * (i + 1)), stages[i], adapter,
+                               {"val_loss": 1.0})
+
+    def report(i: int) -> None:
+        trial.last_result = {"val_loss": 1.0, "global_step": 2 * (i + 1)}
+        keeper.on_trial_result(0, [], trial, {"stage_end": True, "checkpoint_path": str(folders[i]), "cycle": 0,
+                                              "stage": stages[i], **trial.last_result})
+
+    def has_weights(folder: Path) -> bool:
+        return (folder / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+
+    for i in range(3):  # the workers ran ahead: three stages on disk before the driver sees the first report
+        write(i)
+    for i in range(3):
+        report(i)
+    assert [has_weights(f) for f in folders[:3]] == [False, False, True]  # the latest (a full stage) resumes
+    write(3)
+    report(3)
+    assert has_weights(folders[2]) and has_weights(folders[3])  # the final adapter, and the base it trained on
+    keeper.on_trial_complete(0, [], trial)
+    assert has_weights(folders[2])  # what registration loads
+
+
 def test_a_trial_finished_by_resume_after_an_error_reaches_optuna(tmp_path):
     """Ray's ConcurrencyLimiter drops the completion of a trial it saw error (the reason for ResumableLimiter)."""
     from ray.tune.search import ConcurrencyLimiter

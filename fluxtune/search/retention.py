@@ -81,8 +81,12 @@ class CheckpointKeeper(tune.Callback):
             return
         own = self._own(trial.trial_id)
         stage = read_stage(checkpoint)
-        if stage is not None and checkpoint not in {c.checkpoint for c in own}:
+        if stage is not None and stage.has_weights and checkpoint not in {c.checkpoint for c in own}:
             own.append(stage)
+            # Reports reach the driver after the workers wrote later stages (a busy driver): the first look at the
+            # trial's folder may already hold them, so a late report names an older stage. Resume needs the
+            # latest by step, not by arrival.
+            own.sort(key=lambda s: s.global_step)
         self._prune(trial.trial_id, keep=_resume_set(own))
 
     def _settle(self) -> None:
