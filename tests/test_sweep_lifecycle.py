@@ -1,4 +1,4 @@
-"""The sweep's bookkeeping, piece by piece (the end-to-end cases are in tests/test_faults_lifecycle.py): which
+"""The sweep's bookkeeping, piece by piece (the end-to-end cases are in tests/test_faults.py): which
 trials can be published, what Optuna is told, which sweep files are read, which locks refuse, which
 checkpoints keep their weights."""
 

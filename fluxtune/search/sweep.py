@@ -29,7 +29,8 @@ from fluxtune.config.schema import SearchFile, SearchSpec
 from fluxtune.failures import keep_errors_in, quiet_trial_tracebacks
 from fluxtune.plugins import plugin_set
 from fluxtune.search.callbacks import StopFinishedRuns, ConsoleProgress, MlflowSweepCallback
-from fluxtune.search.guard import StorageFaultWatch, SweepGuard, storage_fault, tune_state_faults
+from fluxtune.search.guard import (StorageFaultWatch, SweepGuard, not_finite_reason, storage_fault,
+                                   tune_state_faults)
 from fluxtune.search.locks import Locks, lock_stores, lock_sweep
 from fluxtune.search.outcome import SweepOutcome
 from fluxtune.search.publish import publish_sweep, sweep_ranking
@@ -204,8 +205,14 @@ class Sweep:
                 results = tuner.fit()
             for result in results:
                 row = trial_row(result, self.search.metric, self.settings, self.base, guard, self.experiments)
-                if row is not None:
-                    sweep_file.trials[row["trial"]] = row
+                if row is None:
+                    continue
+                earlier = sweep_file.trials.get(row["trial"], {}).get("error")
+                if not_finite_reason(result.metrics or {}, self.search.metric) and row["error"] != earlier:
+                    # diverged in this run. A restored Tune run may call a copy of the guard, not this one: its
+                    # MLflow run would stay FINISHED
+                    guard.diverged.setdefault(row["trial"], row["error"])
+                sweep_file.trials[row["trial"]] = row
         except Exception:  # Tune failed after a storage fault (e.g. reading what it could not write): not a bug
             import traceback
 
