@@ -167,8 +167,7 @@ def asha_sweep(tmp_path_factory, session_cache):
 # worker that ran it, so each sweep runs once; every other test runs with the rest of its module (module-scoped
 # fixtures are set up once). The long groups are handed out first, so the workers end together.
 SHARED_SWEEPS = ("reference_sweep", "asha_sweep")
-LONG_FIRST = ("test_faults", "reference_sweep", "asha_sweep", "test_faults_trial",
-              "test_cluster", "test_mlflow_outage")
+LONG_FIRST = ("test_faults", "reference_sweep", "asha_sweep", "test_cluster", "test_faults_trial")
 
 
 @pytest.hookimpl(tryfirst=True)

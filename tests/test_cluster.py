@@ -1,5 +1,7 @@
 """Scale-out on an existing engine: a real 2-node Ray cluster on this machine (`ray start --head` + a second
-`ray start --address`), trials placed on both nodes, checkpoints on S3 (a moto server) that every node reaches.
+`ray start --address`), trials placed on both nodes, checkpoints on S3 (a moto server) that every node reaches,
+tracked by a real `mlflow server` that goes away mid-sweep: that costs nothing (writes are buffered in memory and
+in a spill file, replayed in order when it answers again) and training goes on.
 
 The cluster is private to this test (its own port and temp dir) and only its own processes are stopped.
 """
@@ -17,9 +19,13 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import time
+
 import pytest
 
-from conftest import run_cli, s3_bucket
+from conftest import FLUXTUNE, LineReader, s3_bucket
+from fluxtune.tracking.buffer import HTTP_DEFAULTS, SPILL_NAME
+from fluxtune.tracking.server import start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 RAY = Path(sys.executable).with_name("ray")
@@ -33,8 +39,8 @@ base:
   cpus_per_worker: 1.0  # two trials never fit one 2-CPU node (1.01 each): they land on both
   eval_every: 4
   stages:
-    - {{name: full, type: full, steps: 4, optimizer: {{lr: 1.0e-3}}}}
-    - {{name: lora, type: lora, steps: 4, adapter: {{type: lora, rank: 4}}}}
+    - {{name: full, type: full, steps: 8, optimizer: {{lr: 1.0e-3}}}}
+    - {{name: lora, type: lora, steps: 8, adapter: {{type: lora, rank: 4}}}}
 search:
   num_samples: 2
   max_concurrent: 2
@@ -42,8 +48,9 @@ search:
   scheduler: {{type: fifo}}
   space:
     stages.lora.optimizer.lr: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
-tracking: {{experiment: two-nodes}}
+tracking: {{uri: "{tracking}", experiment: two-nodes, register_as: two-nodes-lora}}
 """
+STEPS, EVAL_EVERY = 16, 4
 
 
 def _free_port() -> int:
@@ -100,29 +107,95 @@ def _cluster_nodes(address: str, env: dict[str, str], cwd: Path) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _port_outside_ray_and_ephemeral_ranges() -> int:
+    """Ray's workers take 10002-19999 and the OS hands out 32768+: a port there may be gone after a restart."""
+    import random
+
+    for port in random.sample(range(20000, 30000), 200):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise RuntimeError("no free port in 20000-29999")
+
+
 @pytest.mark.timeout(900)
-def test_a_sweep_on_an_existing_two_node_cluster_with_s3_storage(tmp_path, two_node_cluster):
+def test_a_sweep_on_a_two_node_cluster_with_s3_storage_outlives_a_tracking_server_outage(tmp_path, two_node_cluster,
+                                                                                        monkeypatch):
     address, env = two_node_cluster
     nodes = _cluster_nodes(address, env, tmp_path)
     assert len(nodes) == 2
+    for key, value in HTTP_DEFAULTS.items():  # this test's own client: fail in seconds, not minutes
+        monkeypatch.setenv(key, value)
+    began, phases = time.monotonic(), []  # the waits below stay inside pytest-timeout's limit, with output
 
     bucket = s3_bucket(f"fluxtune-{uuid.uuid4().hex[:8]}")
-    (tmp_path / "sweep.yaml").write_text(SWEEP.format(storage=f"{bucket}/sweeps"))
-    done = run_cli(["search", "sweep.yaml", "--address", address], cwd=tmp_path, env={**env, "COLUMNS": "300"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "registered" in done.stdout  # the best adapter went from S3 into the model registry
+    port = _port_outside_ray_and_ephemeral_ranges()
+    store = tmp_path / "store"
+    servers = [start_server(store, port=port, log_path=tmp_path / "server.log")[0]]
+    url = f"http://127.0.0.1:{port}"
+    (tmp_path / "sweep.yaml").write_text(SWEEP.format(storage=f"{bucket}/sweeps", tracking=url))
+    sweep = subprocess.Popen([str(FLUXTUNE), "search", "sweep.yaml", "--address", address], cwd=tmp_path,
+                             env={**env, "COLUMNS": "300"}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    out, err = LineReader(sweep.stdout), LineReader(sweep.stderr)
+    shown = lambda: (f"--- phases {phases}\n--- stdout\n{out.text()[-4000:]}\n"  # noqa: E731
+                     f"--- stderr\n{err.text()[-6000:]}")
+    try:
+        try:
+            assert out.wait_for(f" step {EVAL_EVERY}/", sweep, timeout=300), shown()  # a trial's first metrics
+            phases.append(("first metrics", round(time.monotonic() - began)))
+            stop_server(servers[0])
+            phases.append(("server stopped", round(time.monotonic() - began)))
+            # The next report finds the server gone: it is buffered and spilled into the sweep folder.
+            assert err.wait_for("buffering", sweep, timeout=120), shown()
+            assert list(tmp_path.glob(f"runs/*/{SPILL_NAME}"))
+            phases.append(("buffering", round(time.monotonic() - began)))
+            servers.append(start_server(store, port=port, log_path=tmp_path / "server.log")[0])
+            phases.append(("server restarted", round(time.monotonic() - began)))
+            try:
+                assert sweep.wait(timeout=300) == 0, shown()
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the sweep did not end within 300 s of the server's restart\n{shown()}")
+        finally:
+            if sweep.poll() is None:
+                os.killpg(sweep.pid, signal.SIGTERM)
+                sweep.wait()
+            time.sleep(0.5)  # the reader threads take the last lines
+        assert "registered" in out.text(), shown()  # the best adapter went from S3 into the model registry
+        warnings = [line for line in err.lines if line.startswith("warning: MLflow")]
+        assert len([w for w in warnings if "unreachable (" in w]) == 1, shown()  # warned once
+        assert any("answers again: logged" in w for w in warnings), shown()
+        assert "still unreachable" not in err.text()
+        assert len([line for line in out.lines if " finished: " in line]) == 2, shown()  # both trained to the end
+        [sweep_folder] = (tmp_path / "runs").glob("two-nodes-*")
+        assert not list(sweep_folder.glob(SPILL_NAME))  # everything was sent
+        assert not (sweep_folder / "train").exists()  # nothing of the trials' data on the driver's disk
 
-    from mlflow import MlflowClient
+        from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("two-nodes")
-    trials = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("fluxtune.kind") == "trial"]
-    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
-    placed = {r.data.tags["fluxtune.node"] for r in trials}
-    assert placed == set(nodes), "one trial on each node"
-    for run in trials:  # every stage checkpoint lives in the bucket, referenced by its s3:// URI
-        stage_uris = [v for k, v in run.data.tags.items() if k.startswith("fluxtune.checkpoint.")]
-        assert len(stage_uris) == 2 and all(u.startswith(f"{bucket}/sweeps/") for u in stage_uris)
+        client = MlflowClient(url, registry_uri=url)
+        experiment = client.get_experiment_by_name("two-nodes")
+        runs = client.search_runs([experiment.experiment_id])
+        trials = [r for r in runs if r.data.tags.get("fluxtune.kind") == "trial"]
+        [parent] = [r for r in runs if r.data.tags.get("fluxtune.kind") == "sweep"]
+        assert len(trials) == 2 and parent.info.status == "FINISHED"
+        placed = {r.data.tags["fluxtune.node"] for r in trials}
+        assert placed == set(nodes), "one trial on each node"
+        for trial in trials:
+            assert trial.info.status == "FINISHED"
+            assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            losses = client.get_metric_history(trial.info.run_id, "loss")
+            assert sorted(m.step for m in losses) == list(range(STEPS))  # every step, once, outage or not
+            assert len(client.get_metric_history(trial.info.run_id, "val_loss")) == STEPS // EVAL_EVERY
+            assert "loss_curves.png" in {a.path for a in client.list_artifacts(trial.info.run_id)}
+            # every stage checkpoint lives in the bucket, referenced by its s3:// URI
+            stage_uris = [v for k, v in trial.data.tags.items() if k.startswith("fluxtune.checkpoint.")]
+            assert len(stage_uris) == 2 and all(u.startswith(f"{bucket}/sweeps/") for u in stage_uris)
+        version = client.get_model_version_by_alias("two-nodes-lora", "candidate")
+        assert version.run_id in {t.info.run_id for t in trials}
+    finally:
+        for server in servers:
+            stop_server(server)
 
     import boto3
 
@@ -131,5 +204,3 @@ def test_a_sweep_on_an_existing_two_node_cluster_with_s3_storage(tmp_path, two_n
     progress = [k for k in keys if k.endswith("/progress.json") and "/train/" in k]
     assert len(progress) == 4  # 2 trials × 2 stages
     assert any("/tune/" in k for k in keys)  # Tune's experiment state too: --resume works from any machine
-    [sweep_folder] = (tmp_path / "runs").iterdir()
-    assert not (sweep_folder / "train").exists()  # nothing of the trials' data on the driver's disk
