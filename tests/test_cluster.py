@@ -1,7 +1,9 @@
 """Scale-out on an existing engine: a real 2-node Ray cluster on this machine (`ray start --head` + a second
 `ray start --address`), trials placed on both nodes, checkpoints on S3 (a moto server) that every node reaches,
 tracked by a real `mlflow server` that goes away mid-sweep: that costs nothing (writes are buffered in memory and
-in a spill file, replayed in order when it answers again) and training goes on.
+in a spill file, replayed in order when it answers again) and training goes on. A gate plugin (the fault chain's)
+holds each trial at its LoRA stage, so the outage lands at the same place on any machine: trial 1 trains through
+it, trial 2 after the server is back.
 
 The cluster is private to this test (its own port and temp dir) and only its own processes are stopped.
 """
@@ -23,7 +25,9 @@ import time
 
 import pytest
 
-from conftest import FLUXTUNE, LineReader, s3_bucket
+from conftest import FLUXTUNE, REPO, LineReader, s3_bucket
+from test_bad_inputs import fake_install
+from test_faults import GATE, Gates
 from fluxtune.tracking.buffer import HTTP_DEFAULTS, SPILL_NAME
 from fluxtune.tracking.server import start_server, stop_server
 
@@ -38,6 +42,7 @@ base:
   workers: 1
   cpus_per_worker: 1.0  # two trials never fit one 2-CPU node (1.01 each): they land on both
   eval_every: 4
+  callbacks: [{{type: gate, folder: {gates}, stages: [lora]}}]
   stages:
     - {{name: full, type: full, steps: 8, optimizer: {{lr: 1.0e-3}}}}
     - {{name: lora, type: lora, steps: 8, adapter: {{type: lora, rank: 4}}}}
@@ -51,6 +56,12 @@ search:
 tracking: {{uri: "{tracking}", experiment: two-nodes, register_as: two-nodes-lora}}
 """
 STEPS, EVAL_EVERY = 16, 4
+GATE_PLUGIN = GATE + """
+
+    @fluxtune.hookimpl
+    def register_callbacks(register):
+        register("gate", Gate, params=GateParams, doc="holds a stage until the test lets it go (tests only)")
+"""
 
 
 def _free_port() -> int:
@@ -77,12 +88,15 @@ def _kill_group(pgid: int) -> None:
 
 
 @pytest.fixture
-def two_node_cluster(s3_endpoint, cli_env):
-    """Yields (address, env). Both nodes inherit the S3 endpoint's environment, as a real cluster's nodes would.
-    Token auth on (Ray's default for clusters): every node and the driver read the same ~/.ray/auth_token."""
+def two_node_cluster(s3_endpoint, cli_env, tmp_path):
+    """Yields (address, env). Both nodes inherit the S3 endpoint's environment, as a real cluster's nodes would,
+    and the gate plugin (installed in tmp_path/site). Token auth on (Ray's default for clusters): every node and
+    the driver read the same ~/.ray/auth_token."""
     temp_dir = tempfile.mkdtemp(prefix="ft-ray-", dir="/tmp")  # short: Ray's unix sockets live under it
     port = _free_port()
-    env = {**cli_env, **s3_endpoint, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    fake_install(tmp_path / "site", "fluxtune-gate", "gate", GATE_PLUGIN)
+    env = {**cli_env, **s3_endpoint, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path / 'site'}"}
     common = ["--num-cpus=2", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     groups = []
     try:
@@ -133,7 +147,8 @@ def test_a_sweep_on_a_two_node_cluster_with_s3_storage_outlives_a_tracking_serve
     store = tmp_path / "store"
     servers = [start_server(store, port=port, log_path=tmp_path / "server.log")[0]]
     url = f"http://127.0.0.1:{port}"
-    (tmp_path / "sweep.yaml").write_text(SWEEP.format(storage=f"{bucket}/sweeps", tracking=url))
+    gates = Gates(tmp_path / "gates")
+    (tmp_path / "sweep.yaml").write_text(SWEEP.format(storage=f"{bucket}/sweeps", tracking=url, gates=gates.folder))
     sweep = subprocess.Popen([str(FLUXTUNE), "search", "sweep.yaml", "--address", address], cwd=tmp_path,
                              env={**env, "COLUMNS": "300"}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              start_new_session=True)
@@ -142,16 +157,20 @@ def test_a_sweep_on_a_two_node_cluster_with_s3_storage_outlives_a_tracking_serve
                      f"--- stderr\n{err.text()[-6000:]}")
     try:
         try:
-            assert out.wait_for(f" step {EVAL_EVERY}/", sweep, timeout=300), shown()  # a trial's first metrics
-            phases.append(("first metrics", round(time.monotonic() - began)))
+            # both trials trained their full stage, with the server up, and wait at their LoRA stage
+            first, second = (gates.arrival(n, sweep, timeout=300)["pid"] for n in (1, 2))
+            assert first != second
+            phases.append(("both at the gate", round(time.monotonic() - began)))
             stop_server(servers[0])
             phases.append(("server stopped", round(time.monotonic() - began)))
-            # The next report finds the server gone: it is buffered and spilled into the sweep folder.
+            gates.open(1)
+            # trial 1's next report finds the server gone: it is buffered and spilled into the sweep folder
             assert err.wait_for("buffering", sweep, timeout=120), shown()
             assert list(tmp_path.glob(f"runs/*/{SPILL_NAME}"))
             phases.append(("buffering", round(time.monotonic() - began)))
             servers.append(start_server(store, port=port, log_path=tmp_path / "server.log")[0])
             phases.append(("server restarted", round(time.monotonic() - began)))
+            gates.open(2)  # trial 2 trains after the server is back: the sweep cannot end before it answers
             try:
                 assert sweep.wait(timeout=300) == 0, shown()
             except subprocess.TimeoutExpired:

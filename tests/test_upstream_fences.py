@@ -207,3 +207,20 @@ def test_tuner_restore_still_takes_no_callbacks_or_stop_condition():
     parameters = inspect.signature(tune.Tuner.restore).parameters
     assert not {"callbacks", "stop", "run_config"} & set(parameters)
     assert hasattr(tune.Tuner, "__init__") and "_local_tuner" in inspect.getsource(tune.Tuner.__init__)
+
+
+# -- Ray Train: the variable the local cluster sets to start no preemption watcher
+
+
+def test_ray_train_still_reads_the_preemption_watcher_switch_the_local_cluster_sets():
+    """When this fails, Ray Train renamed or dropped the switch: a local sweep starts one more actor per trial
+    again (or none at all): update LOCAL_CLUSTER_ENV in fluxtune/train/local_ray.py."""
+    import inspect
+
+    from ray.train.v2._internal.execution.controller import controller
+
+    from fluxtune.train.local_ray import LOCAL_CLUSTER_ENV
+
+    [name] = LOCAL_CLUSTER_ENV
+    assert controller.ENABLE_PREEMPTION_WATCHER_ENV_VAR == name
+    assert "PreemptionCallback()" in inspect.getsource(controller.TrainController.__init__)

@@ -31,6 +31,10 @@ TERM_GRACE_S = 5.0  # after a crash: SIGTERM first, so Ray's daemons flush the l
 # A clean stop removes the temp dir, logs included, and Ray's raylet and agents sit out a SIGTERM for 5 s or more:
 # the command would hang that long after its last line. The driver has already disconnected (ray.shutdown).
 CLEAN_GRACE_S = 0.5
+# Ray Train watches the nodes of every worker group for a drain notice (spot preemption) in an actor of its own, one
+# more process per trial. This cluster is one node, this machine, that nothing drains: no watcher. Set by the user
+# (the variable in the environment), it stays as set.
+LOCAL_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 @dataclass
@@ -139,7 +143,8 @@ def _keep(num_cpus: int, temp_dir: str) -> int:
                        f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
                        f"--temp-dir={temp_dir}"]
             with open(log, "wb") as out:  # a file, not a pipe: Ray's daemons inherit it, a pipe would never close
-                started = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+                started = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**LOCAL_CLUSTER_ENV, **os.environ})  # its workers inherit it
             if started.returncode == 0:
                 break
             kill_session(me, spare=me)  # whatever the failed start left
