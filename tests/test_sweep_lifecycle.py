@@ -394,3 +394,30 @@ def test_a_restarted_attempts_marks_are_run_metrics_even_on_a_stage_end_report()
     stage_end = {"stage_end": True, "global_step": 12, "val_loss": 0.4, "resumed_from_step": 8, "worker_failures": 1,
                  "polish/cycle0/val_loss": 0.4, "samples_per_s": 3.0}
     assert curve_points(TrialReport.from_result(stage_end)) == {"val_loss": 0.4, "resumed_from_step": 8, "worker_failures": 1}
+
+
+def test_a_failed_save_of_tunes_state_stops_the_sweep_unless_tune_only_raced_with_its_own_temporary_file(tmp_path):
+    """Tune copies its local state folder in the background while it writes the next searcher state into it (a
+    temporary file renamed into place); seen under load: the copy lists that file and then cannot open it."""
+    from fluxtune.search.guard import TUNE_STATE_LOGGER, SweepGuard, tune_state_faults
+
+    staged = f"{tmp_path}/session_1/artifacts/2026-12-01_04-14-57/more-1/driver_artifacts"
+    raced = OSError(f"[Errno 2] Failed to open local file '{staged}/.d34231ea-75b2-4457-a8d7-d982703c9b30-tmp-"
+                    "searcher-state-2026-12-01_04-15-55.pkl'. Detail: [errno 2] No such file or directory")
+    state_gone = OSError(f"[Errno 2] Failed to open local file '{staged}/experiment_state-2026.json'. "
+                         "Detail: [errno 2] No such file or directory")
+    full = OSError(f"[Errno 28] Failed to open local file '{tmp_path}/runs/x/.d34231ea-75b2-4457-a8d7-d982703c9b30-"
+                   "tmp-searcher-state.pkl'. Detail: [errno 28] No space left on device")
+    logger = logging.getLogger(TUNE_STATE_LOGGER)
+    faults = {}
+    for name, cause in {"raced": raced, "state gone": state_gone, "full": full}.items():
+        guard = SweepGuard("val_loss")
+        with tune_state_faults(guard, str(tmp_path / "runs")):
+            try:
+                raise cause
+            except OSError:
+                logger.error("Saving experiment state to storage at 'x' failed with exception: ", exc_info=True)
+        faults[name] = guard.fault
+    assert faults["raced"] is None  # Tune's next save copies the whole folder again
+    assert faults["state gone"].startswith("cannot save the sweep's Tune state under ")
+    assert "No space left on device" in faults["full"]

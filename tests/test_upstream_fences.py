@@ -224,3 +224,20 @@ def test_ray_train_still_reads_the_preemption_watcher_switch_the_local_cluster_s
     [name] = LOCAL_CLUSTER_ENV
     assert controller.ENABLE_PREEMPTION_WATCHER_ENV_VAR == name
     assert "PreemptionCallback()" in inspect.getsource(controller.TrainController.__init__)
+
+
+# -- Tune: a failed save of its state that only says Tune raced with its own temporary file
+
+
+def test_tune_still_writes_its_searcher_state_through_a_temporary_file_in_the_folder_it_copies_meanwhile():
+    """When this fails, Tune names or writes its temporary files differently, or no longer copies its state folder
+    while writing the next state: update or drop `tune_raced_itself` (fluxtune/search/guard.py)."""
+    import inspect
+
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+    from ray.tune.search.searcher import Searcher
+
+    save = inspect.getsource(Searcher.save_to_dir)
+    assert 'f".{str(uuid.uuid4())}-tmp-{file_name}"' in save and "os.replace" in save
+    sync = inspect.getsource(_ExperimentCheckpointManager.sync_up_experiment_state)
+    assert sync.index("save_fn()") < sync.index("self._storage.syncer.sync_up(")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 from contextlib import contextmanager
@@ -158,10 +159,21 @@ class ResumableLimiter(ConcurrencyLimiter):
 
 
 TUNE_STATE_LOGGER = "ray.tune.execution.experiment_state"
+# Tune copies its local state folder to the store in the background while it writes the next searcher state there
+# (a temporary `.<uuid>-tmp-<name>` renamed into place): the copy can list that file, then not find it
+_TUNE_OWN_TEMPORARY_GONE = re.compile(r"/\.[0-9a-f-]{36}-tmp-[^/]*'?\. Detail: \[errno 2\]|"
+                                      r"No such file or directory: '[^']*/\.[0-9a-f-]{36}-tmp-")
+
+
+def tune_raced_itself(error_text: str) -> bool:
+    """A failed save of Tune's state that says only that one of Tune's own temporary files vanished while being
+    copied: the store is fine, and Tune's next save copies the whole folder again."""
+    return storage_fault(error_text) is None and _TUNE_OWN_TEMPORARY_GONE.search(error_text) is not None
 
 
 class _TuneStateSaveFailed(logging.Filter):
-    """Tune logs a failed save of its own state (a traceback) and carries on: to us it is a storage fault."""
+    """Tune logs a failed save of its own state (a traceback) and carries on: to us it is a storage fault, unless
+    Tune only raced with itself on its local copy (see `tune_raced_itself`)."""
 
     def __init__(self, guard: SweepGuard, where: str):
         super().__init__()
@@ -171,6 +183,8 @@ class _TuneStateSaveFailed(logging.Filter):
         if not record.getMessage().startswith("Saving experiment state to storage"):
             return True
         cause = record.exc_info[1] if record.exc_info else None
+        if tune_raced_itself(str(cause)):
+            return False
         self.guard.note_fault(storage_fault(str(cause)) or f"cannot save the sweep's Tune state under {self.where}: "
                                                           f"{cause}")
         return False
