@@ -241,3 +241,37 @@ def test_tune_still_writes_its_searcher_state_through_a_temporary_file_in_the_fo
     assert 'f".{str(uuid.uuid4())}-tmp-{file_name}"' in save and "os.replace" in save
     sync = inspect.getsource(_ExperimentCheckpointManager.sync_up_experiment_state)
     assert sync.index("save_fn()") < sync.index("self._storage.syncer.sync_up(")
+
+
+# -- Ray Train: a run without datasets starts no DatasetManager actor
+
+
+def test_ray_train_still_starts_a_dataset_manager_for_a_run_without_datasets():
+    """When this fails, Ray Train leaves the DatasetsCallback (and its actor) out when there are no datasets: use
+    TorchTrainer directly instead of `torch_trainer` (fluxtune/train/ray_private.py)."""
+    import inspect
+
+    from ray.train.v2._internal.callbacks import datasets
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    defaults = inspect.getsource(DataParallelTrainer._create_default_callbacks)
+    assert "datasets_callback = DatasetsCallback(" in defaults and "if self.datasets" not in defaults
+    assert "ray.remote(DatasetManager)" in inspect.getsource(datasets.RayDatasetShardProvider.__init__)
+
+
+def test_the_fenced_trainer_leaves_the_datasets_callback_out_only_without_datasets():
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from fluxtune.train.ray_private import torch_trainer
+
+    def kinds(trainer) -> set[type]:
+        return {type(callback) for callback in trainer._create_default_callbacks()}
+
+    plain = torch_trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    fed = torch_trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                        datasets={"train": lambda: None})  # a dataset factory (not called here: no Ray started)
+    assert isinstance(plain, TorchTrainer)
+    assert DatasetsCallback not in kinds(plain) and DatasetsCallback in kinds(fed)
+    assert kinds(plain) | {DatasetsCallback} == kinds(fed)  # nothing else left out

@@ -19,6 +19,12 @@ for good putting the report behind it (the trial hangs: short last stages and a 
 Ray has no public way to wait for that queue; the session's private queues are read here. When a Tune function
 trainable that runs a Train run ends only after its reports are taken, drop it.
 
+A trial's Train run without Ray Data (`torch_trainer`): Ray Train's `DatasetsCallback` starts a DatasetManager
+actor for every worker group, datasets or none, one more process (≈ 1.3 CPU-s) per trial that fluxtune never uses
+(its workers stream the latent cache themselves). A trainer without datasets leaves that callback out of the
+default callbacks it builds (private `_create_default_callbacks`); the workers' dataset provider is optional and
+stays unset. When Ray starts no DatasetManager for a run without datasets, use `TorchTrainer` directly.
+
 A restored sweep's callbacks (`restore_tuner`): `Tuner.restore` unpickles the run config of the process that
 started the sweep, whose callbacks hold that process's MLflow tracker and console; it takes no new callbacks or stop
 condition, so they are set on the restored run config. When `Tuner.restore` accepts `callbacks=`/`stop=` (or a
@@ -67,3 +73,18 @@ def restore_tuner(tune_dir: str, trainable: object, callbacks: list, stop: objec
     run_config.callbacks = callbacks
     run_config.stop = stop
     return tuner
+
+
+def torch_trainer(*args, **kwargs):
+    """`ray.train.torch.TorchTrainer(*args, **kwargs)`; without `datasets` its runs start no DatasetManager actor."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class TrainerWithoutUnusedDatasets(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [callback for callback in callbacks if not isinstance(callback, DatasetsCallback)]
+
+    return TrainerWithoutUnusedDatasets(*args, **kwargs)

@@ -18,7 +18,7 @@ from fluxtune.config.resolved import resolve_trial
 from fluxtune.config.stage_keys import data_identity, stage_keys
 from fluxtune.plugins import plugin_set, use_plugin_set
 from fluxtune.train.protocol import LAST_FAILURE_KEY, WORKER_FAILURES_KEY, SweepLayout
-from fluxtune.train.ray_private import wait_for_the_last_report
+from fluxtune.train.ray_private import torch_trainer, wait_for_the_last_report
 from fluxtune.train.worker import train_loop_per_worker
 
 
@@ -83,7 +83,7 @@ def trainer_for(experiment: Mapping[str, Any], settings: TrialSettings, run_name
     resources = {"CPU": experiment["cpus_per_worker"]}
     if use_gpu:
         resources["GPU"] = experiment["gpus_per_worker"]
-    return TorchTrainer(
+    return torch_trainer(
         train_loop_per_worker,
         # initial_checkpoint: a reused stage prefix; the worker prefers this run's own checkpoint (a restart).
         # The workers get their own plain copy: stage and plugin code may edit what it is handed.
