@@ -143,3 +143,16 @@ def test_the_search_callbacks_need_no_torch_for_report_keys():
     imported = import_graph()["fluxtune.search.callbacks"]
     assert "fluxtune.train.protocol" in imported
     assert not {"fluxtune.train.worker", "fluxtune.train.reporter"} & imported
+
+
+def test_the_sweeps_driver_imports_no_torch():
+    """torch (≈ 1 CPU-s per process) is imported where a trial builds its trainer and trains, not in `fluxtune
+    search`: the driver only schedules, tracks and registers (registration: tests/test_models.py)."""
+    import subprocess
+    import sys
+
+    script = ("import sys, fluxtune.cli.main, fluxtune.search.sweep, fluxtune.train.trial, fluxtune.search.retention; "
+              "print(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'diffusers', 'peft', 'ray'}))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-2] == "['ray']", done.stdout

@@ -150,8 +150,8 @@ def test_runners_up_are_registered_without_moving_an_alias(registered):
 
 
 def test_registering_runs_the_input_example_check_without_importing_the_model_stack(registered, tmp_path):
-    """MLflow loads the model to check its input example; the sweep's driver must not pay diffusers' imports
-    (seconds of CPU per registration) for a check that loads no weights."""
+    """MLflow loads the model to check its input example; the sweep's driver must not pay diffusers' (or torch's)
+    imports (seconds of CPU per registration) for a check that loads no weights."""
     import subprocess
     import sys
 
@@ -166,11 +166,11 @@ run = SweepTracker(uri, "models", "sweep-1")
 run.start(None, {{}}, {{}})
 version = register_adapter(uri, run.start_trial("t1", {{}}, {{}}), "inpaint-lora", None,
                            {str(root / 't1' / 'adapter')!r}, None, {MODEL!r}, {{"trial": "t1"}})
-print(version, sorted({{name.split(".")[0] for name in sys.modules}} & {{"diffusers", "peft", "fluxtune"}}))
+print(version, sorted({{name.split(".")[0] for name in sys.modules}} & {{"diffusers", "peft", "torch", "fluxtune"}}))
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-1] == "['fluxtune']", done.stdout  # registered, and neither diffusers nor peft
+    assert done.stdout.split()[-1] == "['fluxtune']", done.stdout  # registered, and no diffusers, peft or torch
 
 def test_an_adapter_trained_on_a_registered_version_is_registered_with_that_base(registered, tmp_path):
     from fluxtune.version_contents import read_meta, registered_base

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ray import tune
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from fluxtune import storage
@@ -20,6 +19,9 @@ from fluxtune.plugins import plugin_set, use_plugin_set
 from fluxtune.train.protocol import LAST_FAILURE_KEY, WORKER_FAILURES_KEY, SweepLayout
 from fluxtune.train.ray_private import torch_trainer, wait_for_the_last_report
 from fluxtune.train.worker import train_loop_per_worker
+
+if TYPE_CHECKING:  # torch is imported where a trainer is built (the trial's actor), not in the sweep's driver
+    from ray.train.torch import TorchTrainer
 
 
 @dataclass(frozen=True)
