@@ -153,11 +153,11 @@ def in_process_steps_per_s(cache: str, base: dict, rounds: int, steps: int, devi
     alternating in short rounds. CPU time per step (the whole process: the stream's reading thread included) is
     the figure a loaded machine disturbs least."""
     import torch
+    from diffusers import FluxTransformer2DModel
 
     from fluxtune.flux import presets
     from fluxtune.flux.encoded import random_batches
     from fluxtune.flux.flow import flow_matching_loss
-    from fluxtune.flux.model import FluxTransformer2DModel
     from fluxtune.train.datasets import trial_data
 
     if device == "cpu":

@@ -47,7 +47,9 @@ def load_transformer(model: dict[str, Any], dtype: torch.dtype | None = None,
     if model.get("preset"):
         return build_preset(model["preset"], seed=model.get("seed", 0), dtype=dtype, device=device,
                             parts=("transformer",)).transformer
-    from fluxtune.flux.model import FluxTransformer2DModel, check_fill_layout
+    from diffusers import FluxTransformer2DModel
+
+    from fluxtune.flux.model import check_fill_layout
 
     transformer = FluxTransformer2DModel.from_pretrained(model["path"], subfolder="transformer",
                                                          local_files_only=True, **direct_load(dtype, device))

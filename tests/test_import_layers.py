@@ -156,3 +156,17 @@ def test_the_sweeps_driver_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split("\n")[-2] == "['ray']", done.stdout
+
+
+def test_a_prompt_encoder_loads_no_diffusers():
+    """The cache's prompt encoder actor needs only the text encoders (transformers): diffusers' imports (≈ 1.7
+    CPU-s per process) are for the processes that build a transformer, a VAE or a scheduler."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from fluxtune.flux.encoded import load_text_bundle; "
+              "bundle = load_text_bundle({'preset': 'tiny-fill', 'seed': 0}); "
+              "print(bundle.text_encoder is not None, bundle.scheduler, 'diffusers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-2] == "True None False", done.stdout

@@ -3,13 +3,15 @@
 Everything here works offline: nothing is ever fetched from a hub.
 """
 
+from __future__ import annotations
+
 import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from safetensors.torch import load_file
 from transformers import (
     CLIPTextConfig,
@@ -24,10 +26,15 @@ from fluxtune.flux import presets
 from fluxtune.flux.layout import FILL_IN_CHANNELS, FILL_OUT_CHANNELS, check_fill_layout, fill_transformer_config  # noqa: F401
 
 
+if TYPE_CHECKING:  # diffusers (seconds of imports) is loaded where a transformer, VAE or scheduler is built: a
+    # process that encodes prompts needs only transformers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
 @dataclass
 class FluxBundle:
     """The parts of a FLUX.1-Fill pipeline. Text parts are None when a folder ships without them; any part is None
-    when it was not asked for (`build_preset(parts=...)`, the latent encoders)."""
+    when it was not asked for (`build_preset(parts=...)`, the latent encoders; a text-only bundle has no
+    scheduler)."""
 
     transformer: FluxTransformer2DModel | None
     vae: AutoencoderKL | None
@@ -35,7 +42,7 @@ class FluxBundle:
     text_encoder_2: T5EncoderModel | None
     tokenizer: CLIPTokenizer | None
     tokenizer_2: T5TokenizerFast | None
-    scheduler: FlowMatchEulerDiscreteScheduler
+    scheduler: FlowMatchEulerDiscreteScheduler | None
     source: str  # "preset:tiny-fill(seed=0)" or the folder it was loaded from
     # The "" embedding, computed once by `empty_prompt_embeds` (the text encoders are frozen, so it never changes).
     _empty_prompt: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
@@ -91,8 +98,11 @@ def build_preset(name: str, seed: int = 0, dtype: torch.dtype | None = None, dev
         return torch.nn.Module.to(module, device=device, dtype=dtype)
 
     bundle = FluxBundle(transformer=None, vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                        tokenizer_2=None, scheduler=FlowMatchEulerDiscreteScheduler(**presets.FLUX_SCHEDULER),
-                        source=f"preset:{name}(seed={seed})")
+                        tokenizer_2=None, scheduler=None, source=f"preset:{name}(seed={seed})")
+    if set(parts) - {"text"}:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+        bundle.scheduler = FlowMatchEulerDiscreteScheduler(**presets.FLUX_SCHEDULER)
     if "transformer" in parts:
         bundle.transformer = seeded(lambda: FluxTransformer2DModel(**spec.transformer)).train()
     if "vae" in parts:
@@ -106,6 +116,8 @@ def build_preset(name: str, seed: int = 0, dtype: torch.dtype | None = None, dev
 
 def _preset_vae(spec: presets.Preset) -> AutoencoderKL:
     """The preset's AutoencoderKL: random (seeded by the caller), or its shipped weights, checked by hash first."""
+    from diffusers import AutoencoderKL
+
     if spec.vae_weights is None:
         return AutoencoderKL(**spec.vae)
     path = preset_weights_path(spec.vae_weights)
@@ -132,6 +144,8 @@ def empty_transformer(model: dict) -> FluxTransformer2DModel:
 
     Cheap even for the real 12 B model, so names (LoRA targets) are checked before Ray starts.
     """
+    from diffusers import FluxTransformer2DModel
+
     if model.get("preset"):
         config = presets.preset(model["preset"]).transformer
     else:
@@ -149,6 +163,8 @@ def load_flux(path: str, torch_dtype: torch.dtype | None = None, transformer_dty
     (default `torch_dtype`, the CPU). Models come back as `from_pretrained` leaves them: in eval mode (call
     `.train()` before training).
     """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
     path = os.fspath(path)
     fill_transformer_config(path)
 
