@@ -108,9 +108,11 @@ def _server_started_by(args: list[str], cwd: Path, env: dict[str, str]) -> list[
 
     from fluxtune.tracking.server import APP, free_port
 
+    # SIGINT restored to its default: a test run started in the background of a shell without job control
+    # inherits it ignored, and this `fluxtune ui` would then never see the Ctrl-C below (its test timed out so)
     ui = subprocess.Popen([str(FLUXTUNE), *args, "--port", str(free_port()), "--store", str(cwd / "store")],
                           cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True)
+                          start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     server = None
     try:
         _line_with(ui, "starting the MLflow UI")
