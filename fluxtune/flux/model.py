@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # diffusers (seconds of imports) is loaded where a transforme
     # process that encodes prompts needs only transformers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
+
 @dataclass
 class FluxBundle:
     """The parts of a FLUX.1-Fill pipeline. Text parts are None when a folder ships without them; any part is None
@@ -100,10 +101,12 @@ def build_preset(name: str, seed: int = 0, dtype: torch.dtype | None = None, dev
     bundle = FluxBundle(transformer=None, vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
                         tokenizer_2=None, scheduler=None, source=f"preset:{name}(seed={seed})")
     if set(parts) - {"text"}:
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
         bundle.scheduler = FlowMatchEulerDiscreteScheduler(**presets.FLUX_SCHEDULER)
     if "transformer" in parts:
+        from diffusers import FluxTransformer2DModel
+
         bundle.transformer = seeded(lambda: FluxTransformer2DModel(**spec.transformer)).train()
     if "vae" in parts:
         bundle.vae = _freeze(seeded(lambda: _preset_vae(spec)))

@@ -33,6 +33,8 @@ condition, so they are set on the restored run config. When `Tuner.restore` acce
 
 from __future__ import annotations
 
+import functools
+
 
 def enable_token_auth() -> None:
     """Token auth on in this process and the processes it starts, unless the user chose a mode (RAY_AUTH_MODE);
@@ -77,6 +79,11 @@ def restore_tuner(tune_dir: str, trainable: object, callbacks: list, stop: objec
 
 def torch_trainer(*args, **kwargs):
     """`ray.train.torch.TorchTrainer(*args, **kwargs)`; without `datasets` its runs start no DatasetManager actor."""
+    return _trainer_without_unused_datasets()(*args, **kwargs)
+
+
+@functools.cache
+def _trainer_without_unused_datasets() -> type:
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
@@ -87,4 +94,4 @@ def torch_trainer(*args, **kwargs):
                 return callbacks
             return [callback for callback in callbacks if not isinstance(callback, DatasetsCallback)]
 
-    return TrainerWithoutUnusedDatasets(*args, **kwargs)
+    return TrainerWithoutUnusedDatasets
