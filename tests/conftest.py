@@ -163,10 +163,18 @@ def asha_sweep(tmp_path_factory, session_cache):
     return run_asha(tmp_path_factory.mktemp("asha"), FLUXTUNE, env)
 
 
-# Parallel runs (pytest-xdist, `--dist loadgroup`): a test that uses one of these once-per-run sweeps runs on the
-# worker that ran it, so each sweep runs once; every other test runs with the rest of its module (module-scoped
+@pytest.fixture(scope="session")
+def two_train_workers(tmp_path_factory, sample_jsonl):
+    """The one shared two-worker Ray Train run (see tests/two_workers.py): each module's records by module name."""
+    from two_workers import run_two_worker_checks
+
+    return run_two_worker_checks(tmp_path_factory.mktemp("two-workers"), sample_jsonl)
+
+
+# Parallel runs (pytest-xdist, `--dist loadgroup`): a test that uses one of these once-per-run fixtures runs on the
+# worker that ran it, so each runs once; every other test runs with the rest of its module (module-scoped
 # fixtures are set up once). The long groups are handed out first, so the workers end together.
-SHARED_SWEEPS = ("reference_sweep", "asha_sweep")
+SHARED_SWEEPS = ("reference_sweep", "asha_sweep", "two_train_workers")
 LONG_FIRST = ("test_faults", "reference_sweep", "asha_sweep", "test_cluster", "test_faults_trial")
 
 

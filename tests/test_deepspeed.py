@@ -1,11 +1,10 @@
 """The full stage under DeepSpeed ZeRO (DS_ACCELERATOR=cpu, gloo): same training as plain AdamW; in bf16 its fp32
 master weights start from the exact fp32 weights (not their bf16 rounding) and the stage checkpoint is gathered
 from them, so a LoRA delta merged in between survives bit for bit. Runs for real: in-process with one rank, and
-through Ray Train with two CPU workers."""
+through Ray Train with two CPU workers (the shared two-worker run of tests/two_workers.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 
@@ -80,11 +79,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def load_arrays(sample_jsonl):
+    """The first 24 sample examples at 64 px: rows 0-19 train (split across ranks), 20-23 validate."""
+    examples = [load_example(r, 64) for r in read_rows(sample_jsonl)[:24]]
+    return {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "target")}
+
+
 @pytest.fixture(scope="module")
 def arrays(sample_jsonl):
-    rows = read_rows(sample_jsonl)[:24]
-    examples = [load_example(r, 64) for r in rows]
-    return {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "target")}
+    return load_arrays(sample_jsonl)
 
 
 def run_experiment(arrays, spec, transformer=None, rank=0, world_size=1):
@@ -204,53 +207,37 @@ def test_full_lora_full_keeps_the_lora_delta_exact_into_the_masters(arrays, one_
     check_handoff(live, report, exact)
 
 
-def test_two_ray_train_workers_zero2_equals_ddp_and_hand_off_exactly(arrays, tmp_path):
+def two_worker_check(folder, sample_jsonl):
+    """For tests/two_workers.py: ZeRO-2 and DDP, then the bf16 hand-off, on each rank of a two-worker run."""
+    return two_rank_zero2_and_handoff, load_arrays(sample_jsonl)
+
+
+def two_rank_zero2_and_handoff(arrays, rank, world):
+    ddp, _ = train_full_stage(arrays, "ddp", rank=rank, world_size=world)
+    zero, _ = train_full_stage(arrays, "deepspeed", rank=rank, world_size=world)
+    diff = max((a - b).abs().max().item() for a, b in zip(ddp.parameters(), zero.parameters()))
+    model, exact = off_the_bf16_grid()
+    live, report = run_experiment(arrays, HANDOFF.format(zero=2, no_step=NO_STEP), transformer=model,
+                                  rank=rank, world_size=world)
+    handoff = check_handoff(live, report, exact) if rank == 0 else None  # raises on failure: the run stops
+    flat = torch.cat([p.detach().float().flatten() for p in live.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return {"world": world, "zero_vs_ddp": diff, "handoff": handoff,
+            "live_ranks_agree": bool(torch.equal(gathered[0], gathered[1])),
+            "live_dtype": str(next(live.parameters()).dtype),
+            "checkpoints": [saved is not None for *_, saved, _ in report.stage_ends]}
+
+
+def test_two_ray_train_workers_zero2_equals_ddp_and_hand_off_exactly(two_train_workers):
     """ZeRO-2 across 2 Ray Train workers (optimizer states sharded) gives the DDP result; the bf16 hand-off
     (rank 0 reads each canonical tensor, broadcasts it) is exact on both ranks."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from two_workers import records_of
 
-    def loop(config):
-        import ray.train
-        import torch
-        import torch.distributed as dist
-
-        context = ray.train.get_context()
-        rank, world = context.get_world_rank(), context.get_world_size()
-        ddp, _ = train_full_stage(config["arrays"], "ddp", rank=rank, world_size=world)
-        zero, _ = train_full_stage(config["arrays"], "deepspeed", rank=rank, world_size=world)
-        diff = max((a - b).abs().max().item() for a, b in zip(ddp.parameters(), zero.parameters()))
-        model, exact = off_the_bf16_grid()
-        live, report = run_experiment(config["arrays"], HANDOFF.format(zero=2, no_step=NO_STEP), transformer=model,
-                                      rank=rank, world_size=world)
-        if rank == 0:
-            check_handoff(live, report, exact)  # raises on failure: the run fails
-        flat = torch.cat([p.detach().float().flatten() for p in live.parameters()])
-        gathered = [torch.zeros_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        record = {"rank": rank, "world": world, "zero_vs_ddp": diff,
-                  "live_ranks_agree": bool(torch.equal(gathered[0], gathered[1])),
-                  "live_dtype": str(next(live.parameters()).dtype),
-                  "checkpoints": [saved is not None for *_, saved, _ in report.stage_ends]}
-        (config["out"] / f"rank{rank}.json").write_text(json.dumps(record))
-
-    import sys
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)  # one CPU left free (else the data read never runs)
-    try:
-        trainer = TorchTrainer(
-            loop, train_loop_config={"arrays": arrays, "out": tmp_path},
-            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(name="ds-two-workers", storage_path=str(tmp_path)),
-        )
-        trainer.fit()
-    finally:
-        ray.shutdown()
-    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    records = records_of(two_train_workers, "test_deepspeed")
     for record in records:
         assert record["world"] == 2
         assert record["zero_vs_ddp"] < 1e-5, record
         assert record["live_ranks_agree"] and record["live_dtype"] == "torch.bfloat16"
+    assert records[0]["handoff"]["moved"] > 0  # rank 0 checked every hand-off tensor
     assert records[0]["checkpoints"] == [True] * 3 and records[1]["checkpoints"] == [False] * 3  # rank 0 writes

@@ -1,15 +1,14 @@
 """The training recipe of the built-in stages: learning-rate schedules, gradient accumulation and optimizers.
 
 The stage loop is checked against a plain torch loop written out here (same weights after N updates), DDP
-accumulation across two gloo processes against one process with the whole batch, and every registered
-optimizer builds, steps, and is searchable; a CUDA-only one is refused for a CPU experiment.
+accumulation on two Ray Train workers (the shared run of tests/two_workers.py) against one process with the whole
+batch, and every registered optimizer builds, steps, and is searchable; a CUDA-only one is refused for a CPU
+experiment.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -138,64 +137,59 @@ def test_scheduled_accumulating_updates_equal_a_plain_torch_loop():
 RECIPE = {"lr": 1.0e-3, "eps": 1.0e-3}  # an eps near the gradients' size: the update sees their scale
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str, updates: int, accumulate: int) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        data = pinned_data(updates * accumulate * MICRO * world)
-        ctx = stage_context(data, updates, rank, world)
-        model = ctx.transformer
-        params = TrainingParams.model_validate({"optimizer": RECIPE, "gradient_accumulation_steps": accumulate,
-                                                "max_grad_norm": None, "precision": "fp32"})
-        ddp = ctx.distribute(model)
-        reductions = []
-
-        def counting_allreduce(state, bucket):
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-            reductions.append(bucket.index())
-            return allreduce_hook(None, bucket)
-
-        ddp.register_comm_hook(None, counting_allreduce)
-        train_steps(ctx, ddp, list(model.parameters()), params)
-        if rank == 0:
-            torch.save({"weights": {n: p.detach() for n, p in model.named_parameters()},
-                        "reductions": reductions}, out)
-    finally:
-        dist.destroy_process_group()
+UPDATES, ACCUMULATE = 2, 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def two_worker_check(folder, sample_jsonl):
+    """For tests/two_workers.py: DDP with accumulation on each rank of a two-worker run; rank 0 saves the weights."""
+    return ddp_accumulation, {"out": str(folder / "ddp.safetensors")}
 
 
-def test_ddp_accumulation_on_two_workers_equals_one_process_with_the_whole_batch(tmp_path):
-    import torch.multiprocessing as mp
+def ddp_accumulation(config: dict, rank: int, world: int) -> dict:
+    from safetensors.torch import save_file
 
-    updates, accumulate, world = 2, 2, 2
-    out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(world, free_port(), out, updates, accumulate), nprocs=world, join=True)
-    ddp = torch.load(out)
+    data = pinned_data(UPDATES * ACCUMULATE * MICRO * world)
+    ctx = stage_context(data, UPDATES, rank, world)
+    model = ctx.transformer
+    params = TrainingParams.model_validate({"optimizer": RECIPE, "gradient_accumulation_steps": ACCUMULATE,
+                                            "max_grad_norm": None, "precision": "fp32"})
+    ddp = ctx.distribute(model)
+    reductions = []
+
+    def counting_allreduce(state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        reductions.append(bucket.index())
+        return allreduce_hook(None, bucket)
+
+    ddp.register_comm_hook(None, counting_allreduce)
+    train_steps(ctx, ddp, list(model.parameters()), params)
+    if rank == 0:
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, config["out"])
+    return {"world": world, "reductions": reductions, "weights": config["out"] if rank == 0 else None}
+
+
+def test_ddp_accumulation_on_two_workers_equals_one_process_with_the_whole_batch(two_train_workers):
+    from safetensors.torch import load_file
+
+    from two_workers import records_of
+
+    first, _ = records_of(two_train_workers, "test_training_recipe")
+    world, weights = first["world"], load_file(first["weights"])
 
     # one process, one batch of all 2 workers × 2 micro-batches per update
-    data = pinned_data(updates * accumulate * MICRO * world)
-    ctx = stage_context(data, updates)
-    whole = {k: v for k, v in data.items()}
-    per_update = accumulate * MICRO * world
-    batches = [rows(whole, u * per_update, (u + 1) * per_update) for u in range(updates)]
+    data = pinned_data(UPDATES * ACCUMULATE * MICRO * world)
+    ctx = stage_context(data, UPDATES)
+    per_update = ACCUMULATE * MICRO * world
+    batches = [rows(data, u * per_update, (u + 1) * per_update) for u in range(UPDATES)]
     ctx.batches = lambda: iter(batches)
     params = TrainingParams.model_validate({"optimizer": RECIPE, "max_grad_norm": None, "precision": "fp32"})
     train_steps(ctx, ctx.transformer, list(ctx.transformer.parameters()), params)
     for name, p in ctx.transformer.named_parameters():
-        assert torch.allclose(p, ddp["weights"][name], rtol=0, atol=1e-5), name  # 1% of one update
+        assert torch.allclose(p, weights[name], rtol=0, atol=1e-5), name  # 1% of one update
     # gradients crossed the wire once per update (no_sync on the other micro-batches), every bucket each time
-    buckets = len(set(ddp["reductions"]))
-    assert len(ddp["reductions"]) == updates * buckets
+    buckets = len(set(first["reductions"]))
+    assert world == 2 and len(first["reductions"]) == UPDATES * buckets
 
 
 OPTIMIZERS = {"adamw": {"lr": 1e-2}, "adamw8bit": {"lr": 1e-2}, "adafactor": {"lr": 1e-2},
