@@ -126,3 +126,18 @@ def test_a_search_metric_no_evaluation_reports_is_refused_at_its_line(metric):
     [problem] = info.value.problems
     assert (problem.key, problem.line) == ("search.metric", 5)
     assert f"'{metric}' is not reported at evaluations" in problem.message and "val_loss" in problem.message
+
+
+def test_deep_bracket_nesting_is_refused_before_parsing_and_quoted_or_commented_brackets_do_not_count(tmp_path):
+    from fluxtune.config.yaml_source import MAX_DEPTH, parse_yaml
+
+    deep = "name: x\nbase:\n  deep: " + "[" * 5000 + "]" * 5000 + "\n"
+    with pytest.raises(InputError) as caught:
+        parse_yaml(deep, "deep.yaml")
+    assert str(caught.value).splitlines() == [f"deep.yaml:3:{9 + MAX_DEPTH}: nested more than {MAX_DEPTH} levels deep:"
+                                              " not a search file"]
+    fine = ('name: "' + "[" * 100 + '"\n# ' + "{" * 100 + "\nbase: {eval_every: 2}  # it's " + "[" * 100 + "\n"
+            "prompt: it's [red]\n")
+    assert parse_yaml(fine, "fine.yaml").tree["base"] == {"eval_every": 2}
+    at_the_limit = "deep: " + "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1) + "\n"  # with the mapping: 64
+    assert parse_yaml(at_the_limit, "limit.yaml").tree["deep"] is not None

@@ -159,8 +159,41 @@ def _marked(exc: MarkedYAMLError, path: str) -> InputError:
                                line=line, col=col)])
 
 
+def _deep_flow_nesting(text: str, path: str) -> InputError | None:
+    """Brackets ([ {) nested beyond MAX_DEPTH, found by one pass over the text before parsing: ruamel recurses
+    once per level and spends seconds on a few thousand levels before Python's recursion limit stops it.
+    Brackets in quoted scalars and comments are not counted; a plain scalar's apostrophe may hide the rest of its
+    line from this pass, never add brackets (ruamel's own limit still holds)."""
+    depth, line, col, quote, comment, previous = 0, 1, 0, "", False, "\n"
+    for char in text:
+        col += 1
+        if char == "\n":
+            line, col, comment, quote = line + 1, 0, False, ""  # a misread apostrophe hides one line at most
+        elif comment:
+            pass
+        elif quote:
+            if char == quote and not (quote == '"' and previous == "\\"):
+                quote = ""
+        elif char == "#" and previous in " \t\n":
+            comment = True
+        elif char in "'\"" and previous in " \t\n[{,:":
+            quote = char
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return InputError([Problem(path, f"nested more than {MAX_DEPTH} levels deep: not a search file",
+                                           line=line, col=col)])
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        previous = char
+    return None
+
+
 def parse_yaml(text: str, path: str = "<string>") -> YamlSource:
     yaml = YAML(typ="rt")  # round-trip keeps positions; it builds no arbitrary Python objects
+    deep = _deep_flow_nesting(text, path)
+    if deep is not None:
+        raise deep
     try:
         problems = _node_problems(yaml.compose(text), text, path)
         if problems:
