@@ -171,10 +171,18 @@ def two_train_workers(tmp_path_factory, sample_jsonl):
     return run_two_worker_checks(tmp_path_factory.mktemp("two-workers"), sample_jsonl)
 
 
+@pytest.fixture(scope="session")
+def built_caches(tmp_path_factory):
+    """The latent caches built for real once per run (see tests/built_caches.py)."""
+    from built_caches import build_caches
+
+    return build_caches(tmp_path_factory.mktemp("built-caches"))
+
+
 # Parallel runs (pytest-xdist, `--dist loadgroup`): a test that uses one of these once-per-run fixtures runs on the
 # worker that ran it, so each runs once; every other test runs with the rest of its module (module-scoped
 # fixtures are set up once). The long groups are handed out first, so the workers end together.
-SHARED_SWEEPS = ("reference_sweep", "asha_sweep", "two_train_workers")
+SHARED_SWEEPS = ("reference_sweep", "asha_sweep", "two_train_workers", "built_caches")
 LONG_FIRST = ("test_faults", "reference_sweep", "asha_sweep", "test_cluster", "test_faults_trial")
 
 

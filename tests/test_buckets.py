@@ -1,15 +1,13 @@
-"""Aspect-ratio buckets: the assignment arithmetic, a latent cache of mixed-aspect images built with Ray Data, and
-training on it, streamed, with every batch drawn from a single bucket."""
+"""Aspect-ratio buckets: the assignment arithmetic, a latent cache of mixed-aspect images built with Ray Data (the
+shared builds of tests/built_caches.py), and training on it, streamed, with every batch drawn from a single bucket."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fluxtune.data.buckets import (
     auto_buckets,
@@ -19,8 +17,8 @@ from fluxtune.data.buckets import (
     nearest_bucket,
     resolve_buckets,
 )
-from fluxtune.data.latent_cache import Preprocessing, cache_key, cache_rows, ensure_cache
-from fluxtune.data.sample import make_example
+from built_caches import read_all, write_mixed_dataset
+from fluxtune.data.latent_cache import Preprocessing, cache_key, cache_rows
 from fluxtune.data.selection import select_rows
 
 TINY = {"preset": "tiny-fill", "seed": 0}
@@ -95,7 +93,7 @@ def test_config_rejects_bad_buckets_at_the_yaml_key(tmp_path):
 def test_buckets_off_keeps_the_preprocessing_identity_and_on_changes_the_key(tmp_path):
     assert Preprocessing(64).identity() == {"resolution": 64, "mask_threshold": 0.5, "crop": "centre-square",
                                             "dtype": "float16"}
-    jsonl = _write_mixed_dataset(tmp_path, 3)
+    jsonl = write_mixed_dataset(tmp_path, 3)
     rows = cache_rows(select_rows(str(jsonl), {}))
     keys = {cache_key(rows, TINY, Preprocessing(64, buckets=b)) for b in (None, AUTO_64, AUTO_64[1:])}
     assert len(keys) == 3  # off, auto, and another bucket list: three caches
@@ -103,46 +101,10 @@ def test_buckets_off_keeps_the_preprocessing_identity_and_on_changes_the_key(tmp
 
 # -- mixed-aspect data through Ray Data into the latent cache -------------------------------------------------
 
-def _write_mixed_dataset(folder, n):
-    """Rows cycling landscape 96x64, portrait 64x96 and square 64x64: sample examples cut from 96² scenes."""
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    crops = [(slice(16, 80), slice(None)), (slice(None), slice(16, 80)), (slice(16, 80), slice(16, 80))]
-    lines = []
-    for i in range(n):
-        rows, cols = crops[i % 3]
-        source, mask, target, colour = make_example(i, 96, seed=3)
-        for suffix, pixels in (("", source), ("_mask", mask), ("_target", target)):
-            Image.fromarray(np.ascontiguousarray(pixels[rows, cols])).save(folder / f"images/{i:03d}{suffix}.png")
-        line = {"user_input": {"image": f"images/{i:03d}.png", "mask": f"images/{i:03d}_mask.png"},
-                "output": f"images/{i:03d}_target.png"}
-        if i % 4 == 0:
-            line["prompt"] = f"a {colour} square"
-        lines.append(json.dumps(line))
-    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
-    return folder / "data.jsonl"
-
-
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    from fluxtune.train.cluster import local_cpus, start_ray
-
-    start_ray(None, local_cpus(workers=1, cpus_per_worker=1.0, concurrent_trials=1))
-    jsonl = _write_mixed_dataset(tmp_path_factory.mktemp("mixed"), 24)
-    rows = cache_rows(select_rows(str(jsonl), {}))
-    # float32: this cache also shows the stored tensors are exactly what encoding in memory gives
-    cache, _ = ensure_cache(rows, TINY, Preprocessing(64, buckets=AUTO_64, dtype="float32"),
-                            tmp_path_factory.mktemp("home"))
-    return jsonl, cache
-
-
-def _read_all(cache):
-    """Every row in line order: the columns and prompt table `encoded_from_columns` takes."""
-    from fluxtune.data.cache_index import CacheIndex
-    from fluxtune.data.prompt_table import PromptTable
-    from fluxtune.data.stream import read_examples
-
-    index = CacheIndex.read(cache.rows_dir, 0.0, 0, explicit_val=False)
-    return read_examples(index, PromptTable(cache.prompts_dir, 16), np.arange(index.rows))
+def mixed(built_caches):
+    """The mixed-aspect dataset and its bucketed cache (auto buckets, 64 px, float16), from the shared builds."""
+    return built_caches.jsonl, built_caches.cache("auto")
 
 
 def test_cache_rows_carry_their_bucket_and_hold_what_encoding_in_memory_gives(mixed):
@@ -153,7 +115,7 @@ def test_cache_rows_carry_their_bucket_and_hold_what_encoding_in_memory_gives(mi
 
     jsonl, cache = mixed
     assert cache.manifest["preprocessing"]["buckets"] == [list(b) for b in AUTO_64]
-    read = _read_all(cache)
+    read = read_all(cache)
     rows = read["rows"]
     sizes = list(zip(rows["width"].tolist(), rows["height"].tolist()))
     expected = [[(80, 48), (48, 80), (64, 64)][i % 3] for i in range(24)]  # 96x64 → 80x48, 64x96 → 48x80
@@ -177,8 +139,9 @@ def test_cache_rows_carry_their_bucket_and_hold_what_encoding_in_memory_gives(mi
         finally:
             torch.set_num_threads(threads)
         got, want = bucket.batch(torch.arange(8)), direct.batch(torch.arange(8))
-        for key in ("x0", "cond", "img_ids", "prompt_embeds", "pooled"):
-            assert torch.equal(got[key], want[key]), (k, key)
+        for key in ("x0", "cond", "prompt_embeds", "pooled"):  # stored as float16: exactly the rounded values
+            assert torch.equal(got[key], want[key].half().float()), (k, key)
+        assert torch.equal(got["img_ids"], want["img_ids"])  # the bucket's own token grid
 
 
 def test_training_on_mixed_aspects_draws_single_bucket_batches_and_learns(mixed):
@@ -191,7 +154,7 @@ def test_training_on_mixed_aspects_draws_single_bucket_batches_and_learns(mixed)
 
     _, cache = mixed
     experiment = tiny_experiment("""
-        data: {resolution: 64, buckets: auto, val_fraction: 0.25, batch_size: 4, cache_dtype: float32}
+        data: {resolution: 64, buckets: auto, val_fraction: 0.25, batch_size: 4}
         eval_every: 10
         stages: [{name: full, type: full, steps: 40, optimizer: {lr: 1.0e-3}}]
     """)
@@ -227,7 +190,7 @@ def test_training_on_mixed_aspects_draws_single_bucket_batches_and_learns(mixed)
 def test_data_check_shows_how_many_rows_go_to_each_bucket(tmp_path, cli_env):
     from conftest import run_cli
 
-    jsonl = _write_mixed_dataset(tmp_path, 6)
+    jsonl = write_mixed_dataset(tmp_path, 6)
     result = run_cli(["data", "check", str(jsonl), "--buckets", "auto"], cwd=tmp_path, env=cli_env)
     assert result.returncode == 0, result.stderr
     for line in ("bucket 80x48: 2 rows", "bucket 48x80: 2 rows", "bucket 64x64: 2 rows", "bucket 96x48: 0 rows"):

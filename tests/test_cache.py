@@ -1,5 +1,5 @@
-"""The latent cache: built once with Ray Data, what in-memory encoding gives (to float16 rounding), keyed by
-content, never used half-written; trials read it without Ray."""
+"""The latent cache: built once with Ray Data (the shared builds of tests/built_caches.py), what in-memory encoding
+gives (to float16 rounding), keyed by content, never used half-written; trials read it without Ray."""
 
 from __future__ import annotations
 
@@ -27,48 +27,31 @@ PREP = Preprocessing(resolution=32)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    from fluxtune.train.cluster import local_cpus, start_ray
-
-    start_ray(None, local_cpus(workers=2, cpus_per_worker=1.0, concurrent_trials=1))
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
+    """A small sample dataset for the cache key (hashing only: nothing is encoded)."""
     return write_sample_dataset(tmp_path_factory.mktemp("data"), n=12, resolution=32, seed=1)
 
 
 @pytest.fixture(scope="module")
-def built(ray_cluster, dataset, tmp_path_factory):
-    home = tmp_path_factory.mktemp("cache-home")
-    rows = cache_rows(select_rows(str(dataset), {}))
-    cache, built_now = ensure_cache(rows, TINY, PREP, home)
-    return cache, built_now, rows, home
+def built(built_caches):
+    """The shared builds (tests/built_caches.py) and their centre-square cache."""
+    return built_caches, built_caches.cache(None)
 
 
-def _read_all(cache, rows=None) -> dict[str, dict[str, np.ndarray]]:
-    """Every row of a cache (or these row ids), in line order, as `encoded_from_columns` takes them."""
-    from fluxtune.data.cache_index import CacheIndex
-    from fluxtune.data.prompt_table import PromptTable
-    from fluxtune.data.stream import read_examples
-
-    index = CacheIndex.read(cache.rows_dir, 0.0, 0, explicit_val=False)
-    rows = np.arange(index.rows) if rows is None else rows
-    return read_examples(index, PromptTable(cache.prompts_dir, 16), rows)
-
-
-def test_cache_holds_what_encoding_in_memory_gives_rounded_to_float16(built, dataset):
+def test_cache_holds_what_encoding_in_memory_gives_rounded_to_float16(built):
+    from built_caches import RESOLUTION, ROWS, read_all
     from fluxtune.data.images import load_example
     from fluxtune.data.rows import read_rows
     from fluxtune.flux.encoded import encoded_from_columns
     from fluxtune.worker_setup import encode_arrays, load_bundle
 
-    cache, built_now, _, _ = built
-    assert built_now and cache.manifest["rows"] == 12 and cache.manifest["dtype"] == "float16"
-    cached = encoded_from_columns(**_read_all(cache), resolution=32)
+    shared, cache = built
+    assert shared.square.cache_built and cache.manifest["rows"] == ROWS and cache.manifest["dtype"] == "float16"
+    assert cache.manifest["preprocessing"]["crop"] == "centre-square"
+    cached = encoded_from_columns(**read_all(cache), resolution=RESOLUTION)
 
-    rows = read_rows(dataset)  # file order, as the cached set is
-    examples = [load_example(r, 32) for r in rows]
+    rows = read_rows(shared.jsonl)  # file order, as the cached set is
+    examples = [load_example(r, RESOLUTION) for r in rows]
     arrays = {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "target")}
     arrays["prompt"] = np.array([r.prompt or "" for r in rows], dtype=object)
     threads = torch.get_num_threads()
@@ -78,27 +61,28 @@ def test_cache_holds_what_encoding_in_memory_gives_rounded_to_float16(built, dat
     finally:
         torch.set_num_threads(threads)
 
-    everything = torch.arange(12)
+    everything = torch.arange(ROWS)
     got, want = cached.batch(everything), direct.batch(everything)
     assert set(got) == set(want)
     for key in want:  # stored as float16, read back as float32: exactly the rounded values
         expected = want[key].half().float() if want[key].is_floating_point() else want[key]
         assert got[key].dtype == want[key].dtype and torch.equal(got[key], expected), key
     assert torch.equal(got["mask"], want["mask"])  # 0/1: no rounding at all
-    assert sum(r.prompt is not None for r in rows) == 2  # prompts and the empty prompt both went through
+    assert 0 < sum(r.prompt is not None for r in rows) < ROWS  # prompts and the empty prompt both went through
 
 
 def test_cache_files_are_plain_parquet_in_small_row_groups(built):
     import pyarrow.parquet as pq
 
+    from built_caches import ROWS
     from fluxtune.data.cache_format import ROW_GROUP_ROWS
 
-    cache, *_ = built
+    _, cache = built
     files = sorted((cache.path / "rows").glob("*.parquet"))
     groups = [g for f in files for g in (pq.ParquetFile(f).metadata.row_group(i).num_rows
                                          for i in range(pq.ParquetFile(f).metadata.num_row_groups))]
-    assert sum(groups) == 12 and max(groups) <= ROW_GROUP_ROWS
-    assert pq.read_table(cache.path / "index.parquet").num_rows == 12  # the light columns, for trials
+    assert sum(groups) == ROWS and max(groups) <= ROW_GROUP_ROWS < ROWS
+    assert pq.read_table(cache.path / "index.parquet").num_rows == ROWS  # the light columns, for trials
     schema = pq.read_schema(files[0])  # raw bytes + how to read them: no Ray tensor extension types
     for name, width in (("x0", 64), ("cond", 320)):
         assert str(schema.field(name).type) == "binary"
@@ -107,10 +91,12 @@ def test_cache_files_are_plain_parquet_in_small_row_groups(built):
 
 def test_second_request_reuses_the_cache_without_encoding(built, monkeypatch):
     import fluxtune.data.latent_cache as latent_cache
+    from built_caches import RESOLUTION
 
-    cache, _, rows, home = built
+    shared, cache = built
     monkeypatch.setattr(latent_cache, "build_cache", lambda *a, **k: pytest.fail("encoded again"))
-    again, built_now = ensure_cache(rows, TINY, PREP, home)
+    rows = cache_rows(select_rows(str(shared.jsonl), {}))
+    again, built_now = ensure_cache(rows, TINY, Preprocessing(resolution=RESOLUTION), shared.home)
     assert not built_now and again.path == cache.path
 
 
@@ -153,7 +139,7 @@ def test_key_changes_with_everything_that_changes_the_tensors(dataset, change):
 
 
 def test_a_folder_without_manifest_is_never_used(built, tmp_path):
-    cache, *_ = built
+    _, cache = built
     half = tmp_path / cache.key
     shutil.copytree(cache.path, half)
     (half / "manifest.json").unlink()
@@ -161,15 +147,15 @@ def test_a_folder_without_manifest_is_never_used(built, tmp_path):
     assert find_cache(cache.key, cache.path.parent) is not None
 
 
-def test_a_crash_while_writing_leaves_nothing_under_the_final_name(ray_cluster, dataset, tmp_path, monkeypatch):
-    import ray.data
+def test_a_crash_while_writing_leaves_nothing_under_the_final_name(dataset, tmp_path, monkeypatch):
+    import fluxtune.data.latent_cache as latent_cache
 
-    def crash(self, path, **kwargs):
-        os.makedirs(path, exist_ok=True)
-        open(os.path.join(path, "part-0.parquet"), "wb").write(b"PAR1 half")
+    def crash(rows, model, preprocessing, key, out):  # the encoding (Ray Data) dies after writing a part
+        os.makedirs(os.path.join(out, "rows"), exist_ok=True)
+        open(os.path.join(out, "rows", "part-0.parquet"), "wb").write(b"PAR1 half")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ray.data.Dataset, "write_parquet", crash)
+    monkeypatch.setattr(latent_cache, "_encode", crash)
     rows = cache_rows(select_rows(str(dataset), {}))
     with pytest.raises(RuntimeError, match="disk full"):
         build_cache(rows, TINY, PREP, "k" * 32, tmp_path)
@@ -177,46 +163,46 @@ def test_a_crash_while_writing_leaves_nothing_under_the_final_name(ray_cluster, 
     assert find_cache("k" * 32, tmp_path) is None
 
 
-def test_trials_split_the_cache_like_preflight_and_refuse_another_resolution(built, dataset):
+def test_trials_split_the_cache_like_preflight_and_refuse_another_resolution(built):
     import pyarrow.parquet as pq
 
+    from built_caches import RESOLUTION, ROWS
     from fluxtune.data.images import split_is_validation
     from fluxtune.train.datasets import trial_data
 
-    cache, *_ = built
-    experiment = {"seed": 5, "model": TINY, "data": {"resolution": 32, "val_fraction": 0.25, "mask_threshold": 0.5}}
+    shared, cache = built
+    experiment = {"seed": 5, "model": TINY,
+                  "data": {"resolution": RESOLUTION, "val_fraction": 0.25, "mask_threshold": 0.5}}
     train, val = trial_data(str(cache.path), experiment)
     lines = train.index.line
     val_lines = lines[train.index.is_val].tolist()
-    expected_val = [i + 1 for i in range(12) if split_is_validation(f"images/{i:04d}_target.png", 0.25, 5)]
-    assert val_lines == expected_val and 0 < len(expected_val) < 12 and len(val) == len(expected_val)
-    assert sorted([*lines[train.index.training_rows()].tolist(), *val_lines]) == list(range(1, 13))
-    prompts = {r.prompt for r in select_rows(str(dataset), {}).rows if r.prompt}
+    expected_val = [i + 1 for i in range(ROWS) if split_is_validation(f"images/{i:03d}_target.png", 0.25, 5)]
+    assert val_lines == expected_val and 0 < len(expected_val) < ROWS and len(val) == len(expected_val)
+    assert sorted([*lines[train.index.training_rows()].tolist(), *val_lines]) == list(range(1, ROWS + 1))
+    prompts = {r.prompt for r in select_rows(str(shared.jsonl), {}).rows if r.prompt}
     assert sorted(pq.read_table(cache.prompts_dir).column("prompt").to_pylist()) == ["", *sorted(prompts)]
 
-    with pytest.raises(ValueError, match="resolution 32 \\(wanted 64\\).*matches none of them"):
-        trial_data(str(cache.path), {**experiment, "data": {**experiment["data"], "resolution": 64}})
+    with pytest.raises(ValueError, match="resolution 64 \\(wanted 32\\).*matches none of them"):
+        trial_data(str(cache.path), {**experiment, "data": {**experiment["data"], "resolution": 32}})
 
 
-def test_a_sweep_searching_data_keys_gets_one_cache_per_choice_and_each_trial_reads_its_own(built, dataset):
-    from fluxtune.config.schema import CategoricalDist
+def test_a_sweep_searching_data_keys_gets_one_cache_per_choice_and_each_trial_reads_its_own(built):
+    from built_caches import RESOLUTION
     from fluxtune.train.datasets import prepare_sweep_data, trial_data
 
-    cache, _, _, home = built
-    base = {"data": {"resolution": 32, "mask_threshold": 0.5, "val_jsonl": None}, "model": TINY}
-    space = {"data.resolution": CategoricalDist(type="categorical", choices=[32, 48]),
-             "data.buckets": CategoricalDist(type="categorical", choices=[None])}
-    prepared = prepare_sweep_data(str(dataset), base, cache_dir=home, space=space)
-    assert prepared.caches == 2 and prepared.source.endswith(".cacheset.json")
-    assert prepared.cache_key.split(",")[0] == cache.key  # the 32 px cache was already there: reused, not rebuilt
+    shared, square = built
+    prepared = shared.searched  # data.buckets searched over [None, auto]
+    assert prepared.caches == 2 and prepared.source.endswith(".cacheset.json") and prepared.cache_built
+    assert prepared.cache_key.split(",")[0] == square.key  # the base's cache was already there: reused, not rebuilt
 
-    for resolution, tokens in ((32, 4), (48, 9)):  # (R / 16)² tokens
-        experiment = {"seed": 5, "model": TINY, "data": {"resolution": resolution, "val_fraction": 0.25}}
+    for buckets, tokens in ((None, {16}), ("auto", {15, 16})):  # 64² → 16 tokens; 80x48 and 48x80 → 5·3
+        experiment = {"seed": 5, "model": TINY,
+                      "data": {"resolution": RESOLUTION, "buckets": buckets, "val_fraction": 0.25}}
         train, _ = trial_data(prepared.source, experiment)
-        assert next(train.batches(2, 0))["x0"].shape[1:] == (tokens, 64)
+        assert {next(train.batches(2, seed))["x0"].shape[1] for seed in range(8)} == tokens
     with pytest.raises(ValueError, match="did not prepare a cache for"):
-        trial_data(prepared.source, {"seed": 5, "model": TINY, "data": {"resolution": 64, "val_fraction": 0.25}})
-    again = prepare_sweep_data(str(dataset), base, cache_dir=home, space=space)
+        trial_data(prepared.source, {"seed": 5, "model": TINY, "data": {"resolution": 32, "val_fraction": 0.25}})
+    again = prepare_sweep_data(str(shared.jsonl), shared.base, cache_dir=shared.home, space=shared.space)
     assert not again.cache_built and again.source == prepared.source  # same sweep, same set: nothing encoded
 
 
