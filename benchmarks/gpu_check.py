@@ -138,14 +138,14 @@ def main() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
+    if not args.smoke and not torch.cuda.is_available():  # before the model stack's imports: refused at once
+        raise SystemExit("no CUDA device: run with --smoke on a CPU machine")
     from stage_runs import init_single_process_group
 
     device = torch.device("cpu" if args.smoke else "cuda")
     from fluxtune.flux.model import use_reliable_attention
 
     use_reliable_attention(device)  # as the Train workers do
-    if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --smoke on a CPU machine")
     init_single_process_group("gloo" if args.smoke else "nccl")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     warmup, timed = (1, 2) if args.smoke else (WARMUP, TIMED)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import run_cli_here
 from fluxtune.tracking.model_versions import register_adapter, resolve_registered_model, versions
 from fluxtune.tracking.runs import SweepTracker
 
@@ -65,20 +65,21 @@ def test_new_versions_get_the_candidate_alias_and_lineage_tags(registered):
     assert listed[1]["metrics"] == {"val_loss": "0.25"}
 
 
-def test_promote_moves_an_alias_and_records_who_and_when(registered, tmp_path):
+def test_promote_moves_an_alias_and_records_who_and_when(registered, monkeypatch, capsys):
     uri, _, _ = registered
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "USER": "alice", "LOGNAME": "alice", "COLUMNS": "200"}
-    promoted = run_cli(["models", "promote", "inpaint-lora", "1", "--alias", "champion"], tmp_path, env)
+    env = {"MLFLOW_TRACKING_URI": uri, "USER": "alice", "LOGNAME": "alice", "COLUMNS": "200"}
+    promoted = run_cli_here(["models", "promote", "inpaint-lora", "1", "--alias", "champion"], monkeypatch, capsys,
+                            env)
     assert promoted.returncode == 0, promoted.stderr
     assert "inpaint-lora@champion → version 1" in promoted.stdout
-    listed = run_cli(["models", "list", "inpaint-lora"], tmp_path, env)
+    listed = run_cli_here(["models", "list", "inpaint-lora"], monkeypatch, capsys, env)
     assert listed.returncode == 0, listed.stderr
     row_1 = next(line for line in listed.stdout.splitlines() if line.strip("│ ").startswith("1 "))
     assert "champion" in row_1 and "val_loss=0.5" in row_1
     tags = versions(uri, "inpaint-lora")[0]["tags"]
     assert tags["alias.champion.by"] == "alice" and tags["alias.champion.at"].endswith("Z")
 
-    missing = run_cli(["models", "promote", "inpaint-lora", "9"], tmp_path, env)
+    missing = run_cli_here(["models", "promote", "inpaint-lora", "9"], monkeypatch, capsys, env)
     assert missing.returncode == 2 and "no version 9" in missing.stderr and "Traceback" not in missing.stderr
 
 
