@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -59,23 +57,22 @@ def state_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-DIGEST_IN_A_FRESH_PROCESS = """
-import hashlib, torch
-from fluxtune.flux.model import build_preset
-torch.manual_seed(1234)  # a process whose global RNG is elsewhere
-digest = hashlib.sha256()
-for name, tensor in build_preset("tiny-fill", seed=3, parts=("vae",)).vae.state_dict().items():
-    digest.update(name.encode() + tensor.contiguous().numpy().tobytes())
-print(digest.hexdigest())
-"""
+def two_worker_check(folder, sample_jsonl):
+    """For tests/two_workers.py: the VAE's digest in other processes (each worker of the shared run)."""
+    return vae_digest_here, {}
 
 
-def test_every_process_gets_the_same_bytes(vae):
+def vae_digest_here(config: dict, rank: int, world: int) -> dict:
+    torch.manual_seed(1234 + rank)  # a process whose global RNG is elsewhere
+    return {"digest": state_digest(build_preset("tiny-fill", seed=3, parts=("vae",)).vae)}
+
+
+def test_every_process_gets_the_same_bytes(vae, two_train_workers):
+    from two_workers import records_of
+
     again = build_preset("tiny-fill", seed=7, parts=("vae",)).vae  # the seed does not touch shipped weights
     assert state_digest(again) == state_digest(vae)
-    other = subprocess.run([sys.executable, "-c", DIGEST_IN_A_FRESH_PROCESS], capture_output=True, text=True,
-                           check=True)
-    assert other.stdout.strip().splitlines()[-1] == state_digest(vae)
+    assert [record["digest"] for record in records_of(two_train_workers, "test_tiny_vae")] == [state_digest(vae)] * 2
 
 
 def test_a_weights_file_that_is_not_the_shipped_one_is_refused():

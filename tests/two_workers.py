@@ -1,9 +1,9 @@
 """One real Ray Train run with two CPU workers, shared by every test that needs two ranks of one run.
 
 Starting Ray and a Train worker group (a controller, two worker processes importing torch, diffusers and peft,
-a gloo group) costs far more than what each test checks on it, so the two-rank checks of test_deepspeed,
-test_stream_workers and test_training_recipe run one after another in one `fit` (the `two_train_workers`
-fixture; its tests run on one pytest-xdist worker, see conftest). A module takes part by defining
+a gloo group) costs far more than what each test checks on it, so the checks of MODULES that need two ranks (or
+just another process) run one after another in one `fit` (the `two_train_workers` fixture; its tests run on one
+pytest-xdist worker, see conftest). A module takes part by defining
 `two_worker_check(folder, sample_jsonl) -> (check, config)`; `check(config, rank, world)` runs on both ranks and
 returns a JSON record. A check that raises stops the run (the other rank may be waiting in a collective): its own
 record holds the traceback, and the checks after it say that they never ran.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 Check = Callable[[dict, int, int], dict]
-MODULES = ("test_deepspeed", "test_stream_workers", "test_training_recipe")
+MODULES = ("test_deepspeed", "test_stream_workers", "test_training_recipe", "test_tiny_vae")
 
 
 def _run_checks(config: dict) -> None:
