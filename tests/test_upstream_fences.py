@@ -158,15 +158,16 @@ def test_the_stop_board_removes_the_placement_group_of_a_stopped_trial(ray_clust
     import ray
     from ray.util.placement_group import placement_group, placement_group_table
 
-    from fluxtune.train.stops import PLACEMENT_GROUP_GRACE_S, StopBoard
+    from fluxtune.train.stops import StopBoard
 
     group = placement_group([{"CPU": 0.5}])
     ray.get(group.ready(), timeout=60)
-    board = StopBoard.remote()
+    board = StopBoard.remote(grace_s=0.5)  # a sweep's board waits PLACEMENT_GROUP_GRACE_S
     ray.get(board.register.remote("t1", group))
     ray.get(board.stop.remote("t1"))
     assert ray.get(board.is_stopped.remote("t1"))
-    deadline = time.monotonic() + PLACEMENT_GROUP_GRACE_S + 60
+    assert placement_group_table(group)["state"] != "REMOVED"  # a run that ends by itself gets its grace
+    deadline = time.monotonic() + 60
     while placement_group_table(group)["state"] != "REMOVED" and time.monotonic() < deadline:
         time.sleep(0.5)
     assert placement_group_table(group)["state"] == "REMOVED"

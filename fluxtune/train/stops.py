@@ -26,9 +26,10 @@ class TrialStopped(Exception):
 
 @ray.remote(num_cpus=0)
 class StopBoard:
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float = PLACEMENT_GROUP_GRACE_S) -> None:
         self.finished: set[str] = set()
         self.groups: dict[str, Any] = {}
+        self.grace_s = grace_s
 
     def register(self, trial_id: str, group: Any) -> None:
         """`group`: the trial's Train workers' PlacementGroup (it pickles, so the worker sends it as it is)."""
@@ -38,7 +39,7 @@ class StopBoard:
         self.finished.add(trial_id)
         group = self.groups.pop(trial_id, None)
         if group:
-            threading.Timer(PLACEMENT_GROUP_GRACE_S, _remove_placement_group, args=(group,)).start()
+            threading.Timer(self.grace_s, _remove_placement_group, args=(group,)).start()
 
     def is_stopped(self, trial_id: str) -> bool:
         return trial_id in self.finished
