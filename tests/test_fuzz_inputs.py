@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import run_cli_here
 from test_bad_inputs import GOOD, write_dataset
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, max_examples=100,
@@ -40,17 +40,8 @@ def workdir(tmp_path, monkeypatch):
 
 def run(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """`fluxtune ARGS` in-process: (exit code, stdout + stderr)."""
-    from fluxtune.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["fluxtune", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    result = run_cli_here(args, monkeypatch, capsys)
+    return result.returncode, result.stdout + result.stderr
 
 
 def assert_answered(code: int, output: str, args: list[str]) -> None:

@@ -4,6 +4,7 @@ LoRA adapter's target names among them)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -31,7 +32,12 @@ class _Located:
 
     def __init__(self, spec_path: str, overrides: list[str] | tuple[str, ...] = ()):
         self.path = spec_path
-        self.source = apply_overrides(load_yaml(spec_path), overrides)
+        self.overrides = overrides
+
+    @functools.cached_property
+    def source(self):
+        """The spec with its positions, parsed again only when a problem needs one (a good spec never)."""
+        return apply_overrides(load_yaml(self.path), self.overrides)
 
     def error(self, loc: tuple[Any, ...], message: str) -> InputError:
         return InputError([self.problem(loc, message)])
