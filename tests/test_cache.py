@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,7 +151,7 @@ def test_a_folder_without_manifest_is_never_used(built, tmp_path):
 def test_a_crash_while_writing_leaves_nothing_under_the_final_name(dataset, tmp_path, monkeypatch):
     import fluxtune.data.latent_cache as latent_cache
 
-    def crash(rows, model, preprocessing, key, out):  # the encoding (Ray Data) dies after writing a part
+    def crash(rows, model, preprocessing, key, out, prompts_from=None):  # the encoding dies after writing a part
         os.makedirs(os.path.join(out, "rows"), exist_ok=True)
         open(os.path.join(out, "rows", "part-0.parquet"), "wb").write(b"PAR1 half")
         raise RuntimeError("disk full")
@@ -204,6 +205,28 @@ def test_a_sweep_searching_data_keys_gets_one_cache_per_choice_and_each_trial_re
         trial_data(prepared.source, {"seed": 5, "model": TINY, "data": {"resolution": 32, "val_fraction": 0.25}})
     again = prepare_sweep_data(str(shared.jsonl), shared.base, cache_dir=shared.home, space=shared.space)
     assert not again.cache_built and again.source == prepared.source  # same sweep, same set: nothing encoded
+
+    # the prompts were encoded once: the bucketed cache's prompt files are the square cache's, hard-linked
+    bucketed = shared.cache("auto")
+    assert bucketed.manifest["prompts_from"] == square.key and square.manifest["prompts_from"] is None
+    files = {f.name: f.stat() for f in Path(bucketed.prompts_dir).iterdir()}
+    assert files and all(files[f.name].st_ino == f.stat().st_ino for f in Path(square.prompts_dir).iterdir())
+
+
+def test_a_prompt_table_is_reused_only_when_it_holds_exactly_these_prompts_in_this_dtype(built):
+    from built_caches import RESOLUTION
+    from fluxtune.data.latent_cache import _reusable_prompts
+
+    shared, square = built
+    rows = cache_rows(select_rows(str(shared.jsonl), {}))
+    prompts = ["", *sorted({r.prompt for r in rows if r.prompt})]
+    same = Preprocessing(resolution=RESOLUTION, buckets=((64, 64),))
+    assert _reusable_prompts(square, TINY, same, prompts) is square
+    assert _reusable_prompts(square, TINY, Preprocessing(RESOLUTION, dtype="float32"), prompts) is None
+    assert _reusable_prompts(square, {**TINY, "seed": 1}, same, prompts) is None  # other text encoders
+    assert _reusable_prompts(square, TINY, same, [*prompts, "one more"]) is None
+    assert _reusable_prompts(square, TINY, same, ["", *reversed(prompts[1:])]) is None  # indices would point wrong
+    assert _reusable_prompts(None, TINY, same, prompts) is None
 
 
 def test_searching_data_keys_as_ranges_or_the_encoder_preset_is_refused_by_validate(tmp_path):

@@ -9,6 +9,10 @@ One cache folder, `<cache home>/latents/<key>/`:
     index.parquet  the light columns of rows/ with each row's file, row group and offset (`cache_index`)
     manifest.json  what was encoded with what; written last
 
+A sweep searching preprocessing keys builds one cache per choice from the same rows: their prompts are encoded
+once (per dtype) and the other caches' prompts/ files are hard links to them (server-side copies on a URI), noted
+as `prompts_from` in the manifest.
+
 Tensors are stored in the preprocessing's dtype (float16 unless `data.cache_dtype: float32`) in the layout of
 `fluxtune.data.cache_format`; trials stream them (`fluxtune.data.stream`).
 
@@ -275,17 +279,17 @@ def is_cache_folder(path: str) -> bool:
 
 
 def ensure_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preprocessing,
-                 cache_dir: str | os.PathLike | None = None,
-                 start_ray: Callable[[], Any] | None = None) -> tuple[LatentCache, bool]:
-    """The cache for these rows, building it when missing; returns (cache, built_now). `start_ray`: see
-    `build_cache`."""
+                 cache_dir: str | os.PathLike | None = None, start_ray: Callable[[], Any] | None = None,
+                 prompts_from: LatentCache | None = None) -> tuple[LatentCache, bool]:
+    """The cache for these rows, building it when missing; returns (cache, built_now). `start_ray`,
+    `prompts_from`: see `build_cache`."""
     if not rows:
         raise ValueError("cannot cache an empty dataset")
     key = cache_key(rows, model, preprocessing)
     found = find_cache(key, cache_dir)
     if found is not None:
         return found, False
-    return build_cache(rows, model, preprocessing, key, cache_dir, start_ray), True
+    return build_cache(rows, model, preprocessing, key, cache_dir, start_ray, prompts_from), True
 
 
 CACHE_SET_SUFFIX = ".cacheset.json"
@@ -338,11 +342,13 @@ def _encoder_resources() -> dict[str, Any]:
 
 
 def build_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preprocessing, key: str,
-                cache_dir: str | os.PathLike | None = None,
-                start_ray: Callable[[], Any] | None = None) -> LatentCache:
+                cache_dir: str | os.PathLike | None = None, start_ray: Callable[[], Any] | None = None,
+                prompts_from: LatentCache | None = None) -> LatentCache:
     """Encode every row with Ray Data (decode tasks → VAE actor → Parquet) and the prompts likewise.
     `start_ray` runs first when Ray is not running yet (`fluxtune data prepare` starts Ray only when there is
-    something to encode)."""
+    something to encode). `prompts_from`: a cache of the same rows and model (another cache of a sweep's set)
+    whose prompt table is linked or copied instead of encoded again, when it holds exactly these prompts in
+    this dtype (`_reusable_prompts`)."""
     import ray
 
     if not ray.is_initialized() and start_ray is not None:
@@ -350,7 +356,7 @@ def build_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Prep
     home = cache_home(cache_dir)
     if isinstance(home, str):
         attempt = f"attempt-{uuid.uuid4().hex[:12]}"
-        manifest = _encode(rows, model, preprocessing, key, storage.join(home, key, attempt))
+        manifest = _encode(rows, model, preprocessing, key, storage.join(home, key, attempt), prompts_from)
         # The manifest is the completion marker: written last, it names the prefix this build filled.
         storage.write_bytes(storage.join(home, key, MANIFEST),
                            json.dumps({**manifest, "data_prefix": attempt}, indent=1).encode())
@@ -358,7 +364,7 @@ def build_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Prep
         home.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=home))
         try:
-            manifest = _encode(rows, model, preprocessing, key, str(staging))
+            manifest = _encode(rows, model, preprocessing, key, str(staging), prompts_from)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
             staging.chmod(0o755)  # mkdtemp makes it private; a shared cache home should stay readable
             try:
@@ -374,7 +380,7 @@ def build_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Prep
 
 
 def _encode(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preprocessing, key: str,
-            out: str) -> dict[str, Any]:
+            out: str, prompts_from: LatentCache | None = None) -> dict[str, Any]:
     """Write rows/ and prompts/ under `out` (a folder or a URI prefix); returns the manifest to publish."""
     import ray.data
 
@@ -404,8 +410,12 @@ def _encode(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preproce
     # Small row groups: a row group is what a training stream reads at a time (fluxtune.data.stream).
     rows_dataset.write_parquet(_under(out, "rows"), row_group_size=ROW_GROUP_ROWS, min_bytes_per_file=FILE_BYTES,
                                **ROWS_OPTIONS)
-    prompts_dataset.write_parquet(_under(out, "prompts"), row_group_size=PROMPT_GROUP_ROWS,
-                                  min_bytes_per_file=FILE_BYTES, **PROMPTS_OPTIONS)
+    reused = _reusable_prompts(prompts_from, model, preprocessing, prompts)
+    if reused is not None:
+        _link_files(reused.prompts_dir, _under(out, "prompts"))
+    else:
+        prompts_dataset.write_parquet(_under(out, "prompts"), row_group_size=PROMPT_GROUP_ROWS,
+                                      min_bytes_per_file=FILE_BYTES, **PROMPTS_OPTIONS)
     write_index(_under(out, "rows"), _under(out, INDEX_FILE))  # what trials read instead of every row group
     return {
         "format": CACHE_FORMAT, "key": key, "rows": len(rows),
@@ -413,8 +423,47 @@ def _encode(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preproce
         "model": model_identity(model) | {"spec": {k: model.get(k) for k in ("preset", "path", "seed")}},
         "preprocessing": preprocessing.identity(), "vae_scale_factor": vae_scale_factor(model),
         "dtype": preprocessing.dtype, "row_group_rows": ROW_GROUP_ROWS,
+        "prompts_from": reused.key if reused is not None else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_s": round(time.perf_counter() - started, 3),
     }
+
+
+def _reusable_prompts(source: LatentCache | None, model: dict[str, Any], preprocessing: Preprocessing,
+                      prompts: list[str]) -> LatentCache | None:
+    """`source` when its prompt table is exactly what encoding `prompts` would write here: the same text encoders,
+    dtype and prompts in the same order (the prompt index is the row's reference into it)."""
+    if source is None or source.manifest["dtype"] != preprocessing.dtype:
+        return None
+    if source.manifest["model"] != model_identity(model) | {"spec": {k: model.get(k) for k in ("preset", "path",
+                                                                                                 "seed")}}:
+        return None
+    import pyarrow.dataset as pads
+
+    fs, inner = storage.filesystem(source.prompts_dir)
+    table = pads.dataset(inner, filesystem=fs, format="parquet").to_table(columns=["prompt_index", "prompt"])
+    listed = sorted(zip(table.column("prompt_index").to_pylist(), table.column("prompt").to_pylist()))
+    return source if [p for _, p in listed] == prompts and [i for i, _ in listed] == list(range(len(prompts))) \
+        else None
+
+
+def _link_files(source: str, target: str) -> None:
+    """The files of folder `source` under `target` (one cache home): hard links on a local disk (a built cache never
+    changes, so two caches share the bytes; a copy where links are refused), a server-side copy between URIs."""
+    import pyarrow.fs as pafs
+
+    fs, inner = storage.filesystem(source)
+    _, target_inner = storage.filesystem(target)
+    if not is_uri(target):  # an object store has no folders to make
+        os.makedirs(target_inner, exist_ok=True)
+    for info in fs.get_file_info(pafs.FileSelector(inner)):
+        destination = f"{target_inner}/{info.base_name}"
+        if is_uri(source):
+            fs.copy_file(info.path, destination)
+            continue
+        try:
+            os.link(info.path, destination)
+        except OSError:
+            shutil.copy2(info.path, destination)
 
 
 def _under(out: str, name: str) -> str:

@@ -68,8 +68,12 @@ def prepare_sweep_data(jsonl: str, base: dict[str, Any], cache_dir: str | os.Pat
     selection = select_rows(jsonl, base["data"])
     cache_dir = cache_dir if cache_dir is not None else base["data"].get("cache_dir")
     rows = cache_rows(selection)
-    found = [ensure_cache(rows, base["model"], preprocessing_of(data), cache_dir, _start_local_ray)
-             for data in data_variants(base["data"], space)]
+    found: list[tuple[LatentCache, bool]] = []
+    for data in data_variants(base["data"], space):
+        preprocessing = preprocessing_of(data)
+        # every variant has the same prompts: encoded once per dtype, linked into the other caches
+        prompts_from = next((c for c, _ in found if c.manifest["dtype"] == preprocessing.dtype), None)
+        found.append(ensure_cache(rows, base["model"], preprocessing, cache_dir, _start_local_ray, prompts_from))
     caches = [cache for cache, _ in found]
     source = str(caches[0].path) if len(caches) == 1 else write_cache_set(caches, cache_dir)
     return PreparedData(source=source, rows=caches[0].manifest["rows"], skipped_rows=len(selection.skipped),
