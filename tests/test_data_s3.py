@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_here
 from fluxtune.data.sample import write_sample_dataset
 
 
@@ -35,20 +35,20 @@ def _keys(client, bucket: str, prefix: str = "") -> list[str]:
     return sorted(item["Key"] for item in listed)
 
 
-def test_data_check_reads_the_jsonl_and_images_from_s3(s3_env, cli_env, tmp_path):
-    env, client = s3_env
-    result = run_cli(["data", "check", "s3://data/set/data.jsonl", "--buckets", "auto", "--resolution", "32"],
-                     cwd=tmp_path, env={**cli_env, **env})
+def test_data_check_reads_the_jsonl_and_images_from_s3(s3_env, monkeypatch, capsys):
+    _, client = s3_env  # its AWS_* variables are set in this process
+    result = run_cli_here(["data", "check", "s3://data/set/data.jsonl", "--buckets", "auto", "--resolution", "32"],
+                          monkeypatch, capsys)
     assert result.returncode == 0, result.stderr
     assert "s3://data/set/data.jsonl: 8 good rows" in result.stdout
     assert "bucket 32x32: 8 rows" in result.stdout  # sizes read from the images on S3
 
     client.put_object(Bucket="data", Key="set/bad.jsonl", Body=b'{"user_input": {"image": "x.png"}}\n{oops\n')
-    bad = run_cli(["data", "check", "s3://data/set/bad.jsonl"], cwd=tmp_path, env={**cli_env, **env})
+    bad = run_cli_here(["data", "check", "s3://data/set/bad.jsonl"], monkeypatch, capsys)
     assert bad.returncode == 2
     assert "s3://data/set/bad.jsonl:1: missing key 'user_input.mask'" in bad.stderr
     assert "s3://data/set/bad.jsonl:2: invalid JSON" in bad.stderr
-    missing = run_cli(["data", "check", "s3://data/set/none.jsonl"], cwd=tmp_path, env={**cli_env, **env})
+    missing = run_cli_here(["data", "check", "s3://data/set/none.jsonl"], monkeypatch, capsys)
     assert missing.returncode == 2 and "s3://data/set/none.jsonl: file not found" in missing.stderr
 
 
