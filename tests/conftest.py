@@ -194,7 +194,10 @@ def built_caches(tmp_path_factory):
 # worker that ran it, so each runs once; every other test runs with the rest of its module (module-scoped
 # fixtures are set up once). The long groups are handed out first, so the workers end together.
 SHARED_SWEEPS = ("reference_sweep", "asha_sweep", "two_train_workers", "built_caches")
-LONG_FIRST = ("test_faults", "reference_sweep", "asha_sweep", "test_cluster", "test_faults_trial")
+LONG_FIRST = ("test_faults", "reference_sweep", "asha_sweep", "test_cluster", "test_faults_trial",
+              # the longest groups of `make test-fast` (-m "not e2e"), longest first: short ones fill the end
+              "built_caches", "two_train_workers", "test_data_s3", "test_fuzz_inputs", "test_ui_server",
+              "test_plugins_examples", "test_gpu_check", "test_plan", "test_upstream_fences")
 
 
 @pytest.hookimpl(tryfirst=True)
