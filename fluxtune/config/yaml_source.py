@@ -195,10 +195,12 @@ def parse_yaml(text: str, path: str = "<string>") -> YamlSource:
     if deep is not None:
         raise deep
     try:
-        problems = _node_problems(yaml.compose(text), text, path)
+        root = yaml.compose(text)
+        problems = _node_problems(root, text, path)
         if problems:
             raise InputError(problems)
-        tree = yaml.load(text)
+        # built from the checked nodes, not parsed a second time (positions and comments are the nodes')
+        tree = None if root is None else yaml.constructor.construct_document(root)
     except InputError:
         raise
     except MarkedYAMLError as exc:
