@@ -5,7 +5,7 @@ Each build starts encoder processes that import torch, diffusers and transformer
 costly part of a cache test. So one mixed-aspect dataset is encoded twice, the way a sweep prepares its data
 (`prepare_sweep_data`, which starts Ray when there is something to encode): first its base preprocessing
 (centre-square 64 px), then a sweep searching `data.buckets` over [None, auto], which reuses that cache and
-builds the bucketed one.
+builds the bucketed one, its prompt table linked from the first.
 """
 
 from __future__ import annotations

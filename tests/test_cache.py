@@ -214,19 +214,20 @@ def test_a_sweep_searching_data_keys_gets_one_cache_per_choice_and_each_trial_re
 
 
 def test_a_prompt_table_is_reused_only_when_it_holds_exactly_these_prompts_in_this_dtype(built):
-    from built_caches import RESOLUTION
-    from fluxtune.data.latent_cache import _reusable_prompts
+    from fluxtune.data.latent_cache import _model_record
+    from fluxtune.data.shared_prompts import reusable_prompts
 
     shared, square = built
     rows = cache_rows(select_rows(str(shared.jsonl), {}))
     prompts = ["", *sorted({r.prompt for r in rows if r.prompt})]
-    same = Preprocessing(resolution=RESOLUTION, buckets=((64, 64),))
-    assert _reusable_prompts(square, TINY, same, prompts) is square
-    assert _reusable_prompts(square, TINY, Preprocessing(RESOLUTION, dtype="float32"), prompts) is None
-    assert _reusable_prompts(square, {**TINY, "seed": 1}, same, prompts) is None  # other text encoders
-    assert _reusable_prompts(square, TINY, same, [*prompts, "one more"]) is None
-    assert _reusable_prompts(square, TINY, same, ["", *reversed(prompts[1:])]) is None  # indices would point wrong
-    assert _reusable_prompts(None, TINY, same, prompts) is None
+    assert len(prompts) > 2
+    record = _model_record(TINY)
+    assert reusable_prompts(square, record, "float16", prompts) is square
+    assert reusable_prompts(square, record, "float32", prompts) is None
+    assert reusable_prompts(square, _model_record({**TINY, "seed": 1}), "float16", prompts) is None  # other encoders
+    assert reusable_prompts(square, record, "float16", [*prompts, "one more"]) is None
+    assert reusable_prompts(square, record, "float16", ["", *reversed(prompts[1:])]) is None  # indices would differ
+    assert reusable_prompts(None, record, "float16", prompts) is None
 
 
 def test_searching_data_keys_as_ranges_or_the_encoder_preset_is_refused_by_validate(tmp_path):

@@ -112,12 +112,12 @@ def test_prepare_writes_the_cache_to_s3_manifest_last_and_trials_read_it(s3_env,
 
 def test_a_prompt_table_is_shared_between_caches_on_s3_by_a_server_side_copy(s3_env):
     from fluxtune import storage
-    from fluxtune.data.latent_cache import _link_files
+    from fluxtune.data.shared_prompts import link_files
 
     _, client = s3_env
     for name, body in (("part-0.parquet", b"PAR1 zero"), ("part-1.parquet", b"PAR1 one")):
         client.put_object(Bucket="cache", Key=f"shared/a/prompts/{name}", Body=body)
-    _link_files("s3://cache/shared/a/prompts", "s3://cache/shared/b/attempt-1/prompts")
+    link_files("s3://cache/shared/a/prompts", "s3://cache/shared/b/attempt-1/prompts")
     assert _keys(client, "cache", "shared/b/") == ["shared/b/attempt-1/prompts/part-0.parquet",
                                                     "shared/b/attempt-1/prompts/part-1.parquet"]
     assert storage.read_bytes("s3://cache/shared/b/attempt-1/prompts/part-1.parquet") == b"PAR1 one"

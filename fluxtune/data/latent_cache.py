@@ -56,6 +56,7 @@ from fluxtune.data.cache_index import INDEX_FILE, write_index
 from fluxtune.data.images import check_mask_threshold, check_resolution, is_uri, split_key
 from fluxtune.data.rows import Row
 from fluxtune.data.selection import Selection
+from fluxtune.data.shared_prompts import link_files, reusable_prompts
 
 CACHE_FORMAT = 2  # 2: plain Parquet tensors (cache_format), small row groups, height/width always, dtype
 BUCKET_CROP = "cover-nearest-bucket"  # resize to cover the bucket nearest the aspect ratio, centre-crop
@@ -348,7 +349,7 @@ def build_cache(rows: list[CacheRow], model: dict[str, Any], preprocessing: Prep
     `start_ray` runs first when Ray is not running yet (`fluxtune data prepare` starts Ray only when there is
     something to encode). `prompts_from`: a cache of the same rows and model (another cache of a sweep's set)
     whose prompt table is linked or copied instead of encoded again, when it holds exactly these prompts in
-    this dtype (`_reusable_prompts`)."""
+    this dtype (`fluxtune.data.shared_prompts`)."""
     import ray
 
     if not ray.is_initialized() and start_ray is not None:
@@ -410,9 +411,10 @@ def _encode(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preproce
     # Small row groups: a row group is what a training stream reads at a time (fluxtune.data.stream).
     rows_dataset.write_parquet(_under(out, "rows"), row_group_size=ROW_GROUP_ROWS, min_bytes_per_file=FILE_BYTES,
                                **ROWS_OPTIONS)
-    reused = _reusable_prompts(prompts_from, model, preprocessing, prompts)
+    record = _model_record(model)
+    reused = reusable_prompts(prompts_from, record, preprocessing.dtype, prompts)
     if reused is not None:
-        _link_files(reused.prompts_dir, _under(out, "prompts"))
+        link_files(reused.prompts_dir, _under(out, "prompts"))
     else:
         prompts_dataset.write_parquet(_under(out, "prompts"), row_group_size=PROMPT_GROUP_ROWS,
                                       min_bytes_per_file=FILE_BYTES, **PROMPTS_OPTIONS)
@@ -420,7 +422,7 @@ def _encode(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preproce
     return {
         "format": CACHE_FORMAT, "key": key, "rows": len(rows),
         "val_file_rows": sum(r.from_val_file for r in rows), "prompts": len(prompts),
-        "model": model_identity(model) | {"spec": {k: model.get(k) for k in ("preset", "path", "seed")}},
+        "model": record,
         "preprocessing": preprocessing.identity(), "vae_scale_factor": vae_scale_factor(model),
         "dtype": preprocessing.dtype, "row_group_rows": ROW_GROUP_ROWS,
         "prompts_from": reused.key if reused is not None else None,
@@ -428,42 +430,9 @@ def _encode(rows: list[CacheRow], model: dict[str, Any], preprocessing: Preproce
     }
 
 
-def _reusable_prompts(source: LatentCache | None, model: dict[str, Any], preprocessing: Preprocessing,
-                      prompts: list[str]) -> LatentCache | None:
-    """`source` when its prompt table is exactly what encoding `prompts` would write here: the same text encoders,
-    dtype and prompts in the same order (the prompt index is the row's reference into it)."""
-    if source is None or source.manifest["dtype"] != preprocessing.dtype:
-        return None
-    if source.manifest["model"] != model_identity(model) | {"spec": {k: model.get(k) for k in ("preset", "path",
-                                                                                                 "seed")}}:
-        return None
-    import pyarrow.dataset as pads
-
-    fs, inner = storage.filesystem(source.prompts_dir)
-    table = pads.dataset(inner, filesystem=fs, format="parquet").to_table(columns=["prompt_index", "prompt"])
-    listed = sorted(zip(table.column("prompt_index").to_pylist(), table.column("prompt").to_pylist()))
-    return source if [p for _, p in listed] == prompts and [i for i, _ in listed] == list(range(len(prompts))) \
-        else None
-
-
-def _link_files(source: str, target: str) -> None:
-    """The files of folder `source` under `target` (one cache home): hard links on a local disk (a built cache never
-    changes, so two caches share the bytes; a copy where links are refused), a server-side copy between URIs."""
-    import pyarrow.fs as pafs
-
-    fs, inner = storage.filesystem(source)
-    _, target_inner = storage.filesystem(target)
-    if not is_uri(target):  # an object store has no folders to make
-        os.makedirs(target_inner, exist_ok=True)
-    for info in fs.get_file_info(pafs.FileSelector(inner)):
-        destination = f"{target_inner}/{info.base_name}"
-        if is_uri(source):
-            fs.copy_file(info.path, destination)
-            continue
-        try:
-            os.link(info.path, destination)
-        except OSError:
-            shutil.copy2(info.path, destination)
+def _model_record(model: dict[str, Any]) -> dict[str, Any]:
+    """The model as a manifest records it: the VAE's and text encoders' identity and the spec."""
+    return model_identity(model) | {"spec": {k: model.get(k) for k in ("preset", "path", "seed")}}
 
 
 def _under(out: str, name: str) -> str:
